@@ -1,0 +1,343 @@
+//! The two startup machines, both fed plaintext (TLS is a layer below them).
+//!
+//! `ClientHandshake` faces a connecting client: it decodes the untyped startup packets and then the
+//! client's PasswordMessage, surfacing each as a `ClientEvent` for the control plane to decide on.
+//! `UpstreamHandshake` faces the real server: it sends the StartupMessage and answers cleartext,
+//! MD5 and SCRAM-SHA-256 requests with the gateway's own credentials, collecting ParameterStatus
+//! and BackendKeyData until ReadyForQuery. Neither buffers more than `Limits` allows.
+
+use super::backend::{self, tag as btag, Authentication, ErrorFields};
+use super::codec::split_message;
+use super::frontend::{self, tag as ftag};
+use super::scram::{self, ScramClient};
+use super::startup::{self, StartupPacket};
+use crate::{Limits, WireError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    SslRequest,
+    GssEncRequest,
+    CancelRequest { process_id: i32, secret_key: i32 },
+    Startup { params: Vec<(String, String)> },
+    Password(Vec<u8>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientPhase {
+    Startup,
+    Password,
+    Done,
+}
+
+pub struct ClientHandshake {
+    buf: Vec<u8>,
+    phase: ClientPhase,
+    limits: Limits,
+}
+
+impl ClientHandshake {
+    pub fn new(limits: Limits) -> Self {
+        ClientHandshake { buf: Vec::new(), phase: ClientPhase::Startup, limits }
+    }
+
+    /// Appends bytes from the client. Refuses to buffer more than one bounded message's worth.
+    pub fn receive_data(&mut self, data: &[u8]) -> Result<(), WireError> {
+        let bound = self.limits.max_startup.max(16 * 1024) + 5;
+        if self.buf.len() + data.len() > bound {
+            return Err(WireError::TooLarge { what: "startup-phase input", length: self.buf.len() + data.len(), limit: bound });
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Bytes received but not yet consumed by an event.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Bytes the client sent after the handshake ended (pipelined queries); the relay takes them.
+    pub fn take_remaining(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
+    /// After StartupMessage, the gateway asks for a password and the next message must be one.
+    pub fn expect_password(&mut self) {
+        self.phase = ClientPhase::Password;
+    }
+
+    pub fn next_event(&mut self) -> Result<Option<ClientEvent>, WireError> {
+        match self.phase {
+            ClientPhase::Startup => {
+                let Some((packet, used)) = startup::decode(&self.buf, &self.limits)? else {
+                    return Ok(None);
+                };
+                self.buf.drain(..used);
+                Ok(Some(match packet {
+                    StartupPacket::SslRequest | StartupPacket::GssEncRequest if !self.buf.is_empty() => {
+                        // Bytes after an encryption request, before the answer, would be read as if
+                        // they had been protected (CVE-2021-23214): refuse.
+                        return Err(WireError::malformed("SSLRequest", "data received after an encryption request before its answer"));
+                    }
+                    StartupPacket::SslRequest => ClientEvent::SslRequest,
+                    StartupPacket::GssEncRequest => ClientEvent::GssEncRequest,
+                    StartupPacket::CancelRequest { process_id, secret_key } => {
+                        self.phase = ClientPhase::Done;
+                        ClientEvent::CancelRequest { process_id, secret_key }
+                    }
+                    StartupPacket::StartupMessage { params } => ClientEvent::Startup { params },
+                }))
+            }
+            ClientPhase::Password => {
+                let Some((tag, body, used)) = split_message(&self.buf, self.limits.max_startup)? else {
+                    return Ok(None);
+                };
+                if tag != ftag::PASSWORD {
+                    return Err(WireError::Unexpected { tag: tag as char, phase: "authentication" });
+                }
+                let pw = frontend::decode_password(body)?;
+                self.buf.drain(..used);
+                self.phase = ClientPhase::Done;
+                Ok(Some(ClientEvent::Password(pw)))
+            }
+            ClientPhase::Done => Ok(None),
+        }
+    }
+}
+
+/// What the upstream machine wants next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamStep {
+    /// Feed more bytes from the upstream.
+    NeedData,
+    /// Write these bytes to the upstream, then call `step` again.
+    Send(Vec<u8>),
+    /// The session is established.
+    Ready(UpstreamReady),
+    /// The upstream refused (bad credentials, unknown database, too many connections ...).
+    Failed(ErrorFields),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamReady {
+    pub params: Vec<(String, String)>,
+    pub process_id: i32,
+    pub secret_key: i32,
+    pub transaction_status: u8,
+    /// NoticeResponse messages received during startup, to pass on to the client as they are.
+    pub notices: Vec<Vec<u8>>,
+}
+
+pub struct UpstreamHandshake {
+    user: String,
+    password: String,
+    buf: Vec<u8>,
+    scram: Option<ScramClient>,
+    authenticated: bool,
+    ready: UpstreamReady,
+    limits: Limits,
+}
+
+impl UpstreamHandshake {
+    /// Returns the machine and the StartupMessage to send first.
+    pub fn new(params: Vec<(String, String)>, password: &str, limits: Limits) -> Result<(Self, Vec<u8>), WireError> {
+        let user = params
+            .iter()
+            .find(|(k, _)| k == "user")
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| WireError::malformed("StartupMessage", "no user parameter"))?;
+        let first = startup::encode(&StartupPacket::StartupMessage { params });
+        let m = UpstreamHandshake {
+            user,
+            password: password.to_owned(),
+            buf: Vec::new(),
+            scram: None,
+            authenticated: false,
+            ready: UpstreamReady { params: Vec::new(), process_id: 0, secret_key: 0, transaction_status: b'I', notices: Vec::new() },
+            limits,
+        };
+        Ok((m, first))
+    }
+
+    pub fn receive_data(&mut self, data: &[u8]) -> Result<(), WireError> {
+        let bound = self.limits.max_message.min(1 << 20) + 5;
+        if self.buf.len() + data.len() > bound {
+            return Err(WireError::TooLarge { what: "upstream startup input", length: self.buf.len() + data.len(), limit: bound });
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Bytes after ReadyForQuery (there should be none; they are handed to the relay).
+    pub fn take_remaining(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
+    pub fn step(&mut self) -> Result<UpstreamStep, WireError> {
+        loop {
+            let Some((tag, body, used)) = split_message(&self.buf, 1 << 20)? else {
+                return Ok(UpstreamStep::NeedData);
+            };
+            let body = body.to_vec();
+            self.buf.drain(..used);
+            match tag {
+                btag::AUTHENTICATION => {
+                    if let Some(reply) = self.on_auth(Authentication::decode(&body)?)? {
+                        return Ok(UpstreamStep::Send(reply));
+                    }
+                }
+                btag::ERROR_RESPONSE => return Ok(UpstreamStep::Failed(ErrorFields::decode(&body)?)),
+                btag::NOTICE_RESPONSE => {
+                    let mut raw = vec![tag];
+                    raw.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+                    raw.extend_from_slice(&body);
+                    self.ready.notices.push(raw);
+                }
+                btag::PARAMETER_STATUS if self.authenticated => {
+                    self.ready.params.push(backend::decode_parameter_status(&body)?)
+                }
+                btag::BACKEND_KEY_DATA if self.authenticated => {
+                    let (pid, key) = backend::decode_backend_key_data(&body)?;
+                    self.ready.process_id = pid;
+                    self.ready.secret_key = key;
+                }
+                btag::NEGOTIATE_PROTOCOL_VERSION => {
+                    // The server lacks some protocol option we asked for; we ask for none, so the
+                    // minor version it names is all that changes. Carry on.
+                }
+                btag::READY_FOR_QUERY if self.authenticated => {
+                    self.ready.transaction_status = backend::decode_ready_for_query(&body)?;
+                    return Ok(UpstreamStep::Ready(self.ready.clone()));
+                }
+                other => return Err(WireError::Unexpected { tag: other as char, phase: "upstream startup" }),
+            }
+        }
+    }
+
+    fn on_auth(&mut self, auth: Authentication) -> Result<Option<Vec<u8>>, WireError> {
+        match auth {
+            Authentication::Ok => {
+                if self.scram.is_some() {
+                    return Err(WireError::Auth("upstream skipped the SCRAM final message".into()));
+                }
+                self.authenticated = true;
+                Ok(None)
+            }
+            Authentication::CleartextPassword => Ok(Some(frontend::password(self.password.as_bytes()))),
+            Authentication::Md5Password { salt } => {
+                Ok(Some(frontend::password(scram::md5_password(&self.user, &self.password, salt).as_bytes())))
+            }
+            Authentication::Sasl { mechanisms } => {
+                if !mechanisms.iter().any(|m| m == scram::MECHANISM) {
+                    return Err(WireError::Auth(format!("upstream offers only {mechanisms:?}; SCRAM-SHA-256 is supported")));
+                }
+                let mut c = ScramClient::new(&self.password)?;
+                let first = c.client_first();
+                self.scram = Some(c);
+                Ok(Some(frontend::sasl_initial_response(scram::MECHANISM, &first)))
+            }
+            Authentication::SaslContinue { data } => {
+                let c = self.scram.as_mut().ok_or_else(|| WireError::Auth("SASLContinue without SASL".into()))?;
+                Ok(Some(frontend::sasl_response(&c.server_first(&data)?)))
+            }
+            Authentication::SaslFinal { data } => {
+                let mut c = self.scram.take().ok_or_else(|| WireError::Auth("SASLFinal without SASL".into()))?;
+                c.server_final(&data)?;
+                // AuthenticationOk follows; mark SCRAM as finished so Ok is accepted.
+                self.scram = None;
+                Ok(None)
+            }
+            Authentication::Unsupported { code } => {
+                Err(WireError::Auth(format!("upstream asks for authentication method {code}, which the gateway does not speak")))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::backend::ready_for_query;
+
+    fn startup_bytes(params: &[(&str, &str)]) -> Vec<u8> {
+        startup::encode(&StartupPacket::StartupMessage {
+            params: params.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+        })
+    }
+
+    #[test]
+    fn client_startup_then_password_byte_by_byte() {
+        let mut all = startup_bytes(&[("user", "ci"), ("database", "app")]);
+        let mut h = ClientHandshake::new(Limits::default());
+        let pw = frontend::password(b"tok");
+        let mut events = Vec::new();
+        for b in all.drain(..) {
+            h.receive_data(&[b]).unwrap();
+            while let Some(e) = h.next_event().unwrap() {
+                events.push(e);
+                h.expect_password();
+            }
+        }
+        for b in pw {
+            h.receive_data(&[b]).unwrap();
+            while let Some(e) = h.next_event().unwrap() {
+                events.push(e);
+            }
+        }
+        assert_eq!(events.len(), 2);
+        assert!(matches!(&events[0], ClientEvent::Startup { params } if params[0] == ("user".into(), "ci".into())));
+        assert_eq!(events[1], ClientEvent::Password(b"tok".to_vec()));
+    }
+
+    #[test]
+    fn ssl_request_with_trailing_data_is_refused() {
+        let mut h = ClientHandshake::new(Limits::default());
+        let mut data = startup::encode(&StartupPacket::SslRequest);
+        data.extend_from_slice(b"Qxxxx");
+        h.receive_data(&data).unwrap();
+        assert!(h.next_event().is_err());
+    }
+
+    #[test]
+    fn huge_startup_length_is_refused_before_buffering() {
+        let mut h = ClientHandshake::new(Limits::default());
+        h.receive_data(&0x7fff_ffffu32.to_be_bytes()).unwrap();
+        assert!(matches!(h.next_event(), Err(WireError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn upstream_cleartext_and_ready() {
+        let (mut u, first) = UpstreamHandshake::new(vec![("user".into(), "app".into())], "pw", Limits::default()).unwrap();
+        assert_eq!(&first[4..8], &startup::PROTOCOL_3_0.to_be_bytes());
+        u.receive_data(&Authentication::CleartextPassword.encode()).unwrap();
+        assert_eq!(u.step().unwrap(), UpstreamStep::Send(frontend::password(b"pw")));
+        let mut rest = Authentication::Ok.encode();
+        rest.extend(backend::parameter_status("server_version", "15.0"));
+        rest.extend(backend::backend_key_data(42, 7));
+        rest.extend(ready_for_query(b'I'));
+        u.receive_data(&rest).unwrap();
+        match u.step().unwrap() {
+            UpstreamStep::Ready(r) => {
+                assert_eq!(r.process_id, 42);
+                assert_eq!(r.params, vec![("server_version".into(), "15.0".into())]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn upstream_error_is_reported() {
+        let (mut u, _) = UpstreamHandshake::new(vec![("user".into(), "app".into())], "pw", Limits::default()).unwrap();
+        u.receive_data(&backend::error_response("FATAL", "3D000", "database \"x\" does not exist")).unwrap();
+        match u.step().unwrap() {
+            UpstreamStep::Failed(e) => assert_eq!(e.code(), Some("3D000")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn upstream_ready_before_auth_is_refused() {
+        let (mut u, _) = UpstreamHandshake::new(vec![("user".into(), "app".into())], "pw", Limits::default()).unwrap();
+        u.receive_data(&ready_for_query(b'I')).unwrap();
+        assert!(u.step().is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! PostgreSQL protocol v3.0 (frontend/backend protocol of PostgreSQL 7.4 and later).
+//!
+//! Layout: `codec` holds the byte-level readers and the message builder; `startup`, `frontend` and
+//! `backend` hold the messages of each phase and direction, named as the protocol documentation
+//! names them; `scram` is the SCRAM-SHA-256 client; `handshake` the two startup machines (the
+//! client-facing one and the upstream one); `relay` the streaming scanner of established sessions.
+
+pub mod backend;
+pub mod codec;
+pub mod frontend;
+pub mod handshake;
+pub mod relay;
+pub mod scram;
+pub mod startup;
+
+/// SQLSTATE codes the gateway itself emits.
+pub mod sqlstate {
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const QUERY_CANCELED: &str = "57014";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+}

@@ -1,0 +1,572 @@
+//! The relay of an established session: a streaming scanner for each direction.
+//!
+//! Theory of operation. Bytes arrive in chunks of any size; messages may span chunks. Each
+//! direction keeps a `Framer` that reads the five header bytes of a message, checks the length
+//! against `Limits::max_message`, and then either *streams* the body (copying it to the output as
+//! it arrives, never holding a whole message) or *captures* it (holding it, bounded by
+//! `Limits::max_statement`) when the gateway must read it: statement text in the frontend direction
+//! when the gate consults the control plane, and CommandComplete, ReadyForQuery and ErrorResponse in
+//! the backend direction. Bulk messages (DataRow, CopyData) are always streamed, so memory does not
+//! grow with result size and the cost is one pass per chunk.
+//!
+//! Statement gate. With `Gate::AllowAll` statements are forwarded as they stream. With
+//! `Gate::Consult`, each Query, Parse and FunctionCall is captured whole and looked up in the
+//! session's verdict cache by its text; on a miss `feed_frontend` stops and returns the statement
+//! (`FrontendStop::Hold`): the caller stops reading from the client until the control plane answers
+//! through `resolve`. A denied statement is not dropped: it is replaced by a statement that fails
+//! upstream with a unique marker, so PostgreSQL itself produces the error, aborts a transaction block
+//! and skips the extended-protocol messages up to Sync exactly as it would for a real error; the
+//! backend scanner then swaps that error for the gateway's ErrorResponse. The protocol stays
+//! consistent without the gateway modelling PostgreSQL's state.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::backend::{self, tag as btag, ErrorFields};
+use super::frontend::{self, tag as ftag};
+use super::sqlstate;
+use crate::{Limits, WireError};
+
+/// How a session's statements are gated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    AllowAll,
+    Consult,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatementKind {
+    Query,
+    Parse,
+    FunctionCall,
+}
+
+impl StatementKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementKind::Query => "query",
+            StatementKind::Parse => "parse",
+            StatementKind::FunctionCall => "function_call",
+        }
+    }
+}
+
+/// A statement held for a verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub seq: u64,
+    pub kind: StatementKind,
+    /// Prepared statement name for Parse (empty for the unnamed one and other kinds).
+    pub name: String,
+    /// Statement text (lossy UTF-8); for FunctionCall, "function <oid>".
+    pub text: String,
+}
+
+/// The control plane's answer for a held statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny { code: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrontendStop {
+    /// All input was consumed.
+    Consumed,
+    /// Input up to `consumed` was used; the statement waits for `resolve`.
+    Hold { consumed: usize, statement: Statement },
+}
+
+/// What the backend direction reports, when reporting is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendEvent {
+    CommandComplete { tag: String, rows: u64, bytes: u64 },
+    Error { code: String, message: String, denied: bool },
+    ReadyForQuery { status: u8 },
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelayStats {
+    pub frontend_bytes: u64,
+    pub backend_bytes: u64,
+    pub statements: u64,
+    pub rows: u64,
+    pub denied: u64,
+}
+
+#[derive(Debug)]
+enum Body {
+    Stream,
+    Capture(Vec<u8>),
+}
+
+/// Message framing of one direction; see the module comment.
+#[derive(Debug)]
+struct Framer {
+    hdr: [u8; 5],
+    hdr_len: usize,
+    remaining: usize,
+    body: Option<Body>,
+}
+
+impl Framer {
+    fn new() -> Self {
+        Framer { hdr: [0; 5], hdr_len: 0, remaining: 0, body: None }
+    }
+
+    fn tag(&self) -> u8 {
+        self.hdr[0]
+    }
+
+    /// Length of the body announced by a complete header, checked against the limit.
+    fn body_len(&self, limit: usize, direction: &'static str) -> Result<usize, WireError> {
+        let len = i32::from_be_bytes([self.hdr[1], self.hdr[2], self.hdr[3], self.hdr[4]]) as i64;
+        if len < 4 {
+            return Err(WireError::LengthTooSmall { length: len, min: 4 });
+        }
+        let body = (len - 4) as usize;
+        if body > limit {
+            return Err(WireError::TooLarge { what: direction, length: body, limit });
+        }
+        Ok(body)
+    }
+
+    fn raw(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(body.len() + 5);
+        v.push(tag);
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+}
+
+/// The state of one established session's relay (both directions).
+pub struct SessionRelay {
+    limits: Limits,
+    gate: Gate,
+    report: bool,
+    front: Framer,
+    back: Framer,
+    held: Option<(Statement, Vec<u8>)>,
+    verdicts: HashMap<(StatementKind, String), Verdict>,
+    next_seq: u64,
+    /// Markers of denied statements in flight, with the error to show instead of theirs.
+    denials: VecDeque<(String, Vec<u8>)>,
+    rows_since_complete: u64,
+    bytes_since_complete: u64,
+    terminated: bool,
+    pub stats: RelayStats,
+}
+
+const DENY_MARKER: &str = "ostiary_denied_";
+
+impl SessionRelay {
+    pub fn new(limits: Limits, gate: Gate, report: bool) -> Self {
+        SessionRelay {
+            limits,
+            gate,
+            report,
+            front: Framer::new(),
+            back: Framer::new(),
+            held: None,
+            verdicts: HashMap::new(),
+            next_seq: 0,
+            denials: VecDeque::new(),
+            rows_since_complete: 0,
+            bytes_since_complete: 0,
+            terminated: false,
+            stats: RelayStats::default(),
+        }
+    }
+
+    pub fn set_gate(&mut self, gate: Gate) {
+        self.gate = gate;
+    }
+
+    pub fn set_report(&mut self, report: bool) {
+        self.report = report;
+    }
+
+    /// True once the client sent Terminate.
+    pub fn terminated(&self) -> bool {
+        self.terminated
+    }
+
+    pub fn is_holding(&self) -> bool {
+        self.held.is_some()
+    }
+
+    fn wants_capture_front(&self, tag: u8) -> bool {
+        self.gate == Gate::Consult && matches!(tag, ftag::QUERY | ftag::PARSE | ftag::FUNCTION_CALL)
+    }
+
+    /// Scans client bytes, appending what may go upstream to `out`. Stops early on a hold.
+    pub fn feed_frontend(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<FrontendStop, WireError> {
+        if self.held.is_some() {
+            return Ok(FrontendStop::Hold { consumed: 0, statement: self.held.as_ref().map(|h| h.0.clone()).expect("held") });
+        }
+        let mut pos = 0;
+        while pos < input.len() {
+            if self.front.body.is_none() {
+                let take = (5 - self.front.hdr_len).min(input.len() - pos);
+                self.front.hdr[self.front.hdr_len..self.front.hdr_len + take].copy_from_slice(&input[pos..pos + take]);
+                self.front.hdr_len += take;
+                pos += take;
+                if self.front.hdr_len < 5 {
+                    break;
+                }
+                let len = self.front.body_len(self.limits.max_message, "client message")?;
+                let tag = self.front.tag();
+                if self.wants_capture_front(tag) {
+                    if len > self.limits.max_statement {
+                        return Err(WireError::TooLarge { what: "statement", length: len, limit: self.limits.max_statement });
+                    }
+                    self.front.body = Some(Body::Capture(Vec::with_capacity(len)));
+                } else {
+                    out.extend_from_slice(&self.front.hdr);
+                    self.front.body = Some(Body::Stream);
+                }
+                self.front.remaining = len;
+            }
+            let take = self.front.remaining.min(input.len() - pos);
+            match self.front.body.as_mut().expect("in a body") {
+                Body::Stream => out.extend_from_slice(&input[pos..pos + take]),
+                Body::Capture(buf) => buf.extend_from_slice(&input[pos..pos + take]),
+            }
+            pos += take;
+            self.front.remaining -= take;
+            if self.front.remaining == 0 {
+                let tag = self.front.tag();
+                let body = self.front.body.take();
+                self.front.hdr_len = 0;
+                match body {
+                    Some(Body::Capture(buf)) => {
+                        if let Some(statement) = self.on_statement(tag, buf, out)? {
+                            self.stats.frontend_bytes += pos as u64;
+                            return Ok(FrontendStop::Hold { consumed: pos, statement });
+                        }
+                    }
+                    _ => self.on_streamed_front(tag),
+                }
+            }
+        }
+        self.stats.frontend_bytes += input.len() as u64;
+        Ok(FrontendStop::Consumed)
+    }
+
+    fn on_streamed_front(&mut self, tag: u8) {
+        match tag {
+            ftag::QUERY | ftag::PARSE | ftag::FUNCTION_CALL => self.stats.statements += 1,
+            ftag::TERMINATE => self.terminated = true,
+            _ => {}
+        }
+    }
+
+    fn on_statement(&mut self, tag: u8, body: Vec<u8>, out: &mut Vec<u8>) -> Result<Option<Statement>, WireError> {
+        self.stats.statements += 1;
+        let (kind, name, text) = match tag {
+            ftag::QUERY => (StatementKind::Query, String::new(), String::from_utf8_lossy(frontend::decode_query(&body)?).into_owned()),
+            ftag::PARSE => {
+                let (name, sql, _) = frontend::decode_parse(&body)?;
+                (StatementKind::Parse, String::from_utf8_lossy(name).into_owned(), String::from_utf8_lossy(sql).into_owned())
+            }
+            _ => (StatementKind::FunctionCall, String::new(), format!("function {}", frontend::decode_function_call(&body)?)),
+        };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let statement = Statement { seq, kind, name, text };
+        let raw = Framer::raw(tag, &body);
+        match self.verdicts.get(&(kind, statement.text.clone())).cloned() {
+            Some(v) => {
+                self.apply(&statement, raw, &v, out);
+                Ok(None)
+            }
+            None => {
+                self.held = Some((statement.clone(), raw));
+                Ok(Some(statement))
+            }
+        }
+    }
+
+    /// Applies the control plane's verdict to the held statement, appending what goes upstream to
+    /// `out`. With `remember`, the verdict is cached for the same kind and text in this session.
+    pub fn resolve(&mut self, seq: u64, verdict: Verdict, remember: bool, out: &mut Vec<u8>) -> Result<(), WireError> {
+        let Some((statement, raw)) = self.held.take() else {
+            return Err(WireError::malformed("verdict", "no statement is held"));
+        };
+        if statement.seq != seq {
+            let got = statement.seq;
+            self.held = Some((statement, raw));
+            return Err(WireError::malformed("verdict", format!("verdict for statement {seq}, but {got} is held")));
+        }
+        if remember {
+            self.verdicts.insert((statement.kind, statement.text.clone()), verdict.clone());
+        }
+        self.apply(&statement, raw, &verdict, out);
+        Ok(())
+    }
+
+    fn apply(&mut self, statement: &Statement, raw: Vec<u8>, verdict: &Verdict, out: &mut Vec<u8>) {
+        match verdict {
+            Verdict::Allow => out.extend_from_slice(&raw),
+            Verdict::Deny { code, message } => {
+                self.stats.denied += 1;
+                let marker = format!("{DENY_MARKER}{}", statement.seq);
+                let replacement = match statement.kind {
+                    StatementKind::Parse => frontend::parse(&statement.name, &marker, &[]),
+                    _ => frontend::query(&marker),
+                };
+                out.extend_from_slice(&replacement);
+                let code = if code.is_empty() { sqlstate::INSUFFICIENT_PRIVILEGE } else { code.as_str() };
+                let err = ErrorFields::new("ERROR", code, message).encode_error();
+                self.denials.push_back((marker, err));
+            }
+        }
+    }
+
+    fn wants_capture_back(&self, tag: u8) -> bool {
+        match tag {
+            btag::ERROR_RESPONSE => !self.denials.is_empty() || self.report,
+            btag::COMMAND_COMPLETE | btag::READY_FOR_QUERY => true,
+            _ => false,
+        }
+    }
+
+    /// Scans server bytes, appending what goes to the client to `out` and, when reporting is on,
+    /// events to `events`.
+    pub fn feed_backend(&mut self, input: &[u8], out: &mut Vec<u8>, events: &mut Vec<BackendEvent>) -> Result<(), WireError> {
+        self.stats.backend_bytes += input.len() as u64;
+        self.bytes_since_complete += input.len() as u64;
+        let mut pos = 0;
+        while pos < input.len() {
+            if self.back.body.is_none() {
+                let take = (5 - self.back.hdr_len).min(input.len() - pos);
+                self.back.hdr[self.back.hdr_len..self.back.hdr_len + take].copy_from_slice(&input[pos..pos + take]);
+                self.back.hdr_len += take;
+                pos += take;
+                if self.back.hdr_len < 5 {
+                    break;
+                }
+                let len = self.back.body_len(self.limits.max_message, "server message")?;
+                let tag = self.back.tag();
+                if tag == btag::DATA_ROW {
+                    self.rows_since_complete += 1;
+                }
+                if self.wants_capture_back(tag) && len <= self.limits.max_statement {
+                    self.back.body = Some(Body::Capture(Vec::with_capacity(len)));
+                } else {
+                    out.extend_from_slice(&self.back.hdr);
+                    self.back.body = Some(Body::Stream);
+                }
+                self.back.remaining = len;
+            }
+            let take = self.back.remaining.min(input.len() - pos);
+            match self.back.body.as_mut().expect("in a body") {
+                Body::Stream => out.extend_from_slice(&input[pos..pos + take]),
+                Body::Capture(buf) => buf.extend_from_slice(&input[pos..pos + take]),
+            }
+            pos += take;
+            self.back.remaining -= take;
+            if self.back.remaining == 0 {
+                let tag = self.back.tag();
+                let body = self.back.body.take();
+                self.back.hdr_len = 0;
+                if let Some(Body::Capture(buf)) = body {
+                    self.on_backend_message(tag, &buf, out, events)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_backend_message(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>, events: &mut Vec<BackendEvent>) -> Result<(), WireError> {
+        match tag {
+            btag::ERROR_RESPONSE => {
+                let fields = ErrorFields::decode(body)?;
+                let msg = fields.message().unwrap_or("");
+                let hit = self.denials.iter().position(|(marker, _)| msg.contains(marker.as_str()));
+                if let Some(i) = hit {
+                    // Denials before this one in the queue were skipped by the server (an earlier
+                    // error in their pipeline); they produce no error of their own.
+                    let (_, err) = self.denials.drain(..=i).last().expect("hit is in range");
+                    if self.report {
+                        let shown = ErrorFields::decode(&err[5..])?;
+                        events.push(BackendEvent::Error {
+                            code: shown.code().unwrap_or("").to_owned(),
+                            message: shown.message().unwrap_or("").to_owned(),
+                            denied: true,
+                        });
+                    }
+                    out.extend_from_slice(&err);
+                    return Ok(());
+                }
+                if self.report {
+                    events.push(BackendEvent::Error {
+                        code: fields.code().unwrap_or("").to_owned(),
+                        message: msg.to_owned(),
+                        denied: false,
+                    });
+                }
+            }
+            btag::COMMAND_COMPLETE => {
+                self.stats.rows += self.rows_since_complete;
+                if self.report {
+                    events.push(BackendEvent::CommandComplete {
+                        tag: backend::decode_command_complete(body)?,
+                        rows: self.rows_since_complete,
+                        bytes: self.bytes_since_complete,
+                    });
+                }
+                self.rows_since_complete = 0;
+                self.bytes_since_complete = 0;
+            }
+            btag::READY_FOR_QUERY => {
+                let status = backend::decode_ready_for_query(body)?;
+                // A Sync ends every pipeline: denials still queued were skipped by the server.
+                self.denials.clear();
+                self.stats.rows += self.rows_since_complete;
+                self.rows_since_complete = 0;
+                self.bytes_since_complete = 0;
+                if self.report {
+                    events.push(BackendEvent::ReadyForQuery { status });
+                }
+            }
+            _ => {}
+        }
+        out.extend_from_slice(&Framer::raw(tag, body));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::backend::ready_for_query;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        Framer::raw(tag, body)
+    }
+
+    fn feed_all_ways(relay_new: impl Fn() -> SessionRelay, input: &[u8]) {
+        // Whole, byte by byte and in odd chunks must give the same output.
+        let mut whole = Vec::new();
+        let mut r = relay_new();
+        assert_eq!(r.feed_frontend(input, &mut whole).unwrap(), FrontendStop::Consumed);
+        for chunk in [1usize, 2, 3, 7, 64] {
+            let mut r = relay_new();
+            let mut out = Vec::new();
+            for c in input.chunks(chunk) {
+                assert_eq!(r.feed_frontend(c, &mut out).unwrap(), FrontendStop::Consumed);
+            }
+            assert_eq!(out, whole, "chunk size {chunk}");
+        }
+        assert_eq!(whole, input);
+    }
+
+    #[test]
+    fn allow_all_passes_bytes_unchanged_in_any_chunking() {
+        let mut input = frontend::query("select 1");
+        input.extend(frontend::parse("s1", "select $1", &[23]));
+        input.extend(msg(b'B', b"\0s1\0\0\0\0\x01\0\0\0\x011\0\0"));
+        input.extend(frontend::sync());
+        input.extend(msg(b'd', &vec![b'x'; 1000]));
+        input.extend(frontend::terminate());
+        feed_all_ways(|| SessionRelay::new(Limits::default(), Gate::AllowAll, false), &input);
+        let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
+        r.feed_frontend(&input, &mut Vec::new()).unwrap();
+        assert!(r.terminated());
+        assert_eq!(r.stats.statements, 2);
+    }
+
+    #[test]
+    fn consult_holds_then_allows_and_caches() {
+        let mut r = SessionRelay::new(Limits::default(), Gate::Consult, false);
+        let mut input = frontend::query("select 1");
+        input.extend(frontend::query("select 2"));
+        let mut out = Vec::new();
+        let FrontendStop::Hold { consumed, statement } = r.feed_frontend(&input, &mut out).unwrap() else { panic!() };
+        assert_eq!(statement.text, "select 1");
+        assert!(out.is_empty());
+        r.resolve(statement.seq, Verdict::Allow, true, &mut out).unwrap();
+        assert_eq!(out, frontend::query("select 1"));
+        let FrontendStop::Hold { statement, .. } = r.feed_frontend(&input[consumed..], &mut out).unwrap() else { panic!() };
+        assert_eq!(statement.text, "select 2");
+        r.resolve(statement.seq, Verdict::Allow, false, &mut out).unwrap();
+        // "select 1" is cached now: no hold.
+        assert_eq!(r.feed_frontend(&frontend::query("select 1"), &mut out).unwrap(), FrontendStop::Consumed);
+    }
+
+    #[test]
+    fn denial_is_replaced_by_failing_statement_and_error_swapped() {
+        let mut r = SessionRelay::new(Limits::default(), Gate::Consult, true);
+        let mut out = Vec::new();
+        let FrontendStop::Hold { statement, .. } = r.feed_frontend(&frontend::query("drop table t"), &mut out).unwrap() else { panic!() };
+        r.resolve(statement.seq, Verdict::Deny { code: "42501".into(), message: "blocked by rule x".into() }, false, &mut out).unwrap();
+        assert_eq!(out, frontend::query("ostiary_denied_0"));
+        // The server answers with a syntax error naming the marker, then ReadyForQuery.
+        let mut server = backend::error_response("ERROR", "42601", "syntax error at or near \"ostiary_denied_0\"");
+        server.extend(ready_for_query(b'I'));
+        let mut to_client = Vec::new();
+        let mut events = Vec::new();
+        for b in &server {
+            r.feed_backend(std::slice::from_ref(b), &mut to_client, &mut events).unwrap();
+        }
+        let mut expected = backend::error_response("ERROR", "42501", "blocked by rule x");
+        expected.extend(ready_for_query(b'I'));
+        assert_eq!(to_client, expected);
+        assert!(matches!(&events[0], BackendEvent::Error { denied: true, code, .. } if code == "42501"));
+    }
+
+    #[test]
+    fn other_errors_pass_unchanged() {
+        let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, true);
+        let server = backend::error_response("ERROR", "42P01", "relation \"nope\" does not exist");
+        let mut out = Vec::new();
+        let mut ev = Vec::new();
+        r.feed_backend(&server, &mut out, &mut ev).unwrap();
+        assert_eq!(out, server);
+    }
+
+    #[test]
+    fn backend_counts_rows_and_reports_tags() {
+        let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, true);
+        let mut server = Vec::new();
+        for _ in 0..3 {
+            server.extend(msg(btag::DATA_ROW, b"\0\x01\0\0\0\x011"));
+        }
+        server.extend(msg(btag::COMMAND_COMPLETE, b"SELECT 3\0"));
+        server.extend(ready_for_query(b'T'));
+        let mut out = Vec::new();
+        let mut ev = Vec::new();
+        for c in server.chunks(3) {
+            r.feed_backend(c, &mut out, &mut ev).unwrap();
+        }
+        assert_eq!(out, server);
+        assert!(matches!(&ev[0], BackendEvent::CommandComplete { tag, rows: 3, .. } if tag == "SELECT 3"));
+        assert_eq!(ev[1], BackendEvent::ReadyForQuery { status: b'T' });
+        assert_eq!(r.stats.rows, 3);
+    }
+
+    #[test]
+    fn oversized_and_negative_lengths_fail() {
+        let limits = Limits { max_message: 100, ..Limits::default() };
+        let mut r = SessionRelay::new(limits, Gate::AllowAll, false);
+        let mut bad = vec![b'Q'];
+        bad.extend_from_slice(&0x7fff_fff0u32.to_be_bytes());
+        assert!(matches!(r.feed_frontend(&bad, &mut Vec::new()), Err(WireError::TooLarge { .. })));
+        let mut r = SessionRelay::new(limits, Gate::AllowAll, false);
+        let mut bad = vec![b'Q'];
+        bad.extend_from_slice(&2u32.to_be_bytes());
+        assert!(matches!(r.feed_frontend(&bad, &mut Vec::new()), Err(WireError::LengthTooSmall { .. })));
+        let mut r = SessionRelay::new(limits, Gate::AllowAll, false);
+        let mut bad = vec![b'D'];
+        bad.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(r.feed_backend(&bad, &mut Vec::new(), &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn statement_over_capture_limit_fails_in_consult_mode() {
+        let limits = Limits { max_statement: 10, ..Limits::default() };
+        let mut r = SessionRelay::new(limits, Gate::Consult, false);
+        assert!(r.feed_frontend(&frontend::query("select 1234567890"), &mut Vec::new()).is_err());
+    }
+}
