@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-
 from ostiary.devcluster import (
     CLIENT_CERT_CN,
     ClusterError,
@@ -90,7 +89,15 @@ def test_tls_is_on(cluster: PgCluster) -> None:
         assert proc.stdout.strip() == "t"
     # The dsn form works too.
     proc = subprocess.run(
-        [find_pg_bin("psql"), "-X", "-A", "-t", "-c", sql, cluster.dsn(sslmode="require")],
+        [
+            find_pg_bin("psql"),
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            sql,
+            cluster.dsn(sslmode="require"),
+        ],
         env={k: v for k, v in os.environ.items() if not k.startswith("PG")},
         capture_output=True,
         text=True,
@@ -119,11 +126,13 @@ def test_wrong_password_refused(cluster: PgCluster) -> None:
         cluster.execute("select 1", password="not-the-password")
 
 
-def test_plaintext_refused_when_tls_not_required_by_client(cluster: PgCluster) -> None:
-    # TLS is offered, but plaintext still works with the right password
-    # (pg_hba uses "host", not "hostssl"); what matters is that auth is enforced.
+def test_plaintext_needs_password_too(cluster: PgCluster) -> None:
+    # pg_hba uses "host", not "hostssl": plaintext works, but only with the
+    # right password.
     proc = _psql(cluster.psql_env(sslmode="disable"), "select 1")
     assert proc.returncode == 0, proc.stderr
+    proc = _psql(cluster.psql_env(sslmode="disable", password="wrong"), "select 1")
+    assert proc.returncode != 0
 
 
 def test_create_role_and_database(cluster: PgCluster) -> None:
@@ -142,12 +151,18 @@ def test_create_role_and_database(cluster: PgCluster) -> None:
         password="app pass 'quoted'",
     )
     assert who.strip() == "app_user|app_db"
-    assert cluster.execute(
-        "select rolsuper from pg_roles where rolname = 'app_admin'"
-    ).strip() == "t"
-    assert cluster.execute(
-        "select rolcanlogin from pg_roles where rolname = 'app_group'"
-    ).strip() == "f"
+    assert (
+        cluster.execute(
+            "select rolsuper from pg_roles where rolname = 'app_admin'"
+        ).strip()
+        == "t"
+    )
+    assert (
+        cluster.execute(
+            "select rolcanlogin from pg_roles where rolname = 'app_group'"
+        ).strip()
+        == "f"
+    )
     # The dsn carries the role's credentials.
     dsn = cluster.dsn("app_db", user="app_user", password="app pass 'quoted'")
     proc = subprocess.run(
@@ -176,7 +191,12 @@ def test_stop_is_idempotent_and_restart(tmp_path: Path) -> None:
     pg.start()
     try:
         assert pg.execute("show work_mem").strip() == "8MB"
-        assert pg.execute("select ssl from pg_stat_ssl where pid = pg_backend_pid()").strip() == "f"
+        assert (
+            pg.execute(
+                "select ssl from pg_stat_ssl where pid = pg_backend_pid()"
+            ).strip()
+            == "f"
+        )
         assert "sslmode=disable" in pg.dsn()
     finally:
         pg.stop()
@@ -191,7 +211,9 @@ def test_stop_is_idempotent_and_restart(tmp_path: Path) -> None:
 
 
 def test_start_failure_includes_log_tail(tmp_path: Path) -> None:
-    pg = PgCluster(tmp_path / "bad", tls=False, extra_conf={"shared_buffers": "not-a-size"})
+    pg = PgCluster(
+        tmp_path / "bad", tls=False, extra_conf={"shared_buffers": "not-a-size"}
+    )
     with pytest.raises(ClusterError) as info:
         pg.start()
     message = str(info.value)

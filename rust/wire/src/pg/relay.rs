@@ -154,6 +154,10 @@ pub struct SessionRelay {
     rows_since_complete: u64,
     bytes_since_complete: u64,
     terminated: bool,
+    /// Messages sent upstream that each end in a ReadyForQuery (Query, FunctionCall, Sync), minus
+    /// the ReadyForQuery messages seen: zero when the server owes the client nothing.
+    in_flight: u64,
+    last_status: u8,
     pub stats: RelayStats,
 }
 
@@ -174,6 +178,8 @@ impl SessionRelay {
             rows_since_complete: 0,
             bytes_since_complete: 0,
             terminated: false,
+            in_flight: 0,
+            last_status: b'I',
             stats: RelayStats::default(),
         }
     }
@@ -193,6 +199,28 @@ impl SessionRelay {
 
     pub fn is_holding(&self) -> bool {
         self.held.is_some()
+    }
+
+    /// True between messages in the server-to-client direction: a gateway-made message may be
+    /// written to the client here without breaking the framing.
+    pub fn backend_at_boundary(&self) -> bool {
+        self.back.body.is_none() && self.back.hdr_len == 0
+    }
+
+    /// True when the session is outside a transaction block, nothing is owed by the server and no
+    /// message is half-received in either direction: it can be ended without losing work.
+    pub fn idle(&self) -> bool {
+        self.in_flight == 0
+            && self.last_status == b'I'
+            && self.held.is_none()
+            && self.backend_at_boundary()
+            && self.front.body.is_none()
+            && self.front.hdr_len == 0
+    }
+
+    /// The transaction status of the last ReadyForQuery (b'I', b'T' or b'E').
+    pub fn transaction_status(&self) -> u8 {
+        self.last_status
     }
 
     fn wants_capture_front(&self, tag: u8) -> bool {
@@ -255,7 +283,12 @@ impl SessionRelay {
 
     fn on_streamed_front(&mut self, tag: u8) {
         match tag {
-            ftag::QUERY | ftag::PARSE | ftag::FUNCTION_CALL => self.stats.statements += 1,
+            ftag::QUERY | ftag::FUNCTION_CALL => {
+                self.stats.statements += 1;
+                self.in_flight += 1;
+            }
+            ftag::PARSE => self.stats.statements += 1,
+            ftag::SYNC => self.in_flight += 1,
             ftag::TERMINATE => self.terminated = true,
             _ => {}
         }
@@ -263,6 +296,9 @@ impl SessionRelay {
 
     fn on_statement(&mut self, tag: u8, body: Vec<u8>, out: &mut Vec<u8>) -> Result<Option<Statement>, WireError> {
         self.stats.statements += 1;
+        if tag != ftag::PARSE {
+            self.in_flight += 1;
+        }
         let (kind, name, text) = match tag {
             ftag::QUERY => (StatementKind::Query, String::new(), String::from_utf8_lossy(frontend::decode_query(&body)?).into_owned()),
             ftag::PARSE => {
@@ -421,6 +457,8 @@ impl SessionRelay {
             }
             btag::READY_FOR_QUERY => {
                 let status = backend::decode_ready_for_query(body)?;
+                self.last_status = status;
+                self.in_flight = self.in_flight.saturating_sub(1);
                 // A Sync ends every pipeline: denials still queued were skipped by the server.
                 self.denials.clear();
                 self.stats.rows += self.rows_since_complete;
@@ -544,6 +582,22 @@ mod tests {
         assert!(matches!(&ev[0], BackendEvent::CommandComplete { tag, rows: 3, .. } if tag == "SELECT 3"));
         assert_eq!(ev[1], BackendEvent::ReadyForQuery { status: b'T' });
         assert_eq!(r.stats.rows, 3);
+        assert!(!r.idle(), "in a transaction block");
+    }
+
+    #[test]
+    fn idle_tracks_outstanding_queries() {
+        let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
+        assert!(r.idle());
+        r.feed_frontend(&frontend::query("select 1"), &mut Vec::new()).unwrap();
+        assert!(!r.idle());
+        let mut out = Vec::new();
+        r.feed_backend(&msg(btag::COMMAND_COMPLETE, b"SELECT 1\0")[..4], &mut out, &mut Vec::new()).unwrap();
+        assert!(!r.backend_at_boundary());
+        r.feed_backend(&msg(btag::COMMAND_COMPLETE, b"SELECT 1\0")[4..], &mut out, &mut Vec::new()).unwrap();
+        assert!(r.backend_at_boundary());
+        r.feed_backend(&ready_for_query(b'I'), &mut out, &mut Vec::new()).unwrap();
+        assert!(r.idle());
     }
 
     #[test]

@@ -1,0 +1,51 @@
+"""Every exception Ostiary raises on purpose, in one tree.
+
+``OstiaryError`` is the root. Errors that come from the Rust core are re-exported here so callers
+never import ``ostiary._core`` to catch them.
+"""
+
+from __future__ import annotations
+
+from ostiary._core import CoreError, ProtocolError, TlsError, UpstreamAuthError
+
+
+class OstiaryError(Exception):
+    """Base class of Ostiary's own errors."""
+
+
+class ConfigError(OstiaryError):
+    """The configuration file is missing or wrong. ``problems`` lists every problem found, each as
+    ``(path inside the file, message)``; ``str()`` shows them all with a hint of what to write."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem(s)"]
+        lines += [f"  {path or '<top>'}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class AuthenticationFailed(OstiaryError):
+    """A client failed authentication. ``code`` is the SQLSTATE sent to it (28P01 or 28000);
+    ``reason`` says which check failed and never contains the secret presented."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(reason)
+
+
+class UpstreamUnavailable(OstiaryError):
+    """The gateway could not reach or log in to the upstream server."""
+
+
+__all__ = [
+    "AuthenticationFailed",
+    "ConfigError",
+    "CoreError",
+    "OstiaryError",
+    "ProtocolError",
+    "TlsError",
+    "UpstreamAuthError",
+    "UpstreamUnavailable",
+]

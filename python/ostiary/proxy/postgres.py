@@ -1,0 +1,284 @@
+"""PostgreSQL startup: from an accepted socket to a session handed to the engine.
+
+Rules of this module: it runs once per connection and never per statement. Order of a connection:
+SSLRequest (answered 'S' when TLS is configured, else 'N'), GSSENCRequest (always 'N'), then either
+CancelRequest (forwarded to the right upstream backend, then the connection closes, as PostgreSQL
+does) or StartupMessage, cleartext password request, authentication, authorization of the chosen
+connection, upstream login with the gateway's own credentials, and the welcome (AuthenticationOk,
+the server's ParameterStatus, the gateway's own BackendKeyData, ReadyForQuery). Every refusal is a
+FATAL ErrorResponse with a SQLSTATE that says why; the secret a client sent never appears in one.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from ostiary import _core
+from ostiary.auth import ClientHello, Identity
+from ostiary.config import Connection
+from ostiary.errors import AuthenticationFailed, UpstreamUnavailable
+from ostiary.hooks import SessionInfo
+from ostiary.proxy.channel import Channel, ChannelClosed
+
+if TYPE_CHECKING:
+    from ostiary.proxy.server import Gateway
+
+log = logging.getLogger("ostiary.postgres")
+
+# Startup parameters passed on to the server. Others are refused or dropped: `options` could
+# carry `-c role=...` or `-c default_transaction_read_only=off` past the gateway's policy.
+FORWARDED_PARAMS = frozenset(
+    {"application_name", "client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits"}
+)
+REFUSED_PARAMS = frozenset({"options", "replication"})
+
+
+class Refusal(Exception):
+    """End the connection with a FATAL ErrorResponse."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class CancelTarget:
+    session: int
+    secret_key: int
+    connection: Connection
+    process_id: int
+    upstream_key: int
+
+
+def fatal(code: str, message: str, hint: str | None = None) -> bytes:
+    return _core.error_response("FATAL", code, message, hint=hint)
+
+
+async def _connect_upstream(gw: Gateway, conn: Connection, client_params: dict[str, str]) -> tuple[Channel, tuple[object, ...], bytes]:
+    """Connects and logs in to the upstream. Returns the channel, the ``ready`` step and leftover
+    plaintext. Raises ``UpstreamUnavailable`` or ``Refusal``."""
+    up = conn.upstream
+    try:
+        password = up.resolve()
+    except (OSError, KeyError) as e:
+        raise UpstreamUnavailable(f"the upstream password of connection {conn.name!r} is unavailable: {e}") from None
+    try:
+        with trio.fail_after(up.connect_timeout):
+            stream = await trio.open_tcp_stream(up.host, up.port)
+    except (OSError, trio.TooSlowError) as e:
+        raise UpstreamUnavailable(f"cannot reach {up.host}:{up.port}: {e or 'timed out'}") from None
+    ch = Channel(stream)
+    try:
+        with trio.fail_after(up.connect_timeout):
+            if up.tls.mode != "disable":
+                await ch.send_raw(_core.ssl_request())
+                answer = await ch.receive_raw(1)
+                if answer != b"S":
+                    raise UpstreamUnavailable(f"{up.host}:{up.port} does not accept TLS (tls.mode is {up.tls.mode})")
+                ch.start_tls(_core.TlsSession.client(gw.upstream_tls(conn), up.tls.server_name or up.host))
+                await ch.handshake()
+            params = [("user", up.user), ("database", up.database)]
+            params += [(k, v) for k, v in client_params.items() if k in FORWARDED_PARAMS]
+            machine = _core.UpstreamHandshake(params, password)
+            await ch.send(machine.start())
+            while True:
+                step = machine.step()
+                if step[0] == "need_data":
+                    machine.receive_data(await ch.receive())
+                elif step[0] == "send":
+                    await ch.send(step[1])
+                elif step[0] == "failed":
+                    fields: dict[str, str] = step[1]
+                    code = fields.get("code", "08006")
+                    if code.startswith("28"):
+                        # The gateway's credentials were refused: not the client's fault.
+                        raise UpstreamUnavailable(f"the upstream refused the gateway's credentials for connection {conn.name!r}")
+                    raise Refusal(code, f"upstream: {fields.get('message', 'refused the session')}")
+                else:
+                    return ch, step, machine.take_remaining() + ch.leftover_plaintext()
+    except BaseException:
+        await ch.aclose()
+        raise
+
+
+class PostgresStartup:
+    """One client connection's startup phase."""
+
+    def __init__(self, gw: Gateway, stream: trio.SocketStream, peer: str) -> None:
+        self.gw = gw
+        self.ch = Channel(stream)
+        self.peer = peer
+        self.machine = _core.ClientHandshake(gw.config.limits.max_startup)
+        self.params: dict[str, str] = {}
+
+    async def _next_event(self) -> tuple[object, ...]:
+        while True:
+            ev = self.machine.next_event()
+            if ev is not None:
+                return ev
+            self.machine.receive_data(await self.ch.receive())
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except Refusal as r:
+            await self._refuse(r.code, r.message, r.hint)
+        except AuthenticationFailed as e:
+            log.info("authentication failed from %s: %s", self.peer, e.reason)
+            await self._refuse(e.code, e.reason)
+        except UpstreamUnavailable as e:
+            log.warning("upstream unavailable for %s: %s", self.peer, e)
+            await self._refuse("08006", f"the gateway cannot open the upstream session: {e}")
+        except _core.ProtocolError as e:
+            log.info("protocol violation from %s during startup: %s", self.peer, e)
+            await self._refuse("08P01", f"protocol violation: {e}")
+        except _core.TlsError as e:
+            log.info("TLS failure from %s: %s", self.peer, e)
+            await self.ch.aclose()
+        except (ChannelClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self.ch.aclose()
+
+    async def _refuse(self, code: str, message: str, hint: str | None = None) -> None:
+        with trio.move_on_after(2):
+            try:
+                await self.ch.send(fatal(code, message, hint))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, _core.TlsError, OSError):
+                pass
+        await self.ch.aclose()
+
+    async def _run(self) -> None:
+        cfg = self.gw.config
+        try:
+            with trio.fail_after(cfg.limits.startup_timeout):
+                identity, conn = await self._client_phase()
+        except trio.TooSlowError:
+            raise Refusal("08P01", f"startup did not complete within {cfg.limits.startup_timeout:g} s") from None
+        if identity is None or conn is None:
+            return
+        if self.gw.draining:
+            raise Refusal("57P03", "the gateway is shutting down")
+        upstream, ready, upstream_prefix = await _connect_upstream(self.gw, conn, self.params)
+        try:
+            await self._welcome(identity, conn, upstream, ready, upstream_prefix)
+        except BaseException:
+            await upstream.aclose()
+            raise
+
+    async def _client_phase(self) -> tuple[Identity | None, Connection | None]:
+        cfg = self.gw.config
+        while True:
+            ev = await self._next_event()
+            kind = ev[0]
+            if kind == "ssl_request":
+                if self.ch.tls is not None:
+                    raise Refusal("08P01", "SSLRequest received inside TLS")
+                if self.gw.client_tls is None:
+                    await self.ch.send_raw(b"N")
+                else:
+                    await self.ch.send_raw(b"S")
+                    self.ch.start_tls(_core.TlsSession.server(self.gw.client_tls))
+            elif kind == "gssenc_request":
+                await self.ch.send_raw(b"N")
+            elif kind == "cancel_request":
+                pid, key = ev[1], ev[2]
+                assert isinstance(pid, int) and isinstance(key, int)
+                await self.gw.forward_cancel(pid, key)
+                await self.ch.aclose()
+                return None, None
+            elif kind == "startup":
+                params = ev[1]
+                assert isinstance(params, list)
+                self.params = {str(k).lower(): str(v) for k, v in params}
+                conn = self._check_startup()
+                await self.ch.send(_core.auth_cleartext_password())
+                self.machine.expect_password()
+                ev = await self._next_event()
+                secret = ev[1]
+                assert ev[0] == "password" and isinstance(secret, bytes)
+                certs = tuple(self.ch.tls.peer_certificates()) if self.ch.tls is not None else ()
+                hello = ClientHello(
+                    user=self.params["user"],
+                    database=conn.name,
+                    peer=self.peer,
+                    tls=self.ch.tls is not None,
+                    peer_certificates=certs,
+                )
+                identity = self.gw.authenticator.authenticate(hello, secret)
+                if not self.gw.authenticator.may_use(identity, conn.name):
+                    raise AuthenticationFailed("28000", f'"{identity.name}" may not use connection "{conn.name}"')
+                return identity, conn
+            else:
+                raise Refusal("08P01", f"unexpected {kind} during startup")
+
+    def _check_startup(self) -> Connection:
+        cfg = self.gw.config
+        for name in REFUSED_PARAMS:
+            if name in self.params:
+                raise Refusal("08P01", f"startup parameter {name!r} is not allowed through the gateway")
+        if cfg.tls is not None and cfg.tls.mode == "require" and self.ch.tls is None:
+            raise Refusal(
+                "28000",
+                "the gateway requires TLS: connect with sslmode=require (or verify-full)",
+            )
+        dbname = self.params.get("database") or self.params["user"]
+        conn = cfg.connection(dbname)
+        if conn is None:
+            names = ", ".join(c.name for c in cfg.connections)
+            raise Refusal("3D000", f'no connection named "{dbname}" on this gateway', hint=f"dbname is one of: {names}")
+        return conn
+
+    async def _welcome(
+        self, identity: Identity, conn: Connection, upstream: Channel, ready: tuple[object, ...], upstream_prefix: bytes
+    ) -> None:
+        _, params, process_id, upstream_key, status, notices = ready
+        assert isinstance(params, list) and isinstance(notices, list)
+        assert isinstance(process_id, int) and isinstance(upstream_key, int) and isinstance(status, str)
+        gw = self.gw
+        session_id = gw.new_session_id()
+        gateway_pid = session_id & 0x7FFFFFFF
+        gateway_key = secrets.randbits(32) - (1 << 31)
+        welcome = [_core.auth_ok()]
+        welcome += [_core.parameter_status(k, v) for k, v in params]
+        welcome += list(notices)
+        welcome.append(_core.backend_key_data(gateway_pid, gateway_key))
+        welcome.append(_core.ready_for_query(status))
+        await self.ch.send(b"".join(welcome))
+
+        tls_desc = self.ch.tls.describe() if self.ch.tls is not None else None
+        info = SessionInfo(
+            id=session_id,
+            identity=identity,
+            connection=conn.name,
+            peer=self.peer,
+            client_tls=tls_desc,
+            upstream_process_id=process_id,
+            started=time.time(),
+        )
+        client_prefix = self.machine.take_remaining() + self.ch.leftover_plaintext()
+        gw.register_session(info, CancelTarget(session_id, gateway_key, conn, process_id, upstream_key))
+        try:
+            gw.engine.adopt(
+                session_id,
+                self.ch.detach(),
+                self.ch.tls,
+                client_prefix,
+                upstream.detach(),
+                upstream.tls,
+                upstream_prefix,
+                consult=gw.statement_hook.consult(info),
+                report=gw.observer.report,
+            )
+        except BaseException:
+            gw.forget_session(session_id)
+            raise
+        log.info(
+            "session %d: %s on %s from %s (upstream pid %d)", session_id, identity.name, conn.name, self.peer, process_id
+        )

@@ -1,0 +1,542 @@
+//! The engine: worker threads that run established sessions.
+//!
+//! Theory of operation. `Engine::new` starts `workers` OS threads, each running a single-threaded
+//! tokio runtime (the shape of pgbouncer's event loop, one per core). `adopt` hands a session to the
+//! next worker, round robin. Each session is one task that owns both sockets and a
+//! `SessionRelay`: it waits for whichever comes first of a command, client bytes or server bytes,
+//! feeds the bytes through the relay one chunk at a time and writes the result out before reading
+//! again. Writing before reading is the backpressure: a slow client stops the task reading from the
+//! server, so memory per session is two read buffers and two output buffers whatever the result
+//! size. The only await points inside `select!` are socket reads and the command channel, both
+//! cancel-safe.
+//!
+//! Talking to the control plane. Events go into one bounded queue; when the queue goes from empty to
+//! non-empty the engine writes to an eventfd the control plane waits on, so a burst of events costs
+//! the control plane one wake-up. A session that would overflow the queue waits for room (only
+//! reporting can produce many events). Commands go to a session through its own channel.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ostiary_wire::pg::backend::{self, ErrorFields};
+use ostiary_wire::pg::frontend;
+use ostiary_wire::pg::relay::{BackendEvent, FrontendStop, Gate, RelayStats, SessionRelay, Statement, Verdict};
+use ostiary_wire::pg::sqlstate;
+use ostiary_wire::{Limits, WireError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+
+use crate::tls::{TlsError, TlsLayer};
+
+const READ_BUF: usize = 64 * 1024;
+/// How long a terminating session waits for the server to finish the message it is sending
+/// before the connection is closed without a goodbye.
+const TERMINATE_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    pub workers: usize,
+    pub limits: Limits,
+    pub event_capacity: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { workers: 1, limits: Limits::default(), event_capacity: 65_536 }
+    }
+}
+
+/// Everything a worker needs to run one session.
+pub struct SessionSpec {
+    pub id: u64,
+    pub client: OwnedFd,
+    pub client_tls: Option<TlsLayer>,
+    /// Plaintext the client sent after its handshake that the control plane already read.
+    pub client_prefix: Vec<u8>,
+    pub upstream: OwnedFd,
+    pub upstream_tls: Option<TlsLayer>,
+    /// Plaintext the server sent after ReadyForQuery that the control plane already read.
+    pub upstream_prefix: Vec<u8>,
+    pub gate: Gate,
+    pub report: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum Command {
+    Verdict { seq: u64, verdict: Verdict, remember: bool },
+    SetGate(Gate),
+    /// End the session at its next idle point (outside a transaction, nothing owed).
+    Drain { code: String, message: String },
+    /// End the session now (at the next message boundary towards the client).
+    Terminate { code: String, message: String },
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Statement { session: u64, statement: Statement },
+    Backend { session: u64, events: Vec<BackendEvent> },
+    Ended { session: u64, reason: String, detail: String, stats: RelayStats },
+}
+
+struct Inner {
+    config: EngineConfig,
+    workers: Vec<mpsc::UnboundedSender<(SessionSpec, mpsc::UnboundedReceiver<Command>)>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Command>>>,
+    events: Mutex<VecDeque<Event>>,
+    room: Notify,
+    event_fd: OwnedFd,
+    next_worker: AtomicUsize,
+}
+
+impl Inner {
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: event_fd is an eventfd owned by self for its whole life; writing 8 bytes from a
+        // valid u64 is the eventfd contract. A failed write (counter overflow) needs no handling:
+        // the fd is then readable anyway.
+        unsafe {
+            libc::write(self.event_fd.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+    }
+
+    fn push(&self, ev: Event) -> bool {
+        let mut q = self.events.lock().expect("event queue lock");
+        let was_empty = q.is_empty();
+        q.push_back(ev);
+        let full = q.len() >= self.config.event_capacity;
+        drop(q);
+        if was_empty {
+            self.signal();
+        }
+        full
+    }
+
+    async fn push_waiting(&self, ev: Event) {
+        if self.push(ev) {
+            loop {
+                let notified = self.room.notified();
+                if self.events.lock().expect("event queue lock").len() < self.config.event_capacity {
+                    break;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+            }
+        }
+    }
+}
+
+/// The handle the control plane holds; cloning shares the same engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> io::Result<Self> {
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own and close exactly once through OwnedFd.
+        let event_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let workers_n = config.workers.max(1);
+        let mut senders = Vec::with_capacity(workers_n);
+        let mut receivers = Vec::with_capacity(workers_n);
+        for _ in 0..workers_n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let inner = Arc::new(Inner {
+            config,
+            workers: senders,
+            threads: Mutex::new(Vec::new()),
+            sessions: Mutex::new(HashMap::new()),
+            events: Mutex::new(VecDeque::new()),
+            room: Notify::new(),
+            event_fd,
+            next_worker: AtomicUsize::new(0),
+        });
+        let mut threads = Vec::new();
+        for (i, rx) in receivers.into_iter().enumerate() {
+            let inner2 = Arc::downgrade(&inner);
+            let t = std::thread::Builder::new().name(format!("ostiary-worker-{i}")).spawn(move || worker(rx, inner2))?;
+            threads.push(t);
+        }
+        *inner.threads.lock().expect("threads lock") = threads;
+        Ok(Engine { inner })
+    }
+
+    pub fn workers(&self) -> usize {
+        self.inner.workers.len()
+    }
+
+    /// The eventfd that becomes readable when events are waiting.
+    pub fn event_fd(&self) -> i32 {
+        self.inner.event_fd.as_raw_fd()
+    }
+
+    pub fn adopt(&self, spec: SessionSpec) -> Result<(), String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = spec.id;
+        {
+            let mut sessions = self.inner.sessions.lock().expect("sessions lock");
+            if sessions.contains_key(&id) {
+                return Err(format!("session {id} exists already"));
+            }
+            sessions.insert(id, tx);
+        }
+        let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % self.inner.workers.len();
+        if self.inner.workers[i].send((spec, rx)).is_err() {
+            self.inner.sessions.lock().expect("sessions lock").remove(&id);
+            return Err("the engine is shut down".into());
+        }
+        Ok(())
+    }
+
+    /// Sends a command to one session; false if it has ended.
+    pub fn command(&self, session: u64, cmd: Command) -> bool {
+        let sessions = self.inner.sessions.lock().expect("sessions lock");
+        sessions.get(&session).map(|tx| tx.send(cmd).is_ok()).unwrap_or(false)
+    }
+
+    /// Sends a command to every live session; returns how many got it.
+    pub fn broadcast(&self, cmd: Command) -> usize {
+        let sessions = self.inner.sessions.lock().expect("sessions lock");
+        sessions.values().filter(|tx| tx.send(cmd.clone()).is_ok()).count()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.inner.sessions.lock().expect("sessions lock").len()
+    }
+
+    /// Takes up to `max` waiting events and clears the eventfd.
+    pub fn poll_events(&self, max: usize) -> Vec<Event> {
+        let mut counter = [0u8; 8];
+        // SAFETY: reading 8 bytes into a local buffer from our own non-blocking eventfd.
+        unsafe {
+            libc::read(self.inner.event_fd.as_raw_fd(), counter.as_mut_ptr().cast(), 8);
+        }
+        let mut q = self.inner.events.lock().expect("event queue lock");
+        let n = q.len().min(max);
+        let out: Vec<Event> = q.drain(..n).collect();
+        let more = !q.is_empty();
+        drop(q);
+        if more {
+            self.inner.signal();
+        }
+        self.inner.room.notify_waiters();
+        out
+    }
+
+    /// Stops the workers; sessions still running are closed without a goodbye. Call after
+    /// terminating sessions. Idempotent.
+    pub fn shutdown(&self) {
+        let threads = std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
+        for s in self.inner.sessions.lock().expect("sessions lock").values() {
+            let _ = s.send(Command::Terminate { code: sqlstate::ADMIN_SHUTDOWN.into(), message: "the gateway is shutting down".into() });
+        }
+        // Workers exit when their session channel closes; the senders live in Inner, so signal by
+        // sending nothing: dropping is done when the last Engine handle goes. Threads are detached
+        // here and end with the process.
+        drop(threads);
+    }
+}
+
+fn worker(mut rx: mpsc::UnboundedReceiver<(SessionSpec, mpsc::UnboundedReceiver<Command>)>, inner: std::sync::Weak<Inner>) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ostiary: cannot start a worker runtime: {e}");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        while let Some((spec, cmds)) = rx.recv().await {
+            let Some(inner) = inner.upgrade() else { break };
+            tokio::task::spawn_local(async move {
+                let id = spec.id;
+                let (reason, detail, stats) = match Session::start(spec, &inner) {
+                    Ok(s) => s.run(cmds, &inner).await,
+                    Err(e) => ("io_error".to_owned(), e.to_string(), RelayStats::default()),
+                };
+                inner.sessions.lock().expect("sessions lock").remove(&id);
+                inner.push(Event::Ended { session: id, reason, detail, stats });
+            });
+        }
+    });
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("{side}: {err}")]
+    Protocol { side: &'static str, err: WireError },
+}
+
+/// One leg of a session: a socket, optionally wrapped in TLS.
+struct Leg {
+    tcp: TcpStream,
+    tls: Option<TlsLayer>,
+    raw_out: Vec<u8>,
+    plain_in: Vec<u8>,
+}
+
+impl Leg {
+    fn new(fd: OwnedFd, tls: Option<TlsLayer>) -> io::Result<Self> {
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true)?;
+        std.set_nodelay(true)?;
+        Ok(Leg { tcp: TcpStream::from_std(std)?, tls, raw_out: Vec::new(), plain_in: Vec::new() })
+    }
+
+    /// Decrypts raw bytes just read into `plain` (cleared first); returns whether the peer closed
+    /// its TLS session. TLS records owed in reply (alerts, key updates) wait in `raw_out`.
+    fn decode_into(&mut self, raw: &[u8], plain: &mut Vec<u8>) -> Result<bool, SessionError> {
+        plain.clear();
+        let Some(tls) = &mut self.tls else {
+            plain.extend_from_slice(raw);
+            return Ok(false);
+        };
+        tls.receive_raw(raw)?;
+        let (_, closed) = tls.read_plain(plain)?;
+        tls.take_raw(&mut self.raw_out)?;
+        Ok(closed)
+    }
+
+    /// Writes plaintext (and any TLS records owed) to the peer.
+    async fn send(&mut self, data: &[u8]) -> Result<(), SessionError> {
+        match &mut self.tls {
+            None => {
+                if !data.is_empty() {
+                    self.tcp.write_all(data).await?;
+                }
+            }
+            Some(tls) => {
+                if !data.is_empty() {
+                    tls.write_plain(data)?;
+                }
+                tls.take_raw(&mut self.raw_out)?;
+                if !self.raw_out.is_empty() {
+                    self.tcp.write_all(&self.raw_out).await?;
+                    self.raw_out.clear();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) {
+        if let Some(tls) = &mut self.tls {
+            tls.send_close_notify();
+            let _ = self.send(&[]).await;
+        }
+        let _ = self.tcp.shutdown().await;
+    }
+}
+
+struct Session {
+    id: u64,
+    client: Leg,
+    upstream: Leg,
+    relay: SessionRelay,
+    pending: Vec<u8>,
+    upstream_prefix: Vec<u8>,
+    to_up: Vec<u8>,
+    to_client: Vec<u8>,
+    events: Vec<BackendEvent>,
+    report: bool,
+    drain: Option<Vec<u8>>,
+    terminate: Option<Vec<u8>>,
+}
+
+impl Session {
+    fn start(spec: SessionSpec, inner: &Inner) -> Result<Self, SessionError> {
+        Ok(Session {
+            id: spec.id,
+            client: Leg::new(spec.client, spec.client_tls)?,
+            upstream: Leg::new(spec.upstream, spec.upstream_tls)?,
+            relay: SessionRelay::new(inner.config.limits, spec.gate, spec.report),
+            pending: spec.client_prefix,
+            upstream_prefix: spec.upstream_prefix,
+            to_up: Vec::with_capacity(16 * 1024),
+            to_client: Vec::with_capacity(READ_BUF + 1024),
+            events: Vec::new(),
+            report: spec.report,
+            drain: None,
+            terminate: None,
+        })
+    }
+
+    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Command>, inner: &Inner) -> (String, String, RelayStats) {
+        let (reason, detail) = match self.main_loop(&mut cmds, inner).await {
+            Ok((r, d)) => (r.to_owned(), d),
+            Err(SessionError::Protocol { side, err }) => {
+                // Tell the client why, if that does not break a message it is receiving.
+                if self.relay.backend_at_boundary() {
+                    let msg = format!("protocol violation from the {side}: {err}");
+                    let bytes = backend::error_response("FATAL", sqlstate::PROTOCOL_VIOLATION, &msg);
+                    let _ = tokio::time::timeout(TERMINATE_GRACE, self.client.send(&bytes)).await;
+                }
+                ("protocol_error".to_owned(), format!("{side}: {err}"))
+            }
+            Err(e) => ("io_error".to_owned(), e.to_string()),
+        };
+        let _ = tokio::time::timeout(TERMINATE_GRACE, self.upstream.send(&frontend::terminate())).await;
+        self.upstream.close().await;
+        self.client.close().await;
+        (reason, detail, self.relay.stats)
+    }
+
+    async fn main_loop(&mut self, cmds: &mut mpsc::UnboundedReceiver<Command>, inner: &Inner) -> Result<(&'static str, String), SessionError> {
+        let mut cbuf = vec![0u8; READ_BUF];
+        let mut ubuf = vec![0u8; READ_BUF];
+        if !self.upstream_prefix.is_empty() {
+            let prefix = std::mem::take(&mut self.upstream_prefix);
+            self.on_upstream_plain(&prefix, inner).await?;
+        }
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            if !self.pending.is_empty() && !self.relay.is_holding() {
+                let pending = std::mem::take(&mut self.pending);
+                self.on_client_plain(&pending, inner).await?;
+            }
+            if self.relay.terminated() {
+                return Ok(("client_closed", String::new()));
+            }
+            if self.terminate.is_some() && self.relay.backend_at_boundary() {
+                let bytes = self.terminate.take().unwrap_or_default();
+                self.client.send(&bytes).await?;
+                return Ok(("terminated", String::new()));
+            }
+            if self.drain.is_some() && self.relay.idle() && self.pending.is_empty() {
+                let bytes = self.drain.take().unwrap_or_default();
+                self.client.send(&bytes).await?;
+                return Ok(("drained", String::new()));
+            }
+            if self.terminate.is_some() && deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + TERMINATE_GRACE);
+            }
+            let holding = self.relay.is_holding();
+            tokio::select! {
+                biased;
+                cmd = cmds.recv() => {
+                    match cmd {
+                        Some(c) => self.on_command(c).await?,
+                        None => return Ok(("terminated", "engine stopped".into())),
+                    }
+                }
+                r = self.client.tcp.read(&mut cbuf), if !holding => {
+                    let n = r?;
+                    if n == 0 {
+                        return Ok(("client_closed", "client closed the connection without Terminate".into()));
+                    }
+                    if self.client.tls.is_none() {
+                        self.on_client_plain(&cbuf[..n], inner).await?;
+                    } else {
+                        let mut plain = std::mem::take(&mut self.client.plain_in);
+                        let closed = self.client.decode_into(&cbuf[..n], &mut plain)?;
+                        self.client.send(&[]).await?;
+                        self.on_client_plain(&plain, inner).await?;
+                        self.client.plain_in = plain;
+                        if closed {
+                            return Ok(("client_closed", "client closed its TLS session".into()));
+                        }
+                    }
+                }
+                r = self.upstream.tcp.read(&mut ubuf) => {
+                    let n = r?;
+                    if n == 0 {
+                        return Ok(("upstream_closed", "the server closed the connection".into()));
+                    }
+                    if self.upstream.tls.is_none() {
+                        self.on_upstream_plain(&ubuf[..n], inner).await?;
+                    } else {
+                        let mut plain = std::mem::take(&mut self.upstream.plain_in);
+                        let closed = self.upstream.decode_into(&ubuf[..n], &mut plain)?;
+                        self.upstream.send(&[]).await?;
+                        self.on_upstream_plain(&plain, inner).await?;
+                        self.upstream.plain_in = plain;
+                        if closed {
+                            return Ok(("upstream_closed", "the server closed its TLS session".into()));
+                        }
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    return Ok(("terminated", "closed mid-message after the grace period".into()));
+                }
+            }
+        }
+    }
+
+    async fn on_command(&mut self, cmd: Command) -> Result<(), SessionError> {
+        match cmd {
+            Command::Verdict { seq, verdict, remember } => {
+                self.to_up.clear();
+                self.relay
+                    .resolve(seq, verdict, remember, &mut self.to_up)
+                    .map_err(|err| SessionError::Protocol { side: "control plane", err })?;
+                let out = std::mem::take(&mut self.to_up);
+                self.upstream.send(&out).await?;
+                self.to_up = out;
+            }
+            Command::SetGate(g) => self.relay.set_gate(g),
+            Command::Drain { code, message } => {
+                self.drain = Some(backend::error_response("FATAL", &code, &message));
+            }
+            Command::Terminate { code, message } => {
+                self.terminate = Some(ErrorFields::new("FATAL", &code, &message).encode_error());
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_client_plain(&mut self, data: &[u8], inner: &Inner) -> Result<(), SessionError> {
+        self.to_up.clear();
+        let stop = self
+            .relay
+            .feed_frontend(data, &mut self.to_up)
+            .map_err(|err| SessionError::Protocol { side: "client", err })?;
+        let out = std::mem::take(&mut self.to_up);
+        self.upstream.send(&out).await?;
+        self.to_up = out;
+        if let FrontendStop::Hold { consumed, statement } = stop {
+            self.pending = data[consumed..].to_vec();
+            inner.push_waiting(Event::Statement { session: self.id, statement }).await;
+        }
+        Ok(())
+    }
+
+    async fn on_upstream_plain(&mut self, data: &[u8], inner: &Inner) -> Result<(), SessionError> {
+        self.to_client.clear();
+        self.relay
+            .feed_backend(data, &mut self.to_client, &mut self.events)
+            .map_err(|err| SessionError::Protocol { side: "server", err })?;
+        let out = std::mem::take(&mut self.to_client);
+        self.client.send(&out).await?;
+        self.to_client = out;
+        if self.report && !self.events.is_empty() {
+            let events = std::mem::take(&mut self.events);
+            inner.push_waiting(Event::Backend { session: self.id, events }).await;
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

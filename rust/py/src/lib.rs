@@ -1,0 +1,476 @@
+//! `ostiary._core`: the only PyO3 code in Ostiary.
+//!
+//! Rules of this file: it converts, it does not decide. Each class wraps one machine of
+//! `ostiary-wire` or the `ostiary-proxy` engine; events cross as plain tuples (tag first) so the
+//! Python side needs no wrapper objects on its paths; every Rust error becomes one of the exceptions
+//! created below through `err()`. Nothing here is called per message of an established session.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use ostiary_proxy::engine::{Command, Engine as RsEngine, EngineConfig, Event, SessionSpec};
+use ostiary_proxy::tls::{self, TlsLayer};
+use ostiary_wire::pg::backend::{self, Authentication, ErrorFields};
+use ostiary_wire::pg::handshake::{self, ClientEvent, UpstreamStep};
+use ostiary_wire::pg::relay::{BackendEvent, Gate, Verdict};
+use ostiary_wire::pg::startup::{self, StartupPacket};
+use ostiary_wire::{Limits, WireError};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+
+create_exception!(_core, CoreError, PyException, "Base class of errors raised by the Rust core.");
+create_exception!(_core, ProtocolError, CoreError, "A peer broke the wire protocol (SQLSTATE 08P01).");
+create_exception!(_core, UpstreamAuthError, CoreError, "The gateway could not authenticate to the upstream.");
+create_exception!(_core, TlsError, CoreError, "TLS configuration or handshake failure.");
+
+fn wire_err(e: WireError) -> PyErr {
+    match e {
+        WireError::Auth(m) => UpstreamAuthError::new_err(m),
+        other => ProtocolError::new_err(other.to_string()),
+    }
+}
+
+fn tls_err(e: tls::TlsError) -> PyErr {
+    TlsError::new_err(e.to_string())
+}
+
+fn limits(max_startup: usize, max_message: usize, max_statement: usize) -> Limits {
+    Limits { max_startup, max_message, max_statement }
+}
+
+fn bytes<'py>(py: Python<'py>, b: &[u8]) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, b)
+}
+
+/// The client-facing startup machine (see ostiary_wire::pg::handshake::ClientHandshake).
+#[pyclass(module = "ostiary._core")]
+struct ClientHandshake {
+    inner: handshake::ClientHandshake,
+}
+
+#[pymethods]
+impl ClientHandshake {
+    #[new]
+    #[pyo3(signature = (max_startup = 10_000))]
+    fn new(max_startup: usize) -> Self {
+        ClientHandshake { inner: handshake::ClientHandshake::new(Limits { max_startup, ..Limits::default() }) }
+    }
+
+    fn receive_data(&mut self, data: &[u8]) -> PyResult<()> {
+        self.inner.receive_data(data).map_err(wire_err)
+    }
+
+    fn expect_password(&mut self) {
+        self.inner.expect_password()
+    }
+
+    /// Bytes after the handshake (the relay takes them).
+    fn take_remaining<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        bytes(py, &self.inner.take_remaining())
+    }
+
+    /// ("ssl_request",) | ("gssenc_request",) | ("cancel_request", pid, key) |
+    /// ("startup", [(name, value), ...]) | ("password", bytes) | None when more data is needed.
+    fn next_event<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let ev = self.inner.next_event().map_err(wire_err)?;
+        Ok(match ev {
+            None => None,
+            Some(ClientEvent::SslRequest) => Some(PyTuple::new(py, ["ssl_request"])?),
+            Some(ClientEvent::GssEncRequest) => Some(PyTuple::new(py, ["gssenc_request"])?),
+            Some(ClientEvent::CancelRequest { process_id, secret_key }) => {
+                Some(("cancel_request", process_id, secret_key).into_pyobject(py)?)
+            }
+            Some(ClientEvent::Startup { params }) => Some(("startup", params).into_pyobject(py)?),
+            Some(ClientEvent::Password(pw)) => Some(("password", bytes(py, &pw)).into_pyobject(py)?),
+        })
+    }
+}
+
+/// The upstream startup machine: call `start()` for the StartupMessage, then loop on `step()`.
+#[pyclass(module = "ostiary._core")]
+struct UpstreamHandshake {
+    inner: handshake::UpstreamHandshake,
+    first: Option<Vec<u8>>,
+}
+
+#[pymethods]
+impl UpstreamHandshake {
+    #[new]
+    fn new(params: Vec<(String, String)>, password: String) -> PyResult<Self> {
+        let (inner, first) = handshake::UpstreamHandshake::new(params, &password, Limits::default()).map_err(wire_err)?;
+        Ok(UpstreamHandshake { inner, first: Some(first) })
+    }
+
+    fn start<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        bytes(py, &self.first.take().unwrap_or_default())
+    }
+
+    fn receive_data(&mut self, data: &[u8]) -> PyResult<()> {
+        self.inner.receive_data(data).map_err(wire_err)
+    }
+
+    fn take_remaining<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        bytes(py, &self.inner.take_remaining())
+    }
+
+    /// ("need_data",) | ("send", bytes) | ("failed", {field: value}) |
+    /// ("ready", [(name, value)], process_id, secret_key, status, [notice bytes]).
+    fn step<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        Ok(match self.inner.step().map_err(wire_err)? {
+            UpstreamStep::NeedData => PyTuple::new(py, ["need_data"])?,
+            UpstreamStep::Send(b) => ("send", bytes(py, &b)).into_pyobject(py)?,
+            UpstreamStep::Failed(fields) => ("failed", error_dict(py, &fields)?).into_pyobject(py)?,
+            UpstreamStep::Ready(r) => {
+                let notices: Vec<Bound<'py, PyBytes>> = r.notices.iter().map(|n| bytes(py, n)).collect();
+                ("ready", r.params, r.process_id, r.secret_key, (r.transaction_status as char).to_string(), notices)
+                    .into_pyobject(py)?
+            }
+        })
+    }
+}
+
+fn field_name(f: u8) -> String {
+    match f {
+        b'S' => "severity_local".into(),
+        b'V' => "severity".into(),
+        b'C' => "code".into(),
+        b'M' => "message".into(),
+        b'D' => "detail".into(),
+        b'H' => "hint".into(),
+        other => (other as char).to_string(),
+    }
+}
+
+fn error_dict<'py>(py: Python<'py>, fields: &ErrorFields) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (f, v) in &fields.fields {
+        d.set_item(field_name(*f), v)?;
+    }
+    Ok(d)
+}
+
+#[pyclass(module = "ostiary._core", frozen)]
+struct TlsServerConfig {
+    cfg: Arc<tls::ServerConfig>,
+}
+
+#[pymethods]
+impl TlsServerConfig {
+    #[new]
+    #[pyo3(signature = (cert, key, client_ca = None, require_client_cert = false))]
+    fn new(cert: &str, key: &str, client_ca: Option<&str>, require_client_cert: bool) -> PyResult<Self> {
+        Ok(TlsServerConfig { cfg: tls::server_config(cert, key, client_ca, require_client_cert).map_err(tls_err)? })
+    }
+}
+
+#[pyclass(module = "ostiary._core", frozen)]
+struct TlsClientConfig {
+    cfg: Arc<tls::ClientConfig>,
+}
+
+#[pymethods]
+impl TlsClientConfig {
+    #[new]
+    #[pyo3(signature = (ca = None, verify = true, cert = None, key = None))]
+    fn new(ca: Option<&str>, verify: bool, cert: Option<&str>, key: Option<&str>) -> PyResult<Self> {
+        let pair = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => return Err(TlsError::new_err("a client certificate needs both cert and key")),
+        };
+        Ok(TlsClientConfig { cfg: tls::client_config(ca, verify, pair).map_err(tls_err)? })
+    }
+}
+
+/// One TLS connection pumped sans-IO by the control plane during the handshake, then handed to
+/// the engine with the session (after which it is empty).
+#[pyclass(module = "ostiary._core")]
+struct TlsSession {
+    inner: Mutex<Option<TlsLayer>>,
+}
+
+impl TlsSession {
+    fn with<T>(&self, f: impl FnOnce(&mut TlsLayer) -> Result<T, tls::TlsError>) -> PyResult<T> {
+        let mut g = self.inner.lock().map_err(|_| TlsError::new_err("TLS session lock poisoned"))?;
+        let layer = g.as_mut().ok_or_else(|| TlsError::new_err("this TLS session was handed to the engine"))?;
+        f(layer).map_err(tls_err)
+    }
+
+    fn take(&self) -> PyResult<TlsLayer> {
+        let mut g = self.inner.lock().map_err(|_| TlsError::new_err("TLS session lock poisoned"))?;
+        g.take().ok_or_else(|| TlsError::new_err("this TLS session was handed to the engine already"))
+    }
+}
+
+#[pymethods]
+impl TlsSession {
+    #[staticmethod]
+    fn server(config: &TlsServerConfig) -> PyResult<Self> {
+        Ok(TlsSession { inner: Mutex::new(Some(TlsLayer::server(config.cfg.clone()).map_err(tls_err)?)) })
+    }
+
+    #[staticmethod]
+    fn client(config: &TlsClientConfig, server_name: &str) -> PyResult<Self> {
+        Ok(TlsSession { inner: Mutex::new(Some(TlsLayer::client(config.cfg.clone(), server_name).map_err(tls_err)?)) })
+    }
+
+    #[getter]
+    fn handshaking(&self) -> PyResult<bool> {
+        self.with(|t| Ok(t.is_handshaking()))
+    }
+
+    fn receive_raw(&self, data: &[u8]) -> PyResult<()> {
+        self.with(|t| t.receive_raw(data))
+    }
+
+    /// (plaintext, peer_closed)
+    fn read_plain<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyBytes>, bool)> {
+        let mut out = Vec::new();
+        let closed = self.with(|t| t.read_plain(&mut out).map(|(_, c)| c))?;
+        Ok((bytes(py, &out), closed))
+    }
+
+    fn write_plain(&self, data: &[u8]) -> PyResult<()> {
+        self.with(|t| t.write_plain(data))
+    }
+
+    fn take_raw<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let mut out = Vec::new();
+        self.with(|t| t.take_raw(&mut out))?;
+        Ok(bytes(py, &out))
+    }
+
+    fn peer_certificates<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        let certs = self.with(|t| Ok(t.peer_certificates()))?;
+        Ok(certs.iter().map(|c| bytes(py, c)).collect())
+    }
+
+    /// (protocol version, cipher suite)
+    fn describe(&self) -> PyResult<(String, String)> {
+        self.with(|t| Ok(t.describe()))
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (severity, code, message, detail = None, hint = None))]
+fn error_response<'py>(py: Python<'py>, severity: &str, code: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> Bound<'py, PyBytes> {
+    let mut f = ErrorFields::new(severity, code, message);
+    if let Some(d) = detail {
+        f = f.with(b'D', d);
+    }
+    if let Some(h) = hint {
+        f = f.with(b'H', h);
+    }
+    bytes(py, &f.encode_error())
+}
+
+#[pyfunction]
+fn notice_response<'py>(py: Python<'py>, code: &str, message: &str) -> Bound<'py, PyBytes> {
+    bytes(py, &ErrorFields::new("NOTICE", code, message).encode_notice())
+}
+
+#[pyfunction]
+fn auth_cleartext_password(py: Python<'_>) -> Bound<'_, PyBytes> {
+    bytes(py, &Authentication::CleartextPassword.encode())
+}
+
+#[pyfunction]
+fn auth_ok(py: Python<'_>) -> Bound<'_, PyBytes> {
+    bytes(py, &Authentication::Ok.encode())
+}
+
+#[pyfunction]
+fn parameter_status<'py>(py: Python<'py>, name: &str, value: &str) -> Bound<'py, PyBytes> {
+    bytes(py, &backend::parameter_status(name, value))
+}
+
+#[pyfunction]
+fn backend_key_data(py: Python<'_>, process_id: i32, secret_key: i32) -> Bound<'_, PyBytes> {
+    bytes(py, &backend::backend_key_data(process_id, secret_key))
+}
+
+#[pyfunction]
+fn ready_for_query<'py>(py: Python<'py>, status: &str) -> PyResult<Bound<'py, PyBytes>> {
+    let s = match status {
+        "I" | "T" | "E" => status.as_bytes()[0],
+        _ => return Err(pyo3::exceptions::PyValueError::new_err("status must be I, T or E")),
+    };
+    Ok(bytes(py, &backend::ready_for_query(s)))
+}
+
+#[pyfunction]
+fn ssl_request(py: Python<'_>) -> Bound<'_, PyBytes> {
+    bytes(py, &startup::encode(&StartupPacket::SslRequest))
+}
+
+#[pyfunction]
+fn cancel_request(py: Python<'_>, process_id: i32, secret_key: i32) -> Bound<'_, PyBytes> {
+    bytes(py, &startup::encode(&StartupPacket::CancelRequest { process_id, secret_key }))
+}
+
+/// The data path engine (see ostiary_proxy::engine).
+#[pyclass(module = "ostiary._core", frozen)]
+struct Engine {
+    inner: RsEngine,
+}
+
+fn owned_fd(fd: i32, what: &str) -> PyResult<OwnedFd> {
+    if fd < 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!("{what} is not an open descriptor")));
+    }
+    // SAFETY: the caller gives up the descriptor (socket.detach()); from here the engine owns it and
+    // closes it exactly once. The `adopt` docstring states this contract.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[pyo3(signature = (workers = 1, max_message = (1 << 30) - 1, max_statement = 16 * 1024 * 1024, event_capacity = 65_536))]
+    fn new(workers: usize, max_message: usize, max_statement: usize, event_capacity: usize) -> PyResult<Self> {
+        let config = EngineConfig { workers, limits: limits(10_000, max_message, max_statement), event_capacity };
+        Ok(Engine { inner: RsEngine::new(config).map_err(|e| CoreError::new_err(format!("cannot start the engine: {e}")))? })
+    }
+
+    #[getter]
+    fn workers(&self) -> usize {
+        self.inner.workers()
+    }
+
+    #[getter]
+    fn event_fd(&self) -> i32 {
+        self.inner.event_fd()
+    }
+
+    /// Hands a session to the engine. The descriptors become the engine's (pass
+    /// `socket.detach()`); the TLS sessions are emptied; the prefixes are plaintext already read.
+    #[pyo3(signature = (session, client_fd, client_tls, client_prefix, upstream_fd, upstream_tls, upstream_prefix, consult = false, report = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn adopt(
+        &self,
+        session: u64,
+        client_fd: i32,
+        client_tls: Option<&TlsSession>,
+        client_prefix: &[u8],
+        upstream_fd: i32,
+        upstream_tls: Option<&TlsSession>,
+        upstream_prefix: &[u8],
+        consult: bool,
+        report: bool,
+    ) -> PyResult<()> {
+        let client_tls = client_tls.map(|t| t.take()).transpose()?;
+        let upstream_tls = upstream_tls.map(|t| t.take()).transpose()?;
+        let spec = SessionSpec {
+            id: session,
+            client: owned_fd(client_fd, "client_fd")?,
+            client_tls,
+            client_prefix: client_prefix.to_vec(),
+            upstream: owned_fd(upstream_fd, "upstream_fd")?,
+            upstream_tls,
+            upstream_prefix: upstream_prefix.to_vec(),
+            gate: if consult { Gate::Consult } else { Gate::AllowAll },
+            report,
+        };
+        self.inner.adopt(spec).map_err(CoreError::new_err)
+    }
+
+    /// Answers a held statement. Returns False if the session has ended.
+    #[pyo3(signature = (session, seq, allow, code = "42501", message = "", remember = false))]
+    fn verdict(&self, session: u64, seq: u64, allow: bool, code: &str, message: &str, remember: bool) -> bool {
+        let verdict = if allow { Verdict::Allow } else { Verdict::Deny { code: code.into(), message: message.into() } };
+        self.inner.command(session, Command::Verdict { seq, verdict, remember })
+    }
+
+    fn set_gate(&self, session: u64, consult: bool) -> bool {
+        self.inner.command(session, Command::SetGate(if consult { Gate::Consult } else { Gate::AllowAll }))
+    }
+
+    /// Ends sessions at their next idle point; `session=None` means all. Returns how many.
+    #[pyo3(signature = (session, code, message))]
+    fn drain(&self, session: Option<u64>, code: &str, message: &str) -> usize {
+        let cmd = Command::Drain { code: code.into(), message: message.into() };
+        match session {
+            Some(s) => self.inner.command(s, cmd) as usize,
+            None => self.inner.broadcast(cmd),
+        }
+    }
+
+    /// Ends sessions now with a FATAL error; `session=None` means all. Returns how many.
+    #[pyo3(signature = (session, code, message))]
+    fn terminate(&self, session: Option<u64>, code: &str, message: &str) -> usize {
+        let cmd = Command::Terminate { code: code.into(), message: message.into() };
+        match session {
+            Some(s) => self.inner.command(s, cmd) as usize,
+            None => self.inner.broadcast(cmd),
+        }
+    }
+
+    fn session_count(&self) -> usize {
+        self.inner.session_count()
+    }
+
+    /// Waiting events as tuples: ("statement", session, seq, kind, name, text),
+    /// ("complete", session, tag, rows, bytes), ("error", session, code, message, denied),
+    /// ("ready", session, status), ("ended", session, reason, detail, stats dict).
+    #[pyo3(signature = (max = 4096))]
+    fn poll_events<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let mut out = Vec::new();
+        for ev in self.inner.poll_events(max) {
+            match ev {
+                Event::Statement { session, statement } => out.push(
+                    ("statement", session, statement.seq, statement.kind.as_str(), statement.name, statement.text).into_pyobject(py)?,
+                ),
+                Event::Backend { session, events } => {
+                    for e in events {
+                        out.push(match e {
+                            BackendEvent::CommandComplete { tag, rows, bytes } => ("complete", session, tag, rows, bytes).into_pyobject(py)?,
+                            BackendEvent::Error { code, message, denied } => ("error", session, code, message, denied).into_pyobject(py)?,
+                            BackendEvent::ReadyForQuery { status } => ("ready", session, (status as char).to_string()).into_pyobject(py)?,
+                        });
+                    }
+                }
+                Event::Ended { session, reason, detail, stats } => {
+                    let d = PyDict::new(py);
+                    d.set_item("frontend_bytes", stats.frontend_bytes)?;
+                    d.set_item("backend_bytes", stats.backend_bytes)?;
+                    d.set_item("statements", stats.statements)?;
+                    d.set_item("rows", stats.rows)?;
+                    d.set_item("denied", stats.denied)?;
+                    out.push(("ended", session, reason, detail, d).into_pyobject(py)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn shutdown(&self) {
+        self.inner.shutdown()
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("CoreError", m.py().get_type::<CoreError>())?;
+    m.add("ProtocolError", m.py().get_type::<ProtocolError>())?;
+    m.add("UpstreamAuthError", m.py().get_type::<UpstreamAuthError>())?;
+    m.add("TlsError", m.py().get_type::<TlsError>())?;
+    m.add_class::<ClientHandshake>()?;
+    m.add_class::<UpstreamHandshake>()?;
+    m.add_class::<TlsServerConfig>()?;
+    m.add_class::<TlsClientConfig>()?;
+    m.add_class::<TlsSession>()?;
+    m.add_class::<Engine>()?;
+    m.add_function(wrap_pyfunction!(error_response, m)?)?;
+    m.add_function(wrap_pyfunction!(notice_response, m)?)?;
+    m.add_function(wrap_pyfunction!(auth_cleartext_password, m)?)?;
+    m.add_function(wrap_pyfunction!(auth_ok, m)?)?;
+    m.add_function(wrap_pyfunction!(parameter_status, m)?)?;
+    m.add_function(wrap_pyfunction!(backend_key_data, m)?)?;
+    m.add_function(wrap_pyfunction!(ready_for_query, m)?)?;
+    m.add_function(wrap_pyfunction!(ssl_request, m)?)?;
+    m.add_function(wrap_pyfunction!(cancel_request, m)?)?;
+    Ok(())
+}
