@@ -1,0 +1,58 @@
+# Ostiary: every command a developer or CI runs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv build demo test test-rust test-python lint fmt bench bench-e2e fuzz clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q "maturin>=1.7,<2"
+	touch $(STAMP)
+
+venv: $(STAMP) ## create or update the virtualenv
+
+build: $(STAMP) ## build the Rust extension (release) into the virtualenv
+	$(VENV)/bin/maturin develop --release --extras dev -q
+
+demo: build ## run the gateway in front of a throwaway PostgreSQL; prints a psql command
+	$(VENV)/bin/ostiary demo
+
+test: build test-rust test-python lint ## build everything and run every test and linter
+
+test-rust: ## cargo test of the Rust crates (no Python needed)
+	cargo test --workspace --exclude ostiary-py -q
+
+test-python: build ## pytest: unit and end-to-end against real PostgreSQL
+	$(VENV)/bin/pytest -q
+
+lint: build ## ruff, mypy, cargo fmt --check, clippy -D warnings
+	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/mypy
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -q -- -D warnings
+
+fmt: build ## format Python and Rust
+	$(VENV)/bin/ruff format python tests bench
+	$(VENV)/bin/ruff check --fix python tests bench
+	cargo fmt --all
+
+bench: build ## micro benchmarks of the core (pytest-benchmark)
+	$(VENV)/bin/pytest bench/micro -q --benchmark-only
+
+bench-e2e: build ## end to end: direct vs pgbouncer vs ostiary with pgbench (see bench/README.md)
+	$(PY) bench/e2e.py
+
+fuzz: ## a longer run of the wire fuzzers (FUZZ_ITERS=N)
+	FUZZ_ITERS=$${FUZZ_ITERS:-2000000} cargo test -p ostiary-wire --release --test fuzz -- --nocapture
+
+clean: ## remove build outputs and the virtualenv
+	rm -rf target $(VENV) .ostiary
