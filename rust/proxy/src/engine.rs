@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use ostiary_wire::pg::backend::{self, ErrorFields};
 use ostiary_wire::pg::frontend;
-use ostiary_wire::pg::relay::{BackendEvent, FrontendStop, Gate, RelayStats, SessionRelay, Statement, Verdict};
+use ostiary_wire::pg::relay::{
+    BackendEvent, FrontendStop, Gate, RelayStats, SessionRelay, Statement, Verdict,
+};
 use ostiary_wire::pg::sqlstate;
 use ostiary_wire::{Limits, WireError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,7 +50,11 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { workers: 1, limits: Limits::default(), event_capacity: 65_536 }
+        EngineConfig {
+            workers: 1,
+            limits: Limits::default(),
+            event_capacity: 65_536,
+        }
     }
 }
 
@@ -69,19 +75,40 @@ pub struct SessionSpec {
 
 #[derive(Debug, Clone)]
 pub enum Command {
-    Verdict { seq: u64, verdict: Verdict, remember: bool },
+    Verdict {
+        seq: u64,
+        verdict: Verdict,
+        remember: bool,
+    },
     SetGate(Gate),
     /// End the session at its next idle point (outside a transaction, nothing owed).
-    Drain { code: String, message: String },
+    Drain {
+        code: String,
+        message: String,
+    },
     /// End the session now (at the next message boundary towards the client).
-    Terminate { code: String, message: String },
+    Terminate {
+        code: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    Statement { session: u64, statement: Statement },
-    Backend { session: u64, events: Vec<BackendEvent> },
-    Ended { session: u64, reason: String, detail: String, stats: RelayStats },
+    Statement {
+        session: u64,
+        statement: Statement,
+    },
+    Backend {
+        session: u64,
+        events: Vec<BackendEvent>,
+    },
+    Ended {
+        session: u64,
+        reason: String,
+        detail: String,
+        stats: RelayStats,
+    },
 }
 
 struct Inner {
@@ -122,7 +149,8 @@ impl Inner {
         if self.push(ev) {
             loop {
                 let notified = self.room.notified();
-                if self.events.lock().expect("event queue lock").len() < self.config.event_capacity {
+                if self.events.lock().expect("event queue lock").len() < self.config.event_capacity
+                {
                     break;
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
@@ -167,7 +195,9 @@ impl Engine {
         let mut threads = Vec::new();
         for (i, rx) in receivers.into_iter().enumerate() {
             let inner2 = Arc::downgrade(&inner);
-            let t = std::thread::Builder::new().name(format!("ostiary-worker-{i}")).spawn(move || worker(rx, inner2))?;
+            let t = std::thread::Builder::new()
+                .name(format!("ostiary-worker-{i}"))
+                .spawn(move || worker(rx, inner2))?;
             threads.push(t);
         }
         *inner.threads.lock().expect("threads lock") = threads;
@@ -195,7 +225,11 @@ impl Engine {
         }
         let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % self.inner.workers.len();
         if self.inner.workers[i].send((spec, rx)).is_err() {
-            self.inner.sessions.lock().expect("sessions lock").remove(&id);
+            self.inner
+                .sessions
+                .lock()
+                .expect("sessions lock")
+                .remove(&id);
             return Err("the engine is shut down".into());
         }
         Ok(())
@@ -204,13 +238,19 @@ impl Engine {
     /// Sends a command to one session; false if it has ended.
     pub fn command(&self, session: u64, cmd: Command) -> bool {
         let sessions = self.inner.sessions.lock().expect("sessions lock");
-        sessions.get(&session).map(|tx| tx.send(cmd).is_ok()).unwrap_or(false)
+        sessions
+            .get(&session)
+            .map(|tx| tx.send(cmd).is_ok())
+            .unwrap_or(false)
     }
 
     /// Sends a command to every live session; returns how many got it.
     pub fn broadcast(&self, cmd: Command) -> usize {
         let sessions = self.inner.sessions.lock().expect("sessions lock");
-        sessions.values().filter(|tx| tx.send(cmd.clone()).is_ok()).count()
+        sessions
+            .values()
+            .filter(|tx| tx.send(cmd.clone()).is_ok())
+            .count()
     }
 
     pub fn session_count(&self) -> usize {
@@ -222,7 +262,11 @@ impl Engine {
         let mut counter = [0u8; 8];
         // SAFETY: reading 8 bytes into a local buffer from our own non-blocking eventfd.
         unsafe {
-            libc::read(self.inner.event_fd.as_raw_fd(), counter.as_mut_ptr().cast(), 8);
+            libc::read(
+                self.inner.event_fd.as_raw_fd(),
+                counter.as_mut_ptr().cast(),
+                8,
+            );
         }
         let mut q = self.inner.events.lock().expect("event queue lock");
         let n = q.len().min(max);
@@ -241,7 +285,10 @@ impl Engine {
     pub fn shutdown(&self) {
         let threads = std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
         for s in self.inner.sessions.lock().expect("sessions lock").values() {
-            let _ = s.send(Command::Terminate { code: sqlstate::ADMIN_SHUTDOWN.into(), message: "the gateway is shutting down".into() });
+            let _ = s.send(Command::Terminate {
+                code: sqlstate::ADMIN_SHUTDOWN.into(),
+                message: "the gateway is shutting down".into(),
+            });
         }
         // Workers exit when their session channel closes; the senders live in Inner, so signal by
         // sending nothing: dropping is done when the last Engine handle goes. Threads are detached
@@ -250,8 +297,14 @@ impl Engine {
     }
 }
 
-fn worker(mut rx: mpsc::UnboundedReceiver<(SessionSpec, mpsc::UnboundedReceiver<Command>)>, inner: std::sync::Weak<Inner>) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+fn worker(
+    mut rx: mpsc::UnboundedReceiver<(SessionSpec, mpsc::UnboundedReceiver<Command>)>,
+    inner: std::sync::Weak<Inner>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ostiary: cannot start a worker runtime: {e}");
@@ -269,7 +322,12 @@ fn worker(mut rx: mpsc::UnboundedReceiver<(SessionSpec, mpsc::UnboundedReceiver<
                     Err(e) => ("io_error".to_owned(), e.to_string(), RelayStats::default()),
                 };
                 inner.sessions.lock().expect("sessions lock").remove(&id);
-                inner.push(Event::Ended { session: id, reason, detail, stats });
+                inner.push(Event::Ended {
+                    session: id,
+                    reason,
+                    detail,
+                    stats,
+                });
             });
         }
     });
@@ -298,7 +356,12 @@ impl Leg {
         let std = std::net::TcpStream::from(fd);
         std.set_nonblocking(true)?;
         std.set_nodelay(true)?;
-        Ok(Leg { tcp: TcpStream::from_std(std)?, tls, raw_out: Vec::new(), plain_in: Vec::new() })
+        Ok(Leg {
+            tcp: TcpStream::from_std(std)?,
+            tls,
+            raw_out: Vec::new(),
+            plain_in: Vec::new(),
+        })
     }
 
     /// Decrypts raw bytes just read into `plain` (cleared first); returns whether the peer closed
@@ -379,27 +442,37 @@ impl Session {
         })
     }
 
-    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Command>, inner: &Inner) -> (String, String, RelayStats) {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::UnboundedReceiver<Command>,
+        inner: &Inner,
+    ) -> (String, String, RelayStats) {
         let (reason, detail) = match self.main_loop(&mut cmds, inner).await {
             Ok((r, d)) => (r.to_owned(), d),
             Err(SessionError::Protocol { side, err }) => {
                 // Tell the client why, if that does not break a message it is receiving.
                 if self.relay.backend_at_boundary() {
                     let msg = format!("protocol violation from the {side}: {err}");
-                    let bytes = backend::error_response("FATAL", sqlstate::PROTOCOL_VIOLATION, &msg);
+                    let bytes =
+                        backend::error_response("FATAL", sqlstate::PROTOCOL_VIOLATION, &msg);
                     let _ = tokio::time::timeout(TERMINATE_GRACE, self.client.send(&bytes)).await;
                 }
                 ("protocol_error".to_owned(), format!("{side}: {err}"))
             }
             Err(e) => ("io_error".to_owned(), e.to_string()),
         };
-        let _ = tokio::time::timeout(TERMINATE_GRACE, self.upstream.send(&frontend::terminate())).await;
+        let _ =
+            tokio::time::timeout(TERMINATE_GRACE, self.upstream.send(&frontend::terminate())).await;
         self.upstream.close().await;
         self.client.close().await;
         (reason, detail, self.relay.stats)
     }
 
-    async fn main_loop(&mut self, cmds: &mut mpsc::UnboundedReceiver<Command>, inner: &Inner) -> Result<(&'static str, String), SessionError> {
+    async fn main_loop(
+        &mut self,
+        cmds: &mut mpsc::UnboundedReceiver<Command>,
+        inner: &Inner,
+    ) -> Result<(&'static str, String), SessionError> {
         let mut cbuf = vec![0u8; READ_BUF];
         let mut ubuf = vec![0u8; READ_BUF];
         if !self.upstream_prefix.is_empty() {
@@ -482,11 +555,18 @@ impl Session {
 
     async fn on_command(&mut self, cmd: Command) -> Result<(), SessionError> {
         match cmd {
-            Command::Verdict { seq, verdict, remember } => {
+            Command::Verdict {
+                seq,
+                verdict,
+                remember,
+            } => {
                 self.to_up.clear();
                 self.relay
                     .resolve(seq, verdict, remember, &mut self.to_up)
-                    .map_err(|err| SessionError::Protocol { side: "control plane", err })?;
+                    .map_err(|err| SessionError::Protocol {
+                        side: "control plane",
+                        err,
+                    })?;
                 let out = std::mem::take(&mut self.to_up);
                 self.upstream.send(&out).await?;
                 self.to_up = out;
@@ -507,13 +587,25 @@ impl Session {
         let stop = self
             .relay
             .feed_frontend(data, &mut self.to_up)
-            .map_err(|err| SessionError::Protocol { side: "client", err })?;
+            .map_err(|err| SessionError::Protocol {
+                side: "client",
+                err,
+            })?;
         let out = std::mem::take(&mut self.to_up);
         self.upstream.send(&out).await?;
         self.to_up = out;
-        if let FrontendStop::Hold { consumed, statement } = stop {
+        if let FrontendStop::Hold {
+            consumed,
+            statement,
+        } = stop
+        {
             self.pending = data[consumed..].to_vec();
-            inner.push_waiting(Event::Statement { session: self.id, statement }).await;
+            inner
+                .push_waiting(Event::Statement {
+                    session: self.id,
+                    statement,
+                })
+                .await;
         }
         Ok(())
     }
@@ -522,13 +614,21 @@ impl Session {
         self.to_client.clear();
         self.relay
             .feed_backend(data, &mut self.to_client, &mut self.events)
-            .map_err(|err| SessionError::Protocol { side: "server", err })?;
+            .map_err(|err| SessionError::Protocol {
+                side: "server",
+                err,
+            })?;
         let out = std::mem::take(&mut self.to_client);
         self.client.send(&out).await?;
         self.to_client = out;
         if self.report && !self.events.is_empty() {
             let events = std::mem::take(&mut self.events);
-            inner.push_waiting(Event::Backend { session: self.id, events }).await;
+            inner
+                .push_waiting(Event::Backend {
+                    session: self.id,
+                    events,
+                })
+                .await;
         }
         Ok(())
     }

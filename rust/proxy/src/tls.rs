@@ -9,7 +9,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 pub use rustls::{ClientConfig, ServerConfig};
-use rustls::{ClientConnection, DigitallySignedStruct, RootCertStore, ServerConnection, SignatureScheme};
+use rustls::{
+    ClientConnection, DigitallySignedStruct, RootCertStore, ServerConnection, SignatureScheme,
+};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -40,51 +42,74 @@ fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 fn load_roots(path: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in load_certs(path)? {
-        roots.add(c).map_err(|e| TlsError::Config(format!("bad CA certificate in {path}: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| TlsError::Config(format!("bad CA certificate in {path}: {e}")))?;
     }
     Ok(roots)
 }
 
 /// Server side (client leg): certificate chain and key; with `client_ca`, client certificates
 /// signed by it are requested and verified (optional unless `require_client_cert`).
-pub fn server_config(cert: &str, key: &str, client_ca: Option<&str>, require_client_cert: bool) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    cert: &str,
+    key: &str,
+    client_ca: Option<&str>,
+    require_client_cert: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = load_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Config(format!("cannot read private key from {key}: {e}")))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| TlsError::Config(format!("cannot read private key from {key}: {e}")))?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Protocol)?;
     let builder = match client_ca {
         Some(ca) => {
             let roots = Arc::new(load_roots(ca)?);
-            let mut v = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider());
+            let mut v =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider());
             if !require_client_cert {
                 v = v.allow_unauthenticated();
             }
-            builder.with_client_cert_verifier(v.build().map_err(|e| TlsError::Config(e.to_string()))?)
+            builder
+                .with_client_cert_verifier(v.build().map_err(|e| TlsError::Config(e.to_string()))?)
         }
         None => builder.with_no_client_auth(),
     };
-    let cfg = builder.with_single_cert(chain, key).map_err(TlsError::Protocol)?;
+    let cfg = builder
+        .with_single_cert(chain, key)
+        .map_err(TlsError::Protocol)?;
     Ok(Arc::new(cfg))
 }
 
 /// Client side (upstream leg). With a CA bundle the server's certificate and name are verified
 /// (libpq's verify-full); without one (`verify = false`) only encryption is had (sslmode=require).
-pub fn client_config(ca: Option<&str>, verify: bool, client_cert: Option<(&str, &str)>) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    ca: Option<&str>,
+    verify: bool,
+    client_cert: Option<(&str, &str)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Protocol)?;
     let builder = if verify {
-        let ca = ca.ok_or_else(|| TlsError::Config("verify-full needs a CA bundle (tls.ca)".into()))?;
+        let ca =
+            ca.ok_or_else(|| TlsError::Config("verify-full needs a CA bundle (tls.ca)".into()))?;
         builder.with_root_certificates(load_roots(ca)?)
     } else {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
     };
     let cfg = match client_cert {
         Some((cert, key)) => {
             let chain = load_certs(cert)?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Config(format!("cannot read private key from {key}: {e}")))?;
-            builder.with_client_auth_cert(chain, key).map_err(TlsError::Protocol)?
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                TlsError::Config(format!("cannot read private key from {key}: {e}"))
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(TlsError::Protocol)?
         }
         None => builder.with_no_client_auth(),
     };
@@ -97,14 +122,41 @@ pub fn client_config(ca: Option<&str>, verify: bool, client_cert: Option<(&str, 
 struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for NoVerify {
-    fn verify_server_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -123,7 +175,8 @@ impl TlsLayer {
     }
 
     pub fn client(cfg: Arc<ClientConfig>, server_name: &str) -> Result<Self, TlsError> {
-        let name = ServerName::try_from(server_name.to_owned()).map_err(|e| TlsError::Config(format!("bad server name {server_name:?}: {e}")))?;
+        let name = ServerName::try_from(server_name.to_owned())
+            .map_err(|e| TlsError::Config(format!("bad server name {server_name:?}: {e}")))?;
         Ok(TlsLayer::Client(ClientConnection::new(cfg, name)?))
     }
 
@@ -165,7 +218,9 @@ impl TlsLayer {
             match r {
                 Ok(0) => return Ok((out.len() - start, true)),
                 Ok(n) => out.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((out.len() - start, false)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok((out.len() - start, false))
+                }
                 Err(e) => return Err(TlsError::Io(e)),
             }
         }
@@ -211,7 +266,9 @@ impl TlsLayer {
             TlsLayer::Server(c) => c.peer_certificates(),
             TlsLayer::Client(c) => c.peer_certificates(),
         };
-        certs.map(|cs| cs.iter().map(|c| c.as_ref().to_vec()).collect()).unwrap_or_default()
+        certs
+            .map(|cs| cs.iter().map(|c| c.as_ref().to_vec()).collect())
+            .unwrap_or_default()
     }
 
     /// Negotiated protocol version and cipher suite, for the audit trail.
@@ -220,6 +277,9 @@ impl TlsLayer {
             TlsLayer::Server(c) => (c.protocol_version(), c.negotiated_cipher_suite()),
             TlsLayer::Client(c) => (c.protocol_version(), c.negotiated_cipher_suite()),
         };
-        (v.map(|v| format!("{v:?}")).unwrap_or_default(), s.map(|s| format!("{:?}", s.suite())).unwrap_or_default())
+        (
+            v.map(|v| format!("{v:?}")).unwrap_or_default(),
+            s.map(|s| format!("{:?}", s.suite())).unwrap_or_default(),
+        )
     }
 }

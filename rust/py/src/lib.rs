@@ -20,10 +20,30 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
-create_exception!(_core, CoreError, PyException, "Base class of errors raised by the Rust core.");
-create_exception!(_core, ProtocolError, CoreError, "A peer broke the wire protocol (SQLSTATE 08P01).");
-create_exception!(_core, UpstreamAuthError, CoreError, "The gateway could not authenticate to the upstream.");
-create_exception!(_core, TlsError, CoreError, "TLS configuration or handshake failure.");
+create_exception!(
+    _core,
+    CoreError,
+    PyException,
+    "Base class of errors raised by the Rust core."
+);
+create_exception!(
+    _core,
+    ProtocolError,
+    CoreError,
+    "A peer broke the wire protocol (SQLSTATE 08P01)."
+);
+create_exception!(
+    _core,
+    UpstreamAuthError,
+    CoreError,
+    "The gateway could not authenticate to the upstream."
+);
+create_exception!(
+    _core,
+    TlsError,
+    CoreError,
+    "TLS configuration or handshake failure."
+);
 
 fn wire_err(e: WireError) -> PyErr {
     match e {
@@ -37,7 +57,11 @@ fn tls_err(e: tls::TlsError) -> PyErr {
 }
 
 fn limits(max_startup: usize, max_message: usize, max_statement: usize) -> Limits {
-    Limits { max_startup, max_message, max_statement }
+    Limits {
+        max_startup,
+        max_message,
+        max_statement,
+    }
 }
 
 fn bytes<'py>(py: Python<'py>, b: &[u8]) -> Bound<'py, PyBytes> {
@@ -55,7 +79,12 @@ impl ClientHandshake {
     #[new]
     #[pyo3(signature = (max_startup = 10_000))]
     fn new(max_startup: usize) -> Self {
-        ClientHandshake { inner: handshake::ClientHandshake::new(Limits { max_startup, ..Limits::default() }) }
+        ClientHandshake {
+            inner: handshake::ClientHandshake::new(Limits {
+                max_startup,
+                ..Limits::default()
+            }),
+        }
     }
 
     fn receive_data(&mut self, data: &[u8]) -> PyResult<()> {
@@ -79,11 +108,14 @@ impl ClientHandshake {
             None => None,
             Some(ClientEvent::SslRequest) => Some(PyTuple::new(py, ["ssl_request"])?),
             Some(ClientEvent::GssEncRequest) => Some(PyTuple::new(py, ["gssenc_request"])?),
-            Some(ClientEvent::CancelRequest { process_id, secret_key }) => {
-                Some(("cancel_request", process_id, secret_key).into_pyobject(py)?)
-            }
+            Some(ClientEvent::CancelRequest {
+                process_id,
+                secret_key,
+            }) => Some(("cancel_request", process_id, secret_key).into_pyobject(py)?),
             Some(ClientEvent::Startup { params }) => Some(("startup", params).into_pyobject(py)?),
-            Some(ClientEvent::Password(pw)) => Some(("password", bytes(py, &pw)).into_pyobject(py)?),
+            Some(ClientEvent::Password(pw)) => {
+                Some(("password", bytes(py, &pw)).into_pyobject(py)?)
+            }
         })
     }
 }
@@ -99,8 +131,13 @@ struct UpstreamHandshake {
 impl UpstreamHandshake {
     #[new]
     fn new(params: Vec<(String, String)>, password: String) -> PyResult<Self> {
-        let (inner, first) = handshake::UpstreamHandshake::new(params, &password, Limits::default()).map_err(wire_err)?;
-        Ok(UpstreamHandshake { inner, first: Some(first) })
+        let (inner, first) =
+            handshake::UpstreamHandshake::new(params, &password, Limits::default())
+                .map_err(wire_err)?;
+        Ok(UpstreamHandshake {
+            inner,
+            first: Some(first),
+        })
     }
 
     fn start<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
@@ -121,10 +158,20 @@ impl UpstreamHandshake {
         Ok(match self.inner.step().map_err(wire_err)? {
             UpstreamStep::NeedData => PyTuple::new(py, ["need_data"])?,
             UpstreamStep::Send(b) => ("send", bytes(py, &b)).into_pyobject(py)?,
-            UpstreamStep::Failed(fields) => ("failed", error_dict(py, &fields)?).into_pyobject(py)?,
+            UpstreamStep::Failed(fields) => {
+                ("failed", error_dict(py, &fields)?).into_pyobject(py)?
+            }
             UpstreamStep::Ready(r) => {
-                let notices: Vec<Bound<'py, PyBytes>> = r.notices.iter().map(|n| bytes(py, n)).collect();
-                ("ready", r.params, r.process_id, r.secret_key, (r.transaction_status as char).to_string(), notices)
+                let notices: Vec<Bound<'py, PyBytes>> =
+                    r.notices.iter().map(|n| bytes(py, n)).collect();
+                (
+                    "ready",
+                    r.params,
+                    r.process_id,
+                    r.secret_key,
+                    (r.transaction_status as char).to_string(),
+                    notices,
+                )
                     .into_pyobject(py)?
             }
         })
@@ -160,8 +207,15 @@ struct TlsServerConfig {
 impl TlsServerConfig {
     #[new]
     #[pyo3(signature = (cert, key, client_ca = None, require_client_cert = false))]
-    fn new(cert: &str, key: &str, client_ca: Option<&str>, require_client_cert: bool) -> PyResult<Self> {
-        Ok(TlsServerConfig { cfg: tls::server_config(cert, key, client_ca, require_client_cert).map_err(tls_err)? })
+    fn new(
+        cert: &str,
+        key: &str,
+        client_ca: Option<&str>,
+        require_client_cert: bool,
+    ) -> PyResult<Self> {
+        Ok(TlsServerConfig {
+            cfg: tls::server_config(cert, key, client_ca, require_client_cert).map_err(tls_err)?,
+        })
     }
 }
 
@@ -174,13 +228,24 @@ struct TlsClientConfig {
 impl TlsClientConfig {
     #[new]
     #[pyo3(signature = (ca = None, verify = true, cert = None, key = None))]
-    fn new(ca: Option<&str>, verify: bool, cert: Option<&str>, key: Option<&str>) -> PyResult<Self> {
+    fn new(
+        ca: Option<&str>,
+        verify: bool,
+        cert: Option<&str>,
+        key: Option<&str>,
+    ) -> PyResult<Self> {
         let pair = match (cert, key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
-            _ => return Err(TlsError::new_err("a client certificate needs both cert and key")),
+            _ => {
+                return Err(TlsError::new_err(
+                    "a client certificate needs both cert and key",
+                ))
+            }
         };
-        Ok(TlsClientConfig { cfg: tls::client_config(ca, verify, pair).map_err(tls_err)? })
+        Ok(TlsClientConfig {
+            cfg: tls::client_config(ca, verify, pair).map_err(tls_err)?,
+        })
     }
 }
 
@@ -193,14 +258,23 @@ struct TlsSession {
 
 impl TlsSession {
     fn with<T>(&self, f: impl FnOnce(&mut TlsLayer) -> Result<T, tls::TlsError>) -> PyResult<T> {
-        let mut g = self.inner.lock().map_err(|_| TlsError::new_err("TLS session lock poisoned"))?;
-        let layer = g.as_mut().ok_or_else(|| TlsError::new_err("this TLS session was handed to the engine"))?;
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| TlsError::new_err("TLS session lock poisoned"))?;
+        let layer = g
+            .as_mut()
+            .ok_or_else(|| TlsError::new_err("this TLS session was handed to the engine"))?;
         f(layer).map_err(tls_err)
     }
 
     fn take(&self) -> PyResult<TlsLayer> {
-        let mut g = self.inner.lock().map_err(|_| TlsError::new_err("TLS session lock poisoned"))?;
-        g.take().ok_or_else(|| TlsError::new_err("this TLS session was handed to the engine already"))
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| TlsError::new_err("TLS session lock poisoned"))?;
+        g.take()
+            .ok_or_else(|| TlsError::new_err("this TLS session was handed to the engine already"))
     }
 }
 
@@ -208,12 +282,18 @@ impl TlsSession {
 impl TlsSession {
     #[staticmethod]
     fn server(config: &TlsServerConfig) -> PyResult<Self> {
-        Ok(TlsSession { inner: Mutex::new(Some(TlsLayer::server(config.cfg.clone()).map_err(tls_err)?)) })
+        Ok(TlsSession {
+            inner: Mutex::new(Some(TlsLayer::server(config.cfg.clone()).map_err(tls_err)?)),
+        })
     }
 
     #[staticmethod]
     fn client(config: &TlsClientConfig, server_name: &str) -> PyResult<Self> {
-        Ok(TlsSession { inner: Mutex::new(Some(TlsLayer::client(config.cfg.clone(), server_name).map_err(tls_err)?)) })
+        Ok(TlsSession {
+            inner: Mutex::new(Some(
+                TlsLayer::client(config.cfg.clone(), server_name).map_err(tls_err)?,
+            )),
+        })
     }
 
     #[getter]
@@ -255,7 +335,14 @@ impl TlsSession {
 
 #[pyfunction]
 #[pyo3(signature = (severity, code, message, detail = None, hint = None))]
-fn error_response<'py>(py: Python<'py>, severity: &str, code: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> Bound<'py, PyBytes> {
+fn error_response<'py>(
+    py: Python<'py>,
+    severity: &str,
+    code: &str,
+    message: &str,
+    detail: Option<&str>,
+    hint: Option<&str>,
+) -> Bound<'py, PyBytes> {
     let mut f = ErrorFields::new(severity, code, message);
     if let Some(d) = detail {
         f = f.with(b'D', d);
@@ -268,7 +355,10 @@ fn error_response<'py>(py: Python<'py>, severity: &str, code: &str, message: &st
 
 #[pyfunction]
 fn notice_response<'py>(py: Python<'py>, code: &str, message: &str) -> Bound<'py, PyBytes> {
-    bytes(py, &ErrorFields::new("NOTICE", code, message).encode_notice())
+    bytes(
+        py,
+        &ErrorFields::new("NOTICE", code, message).encode_notice(),
+    )
 }
 
 #[pyfunction]
@@ -295,7 +385,11 @@ fn backend_key_data(py: Python<'_>, process_id: i32, secret_key: i32) -> Bound<'
 fn ready_for_query<'py>(py: Python<'py>, status: &str) -> PyResult<Bound<'py, PyBytes>> {
     let s = match status {
         "I" | "T" | "E" => status.as_bytes()[0],
-        _ => return Err(pyo3::exceptions::PyValueError::new_err("status must be I, T or E")),
+        _ => {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "status must be I, T or E",
+            ))
+        }
     };
     Ok(bytes(py, &backend::ready_for_query(s)))
 }
@@ -307,7 +401,13 @@ fn ssl_request(py: Python<'_>) -> Bound<'_, PyBytes> {
 
 #[pyfunction]
 fn cancel_request(py: Python<'_>, process_id: i32, secret_key: i32) -> Bound<'_, PyBytes> {
-    bytes(py, &startup::encode(&StartupPacket::CancelRequest { process_id, secret_key }))
+    bytes(
+        py,
+        &startup::encode(&StartupPacket::CancelRequest {
+            process_id,
+            secret_key,
+        }),
+    )
 }
 
 /// The data path engine (see ostiary_proxy::engine).
@@ -318,7 +418,9 @@ struct Engine {
 
 fn owned_fd(fd: i32, what: &str) -> PyResult<OwnedFd> {
     if fd < 0 {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!("{what} is not an open descriptor")));
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{what} is not an open descriptor"
+        )));
     }
     // SAFETY: the caller gives up the descriptor (socket.detach()); from here the engine owns it and
     // closes it exactly once. The `adopt` docstring states this contract.
@@ -329,9 +431,21 @@ fn owned_fd(fd: i32, what: &str) -> PyResult<OwnedFd> {
 impl Engine {
     #[new]
     #[pyo3(signature = (workers = 1, max_message = (1 << 30) - 1, max_statement = 16 * 1024 * 1024, event_capacity = 65_536))]
-    fn new(workers: usize, max_message: usize, max_statement: usize, event_capacity: usize) -> PyResult<Self> {
-        let config = EngineConfig { workers, limits: limits(10_000, max_message, max_statement), event_capacity };
-        Ok(Engine { inner: RsEngine::new(config).map_err(|e| CoreError::new_err(format!("cannot start the engine: {e}")))? })
+    fn new(
+        workers: usize,
+        max_message: usize,
+        max_statement: usize,
+        event_capacity: usize,
+    ) -> PyResult<Self> {
+        let config = EngineConfig {
+            workers,
+            limits: limits(10_000, max_message, max_statement),
+            event_capacity,
+        };
+        Ok(Engine {
+            inner: RsEngine::new(config)
+                .map_err(|e| CoreError::new_err(format!("cannot start the engine: {e}")))?,
+        })
     }
 
     #[getter]
@@ -370,7 +484,11 @@ impl Engine {
             upstream: owned_fd(upstream_fd, "upstream_fd")?,
             upstream_tls,
             upstream_prefix: upstream_prefix.to_vec(),
-            gate: if consult { Gate::Consult } else { Gate::AllowAll },
+            gate: if consult {
+                Gate::Consult
+            } else {
+                Gate::AllowAll
+            },
             report,
         };
         self.inner.adopt(spec).map_err(CoreError::new_err)
@@ -378,19 +496,51 @@ impl Engine {
 
     /// Answers a held statement. Returns False if the session has ended.
     #[pyo3(signature = (session, seq, allow, code = "42501", message = "", remember = false))]
-    fn verdict(&self, session: u64, seq: u64, allow: bool, code: &str, message: &str, remember: bool) -> bool {
-        let verdict = if allow { Verdict::Allow } else { Verdict::Deny { code: code.into(), message: message.into() } };
-        self.inner.command(session, Command::Verdict { seq, verdict, remember })
+    fn verdict(
+        &self,
+        session: u64,
+        seq: u64,
+        allow: bool,
+        code: &str,
+        message: &str,
+        remember: bool,
+    ) -> bool {
+        let verdict = if allow {
+            Verdict::Allow
+        } else {
+            Verdict::Deny {
+                code: code.into(),
+                message: message.into(),
+            }
+        };
+        self.inner.command(
+            session,
+            Command::Verdict {
+                seq,
+                verdict,
+                remember,
+            },
+        )
     }
 
     fn set_gate(&self, session: u64, consult: bool) -> bool {
-        self.inner.command(session, Command::SetGate(if consult { Gate::Consult } else { Gate::AllowAll }))
+        self.inner.command(
+            session,
+            Command::SetGate(if consult {
+                Gate::Consult
+            } else {
+                Gate::AllowAll
+            }),
+        )
     }
 
     /// Ends sessions at their next idle point; `session=None` means all. Returns how many.
     #[pyo3(signature = (session, code, message))]
     fn drain(&self, session: Option<u64>, code: &str, message: &str) -> usize {
-        let cmd = Command::Drain { code: code.into(), message: message.into() };
+        let cmd = Command::Drain {
+            code: code.into(),
+            message: message.into(),
+        };
         match session {
             Some(s) => self.inner.command(s, cmd) as usize,
             None => self.inner.broadcast(cmd),
@@ -400,7 +550,10 @@ impl Engine {
     /// Ends sessions now with a FATAL error; `session=None` means all. Returns how many.
     #[pyo3(signature = (session, code, message))]
     fn terminate(&self, session: Option<u64>, code: &str, message: &str) -> usize {
-        let cmd = Command::Terminate { code: code.into(), message: message.into() };
+        let cmd = Command::Terminate {
+            code: code.into(),
+            message: message.into(),
+        };
         match session {
             Some(s) => self.inner.command(s, cmd) as usize,
             None => self.inner.broadcast(cmd),
@@ -420,18 +573,40 @@ impl Engine {
         for ev in self.inner.poll_events(max) {
             match ev {
                 Event::Statement { session, statement } => out.push(
-                    ("statement", session, statement.seq, statement.kind.as_str(), statement.name, statement.text).into_pyobject(py)?,
+                    (
+                        "statement",
+                        session,
+                        statement.seq,
+                        statement.kind.as_str(),
+                        statement.name,
+                        statement.text,
+                    )
+                        .into_pyobject(py)?,
                 ),
                 Event::Backend { session, events } => {
                     for e in events {
                         out.push(match e {
-                            BackendEvent::CommandComplete { tag, rows, bytes } => ("complete", session, tag, rows, bytes).into_pyobject(py)?,
-                            BackendEvent::Error { code, message, denied } => ("error", session, code, message, denied).into_pyobject(py)?,
-                            BackendEvent::ReadyForQuery { status } => ("ready", session, (status as char).to_string()).into_pyobject(py)?,
+                            BackendEvent::CommandComplete { tag, rows, bytes } => {
+                                ("complete", session, tag, rows, bytes).into_pyobject(py)?
+                            }
+                            BackendEvent::Error {
+                                code,
+                                message,
+                                denied,
+                            } => ("error", session, code, message, denied).into_pyobject(py)?,
+                            BackendEvent::ReadyForQuery { status } => {
+                                ("ready", session, (status as char).to_string())
+                                    .into_pyobject(py)?
+                            }
                         });
                     }
                 }
-                Event::Ended { session, reason, detail, stats } => {
+                Event::Ended {
+                    session,
+                    reason,
+                    detail,
+                    stats,
+                } => {
                     let d = PyDict::new(py);
                     d.set_item("frontend_bytes", stats.frontend_bytes)?;
                     d.set_item("backend_bytes", stats.backend_bytes)?;

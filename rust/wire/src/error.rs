@@ -8,7 +8,11 @@ pub enum WireError {
     #[error("message length {length} is invalid (must be at least {min})")]
     LengthTooSmall { length: i64, min: usize },
     #[error("{what} of {length} bytes exceeds the limit of {limit} bytes")]
-    TooLarge { what: &'static str, length: usize, limit: usize },
+    TooLarge {
+        what: &'static str,
+        length: usize,
+        limit: usize,
+    },
     #[error("unsupported protocol version {major}.{minor}")]
     UnsupportedVersion { major: u16, minor: u16 },
     #[error("malformed {what}: {detail}")]
@@ -21,6 +25,9 @@ pub enum WireError {
 
 impl WireError {
     pub(crate) fn malformed(what: &'static str, detail: impl Into<String>) -> Self {
-        WireError::Malformed { what, detail: detail.into() }
+        WireError::Malformed {
+            what,
+            detail: detail.into(),
+        }
     }
 }

@@ -17,6 +17,10 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         // PostgreSQL's own ceiling for a message is 1 GiB - 1 (PQ_LARGE_MESSAGE_LIMIT).
-        Limits { max_startup: 10_000, max_message: (1 << 30) - 1, max_statement: 16 * 1024 * 1024 }
+        Limits {
+            max_startup: 10_000,
+            max_message: (1 << 30) - 1,
+            max_statement: 16 * 1024 * 1024,
+        }
     }
 }

@@ -36,12 +36,22 @@ pub mod tag {
 pub enum Authentication {
     Ok,
     CleartextPassword,
-    Md5Password { salt: [u8; 4] },
-    Sasl { mechanisms: Vec<String> },
-    SaslContinue { data: Vec<u8> },
-    SaslFinal { data: Vec<u8> },
+    Md5Password {
+        salt: [u8; 4],
+    },
+    Sasl {
+        mechanisms: Vec<String>,
+    },
+    SaslContinue {
+        data: Vec<u8>,
+    },
+    SaslFinal {
+        data: Vec<u8>,
+    },
     /// Kerberos, SCM, GSSAPI, SSPI: not supported towards an upstream.
-    Unsupported { code: i32 },
+    Unsupported {
+        code: i32,
+    },
 }
 
 impl Authentication {
@@ -52,7 +62,9 @@ impl Authentication {
             3 => Authentication::CleartextPassword,
             5 => {
                 let s = r.bytes(4)?;
-                Authentication::Md5Password { salt: [s[0], s[1], s[2], s[3]] }
+                Authentication::Md5Password {
+                    salt: [s[0], s[1], s[2], s[3]],
+                }
             }
             10 => {
                 let mut mechanisms = Vec::new();
@@ -65,8 +77,12 @@ impl Authentication {
                 }
                 Authentication::Sasl { mechanisms }
             }
-            11 => Authentication::SaslContinue { data: r.remaining().to_vec() },
-            12 => Authentication::SaslFinal { data: r.remaining().to_vec() },
+            11 => Authentication::SaslContinue {
+                data: r.remaining().to_vec(),
+            },
+            12 => Authentication::SaslFinal {
+                data: r.remaining().to_vec(),
+            },
             code => Authentication::Unsupported { code },
         })
     }
@@ -117,7 +133,10 @@ impl ErrorFields {
     }
 
     pub fn get(&self, field: u8) -> Option<&str> {
-        self.fields.iter().find(|(f, _)| *f == field).map(|(_, v)| v.as_str())
+        self.fields
+            .iter()
+            .find(|(f, _)| *f == field)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn code(&self) -> Option<&str> {
@@ -163,7 +182,10 @@ pub fn error_response(severity: &str, code: &str, message: &str) -> Vec<u8> {
 }
 
 pub fn parameter_status(name: &str, value: &str) -> Vec<u8> {
-    Builder::new(tag::PARAMETER_STATUS).cstr(name.as_bytes()).cstr(value.as_bytes()).finish()
+    Builder::new(tag::PARAMETER_STATUS)
+        .cstr(name.as_bytes())
+        .cstr(value.as_bytes())
+        .finish()
 }
 
 pub fn decode_parameter_status(body: &[u8]) -> Result<(String, String), WireError> {
@@ -174,7 +196,10 @@ pub fn decode_parameter_status(body: &[u8]) -> Result<(String, String), WireErro
 }
 
 pub fn backend_key_data(process_id: i32, secret_key: i32) -> Vec<u8> {
-    Builder::new(tag::BACKEND_KEY_DATA).i32(process_id).i32(secret_key).finish()
+    Builder::new(tag::BACKEND_KEY_DATA)
+        .i32(process_id)
+        .i32(secret_key)
+        .finish()
 }
 
 pub fn decode_backend_key_data(body: &[u8]) -> Result<(i32, i32), WireError> {
@@ -191,7 +216,10 @@ pub fn decode_ready_for_query(body: &[u8]) -> Result<u8, WireError> {
     let mut r = Reader::new(body, "ReadyForQuery");
     let s = r.u8()?;
     if !matches!(s, b'I' | b'T' | b'E') {
-        return Err(WireError::malformed("ReadyForQuery", format!("unknown status {s:#x}")));
+        return Err(WireError::malformed(
+            "ReadyForQuery",
+            format!("unknown status {s:#x}"),
+        ));
     }
     Ok(s)
 }

@@ -19,7 +19,11 @@ impl<'a> Reader<'a> {
     fn short(&self, need: usize) -> WireError {
         WireError::malformed(
             self.what,
-            format!("needed {need} more bytes at offset {} of {}", self.pos, self.buf.len()),
+            format!(
+                "needed {need} more bytes at offset {} of {}",
+                self.pos,
+                self.buf.len()
+            ),
         )
     }
 
@@ -79,7 +83,8 @@ impl<'a> Reader<'a> {
     /// A NUL-terminated string that must be UTF-8.
     pub fn cstr_utf8(&mut self) -> Result<&'a str, WireError> {
         let what = self.what;
-        std::str::from_utf8(self.cstr()?).map_err(|_| WireError::malformed(what, "string is not UTF-8"))
+        std::str::from_utf8(self.cstr()?)
+            .map_err(|_| WireError::malformed(what, "string is not UTF-8"))
     }
 }
 
@@ -92,7 +97,10 @@ pub struct Builder {
 impl Builder {
     /// A typed message (one tag byte, then the length).
     pub fn new(tag: u8) -> Self {
-        let mut b = Builder { buf: Vec::with_capacity(64), start: 0 };
+        let mut b = Builder {
+            buf: Vec::with_capacity(64),
+            start: 0,
+        };
         b.buf.push(tag);
         b.start = 1;
         b.buf.extend_from_slice(&[0, 0, 0, 0]);
@@ -101,7 +109,10 @@ impl Builder {
 
     /// An untyped message (startup phase: the length comes first).
     pub fn untyped() -> Self {
-        Builder { buf: vec![0, 0, 0, 0], start: 0 }
+        Builder {
+            buf: vec![0, 0, 0, 0],
+            start: 0,
+        }
     }
 
     pub fn u8(mut self, v: u8) -> Self {
@@ -133,22 +144,32 @@ impl Builder {
     }
 }
 
+/// One typed message split off a buffer: (tag, body, bytes used including the header).
+pub type Split<'a> = (u8, &'a [u8], usize);
+
 /// Splits one complete typed message off the front of `buf`, if it is all there.
 ///
 /// Returns `Ok(None)` when more bytes are needed; the length is checked against `limit` as soon as
 /// the five header bytes are present, before the caller buffers the body.
-pub fn split_message(buf: &[u8], limit: usize) -> Result<Option<(u8, &[u8], usize)>, WireError> {
+pub fn split_message(buf: &[u8], limit: usize) -> Result<Option<Split<'_>>, WireError> {
     if buf.len() < 5 {
         return Ok(None);
     }
     let tag = buf[0];
     let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as i64;
     if len < 4 {
-        return Err(WireError::LengthTooSmall { length: len, min: 4 });
+        return Err(WireError::LengthTooSmall {
+            length: len,
+            min: 4,
+        });
     }
     let len = len as usize;
     if len - 4 > limit {
-        return Err(WireError::TooLarge { what: "message", length: len - 4, limit });
+        return Err(WireError::TooLarge {
+            what: "message",
+            length: len - 4,
+            limit,
+        });
     }
     let total = len + 1;
     if buf.len() < total {

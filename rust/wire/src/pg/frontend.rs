@@ -27,7 +27,10 @@ pub fn decode_password(body: &[u8]) -> Result<Vec<u8>, WireError> {
     let mut r = Reader::new(body, "PasswordMessage");
     let pw = r.cstr()?.to_vec();
     if !r.is_empty() {
-        return Err(WireError::malformed("PasswordMessage", "trailing bytes after the password"));
+        return Err(WireError::malformed(
+            "PasswordMessage",
+            "trailing bytes after the password",
+        ));
     }
     Ok(pw)
 }
@@ -57,7 +60,9 @@ pub fn decode_query(body: &[u8]) -> Result<&[u8], WireError> {
 }
 
 /// Parse: (prepared statement name, query text, parameter type OIDs).
-pub fn decode_parse(body: &[u8]) -> Result<(&[u8], &[u8], Vec<u32>), WireError> {
+pub type ParseFields<'a> = (&'a [u8], &'a [u8], Vec<u32>);
+
+pub fn decode_parse(body: &[u8]) -> Result<ParseFields<'_>, WireError> {
     let mut r = Reader::new(body, "Parse");
     let name = r.cstr()?;
     let sql = r.cstr()?;
@@ -73,7 +78,10 @@ pub fn decode_parse(body: &[u8]) -> Result<(&[u8], &[u8], Vec<u32>), WireError> 
 }
 
 pub fn parse(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
-    let mut b = Builder::new(tag::PARSE).cstr(name.as_bytes()).cstr(sql.as_bytes()).i16(types.len() as i16);
+    let mut b = Builder::new(tag::PARSE)
+        .cstr(name.as_bytes())
+        .cstr(sql.as_bytes())
+        .i16(types.len() as i16);
     for t in types {
         b = b.i32(*t as i32);
     }

@@ -37,14 +37,22 @@ pub struct ClientHandshake {
 
 impl ClientHandshake {
     pub fn new(limits: Limits) -> Self {
-        ClientHandshake { buf: Vec::new(), phase: ClientPhase::Startup, limits }
+        ClientHandshake {
+            buf: Vec::new(),
+            phase: ClientPhase::Startup,
+            limits,
+        }
     }
 
     /// Appends bytes from the client. Refuses to buffer more than one bounded message's worth.
     pub fn receive_data(&mut self, data: &[u8]) -> Result<(), WireError> {
         let bound = self.limits.max_startup.max(16 * 1024) + 5;
         if self.buf.len() + data.len() > bound {
-            return Err(WireError::TooLarge { what: "startup-phase input", length: self.buf.len() + data.len(), limit: bound });
+            return Err(WireError::TooLarge {
+                what: "startup-phase input",
+                length: self.buf.len() + data.len(),
+                limit: bound,
+            });
         }
         self.buf.extend_from_slice(data);
         Ok(())
@@ -73,26 +81,41 @@ impl ClientHandshake {
                 };
                 self.buf.drain(..used);
                 Ok(Some(match packet {
-                    StartupPacket::SslRequest | StartupPacket::GssEncRequest if !self.buf.is_empty() => {
+                    StartupPacket::SslRequest | StartupPacket::GssEncRequest
+                        if !self.buf.is_empty() =>
+                    {
                         // Bytes after an encryption request, before the answer, would be read as if
                         // they had been protected (CVE-2021-23214): refuse.
-                        return Err(WireError::malformed("SSLRequest", "data received after an encryption request before its answer"));
+                        return Err(WireError::malformed(
+                            "SSLRequest",
+                            "data received after an encryption request before its answer",
+                        ));
                     }
                     StartupPacket::SslRequest => ClientEvent::SslRequest,
                     StartupPacket::GssEncRequest => ClientEvent::GssEncRequest,
-                    StartupPacket::CancelRequest { process_id, secret_key } => {
+                    StartupPacket::CancelRequest {
+                        process_id,
+                        secret_key,
+                    } => {
                         self.phase = ClientPhase::Done;
-                        ClientEvent::CancelRequest { process_id, secret_key }
+                        ClientEvent::CancelRequest {
+                            process_id,
+                            secret_key,
+                        }
                     }
                     StartupPacket::StartupMessage { params } => ClientEvent::Startup { params },
                 }))
             }
             ClientPhase::Password => {
-                let Some((tag, body, used)) = split_message(&self.buf, self.limits.max_startup)? else {
+                let Some((tag, body, used)) = split_message(&self.buf, self.limits.max_startup)?
+                else {
                     return Ok(None);
                 };
                 if tag != ftag::PASSWORD {
-                    return Err(WireError::Unexpected { tag: tag as char, phase: "authentication" });
+                    return Err(WireError::Unexpected {
+                        tag: tag as char,
+                        phase: "authentication",
+                    });
                 }
                 let pw = frontend::decode_password(body)?;
                 self.buf.drain(..used);
@@ -139,7 +162,11 @@ pub struct UpstreamHandshake {
 
 impl UpstreamHandshake {
     /// Returns the machine and the StartupMessage to send first.
-    pub fn new(params: Vec<(String, String)>, password: &str, limits: Limits) -> Result<(Self, Vec<u8>), WireError> {
+    pub fn new(
+        params: Vec<(String, String)>,
+        password: &str,
+        limits: Limits,
+    ) -> Result<(Self, Vec<u8>), WireError> {
         let user = params
             .iter()
             .find(|(k, _)| k == "user")
@@ -152,7 +179,13 @@ impl UpstreamHandshake {
             buf: Vec::new(),
             scram: None,
             authenticated: false,
-            ready: UpstreamReady { params: Vec::new(), process_id: 0, secret_key: 0, transaction_status: b'I', notices: Vec::new() },
+            ready: UpstreamReady {
+                params: Vec::new(),
+                process_id: 0,
+                secret_key: 0,
+                transaction_status: b'I',
+                notices: Vec::new(),
+            },
             limits,
         };
         Ok((m, first))
@@ -161,7 +194,11 @@ impl UpstreamHandshake {
     pub fn receive_data(&mut self, data: &[u8]) -> Result<(), WireError> {
         let bound = self.limits.max_message.min(1 << 20) + 5;
         if self.buf.len() + data.len() > bound {
-            return Err(WireError::TooLarge { what: "upstream startup input", length: self.buf.len() + data.len(), limit: bound });
+            return Err(WireError::TooLarge {
+                what: "upstream startup input",
+                length: self.buf.len() + data.len(),
+                limit: bound,
+            });
         }
         self.buf.extend_from_slice(data);
         Ok(())
@@ -185,16 +222,19 @@ impl UpstreamHandshake {
                         return Ok(UpstreamStep::Send(reply));
                     }
                 }
-                btag::ERROR_RESPONSE => return Ok(UpstreamStep::Failed(ErrorFields::decode(&body)?)),
+                btag::ERROR_RESPONSE => {
+                    return Ok(UpstreamStep::Failed(ErrorFields::decode(&body)?))
+                }
                 btag::NOTICE_RESPONSE => {
                     let mut raw = vec![tag];
                     raw.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
                     raw.extend_from_slice(&body);
                     self.ready.notices.push(raw);
                 }
-                btag::PARAMETER_STATUS if self.authenticated => {
-                    self.ready.params.push(backend::decode_parameter_status(&body)?)
-                }
+                btag::PARAMETER_STATUS if self.authenticated => self
+                    .ready
+                    .params
+                    .push(backend::decode_parameter_status(&body)?),
                 btag::BACKEND_KEY_DATA if self.authenticated => {
                     let (pid, key) = backend::decode_backend_key_data(&body)?;
                     self.ready.process_id = pid;
@@ -208,7 +248,12 @@ impl UpstreamHandshake {
                     self.ready.transaction_status = backend::decode_ready_for_query(&body)?;
                     return Ok(UpstreamStep::Ready(self.ready.clone()));
                 }
-                other => return Err(WireError::Unexpected { tag: other as char, phase: "upstream startup" }),
+                other => {
+                    return Err(WireError::Unexpected {
+                        tag: other as char,
+                        phase: "upstream startup",
+                    })
+                }
             }
         }
     }
@@ -217,38 +262,53 @@ impl UpstreamHandshake {
         match auth {
             Authentication::Ok => {
                 if self.scram.is_some() {
-                    return Err(WireError::Auth("upstream skipped the SCRAM final message".into()));
+                    return Err(WireError::Auth(
+                        "upstream skipped the SCRAM final message".into(),
+                    ));
                 }
                 self.authenticated = true;
                 Ok(None)
             }
-            Authentication::CleartextPassword => Ok(Some(frontend::password(self.password.as_bytes()))),
-            Authentication::Md5Password { salt } => {
-                Ok(Some(frontend::password(scram::md5_password(&self.user, &self.password, salt).as_bytes())))
+            Authentication::CleartextPassword => {
+                Ok(Some(frontend::password(self.password.as_bytes())))
             }
+            Authentication::Md5Password { salt } => Ok(Some(frontend::password(
+                scram::md5_password(&self.user, &self.password, salt).as_bytes(),
+            ))),
             Authentication::Sasl { mechanisms } => {
                 if !mechanisms.iter().any(|m| m == scram::MECHANISM) {
-                    return Err(WireError::Auth(format!("upstream offers only {mechanisms:?}; SCRAM-SHA-256 is supported")));
+                    return Err(WireError::Auth(format!(
+                        "upstream offers only {mechanisms:?}; SCRAM-SHA-256 is supported"
+                    )));
                 }
                 let mut c = ScramClient::new(&self.password)?;
                 let first = c.client_first();
                 self.scram = Some(c);
-                Ok(Some(frontend::sasl_initial_response(scram::MECHANISM, &first)))
+                Ok(Some(frontend::sasl_initial_response(
+                    scram::MECHANISM,
+                    &first,
+                )))
             }
             Authentication::SaslContinue { data } => {
-                let c = self.scram.as_mut().ok_or_else(|| WireError::Auth("SASLContinue without SASL".into()))?;
+                let c = self
+                    .scram
+                    .as_mut()
+                    .ok_or_else(|| WireError::Auth("SASLContinue without SASL".into()))?;
                 Ok(Some(frontend::sasl_response(&c.server_first(&data)?)))
             }
             Authentication::SaslFinal { data } => {
-                let mut c = self.scram.take().ok_or_else(|| WireError::Auth("SASLFinal without SASL".into()))?;
+                let mut c = self
+                    .scram
+                    .take()
+                    .ok_or_else(|| WireError::Auth("SASLFinal without SASL".into()))?;
                 c.server_final(&data)?;
                 // AuthenticationOk follows; mark SCRAM as finished so Ok is accepted.
                 self.scram = None;
                 Ok(None)
             }
-            Authentication::Unsupported { code } => {
-                Err(WireError::Auth(format!("upstream asks for authentication method {code}, which the gateway does not speak")))
-            }
+            Authentication::Unsupported { code } => Err(WireError::Auth(format!(
+                "upstream asks for authentication method {code}, which the gateway does not speak"
+            ))),
         }
     }
 }
@@ -260,7 +320,10 @@ mod tests {
 
     fn startup_bytes(params: &[(&str, &str)]) -> Vec<u8> {
         startup::encode(&StartupPacket::StartupMessage {
-            params: params.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            params: params
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
         })
     }
 
@@ -284,7 +347,9 @@ mod tests {
             }
         }
         assert_eq!(events.len(), 2);
-        assert!(matches!(&events[0], ClientEvent::Startup { params } if params[0] == ("user".into(), "ci".into())));
+        assert!(
+            matches!(&events[0], ClientEvent::Startup { params } if params[0] == ("user".into(), "ci".into()))
+        );
         assert_eq!(events[1], ClientEvent::Password(b"tok".to_vec()));
     }
 
@@ -306,10 +371,16 @@ mod tests {
 
     #[test]
     fn upstream_cleartext_and_ready() {
-        let (mut u, first) = UpstreamHandshake::new(vec![("user".into(), "app".into())], "pw", Limits::default()).unwrap();
+        let (mut u, first) =
+            UpstreamHandshake::new(vec![("user".into(), "app".into())], "pw", Limits::default())
+                .unwrap();
         assert_eq!(&first[4..8], &startup::PROTOCOL_3_0.to_be_bytes());
-        u.receive_data(&Authentication::CleartextPassword.encode()).unwrap();
-        assert_eq!(u.step().unwrap(), UpstreamStep::Send(frontend::password(b"pw")));
+        u.receive_data(&Authentication::CleartextPassword.encode())
+            .unwrap();
+        assert_eq!(
+            u.step().unwrap(),
+            UpstreamStep::Send(frontend::password(b"pw"))
+        );
         let mut rest = Authentication::Ok.encode();
         rest.extend(backend::parameter_status("server_version", "15.0"));
         rest.extend(backend::backend_key_data(42, 7));
@@ -326,8 +397,15 @@ mod tests {
 
     #[test]
     fn upstream_error_is_reported() {
-        let (mut u, _) = UpstreamHandshake::new(vec![("user".into(), "app".into())], "pw", Limits::default()).unwrap();
-        u.receive_data(&backend::error_response("FATAL", "3D000", "database \"x\" does not exist")).unwrap();
+        let (mut u, _) =
+            UpstreamHandshake::new(vec![("user".into(), "app".into())], "pw", Limits::default())
+                .unwrap();
+        u.receive_data(&backend::error_response(
+            "FATAL",
+            "3D000",
+            "database \"x\" does not exist",
+        ))
+        .unwrap();
         match u.step().unwrap() {
             UpstreamStep::Failed(e) => assert_eq!(e.code(), Some("3D000")),
             other => panic!("{other:?}"),
@@ -336,7 +414,9 @@ mod tests {
 
     #[test]
     fn upstream_ready_before_auth_is_refused() {
-        let (mut u, _) = UpstreamHandshake::new(vec![("user".into(), "app".into())], "pw", Limits::default()).unwrap();
+        let (mut u, _) =
+            UpstreamHandshake::new(vec![("user".into(), "app".into())], "pw", Limits::default())
+                .unwrap();
         u.receive_data(&ready_for_query(b'I')).unwrap();
         assert!(u.step().is_err());
     }

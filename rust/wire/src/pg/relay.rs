@@ -73,15 +73,28 @@ pub enum FrontendStop {
     /// All input was consumed.
     Consumed,
     /// Input up to `consumed` was used; the statement waits for `resolve`.
-    Hold { consumed: usize, statement: Statement },
+    Hold {
+        consumed: usize,
+        statement: Statement,
+    },
 }
 
 /// What the backend direction reports, when reporting is on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendEvent {
-    CommandComplete { tag: String, rows: u64, bytes: u64 },
-    Error { code: String, message: String, denied: bool },
-    ReadyForQuery { status: u8 },
+    CommandComplete {
+        tag: String,
+        rows: u64,
+        bytes: u64,
+    },
+    Error {
+        code: String,
+        message: String,
+        denied: bool,
+    },
+    ReadyForQuery {
+        status: u8,
+    },
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +123,12 @@ struct Framer {
 
 impl Framer {
     fn new() -> Self {
-        Framer { hdr: [0; 5], hdr_len: 0, remaining: 0, body: None }
+        Framer {
+            hdr: [0; 5],
+            hdr_len: 0,
+            remaining: 0,
+            body: None,
+        }
     }
 
     fn tag(&self) -> u8 {
@@ -121,11 +139,18 @@ impl Framer {
     fn body_len(&self, limit: usize, direction: &'static str) -> Result<usize, WireError> {
         let len = i32::from_be_bytes([self.hdr[1], self.hdr[2], self.hdr[3], self.hdr[4]]) as i64;
         if len < 4 {
-            return Err(WireError::LengthTooSmall { length: len, min: 4 });
+            return Err(WireError::LengthTooSmall {
+                length: len,
+                min: 4,
+            });
         }
         let body = (len - 4) as usize;
         if body > limit {
-            return Err(WireError::TooLarge { what: direction, length: body, limit });
+            return Err(WireError::TooLarge {
+                what: direction,
+                length: body,
+                limit,
+            });
         }
         Ok(body)
     }
@@ -228,25 +253,39 @@ impl SessionRelay {
     }
 
     /// Scans client bytes, appending what may go upstream to `out`. Stops early on a hold.
-    pub fn feed_frontend(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<FrontendStop, WireError> {
+    pub fn feed_frontend(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<FrontendStop, WireError> {
         if self.held.is_some() {
-            return Ok(FrontendStop::Hold { consumed: 0, statement: self.held.as_ref().map(|h| h.0.clone()).expect("held") });
+            return Ok(FrontendStop::Hold {
+                consumed: 0,
+                statement: self.held.as_ref().map(|h| h.0.clone()).expect("held"),
+            });
         }
         let mut pos = 0;
         while pos < input.len() {
             if self.front.body.is_none() {
                 let take = (5 - self.front.hdr_len).min(input.len() - pos);
-                self.front.hdr[self.front.hdr_len..self.front.hdr_len + take].copy_from_slice(&input[pos..pos + take]);
+                self.front.hdr[self.front.hdr_len..self.front.hdr_len + take]
+                    .copy_from_slice(&input[pos..pos + take]);
                 self.front.hdr_len += take;
                 pos += take;
                 if self.front.hdr_len < 5 {
                     break;
                 }
-                let len = self.front.body_len(self.limits.max_message, "client message")?;
+                let len = self
+                    .front
+                    .body_len(self.limits.max_message, "client message")?;
                 let tag = self.front.tag();
                 if self.wants_capture_front(tag) {
                     if len > self.limits.max_statement {
-                        return Err(WireError::TooLarge { what: "statement", length: len, limit: self.limits.max_statement });
+                        return Err(WireError::TooLarge {
+                            what: "statement",
+                            length: len,
+                            limit: self.limits.max_statement,
+                        });
                     }
                     self.front.body = Some(Body::Capture(Vec::with_capacity(len)));
                 } else {
@@ -270,7 +309,10 @@ impl SessionRelay {
                     Some(Body::Capture(buf)) => {
                         if let Some(statement) = self.on_statement(tag, buf, out)? {
                             self.stats.frontend_bytes += pos as u64;
-                            return Ok(FrontendStop::Hold { consumed: pos, statement });
+                            return Ok(FrontendStop::Hold {
+                                consumed: pos,
+                                statement,
+                            });
                         }
                     }
                     _ => self.on_streamed_front(tag),
@@ -294,22 +336,44 @@ impl SessionRelay {
         }
     }
 
-    fn on_statement(&mut self, tag: u8, body: Vec<u8>, out: &mut Vec<u8>) -> Result<Option<Statement>, WireError> {
+    fn on_statement(
+        &mut self,
+        tag: u8,
+        body: Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<Statement>, WireError> {
         self.stats.statements += 1;
         if tag != ftag::PARSE {
             self.in_flight += 1;
         }
         let (kind, name, text) = match tag {
-            ftag::QUERY => (StatementKind::Query, String::new(), String::from_utf8_lossy(frontend::decode_query(&body)?).into_owned()),
+            ftag::QUERY => (
+                StatementKind::Query,
+                String::new(),
+                String::from_utf8_lossy(frontend::decode_query(&body)?).into_owned(),
+            ),
             ftag::PARSE => {
                 let (name, sql, _) = frontend::decode_parse(&body)?;
-                (StatementKind::Parse, String::from_utf8_lossy(name).into_owned(), String::from_utf8_lossy(sql).into_owned())
+                (
+                    StatementKind::Parse,
+                    String::from_utf8_lossy(name).into_owned(),
+                    String::from_utf8_lossy(sql).into_owned(),
+                )
             }
-            _ => (StatementKind::FunctionCall, String::new(), format!("function {}", frontend::decode_function_call(&body)?)),
+            _ => (
+                StatementKind::FunctionCall,
+                String::new(),
+                format!("function {}", frontend::decode_function_call(&body)?),
+            ),
         };
         let seq = self.next_seq;
         self.next_seq += 1;
-        let statement = Statement { seq, kind, name, text };
+        let statement = Statement {
+            seq,
+            kind,
+            name,
+            text,
+        };
         let raw = Framer::raw(tag, &body);
         match self.verdicts.get(&(kind, statement.text.clone())).cloned() {
             Some(v) => {
@@ -325,17 +389,27 @@ impl SessionRelay {
 
     /// Applies the control plane's verdict to the held statement, appending what goes upstream to
     /// `out`. With `remember`, the verdict is cached for the same kind and text in this session.
-    pub fn resolve(&mut self, seq: u64, verdict: Verdict, remember: bool, out: &mut Vec<u8>) -> Result<(), WireError> {
+    pub fn resolve(
+        &mut self,
+        seq: u64,
+        verdict: Verdict,
+        remember: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), WireError> {
         let Some((statement, raw)) = self.held.take() else {
             return Err(WireError::malformed("verdict", "no statement is held"));
         };
         if statement.seq != seq {
             let got = statement.seq;
             self.held = Some((statement, raw));
-            return Err(WireError::malformed("verdict", format!("verdict for statement {seq}, but {got} is held")));
+            return Err(WireError::malformed(
+                "verdict",
+                format!("verdict for statement {seq}, but {got} is held"),
+            ));
         }
         if remember {
-            self.verdicts.insert((statement.kind, statement.text.clone()), verdict.clone());
+            self.verdicts
+                .insert((statement.kind, statement.text.clone()), verdict.clone());
         }
         self.apply(&statement, raw, &verdict, out);
         Ok(())
@@ -352,7 +426,11 @@ impl SessionRelay {
                     _ => frontend::query(&marker),
                 };
                 out.extend_from_slice(&replacement);
-                let code = if code.is_empty() { sqlstate::INSUFFICIENT_PRIVILEGE } else { code.as_str() };
+                let code = if code.is_empty() {
+                    sqlstate::INSUFFICIENT_PRIVILEGE
+                } else {
+                    code.as_str()
+                };
                 let err = ErrorFields::new("ERROR", code, message).encode_error();
                 self.denials.push_back((marker, err));
             }
@@ -369,20 +447,28 @@ impl SessionRelay {
 
     /// Scans server bytes, appending what goes to the client to `out` and, when reporting is on,
     /// events to `events`.
-    pub fn feed_backend(&mut self, input: &[u8], out: &mut Vec<u8>, events: &mut Vec<BackendEvent>) -> Result<(), WireError> {
+    pub fn feed_backend(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        events: &mut Vec<BackendEvent>,
+    ) -> Result<(), WireError> {
         self.stats.backend_bytes += input.len() as u64;
         self.bytes_since_complete += input.len() as u64;
         let mut pos = 0;
         while pos < input.len() {
             if self.back.body.is_none() {
                 let take = (5 - self.back.hdr_len).min(input.len() - pos);
-                self.back.hdr[self.back.hdr_len..self.back.hdr_len + take].copy_from_slice(&input[pos..pos + take]);
+                self.back.hdr[self.back.hdr_len..self.back.hdr_len + take]
+                    .copy_from_slice(&input[pos..pos + take]);
                 self.back.hdr_len += take;
                 pos += take;
                 if self.back.hdr_len < 5 {
                     break;
                 }
-                let len = self.back.body_len(self.limits.max_message, "server message")?;
+                let len = self
+                    .back
+                    .body_len(self.limits.max_message, "server message")?;
                 let tag = self.back.tag();
                 if tag == btag::DATA_ROW {
                     self.rows_since_complete += 1;
@@ -414,16 +500,29 @@ impl SessionRelay {
         Ok(())
     }
 
-    fn on_backend_message(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>, events: &mut Vec<BackendEvent>) -> Result<(), WireError> {
+    fn on_backend_message(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        out: &mut Vec<u8>,
+        events: &mut Vec<BackendEvent>,
+    ) -> Result<(), WireError> {
         match tag {
             btag::ERROR_RESPONSE => {
                 let fields = ErrorFields::decode(body)?;
                 let msg = fields.message().unwrap_or("");
-                let hit = self.denials.iter().position(|(marker, _)| msg.contains(marker.as_str()));
+                let hit = self
+                    .denials
+                    .iter()
+                    .position(|(marker, _)| msg.contains(marker.as_str()));
                 if let Some(i) = hit {
                     // Denials before this one in the queue were skipped by the server (an earlier
                     // error in their pipeline); they produce no error of their own.
-                    let (_, err) = self.denials.drain(..=i).last().expect("hit is in range");
+                    let (_, err) = self
+                        .denials
+                        .drain(..=i)
+                        .next_back()
+                        .expect("hit is in range");
                     if self.report {
                         let shown = ErrorFields::decode(&err[5..])?;
                         events.push(BackendEvent::Error {
@@ -488,12 +587,18 @@ mod tests {
         // Whole, byte by byte and in odd chunks must give the same output.
         let mut whole = Vec::new();
         let mut r = relay_new();
-        assert_eq!(r.feed_frontend(input, &mut whole).unwrap(), FrontendStop::Consumed);
+        assert_eq!(
+            r.feed_frontend(input, &mut whole).unwrap(),
+            FrontendStop::Consumed
+        );
         for chunk in [1usize, 2, 3, 7, 64] {
             let mut r = relay_new();
             let mut out = Vec::new();
             for c in input.chunks(chunk) {
-                assert_eq!(r.feed_frontend(c, &mut out).unwrap(), FrontendStop::Consumed);
+                assert_eq!(
+                    r.feed_frontend(c, &mut out).unwrap(),
+                    FrontendStop::Consumed
+                );
             }
             assert_eq!(out, whole, "chunk size {chunk}");
         }
@@ -508,7 +613,10 @@ mod tests {
         input.extend(frontend::sync());
         input.extend(msg(b'd', &vec![b'x'; 1000]));
         input.extend(frontend::terminate());
-        feed_all_ways(|| SessionRelay::new(Limits::default(), Gate::AllowAll, false), &input);
+        feed_all_ways(
+            || SessionRelay::new(Limits::default(), Gate::AllowAll, false),
+            &input,
+        );
         let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
         r.feed_frontend(&input, &mut Vec::new()).unwrap();
         assert!(r.terminated());
@@ -521,37 +629,74 @@ mod tests {
         let mut input = frontend::query("select 1");
         input.extend(frontend::query("select 2"));
         let mut out = Vec::new();
-        let FrontendStop::Hold { consumed, statement } = r.feed_frontend(&input, &mut out).unwrap() else { panic!() };
+        let FrontendStop::Hold {
+            consumed,
+            statement,
+        } = r.feed_frontend(&input, &mut out).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(statement.text, "select 1");
         assert!(out.is_empty());
-        r.resolve(statement.seq, Verdict::Allow, true, &mut out).unwrap();
+        r.resolve(statement.seq, Verdict::Allow, true, &mut out)
+            .unwrap();
         assert_eq!(out, frontend::query("select 1"));
-        let FrontendStop::Hold { statement, .. } = r.feed_frontend(&input[consumed..], &mut out).unwrap() else { panic!() };
+        let FrontendStop::Hold { statement, .. } =
+            r.feed_frontend(&input[consumed..], &mut out).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(statement.text, "select 2");
-        r.resolve(statement.seq, Verdict::Allow, false, &mut out).unwrap();
+        r.resolve(statement.seq, Verdict::Allow, false, &mut out)
+            .unwrap();
         // "select 1" is cached now: no hold.
-        assert_eq!(r.feed_frontend(&frontend::query("select 1"), &mut out).unwrap(), FrontendStop::Consumed);
+        assert_eq!(
+            r.feed_frontend(&frontend::query("select 1"), &mut out)
+                .unwrap(),
+            FrontendStop::Consumed
+        );
     }
 
     #[test]
     fn denial_is_replaced_by_failing_statement_and_error_swapped() {
         let mut r = SessionRelay::new(Limits::default(), Gate::Consult, true);
         let mut out = Vec::new();
-        let FrontendStop::Hold { statement, .. } = r.feed_frontend(&frontend::query("drop table t"), &mut out).unwrap() else { panic!() };
-        r.resolve(statement.seq, Verdict::Deny { code: "42501".into(), message: "blocked by rule x".into() }, false, &mut out).unwrap();
+        let FrontendStop::Hold { statement, .. } = r
+            .feed_frontend(&frontend::query("drop table t"), &mut out)
+            .unwrap()
+        else {
+            panic!()
+        };
+        r.resolve(
+            statement.seq,
+            Verdict::Deny {
+                code: "42501".into(),
+                message: "blocked by rule x".into(),
+            },
+            false,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out, frontend::query("ostiary_denied_0"));
         // The server answers with a syntax error naming the marker, then ReadyForQuery.
-        let mut server = backend::error_response("ERROR", "42601", "syntax error at or near \"ostiary_denied_0\"");
+        let mut server = backend::error_response(
+            "ERROR",
+            "42601",
+            "syntax error at or near \"ostiary_denied_0\"",
+        );
         server.extend(ready_for_query(b'I'));
         let mut to_client = Vec::new();
         let mut events = Vec::new();
         for b in &server {
-            r.feed_backend(std::slice::from_ref(b), &mut to_client, &mut events).unwrap();
+            r.feed_backend(std::slice::from_ref(b), &mut to_client, &mut events)
+                .unwrap();
         }
         let mut expected = backend::error_response("ERROR", "42501", "blocked by rule x");
         expected.extend(ready_for_query(b'I'));
         assert_eq!(to_client, expected);
-        assert!(matches!(&events[0], BackendEvent::Error { denied: true, code, .. } if code == "42501"));
+        assert!(
+            matches!(&events[0], BackendEvent::Error { denied: true, code, .. } if code == "42501")
+        );
     }
 
     #[test]
@@ -579,7 +724,9 @@ mod tests {
             r.feed_backend(c, &mut out, &mut ev).unwrap();
         }
         assert_eq!(out, server);
-        assert!(matches!(&ev[0], BackendEvent::CommandComplete { tag, rows: 3, .. } if tag == "SELECT 3"));
+        assert!(
+            matches!(&ev[0], BackendEvent::CommandComplete { tag, rows: 3, .. } if tag == "SELECT 3")
+        );
         assert_eq!(ev[1], BackendEvent::ReadyForQuery { status: b'T' });
         assert_eq!(r.stats.rows, 3);
         assert!(!r.idle(), "in a transaction block");
@@ -589,38 +736,66 @@ mod tests {
     fn idle_tracks_outstanding_queries() {
         let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
         assert!(r.idle());
-        r.feed_frontend(&frontend::query("select 1"), &mut Vec::new()).unwrap();
+        r.feed_frontend(&frontend::query("select 1"), &mut Vec::new())
+            .unwrap();
         assert!(!r.idle());
         let mut out = Vec::new();
-        r.feed_backend(&msg(btag::COMMAND_COMPLETE, b"SELECT 1\0")[..4], &mut out, &mut Vec::new()).unwrap();
+        r.feed_backend(
+            &msg(btag::COMMAND_COMPLETE, b"SELECT 1\0")[..4],
+            &mut out,
+            &mut Vec::new(),
+        )
+        .unwrap();
         assert!(!r.backend_at_boundary());
-        r.feed_backend(&msg(btag::COMMAND_COMPLETE, b"SELECT 1\0")[4..], &mut out, &mut Vec::new()).unwrap();
+        r.feed_backend(
+            &msg(btag::COMMAND_COMPLETE, b"SELECT 1\0")[4..],
+            &mut out,
+            &mut Vec::new(),
+        )
+        .unwrap();
         assert!(r.backend_at_boundary());
-        r.feed_backend(&ready_for_query(b'I'), &mut out, &mut Vec::new()).unwrap();
+        r.feed_backend(&ready_for_query(b'I'), &mut out, &mut Vec::new())
+            .unwrap();
         assert!(r.idle());
     }
 
     #[test]
     fn oversized_and_negative_lengths_fail() {
-        let limits = Limits { max_message: 100, ..Limits::default() };
+        let limits = Limits {
+            max_message: 100,
+            ..Limits::default()
+        };
         let mut r = SessionRelay::new(limits, Gate::AllowAll, false);
         let mut bad = vec![b'Q'];
         bad.extend_from_slice(&0x7fff_fff0u32.to_be_bytes());
-        assert!(matches!(r.feed_frontend(&bad, &mut Vec::new()), Err(WireError::TooLarge { .. })));
+        assert!(matches!(
+            r.feed_frontend(&bad, &mut Vec::new()),
+            Err(WireError::TooLarge { .. })
+        ));
         let mut r = SessionRelay::new(limits, Gate::AllowAll, false);
         let mut bad = vec![b'Q'];
         bad.extend_from_slice(&2u32.to_be_bytes());
-        assert!(matches!(r.feed_frontend(&bad, &mut Vec::new()), Err(WireError::LengthTooSmall { .. })));
+        assert!(matches!(
+            r.feed_frontend(&bad, &mut Vec::new()),
+            Err(WireError::LengthTooSmall { .. })
+        ));
         let mut r = SessionRelay::new(limits, Gate::AllowAll, false);
         let mut bad = vec![b'D'];
         bad.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(r.feed_backend(&bad, &mut Vec::new(), &mut Vec::new()).is_err());
+        assert!(r
+            .feed_backend(&bad, &mut Vec::new(), &mut Vec::new())
+            .is_err());
     }
 
     #[test]
     fn statement_over_capture_limit_fails_in_consult_mode() {
-        let limits = Limits { max_statement: 10, ..Limits::default() };
+        let limits = Limits {
+            max_statement: 10,
+            ..Limits::default()
+        };
         let mut r = SessionRelay::new(limits, Gate::Consult, false);
-        assert!(r.feed_frontend(&frontend::query("select 1234567890"), &mut Vec::new()).is_err());
+        assert!(r
+            .feed_frontend(&frontend::query("select 1234567890"), &mut Vec::new())
+            .is_err());
     }
 }

@@ -42,20 +42,27 @@ pub struct ScramClient {
 impl ScramClient {
     pub fn new(password: &str) -> Result<Self, WireError> {
         let mut raw = [0u8; 18];
-        getrandom::getrandom(&mut raw).map_err(|e| auth_err(format!("no randomness for the nonce: {e}")))?;
+        getrandom::getrandom(&mut raw)
+            .map_err(|e| auth_err(format!("no randomness for the nonce: {e}")))?;
         Ok(Self::with_nonce(password, &B64.encode(raw)))
     }
 
     /// Deterministic constructor for tests (RFC 7677 test vector).
     pub fn with_nonce(password: &str, nonce: &str) -> Self {
-        ScramClient { password: password.as_bytes().to_vec(), nonce: nonce.to_owned(), state: State::Initial }
+        ScramClient {
+            password: password.as_bytes().to_vec(),
+            nonce: nonce.to_owned(),
+            state: State::Initial,
+        }
     }
 
     pub fn client_first(&mut self) -> Vec<u8> {
         // PostgreSQL ignores the SCRAM user name (it uses the startup user), so it is left empty.
         let bare = format!("n=,r={}", self.nonce);
         let msg = format!("n,,{bare}");
-        self.state = State::SentFirst { client_first_bare: bare };
+        self.state = State::SentFirst {
+            client_first_bare: bare,
+        };
         msg.into_bytes()
     }
 
@@ -63,7 +70,8 @@ impl ScramClient {
         let State::SentFirst { client_first_bare } = &self.state else {
             return Err(auth_err("SCRAM server-first-message out of order"));
         };
-        let server_first = std::str::from_utf8(data).map_err(|_| auth_err("SCRAM server-first-message is not UTF-8"))?;
+        let server_first = std::str::from_utf8(data)
+            .map_err(|_| auth_err("SCRAM server-first-message is not UTF-8"))?;
         let mut nonce = None;
         let mut salt = None;
         let mut iterations = None;
@@ -71,19 +79,29 @@ impl ScramClient {
             if let Some(v) = part.strip_prefix("r=") {
                 nonce = Some(v);
             } else if let Some(v) = part.strip_prefix("s=") {
-                salt = Some(B64.decode(v).map_err(|_| auth_err("SCRAM salt is not base64"))?);
+                salt = Some(
+                    B64.decode(v)
+                        .map_err(|_| auth_err("SCRAM salt is not base64"))?,
+                );
             } else if let Some(v) = part.strip_prefix("i=") {
-                iterations = Some(v.parse::<u32>().map_err(|_| auth_err("SCRAM iteration count is not a number"))?);
+                iterations = Some(
+                    v.parse::<u32>()
+                        .map_err(|_| auth_err("SCRAM iteration count is not a number"))?,
+                );
             }
         }
         let (Some(nonce), Some(salt), Some(iterations)) = (nonce, salt, iterations) else {
             return Err(auth_err("SCRAM server-first-message lacks r, s or i"));
         };
         if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
-            return Err(auth_err("SCRAM server nonce does not extend the client nonce"));
+            return Err(auth_err(
+                "SCRAM server nonce does not extend the client nonce",
+            ));
         }
         if iterations == 0 || iterations > MAX_ITERATIONS {
-            return Err(auth_err(format!("SCRAM iteration count {iterations} out of range")));
+            return Err(auth_err(format!(
+                "SCRAM iteration count {iterations} out of range"
+            )));
         }
         let mut salted = [0u8; 32];
         pbkdf2::pbkdf2::<HmacSha256>(&self.password, &salt, iterations, &mut salted)
@@ -93,7 +111,11 @@ impl ScramClient {
         let without_proof = format!("c=biws,r={nonce}");
         let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
         let client_signature = hmac(&stored_key, auth_message.as_bytes());
-        let proof: Vec<u8> = client_key.iter().zip(client_signature.iter()).map(|(a, b)| a ^ b).collect();
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(client_signature.iter())
+            .map(|(a, b)| a ^ b)
+            .collect();
         let server_key = hmac(&salted, b"Server Key");
         let server_signature = hmac(&server_key, auth_message.as_bytes());
         self.state = State::SentFinal { server_signature };
@@ -104,7 +126,8 @@ impl ScramClient {
         let State::SentFinal { server_signature } = &self.state else {
             return Err(auth_err("SCRAM server-final-message out of order"));
         };
-        let text = std::str::from_utf8(data).map_err(|_| auth_err("SCRAM server-final-message is not UTF-8"))?;
+        let text = std::str::from_utf8(data)
+            .map_err(|_| auth_err("SCRAM server-final-message is not UTF-8"))?;
         if let Some(e) = text.strip_prefix("e=") {
             return Err(auth_err(format!("upstream rejected SCRAM: {e}")));
         }
@@ -112,9 +135,13 @@ impl ScramClient {
             .split(',')
             .find_map(|p| p.strip_prefix("v="))
             .ok_or_else(|| auth_err("SCRAM server-final-message lacks a verifier"))?;
-        let got = B64.decode(v).map_err(|_| auth_err("SCRAM verifier is not base64"))?;
+        let got = B64
+            .decode(v)
+            .map_err(|_| auth_err("SCRAM verifier is not base64"))?;
         if got.as_slice() != server_signature.as_slice() {
-            return Err(auth_err("upstream's SCRAM signature is wrong (server does not know the password)"));
+            return Err(auth_err(
+                "upstream's SCRAM signature is wrong (server does not know the password)",
+            ));
         }
         self.state = State::Done;
         Ok(())

@@ -25,11 +25,18 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(StartupPacket, usiz
     }
     let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as i64;
     if len < 8 {
-        return Err(WireError::LengthTooSmall { length: len, min: 8 });
+        return Err(WireError::LengthTooSmall {
+            length: len,
+            min: 8,
+        });
     }
     let len = len as usize;
     if len > limits.max_startup {
-        return Err(WireError::TooLarge { what: "startup packet", length: len, limit: limits.max_startup });
+        return Err(WireError::TooLarge {
+            what: "startup packet",
+            length: len,
+            limit: limits.max_startup,
+        });
     }
     if buf.len() < len {
         return Ok(None);
@@ -38,7 +45,10 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(StartupPacket, usiz
     let code = r.i32()?;
     let packet = match code {
         SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if len != 8 => {
-            return Err(WireError::malformed("startup packet", "SSLRequest/GSSENCRequest must be 8 bytes"))
+            return Err(WireError::malformed(
+                "startup packet",
+                "SSLRequest/GSSENCRequest must be 8 bytes",
+            ))
         }
         SSL_REQUEST_CODE => StartupPacket::SslRequest,
         GSSENC_REQUEST_CODE => StartupPacket::GssEncRequest,
@@ -46,7 +56,10 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(StartupPacket, usiz
             if len != 16 {
                 return Err(WireError::malformed("CancelRequest", "must be 16 bytes"));
             }
-            StartupPacket::CancelRequest { process_id: r.i32()?, secret_key: r.i32()? }
+            StartupPacket::CancelRequest {
+                process_id: r.i32()?,
+                secret_key: r.i32()?,
+            }
         }
         PROTOCOL_3_0 => {
             let mut params = Vec::new();
@@ -59,7 +72,10 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(StartupPacket, usiz
                 params.push((key.to_owned(), value.to_owned()));
             }
             if !r.is_empty() {
-                return Err(WireError::malformed("StartupMessage", "trailing bytes after the parameter list"));
+                return Err(WireError::malformed(
+                    "StartupMessage",
+                    "trailing bytes after the parameter list",
+                ));
             }
             if !params.iter().any(|(k, _)| k == "user") {
                 return Err(WireError::malformed("StartupMessage", "no user parameter"));
@@ -80,7 +96,10 @@ pub fn encode(packet: &StartupPacket) -> Vec<u8> {
     match packet {
         StartupPacket::SslRequest => Builder::untyped().i32(SSL_REQUEST_CODE).finish(),
         StartupPacket::GssEncRequest => Builder::untyped().i32(GSSENC_REQUEST_CODE).finish(),
-        StartupPacket::CancelRequest { process_id, secret_key } => Builder::untyped()
+        StartupPacket::CancelRequest {
+            process_id,
+            secret_key,
+        } => Builder::untyped()
             .i32(CANCEL_REQUEST_CODE)
             .i32(*process_id)
             .i32(*secret_key)
