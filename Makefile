@@ -37,6 +37,7 @@ lint: build ## ruff, mypy, cargo fmt --check, clippy -D warnings
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/python -m mypy.stubtest ostiary._core
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -q -- -D warnings
 

@@ -54,7 +54,9 @@ class StaticPasswords:
         try:
             expected = client.resolve().encode() if client is not None else b"\0" * 32
         except (OSError, KeyError) as e:
-            raise AuthenticationFailed("28000", f"the gateway cannot read the password of user {hello.user!r}: {e}") from None
+            raise AuthenticationFailed(
+                "28000", f"the gateway cannot read the password of user {hello.user!r}: {e}"
+            ) from None
         if client is None or not hmac.compare_digest(expected, secret):
             raise AuthenticationFailed("28P01", f'password authentication failed for user "{hello.user}"')
         return Identity(name=hello.user, method="password", attributes={"user": hello.user})

@@ -33,7 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.config:
         print(
             "ostiary serve needs a configuration file: ostiary serve --config ostiary.yaml\n"
-            "Write one like this (or run `ostiary demo` to try the gateway on embedded defaults):\n\n" + EXAMPLE,
+            "Write one like this (or run `ostiary demo` to try the gateway on embedded defaults):\n\n"
+            + EXAMPLE,
             file=sys.stderr,
         )
         return 2

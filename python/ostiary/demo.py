@@ -41,7 +41,13 @@ def run_demo(data_dir: str, port: int) -> int:
     upstream_env = os.environ.get("OSTIARY_DEMO_UPSTREAM")
     if upstream_env:
         host, up_port, database, user, password = upstream_env.split(":", 4)
-        upstream = {"host": host, "port": int(up_port), "database": database, "user": user, "password": password}
+        upstream = {
+            "host": host,
+            "port": int(up_port),
+            "database": database,
+            "user": user,
+            "password": password,
+        }
     else:
         print("ostiary demo: creating a throwaway PostgreSQL cluster (initdb) ...", file=sys.stderr)
         try:
@@ -81,8 +87,8 @@ def run_demo(data_dir: str, port: int) -> int:
     )
     print(
         "\nOstiary demo gateway is up. Connect through it with:\n\n"
-        f"  psql \"host=127.0.0.1 port={port} dbname=app user=demo password={client_password} "
-        f"sslmode=verify-full sslrootcert={tls.ca_cert}\"\n\n"
+        f'  psql "host=127.0.0.1 port={port} dbname=app user=demo password={client_password} '
+        f'sslmode=verify-full sslrootcert={tls.ca_cert}"\n\n'
         "Ctrl-C stops the gateway and removes the demo cluster.\n",
         flush=True,
     )

@@ -105,9 +105,7 @@ def find_pg_bin(name: str) -> str:
     if on_path:
         return on_path
     versioned = [
-        p
-        for p in Path("/usr/lib/postgresql").glob(f"*/bin/{name}")
-        if p.is_file() and os.access(p, os.X_OK)
+        p for p in Path("/usr/lib/postgresql").glob(f"*/bin/{name}") if p.is_file() and os.access(p, os.X_OK)
     ]
     if versioned:
         return str(max(versioned, key=_version_key))
@@ -255,17 +253,13 @@ def make_tls_material(
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()
-            .subject_name(
-                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-            )
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(ca_name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(not_before)
             .not_valid_after(not_after)
-            .add_extension(
-                x509.BasicConstraints(ca=False, path_length=None), critical=True
-            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(leaf_usage, critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(
@@ -275,18 +269,12 @@ def make_tls_material(
             .add_extension(aki, critical=False)
         )
         if san:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(san), critical=False
-            )
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return key, builder.sign(ca_key, hashes.SHA256())
 
     server_cn = hostnames[0] if hostnames else "localhost"
-    server_key, server_cert = leaf(
-        server_cn, ExtendedKeyUsageOID.SERVER_AUTH, _san_entries(hostnames)
-    )
-    client_key, client_cert = leaf(
-        CLIENT_CERT_CN, ExtendedKeyUsageOID.CLIENT_AUTH, None
-    )
+    server_key, server_cert = leaf(server_cn, ExtendedKeyUsageOID.SERVER_AUTH, _san_entries(hostnames))
+    client_key, client_cert = leaf(CLIENT_CERT_CN, ExtendedKeyUsageOID.CLIENT_AUTH, None)
 
     material = TlsMaterial(
         directory=directory,
@@ -518,9 +506,7 @@ class PgCluster:
         }
         params.update(kw)
         return " ".join(
-            f"{key}={_dsn_quote(str(value))}"
-            for key, value in params.items()
-            if value is not None
+            f"{key}={_dsn_quote(str(value))}" for key, value in params.items() if value is not None
         )
 
     def psql_env(
@@ -609,9 +595,7 @@ class PgCluster:
         options = [
             "LOGIN" if login else "NOLOGIN",
             "SUPERUSER" if superuser else "NOSUPERUSER",
-            f"PASSWORD {_sql_literal(password)}"
-            if password is not None
-            else "PASSWORD NULL",
+            f"PASSWORD {_sql_literal(password)}" if password is not None else "PASSWORD NULL",
         ]
         self.execute(f"CREATE ROLE {_sql_ident(name)} WITH {' '.join(options)};")
 
@@ -670,16 +654,10 @@ class PgCluster:
             self.stop()
 
     def _server_env(self) -> dict[str, str]:
-        home = (
-            str(self.base_dir)
-            if self._run_as is not None
-            else os.environ.get("HOME", "/")
-        )
+        home = str(self.base_dir) if self._run_as is not None else os.environ.get("HOME", "/")
         return _clean_env({"HOME": home})
 
-    def _run_server_cmd(
-        self, cmd: list[str], *, timeout: float
-    ) -> subprocess.CompletedProcess[str]:
+    def _run_server_cmd(self, cmd: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
         """Run a server-side command (initdb, pg_ctl) as the server user."""
         user = self._run_as
         try:
@@ -694,9 +672,7 @@ class PgCluster:
                 check=False,
                 user=None if user is None else user.pw_uid,
                 group=None if user is None else user.pw_gid,
-                extra_groups=None
-                if user is None
-                else os.getgrouplist(user.pw_name, user.pw_gid),
+                extra_groups=None if user is None else os.getgrouplist(user.pw_name, user.pw_gid),
             )
         except subprocess.TimeoutExpired as exc:
             raise ClusterError(
@@ -814,6 +790,4 @@ class PgCluster:
             ]
             (self.data_dir / "pg_hba.conf").write_text("\n".join(hba) + "\n")
         except OSError as exc:
-            raise ClusterError(
-                f"could not write configuration in {self.data_dir}: {exc}"
-            ) from exc
+            raise ClusterError(f"could not write configuration in {self.data_dir}: {exc}") from exc

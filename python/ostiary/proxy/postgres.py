@@ -11,6 +11,7 @@ FATAL ErrorResponse with a SQLSTATE that says why; the secret a client sent neve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -62,14 +63,18 @@ def fatal(code: str, message: str, hint: str | None = None) -> bytes:
     return _core.error_response("FATAL", code, message, hint=hint)
 
 
-async def _connect_upstream(gw: Gateway, conn: Connection, client_params: dict[str, str]) -> tuple[Channel, tuple[object, ...], bytes]:
+async def _connect_upstream(
+    gw: Gateway, conn: Connection, client_params: dict[str, str]
+) -> tuple[Channel, tuple[object, ...], bytes]:
     """Connects and logs in to the upstream. Returns the channel, the ``ready`` step and leftover
     plaintext. Raises ``UpstreamUnavailable`` or ``Refusal``."""
     up = conn.upstream
     try:
         password = up.resolve()
     except (OSError, KeyError) as e:
-        raise UpstreamUnavailable(f"the upstream password of connection {conn.name!r} is unavailable: {e}") from None
+        raise UpstreamUnavailable(
+            f"the upstream password of connection {conn.name!r} is unavailable: {e}"
+        ) from None
     try:
         with trio.fail_after(up.connect_timeout):
             stream = await trio.open_tcp_stream(up.host, up.port)
@@ -82,7 +87,9 @@ async def _connect_upstream(gw: Gateway, conn: Connection, client_params: dict[s
                 await ch.send_raw(_core.ssl_request())
                 answer = await ch.receive_raw(1)
                 if answer != b"S":
-                    raise UpstreamUnavailable(f"{up.host}:{up.port} does not accept TLS (tls.mode is {up.tls.mode})")
+                    raise UpstreamUnavailable(
+                        f"{up.host}:{up.port} does not accept TLS (tls.mode is {up.tls.mode})"
+                    )
                 ch.start_tls(_core.TlsSession.client(gw.upstream_tls(conn), up.tls.server_name or up.host))
                 await ch.handshake()
             params = [("user", up.user), ("database", up.database)]
@@ -100,7 +107,9 @@ async def _connect_upstream(gw: Gateway, conn: Connection, client_params: dict[s
                     code = fields.get("code", "08006")
                     if code.startswith("28"):
                         # The gateway's credentials were refused: not the client's fault.
-                        raise UpstreamUnavailable(f"the upstream refused the gateway's credentials for connection {conn.name!r}")
+                        raise UpstreamUnavailable(
+                            f"the upstream refused the gateway's credentials for connection {conn.name!r}"
+                        )
                     raise Refusal(code, f"upstream: {fields.get('message', 'refused the session')}")
                 else:
                     return ch, step, machine.take_remaining() + ch.leftover_plaintext()
@@ -148,10 +157,10 @@ class PostgresStartup:
 
     async def _refuse(self, code: str, message: str, hint: str | None = None) -> None:
         with trio.move_on_after(2):
-            try:
+            with contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError, _core.TlsError, OSError
+            ):
                 await self.ch.send(fatal(code, message, hint))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, _core.TlsError, OSError):
-                pass
         await self.ch.aclose()
 
     async def _run(self) -> None:
@@ -160,7 +169,9 @@ class PostgresStartup:
             with trio.fail_after(cfg.limits.startup_timeout):
                 identity, conn = await self._client_phase()
         except trio.TooSlowError:
-            raise Refusal("08P01", f"startup did not complete within {cfg.limits.startup_timeout:g} s") from None
+            raise Refusal(
+                "08P01", f"startup did not complete within {cfg.limits.startup_timeout:g} s"
+            ) from None
         if identity is None or conn is None:
             return
         if self.gw.draining:
@@ -173,7 +184,6 @@ class PostgresStartup:
             raise
 
     async def _client_phase(self) -> tuple[Identity | None, Connection | None]:
-        cfg = self.gw.config
         while True:
             ev = await self._next_event()
             kind = ev[0]
@@ -213,7 +223,9 @@ class PostgresStartup:
                 )
                 identity = self.gw.authenticator.authenticate(hello, secret)
                 if not self.gw.authenticator.may_use(identity, conn.name):
-                    raise AuthenticationFailed("28000", f'"{identity.name}" may not use connection "{conn.name}"')
+                    raise AuthenticationFailed(
+                        "28000", f'"{identity.name}" may not use connection "{conn.name}"'
+                    )
                 return identity, conn
             else:
                 raise Refusal("08P01", f"unexpected {kind} during startup")
@@ -232,11 +244,18 @@ class PostgresStartup:
         conn = cfg.connection(dbname)
         if conn is None:
             names = ", ".join(c.name for c in cfg.connections)
-            raise Refusal("3D000", f'no connection named "{dbname}" on this gateway', hint=f"dbname is one of: {names}")
+            raise Refusal(
+                "3D000", f'no connection named "{dbname}" on this gateway', hint=f"dbname is one of: {names}"
+            )
         return conn
 
     async def _welcome(
-        self, identity: Identity, conn: Connection, upstream: Channel, ready: tuple[object, ...], upstream_prefix: bytes
+        self,
+        identity: Identity,
+        conn: Connection,
+        upstream: Channel,
+        ready: tuple[object, ...],
+        upstream_prefix: bytes,
     ) -> None:
         _, params, process_id, upstream_key, status, notices = ready
         assert isinstance(params, list) and isinstance(notices, list)
@@ -280,5 +299,10 @@ class PostgresStartup:
             gw.forget_session(session_id)
             raise
         log.info(
-            "session %d: %s on %s from %s (upstream pid %d)", session_id, identity.name, conn.name, self.peer, process_id
+            "session %d: %s on %s from %s (upstream pid %d)",
+            session_id,
+            identity.name,
+            conn.name,
+            self.peer,
+            process_id,
         )

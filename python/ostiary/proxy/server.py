@@ -10,6 +10,7 @@ stop accepting, let sessions end by themselves up to ``shutdown.grace`` seconds 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -100,7 +101,11 @@ class Gateway:
                     if up.tls.mode != "disable":
                         await ch.send_raw(_core.ssl_request())
                         if await ch.receive_raw(1) == b"S":
-                            ch.start_tls(_core.TlsSession.client(self.upstream_tls(target.connection), up.tls.server_name or up.host))
+                            ch.start_tls(
+                                _core.TlsSession.client(
+                                    self.upstream_tls(target.connection), up.tls.server_name or up.host
+                                )
+                            )
                             await ch.handshake()
                     await ch.send(_core.cancel_request(target.process_id, target.upstream_key))
                 finally:
@@ -135,7 +140,9 @@ class Gateway:
         self.listen_port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as accept:
-                await accept.start(functools.partial(trio.serve_listeners, self._handle, listeners, handler_nursery=handlers))
+                await accept.start(
+                    functools.partial(trio.serve_listeners, self._handle, listeners, handler_nursery=handlers)
+                )
                 task_status.started()
                 await self._stop.wait()
                 accept.cancel_scope.cancel()
@@ -182,7 +189,13 @@ class Gateway:
                 except Exception:
                     # Fail closed: a hook that breaks denies.
                     log.exception("session %d: statement hook failed; denying", session)
-                    self.engine.verdict(session, statement.seq, False, "42501", "the gateway could not decide on this statement")
+                    self.engine.verdict(
+                        session,
+                        statement.seq,
+                        False,
+                        "42501",
+                        "the gateway could not decide on this statement",
+                    )
                     return
                 self.engine.verdict(session, statement.seq, d.allow, d.code, d.message, d.remember)
 
@@ -219,7 +232,9 @@ class Gateway:
             while self.engine.session_count() > 0:
                 await trio.sleep(0.02)
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED, *, handle_signals: bool = True) -> None:
+    async def run(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED, *, handle_signals: bool = True
+    ) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._events)
             if handle_signals:
@@ -243,8 +258,6 @@ class Gateway:
 
 async def _refuse_now(stream: trio.SocketStream, code: str, message: str) -> None:
     with trio.move_on_after(1):
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await stream.send_all(fatal(code, message))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
     await stream.aclose()

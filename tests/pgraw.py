@@ -1,0 +1,221 @@
+"""A minimal PostgreSQL wire client over a raw socket, for tests that must send what libpq never would.
+
+Everything here is blocking with socket timeouts, so a gateway that hangs makes a test fail, not
+stall: every read has a deadline. ``RawConn`` speaks protocol 3.0 in plaintext or, after
+``start_tls``, through Python's ``ssl`` module (verify-full against the gateway's CA).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROTOCOL_3_0 = 196608
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+
+
+def startup_message(params: dict[str, str]) -> bytes:
+    body = struct.pack("!i", PROTOCOL_3_0)
+    for k, v in params.items():
+        body += k.encode() + b"\0" + v.encode() + b"\0"
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def cancel_request(pid: int, key: int) -> bytes:
+    return struct.pack("!iiii", 16, 80877102, pid, key)
+
+
+def typed(tag: bytes, body: bytes) -> bytes:
+    return tag + struct.pack("!i", len(body) + 4) + body
+
+
+def password_message(pw: str) -> bytes:
+    return typed(b"p", pw.encode() + b"\0")
+
+
+def query_message(sql: str) -> bytes:
+    return typed(b"Q", sql.encode() + b"\0")
+
+
+SYNC = typed(b"S", b"")
+TERMINATE = typed(b"X", b"")
+
+
+def parse_fields(body: bytes) -> dict[str, str]:
+    """ErrorResponse/NoticeResponse fields keyed by their one-letter code ('S', 'V', 'C', 'M', 'H' ...)."""
+    out: dict[str, str] = {}
+    for part in body.split(b"\0"):
+        if part:
+            out[chr(part[0])] = part[1:].decode(errors="replace")
+    return out
+
+
+@dataclass
+class Outcome:
+    """What a connection got before it ended (or before the deadline)."""
+
+    messages: list[tuple[bytes, bytes]] = field(default_factory=list)
+    closed: bool = False  # EOF or reset seen
+    reset: bool = False
+    elapsed: float = 0.0
+    raw: bytes = b""
+
+    @property
+    def errors(self) -> list[dict[str, str]]:
+        return [parse_fields(b) for t, b in self.messages if t == b"E"]
+
+    def describe(self) -> str:
+        tags = [t.decode(errors="replace") for t, _ in self.messages]
+        return f"tags={tags} errors={self.errors} closed={self.closed} reset={self.reset} elapsed={self.elapsed:.2f}s raw_head={self.raw[:40]!r}"
+
+
+class RawConn:
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+        self.timeout = timeout
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def start_tls(self, ca_cert: Path, server_hostname: str = "127.0.0.1") -> None:
+        self.send(SSL_REQUEST)
+        answer = self._recv_exact_raw(1)
+        assert answer == b"S", f"SSLRequest answered {answer!r}"
+        ctx = ssl.create_default_context(cafile=str(ca_cert))
+        self.sock = ctx.wrap_socket(self.sock, server_hostname=server_hostname)
+
+    def _recv_exact_raw(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise EOFError("connection closed")
+            out += chunk
+        return out
+
+    def _fill(self, deadline: float) -> bool:
+        """Reads more bytes into the buffer; False at EOF. Raises TimeoutError at the deadline."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no data before the deadline")
+        self.sock.settimeout(left)
+        try:
+            chunk = self.sock.recv(65536)
+        except (TimeoutError, socket.timeout):
+            raise TimeoutError("no data before the deadline") from None
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    def recv_message(self, timeout: float | None = None) -> tuple[bytes, bytes] | None:
+        """One typed message, or None at EOF. Raises TimeoutError if nothing complete arrives."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            if len(self.buf) >= 5:
+                (length,) = struct.unpack("!i", self.buf[1:5])
+                if length < 4:
+                    raise AssertionError(f"peer sent a bad length {length}")
+                if len(self.buf) >= 1 + length:
+                    tag, body = self.buf[:1], self.buf[5 : 1 + length]
+                    self.buf = self.buf[1 + length :]
+                    return tag, body
+            if not self._fill(deadline):
+                return None
+
+    def until_ready(self, timeout: float | None = None) -> list[tuple[bytes, bytes]]:
+        """Messages up to and including ReadyForQuery. Raises on EOF or timeout."""
+        out: list[tuple[bytes, bytes]] = []
+        while True:
+            m = self.recv_message(timeout)
+            if m is None:
+                raise EOFError(f"closed before ReadyForQuery; got {[(t, parse_fields(b) if t == b'E' else b[:60]) for t, b in out]}")
+            out.append(m)
+            if m[0] == b"Z":
+                return out
+
+    def outcome(self, timeout: float) -> Outcome:
+        """Reads until EOF or the deadline; the messages received and whether the peer closed."""
+        start = time.monotonic()
+        deadline = start + timeout
+        res = Outcome()
+        raw = bytearray()
+        while True:
+            try:
+                m = self.recv_message(deadline - time.monotonic())
+            except TimeoutError:
+                break
+            except (ConnectionResetError, BrokenPipeError):
+                res.closed = res.reset = True
+                break
+            except ssl.SSLError:
+                res.closed = True
+                break
+            if m is None:
+                res.closed = True
+                break
+            res.messages.append(m)
+            raw += m[0] + m[1][:40]
+        res.raw = bytes(raw) or self.buf
+        res.elapsed = time.monotonic() - start
+        return res
+
+    def login(self, user: str, password: str, database: str = "app", **params: str) -> list[tuple[bytes, bytes]]:
+        """StartupMessage, answers the cleartext password request, returns messages to ReadyForQuery."""
+        self.send(startup_message({"user": user, "database": database, **params}))
+        m = self.recv_message()
+        assert m is not None, "closed after StartupMessage"
+        if m[0] == b"E":
+            raise AssertionError(f"refused: {parse_fields(m[1])}")
+        assert m[0] == b"R" and struct.unpack("!i", m[1][:4])[0] == 3, f"expected cleartext password request, got {m!r}"
+        self.send(password_message(password))
+        return self.until_ready()
+
+    def query(self, sql: str, timeout: float | None = None) -> list[tuple[bytes, bytes]]:
+        self.send(query_message(sql))
+        return self.until_ready(timeout)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> RawConn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def data_rows(messages: list[tuple[bytes, bytes]]) -> list[list[str | None]]:
+    """Decodes DataRow messages (text format) to lists of strings."""
+    rows: list[list[str | None]] = []
+    for tag, body in messages:
+        if tag != b"D":
+            continue
+        (n,) = struct.unpack("!h", body[:2])
+        pos = 2
+        row: list[str | None] = []
+        for _ in range(n):
+            (ln,) = struct.unpack("!i", body[pos : pos + 4])
+            pos += 4
+            if ln < 0:
+                row.append(None)
+            else:
+                row.append(body[pos : pos + ln].decode())
+                pos += ln
+        rows.append(row)
+    return rows
+
+
+def errors_in(messages: list[tuple[bytes, bytes]]) -> list[dict[str, str]]:
+    return [parse_fields(b) for t, b in messages if t == b"E"]
