@@ -2,7 +2,7 @@
 
 ``ostiary serve --config FILE`` runs the gateway; ``ostiary demo`` runs it on embedded defaults in
 front of a throwaway PostgreSQL cluster; ``ostiary config check FILE`` validates a file and prints
-every problem. Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
+every problem; ``ostiary config schema`` prints its JSON Schema. Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
 """
 
 from __future__ import annotations
@@ -64,6 +64,13 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schema(args: argparse.Namespace) -> int:
+    from ostiary.config import json_schema
+
+    print(json_schema())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ostiary.demo import run_demo
 
@@ -87,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = config_sub.add_parser("check", help="validate a configuration file and list every problem")
     check.add_argument("file")
     check.set_defaults(func=_check)
+    schema = config_sub.add_parser("schema", help="print the JSON Schema of the configuration file")
+    schema.set_defaults(func=_schema)
 
     demo = sub.add_parser("demo", help="run the gateway in front of a throwaway local PostgreSQL")
     demo.add_argument("--data-dir", default=".ostiary/demo")

@@ -238,6 +238,16 @@ def parse(data: Any, source: str = "<config>", base: Path | None = None) -> Conf
     return cfg
 
 
+def json_schema() -> str:
+    """The JSON Schema of the configuration file (published as deploy/ostiary.schema.json)."""
+    import json
+
+    schema = msgspec.json.schema(Config)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Ostiary gateway configuration"
+    return json.dumps(schema, indent=2, sort_keys=True)
+
+
 def load(path: str | os.PathLike[str]) -> Config:
     p = Path(path)
     try:

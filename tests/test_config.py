@@ -1,0 +1,139 @@
+"""The configuration file: broken files give every problem with its path; the schema is published."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ostiary import config
+from ostiary.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def good(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "clients": [{"user": "ci", "password": "x"}],
+        "connections": [
+            {"name": "app", "upstream": {"host": "db", "database": "app", "user": "u", "password_env": "P"}}
+        ],
+    }
+
+
+def problems(data: Any, tmp_path: Path) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as e:
+        config.parse(data, "test.yaml", tmp_path)
+    return e.value.problems
+
+
+def test_minimal_file_parses_with_defaults(tmp_path: Path) -> None:
+    cfg = config.parse(good(tmp_path), "test.yaml", tmp_path)
+    assert cfg.listen.port == 6432
+    assert cfg.connection("app") is not None
+    assert cfg.connection("nope") is None
+    assert cfg.effective_workers() >= 1
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    data = good(tmp_path)
+    data["listen"] = {"port": 70000}
+    data["connections"].append(dict(data["connections"][0]))
+    data["connections"][0]["upstream"] = {
+        "host": "db",
+        "database": "app",
+        "user": "u",
+        "password": "a",
+        "password_env": "B",
+        "tls": {"mode": "verify-full"},
+    }
+    data["clients"][0]["connections"] = ["missing"]
+    found = dict(problems(data, tmp_path))
+    assert "70000 is not a TCP port" in found["listen.port"]
+    assert "defined twice" in found["connections[1].name"]
+    assert "exactly one of" in found["connections[0].upstream"]
+    assert "verify-full needs a CA" in found["connections[0].upstream.tls.ca"]
+    assert "unknown connection 'missing'" in found["clients[0].connections"]
+
+
+def test_wrong_type_names_the_path(tmp_path: Path) -> None:
+    data = good(tmp_path)
+    data["listen"] = {"port": "six"}
+    [(path, msg)] = problems(data, tmp_path)
+    assert path == "listen.port"
+    assert "int" in msg
+
+
+def test_unknown_field_is_refused(tmp_path: Path) -> None:
+    data = good(tmp_path)
+    data["listne"] = {}
+    [(_, msg)] = problems(data, tmp_path)
+    assert "listne" in msg
+
+
+def test_missing_tls_files_are_named(tmp_path: Path) -> None:
+    data = good(tmp_path)
+    data["tls"] = {"cert": "nope.pem", "key": "nope.key"}
+    found = dict(problems(data, tmp_path))
+    assert "nope.pem does not exist" in found["tls.cert"]
+
+
+def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("listen:\n  port: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert "line" in e.value.problems[0][0]
+
+
+def test_not_a_mapping(tmp_path: Path) -> None:
+    [(_, msg)] = problems(["a", "b"], tmp_path)
+    assert "mapping" in msg
+
+
+def test_example_file_is_valid_apart_from_its_paths(tmp_path: Path) -> None:
+    data = yaml.safe_load((ROOT / "deploy" / "ostiary.example.yaml").read_text())
+    for name in ("cert", "key"):
+        (tmp_path / name).write_text("x")
+        data["tls"][name] = str(tmp_path / name)
+    (tmp_path / "ca").write_text("x")
+    data["connections"][0]["upstream"]["tls"]["ca"] = str(tmp_path / "ca")
+    cfg = config.parse(data, "example", tmp_path)
+    assert cfg.connections[0].upstream.tls.mode == "verify-full"
+
+
+def test_published_schema_is_current() -> None:
+    published = (ROOT / "deploy" / "ostiary.schema.json").read_text().strip()
+    assert published == config.json_schema(), "regenerate with: ostiary config schema > deploy/ostiary.schema.json"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ostiary.cli", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_serve_without_config_says_what_to_write() -> None:
+    r = run_cli("serve")
+    assert r.returncode == 2
+    assert "needs a configuration file" in r.stderr
+    assert "connections:" in r.stderr
+
+
+def test_config_check_exit_codes(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"connections": []}))
+    r = run_cli("config", "check", str(p))
+    assert r.returncode == 2
+    assert "no connections" in r.stderr and "no clients" in r.stderr
+    p.write_text(yaml.safe_dump(good(tmp_path)))
+    r = run_cli("config", "check", str(p))
+    assert r.returncode == 0, r.stderr
+
+
+def test_version() -> None:
+    r = run_cli("--version")
+    assert r.returncode == 0
+    assert r.stdout.startswith("ostiary ")
