@@ -55,7 +55,9 @@ class GatewayProcess:
     log_path: Path
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def dsn(self, dbname: str = "app", user: str = CLIENT_USER, password: str = CLIENT_PASSWORD, **kw: Any) -> str:
+    def dsn(
+        self, dbname: str = "app", user: str = CLIENT_USER, password: str = CLIENT_PASSWORD, **kw: Any
+    ) -> str:
         params: dict[str, Any] = {
             "host": "127.0.0.1",
             "port": self.port,
@@ -184,7 +186,9 @@ def gateway(gateway_factory: GatewayFactory) -> GatewayProcess:
     return gateway_factory()
 
 
-def psql(gw: GatewayProcess, *args: str, input: str | None = None, timeout: float = 60, **env_kw: Any) -> subprocess.CompletedProcess[str]:
+def psql(
+    gw: GatewayProcess, *args: str, input: str | None = None, timeout: float = 60, **env_kw: Any
+) -> subprocess.CompletedProcess[str]:
     """Runs psql through the gateway; returns the completed process (check returncode yourself)."""
     return subprocess.run(
         ["psql", "-X", "-v", "ON_ERROR_STOP=1", *args],

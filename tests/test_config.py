@@ -108,11 +108,15 @@ def test_example_file_is_valid_apart_from_its_paths(tmp_path: Path) -> None:
 
 def test_published_schema_is_current() -> None:
     published = (ROOT / "deploy" / "ostiary.schema.json").read_text().strip()
-    assert published == config.json_schema(), "regenerate with: ostiary config schema > deploy/ostiary.schema.json"
+    assert published == config.json_schema(), (
+        "regenerate with: ostiary config schema > deploy/ostiary.schema.json"
+    )
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ostiary.cli", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "ostiary.cli", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def test_serve_without_config_says_what_to_write() -> None:
