@@ -372,8 +372,7 @@ impl Leg {
             plain.extend_from_slice(raw);
             return Ok(false);
         };
-        tls.receive_raw(raw)?;
-        let (_, closed) = tls.read_plain(plain)?;
+        let closed = tls.receive_raw_into(raw, plain)?;
         tls.take_raw(&mut self.raw_out)?;
         Ok(closed)
     }

@@ -170,14 +170,21 @@ pub enum TlsLayer {
 }
 
 impl TlsLayer {
+    /// The sendable-plaintext limit is lifted: callers encrypt one chunk and write the records out
+    /// before the next, so what rustls buffers is bounded by a chunk, and a partial write would
+    /// otherwise need a second pump.
     pub fn server(cfg: Arc<ServerConfig>) -> Result<Self, TlsError> {
-        Ok(TlsLayer::Server(ServerConnection::new(cfg)?))
+        let mut c = ServerConnection::new(cfg)?;
+        c.set_buffer_limit(None);
+        Ok(TlsLayer::Server(c))
     }
 
     pub fn client(cfg: Arc<ClientConfig>, server_name: &str) -> Result<Self, TlsError> {
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|e| TlsError::Config(format!("bad server name {server_name:?}: {e}")))?;
-        Ok(TlsLayer::Client(ClientConnection::new(cfg, name)?))
+        let mut c = ClientConnection::new(cfg, name)?;
+        c.set_buffer_limit(None);
+        Ok(TlsLayer::Client(c))
     }
 
     pub fn is_handshaking(&self) -> bool {
@@ -187,26 +194,42 @@ impl TlsLayer {
         }
     }
 
-    /// Feeds raw bytes from the peer; plaintext becomes available through `read_plain`.
-    pub fn receive_raw(&mut self, mut data: &[u8]) -> Result<(), TlsError> {
-        while !data.is_empty() {
-            let n = match self {
-                TlsLayer::Server(c) => c.read_tls(&mut data)?,
-                TlsLayer::Client(c) => c.read_tls(&mut data)?,
-            };
-            if n == 0 {
-                break;
+    /// Feeds raw bytes from the peer and appends the plaintext they carry to `plain`; returns
+    /// whether the peer closed its TLS session (close_notify).
+    ///
+    /// rustls refuses more ciphertext once its received-plaintext buffer holds 16 KiB, so records
+    /// are decrypted and drained one slice at a time rather than all fed first.
+    pub fn receive_raw_into(
+        &mut self,
+        mut data: &[u8],
+        plain: &mut Vec<u8>,
+    ) -> Result<bool, TlsError> {
+        let mut closed = false;
+        loop {
+            if !data.is_empty() {
+                let n = match self {
+                    TlsLayer::Server(c) => c.read_tls(&mut data)?,
+                    TlsLayer::Client(c) => c.read_tls(&mut data)?,
+                };
+                let state = match self {
+                    TlsLayer::Server(c) => c.process_new_packets(),
+                    TlsLayer::Client(c) => c.process_new_packets(),
+                };
+                state?;
+                if n == 0 {
+                    return Err(TlsError::Config("TLS refused further input".into()));
+                }
             }
-            let state = match self {
-                TlsLayer::Server(c) => c.process_new_packets(),
-                TlsLayer::Client(c) => c.process_new_packets(),
-            };
-            state?;
+            let (_, peer_closed) = self.read_plain(plain)?;
+            closed |= peer_closed;
+            if data.is_empty() || closed {
+                return Ok(closed);
+            }
         }
-        Ok(())
     }
 
-    /// Appends decrypted bytes to `out`; returns how many, and whether the peer closed cleanly.
+    /// Appends decrypted bytes already received to `out`; returns how many, and whether the peer
+    /// closed cleanly.
     pub fn read_plain(&mut self, out: &mut Vec<u8>) -> Result<(usize, bool), TlsError> {
         let start = out.len();
         let mut chunk = [0u8; 16 * 1024];

@@ -254,9 +254,18 @@ impl TlsClientConfig {
 #[pyclass(module = "ostiary._core")]
 struct TlsSession {
     inner: Mutex<Option<TlsLayer>>,
+    /// Plaintext decrypted by `receive_raw` and not yet taken by `read_plain`.
+    plain: Mutex<(Vec<u8>, bool)>,
 }
 
 impl TlsSession {
+    fn new(layer: TlsLayer) -> Self {
+        TlsSession {
+            inner: Mutex::new(Some(layer)),
+            plain: Mutex::new((Vec::new(), false)),
+        }
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut TlsLayer) -> Result<T, tls::TlsError>) -> PyResult<T> {
         let mut g = self
             .inner
@@ -282,18 +291,14 @@ impl TlsSession {
 impl TlsSession {
     #[staticmethod]
     fn server(config: &TlsServerConfig) -> PyResult<Self> {
-        Ok(TlsSession {
-            inner: Mutex::new(Some(TlsLayer::server(config.cfg.clone()).map_err(tls_err)?)),
-        })
+        let layer = TlsLayer::server(config.cfg.clone()).map_err(tls_err)?;
+        Ok(TlsSession::new(layer))
     }
 
     #[staticmethod]
     fn client(config: &TlsClientConfig, server_name: &str) -> PyResult<Self> {
-        Ok(TlsSession {
-            inner: Mutex::new(Some(
-                TlsLayer::client(config.cfg.clone(), server_name).map_err(tls_err)?,
-            )),
-        })
+        let layer = TlsLayer::client(config.cfg.clone(), server_name).map_err(tls_err)?;
+        Ok(TlsSession::new(layer))
     }
 
     #[getter]
@@ -302,14 +307,24 @@ impl TlsSession {
     }
 
     fn receive_raw(&self, data: &[u8]) -> PyResult<()> {
-        self.with(|t| t.receive_raw(data))
+        let mut plain = self
+            .plain
+            .lock()
+            .map_err(|_| TlsError::new_err("TLS session lock poisoned"))?;
+        let (buf, closed) = &mut *plain;
+        let peer_closed = self.with(|t| t.receive_raw_into(data, buf))?;
+        *closed |= peer_closed;
+        Ok(())
     }
 
-    /// (plaintext, peer_closed)
+    /// (plaintext received so far, peer_closed)
     fn read_plain<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyBytes>, bool)> {
-        let mut out = Vec::new();
-        let closed = self.with(|t| t.read_plain(&mut out).map(|(_, c)| c))?;
-        Ok((bytes(py, &out), closed))
+        let mut plain = self
+            .plain
+            .lock()
+            .map_err(|_| TlsError::new_err("TLS session lock poisoned"))?;
+        let out = std::mem::take(&mut plain.0);
+        Ok((bytes(py, &out), plain.1))
     }
 
     fn write_plain(&self, data: &[u8]) -> PyResult<()> {
