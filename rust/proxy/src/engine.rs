@@ -316,21 +316,56 @@ fn worker(
         while let Some((spec, cmds)) = rx.recv().await {
             let Some(inner) = inner.upgrade() else { break };
             tokio::task::spawn_local(async move {
-                let id = spec.id;
+                let mut guard = EndGuard {
+                    id: spec.id,
+                    inner: inner.clone(),
+                    ended: false,
+                };
                 let (reason, detail, stats) = match Session::start(spec, &inner) {
                     Ok(s) => s.run(cmds, &inner).await,
                     Err(e) => ("io_error".to_owned(), e.to_string(), RelayStats::default()),
                 };
-                inner.sessions.lock().expect("sessions lock").remove(&id);
-                inner.push(Event::Ended {
-                    session: id,
-                    reason,
-                    detail,
-                    stats,
-                });
+                guard.end(reason, detail, stats);
             });
         }
     });
+}
+
+/// Reports a session's end exactly once: normally through `end`, and if the task panics (a bug),
+/// from `drop`, so the control plane never keeps a session that no longer exists.
+struct EndGuard {
+    id: u64,
+    inner: Arc<Inner>,
+    ended: bool,
+}
+
+impl EndGuard {
+    fn end(&mut self, reason: String, detail: String, stats: RelayStats) {
+        self.ended = true;
+        self.inner
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .remove(&self.id);
+        self.inner.push(Event::Ended {
+            session: self.id,
+            reason,
+            detail,
+            stats,
+        });
+    }
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.end(
+                "internal_error".into(),
+                "the session task panicked".into(),
+                RelayStats::default(),
+            );
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -460,8 +495,11 @@ impl Session {
             }
             Err(e) => ("io_error".to_owned(), e.to_string()),
         };
-        let _ =
-            tokio::time::timeout(TERMINATE_GRACE, self.upstream.send(&frontend::terminate())).await;
+        if !self.relay.terminated() {
+            // The server gets a Terminate unless the client's own was already passed on.
+            let bye = frontend::terminate();
+            let _ = tokio::time::timeout(TERMINATE_GRACE, self.upstream.send(&bye)).await;
+        }
         self.upstream.close().await;
         self.client.close().await;
         (reason, detail, self.relay.stats)
