@@ -120,13 +120,19 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], log_path: Path, time
     raise RuntimeError(f"gateway did not listen on {port}:\n{log_path.read_text()}")
 
 
-def gateway_config(pg: PgCluster, tls: TlsMaterial, port: int, tmp: Path, **overrides: Any) -> dict[str, Any]:
+def gateway_config(
+    pg: PgCluster, gw_tls: TlsMaterial, port: int, tmp: Path, **overrides: Any
+) -> dict[str, Any]:
     assert pg.tls is not None
     cfg: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": port},
         "data_dir": str(tmp / "state"),
         "workers": 2,
-        "tls": {"cert": str(tls.server_cert), "key": str(tls.server_key), "client_ca": str(tls.ca_cert)},
+        "tls": {
+            "cert": str(gw_tls.server_cert),
+            "key": str(gw_tls.server_key),
+            "client_ca": str(gw_tls.ca_cert),
+        },
         "clients": [{"user": CLIENT_USER, "password": CLIENT_PASSWORD}],
         "connections": [
             {

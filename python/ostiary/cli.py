@@ -2,7 +2,8 @@
 
 ``ostiary serve --config FILE`` runs the gateway; ``ostiary demo`` runs it on embedded defaults in
 front of a throwaway PostgreSQL cluster; ``ostiary config check FILE`` validates a file and prints
-every problem; ``ostiary config schema`` prints its JSON Schema. Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
+every problem; ``ostiary config schema`` prints its JSON Schema. Exit codes: 0 success, 1 runtime
+failure, 2 bad usage or configuration.
 """
 
 from __future__ import annotations

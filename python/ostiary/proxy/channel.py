@@ -91,6 +91,8 @@ class Channel:
     async def aclose(self) -> None:
         try:
             if self.tls is not None:
+                if not self.tls.handshaking:
+                    self.tls.send_close_notify()
                 await self._flush_tls()
         except (trio.BrokenResourceError, trio.ClosedResourceError, _core.TlsError, OSError):
             pass

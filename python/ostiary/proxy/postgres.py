@@ -113,6 +113,21 @@ async def _connect_upstream(
                     raise Refusal(code, f"upstream: {fields.get('message', 'refused the session')}")
                 else:
                     return ch, step, machine.take_remaining() + ch.leftover_plaintext()
+    except _core.TlsError as e:
+        await ch.aclose()
+        raise UpstreamUnavailable(f"TLS with {up.host}:{up.port} failed: {e}") from None
+    except _core.UpstreamAuthError as e:
+        await ch.aclose()
+        raise UpstreamUnavailable(f"cannot log in to {up.host}:{up.port}: {e}") from None
+    except _core.ProtocolError as e:
+        await ch.aclose()
+        raise UpstreamUnavailable(f"{up.host}:{up.port} broke the protocol during login: {e}") from None
+    except (ChannelClosed, trio.BrokenResourceError, OSError) as e:
+        await ch.aclose()
+        raise UpstreamUnavailable(f"{up.host}:{up.port} closed the connection during login: {e}") from None
+    except trio.TooSlowError:
+        await ch.aclose()
+        raise UpstreamUnavailable(f"{up.host}:{up.port} did not complete the login in time") from None
     except BaseException:
         await ch.aclose()
         raise

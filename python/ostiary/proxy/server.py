@@ -131,6 +131,11 @@ class Gateway:
         self._startups += 1
         try:
             await PostgresStartup(self, stream, peer).run()
+        except Exception:
+            # A bug in one connection's handling must not take the gateway down.
+            log.exception("connection from %s failed unexpectedly", peer)
+            with contextlib.suppress(Exception):
+                await stream.aclose()
         finally:
             self._startups -= 1
 

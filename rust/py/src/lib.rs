@@ -331,6 +331,14 @@ impl TlsSession {
         self.with(|t| t.write_plain(data))
     }
 
+    /// Queues a TLS close_notify alert; the next `take_raw` returns it.
+    fn send_close_notify(&self) -> PyResult<()> {
+        self.with(|t| {
+            t.send_close_notify();
+            Ok(())
+        })
+    }
+
     fn take_raw<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let mut out = Vec::new();
         self.with(|t| t.take_raw(&mut out))?;
