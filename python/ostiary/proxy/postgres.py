@@ -52,6 +52,8 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class CancelTarget:
+    """Where a CancelRequest for (process_id, secret_key) goes: the real key of that backend."""
+
     session: int
     secret_key: int
     connection: Connection
@@ -277,12 +279,13 @@ class PostgresStartup:
         assert isinstance(process_id, int) and isinstance(upstream_key, int) and isinstance(status, str)
         gw = self.gw
         session_id = gw.new_session_id()
-        gateway_pid = session_id & 0x7FFFFFFF
+        # The client sees the real backend pid (so pg_backend_pid() and the pid in notifications
+        # match what libpq reports) but a secret key of the gateway's: the real key never leaves it.
         gateway_key = secrets.randbits(32) - (1 << 31)
         welcome = [_core.auth_ok()]
         welcome += [_core.parameter_status(k, v) for k, v in params]
         welcome += list(notices)
-        welcome.append(_core.backend_key_data(gateway_pid, gateway_key))
+        welcome.append(_core.backend_key_data(process_id, gateway_key))
         welcome.append(_core.ready_for_query(status))
         await self.ch.send(b"".join(welcome))
 

@@ -56,7 +56,8 @@ class Gateway:
         self._upstream_tls: dict[str, _core.TlsClientConfig] = {}
         self._ids = itertools.count(1)
         self.sessions: dict[int, SessionInfo] = {}
-        self._cancel: dict[int, CancelTarget] = {}
+        self._cancel: dict[tuple[int, int], CancelTarget] = {}
+        self._cancel_by_session: dict[int, tuple[int, int]] = {}
         self._startups = 0
         self.draining = False
         self.listen_port: int | None = None
@@ -78,18 +79,22 @@ class Gateway:
 
     def register_session(self, info: SessionInfo, cancel: CancelTarget) -> None:
         self.sessions[info.id] = info
-        self._cancel[info.id & 0x7FFFFFFF] = cancel
+        key = (cancel.process_id, cancel.secret_key)
+        self._cancel[key] = cancel
+        self._cancel_by_session[info.id] = key
         self.observer.session_started(info)
 
     def forget_session(self, session: int) -> SessionInfo | None:
-        self._cancel.pop(session & 0x7FFFFFFF, None)
+        key = self._cancel_by_session.pop(session, None)
+        if key is not None:
+            self._cancel.pop(key, None)
         return self.sessions.pop(session, None)
 
     async def forward_cancel(self, process_id: int, secret_key: int) -> None:
         """Sends the client's CancelRequest to the backend its session uses. Unknown or wrong keys
         are ignored silently, as PostgreSQL does."""
-        target = self._cancel.get(process_id)
-        if target is None or target.secret_key != secret_key:
+        target = self._cancel.get((process_id, secret_key))
+        if target is None:
             log.info("cancel request with an unknown key ignored")
             return
         up = target.connection.upstream
