@@ -7,6 +7,7 @@ stall: every read has a deadline. ``RawConn`` speaks protocol 3.0 in plaintext o
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import struct
@@ -71,7 +72,10 @@ class Outcome:
 
     def describe(self) -> str:
         tags = [t.decode(errors="replace") for t, _ in self.messages]
-        return f"tags={tags} errors={self.errors} closed={self.closed} reset={self.reset} elapsed={self.elapsed:.2f}s raw_head={self.raw[:40]!r}"
+        return (
+            f"tags={tags} errors={self.errors} closed={self.closed} reset={self.reset} "
+            f"elapsed={self.elapsed:.2f}s raw_head={self.raw[:40]!r}"
+        )
 
 
 class RawConn:
@@ -109,7 +113,7 @@ class RawConn:
         self.sock.settimeout(left)
         try:
             chunk = self.sock.recv(65536)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise TimeoutError("no data before the deadline") from None
         if not chunk:
             return False
@@ -137,7 +141,8 @@ class RawConn:
         while True:
             m = self.recv_message(timeout)
             if m is None:
-                raise EOFError(f"closed before ReadyForQuery; got {[(t, parse_fields(b) if t == b'E' else b[:60]) for t, b in out]}")
+                got = [(t, parse_fields(b) if t == b"E" else b[:60]) for t, b in out]
+                raise EOFError(f"closed before ReadyForQuery; got {got}")
             out.append(m)
             if m[0] == b"Z":
                 return out
@@ -168,14 +173,18 @@ class RawConn:
         res.elapsed = time.monotonic() - start
         return res
 
-    def login(self, user: str, password: str, database: str = "app", **params: str) -> list[tuple[bytes, bytes]]:
+    def login(
+        self, user: str, password: str, database: str = "app", **params: str
+    ) -> list[tuple[bytes, bytes]]:
         """StartupMessage, answers the cleartext password request, returns messages to ReadyForQuery."""
         self.send(startup_message({"user": user, "database": database, **params}))
         m = self.recv_message()
         assert m is not None, "closed after StartupMessage"
         if m[0] == b"E":
             raise AssertionError(f"refused: {parse_fields(m[1])}")
-        assert m[0] == b"R" and struct.unpack("!i", m[1][:4])[0] == 3, f"expected cleartext password request, got {m!r}"
+        assert m[0] == b"R" and struct.unpack("!i", m[1][:4])[0] == 3, (
+            f"expected cleartext password request, got {m!r}"
+        )
         self.send(password_message(password))
         return self.until_ready()
 
@@ -184,10 +193,8 @@ class RawConn:
         return self.until_ready(timeout)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
     def __enter__(self) -> RawConn:
         return self

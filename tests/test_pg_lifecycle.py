@@ -1,0 +1,626 @@
+"""Session lifecycle end to end: graceful shutdown, upstream failures, terminated backends, memory
+bounds under large and slowly read results, and many concurrent sessions.
+
+Every gateway here is a real ``ostiary serve`` process in front of the shared PostgreSQL cluster;
+the cluster itself is never stopped (other tests share it), so "the upstream dies" is played by a
+closed port, a wrong password, a fake server and ``pg_terminate_backend``.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from conftest import (
+    APP_PASSWORD,
+    CLIENT_PASSWORD,
+    CLIENT_USER,
+    GatewayFactory,
+    GatewayProcess,
+    gateway_config,
+    psql,
+)
+from ostiary.devcluster import PgCluster, TlsMaterial, free_port
+from pgraw import Outcome, RawConn, data_rows, password_message, query_message, startup_message
+
+SHUTDOWN_MESSAGE = "terminating connection because the gateway is shutting down"
+KIB_PER_MB = 1024
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def upstream(pg: PgCluster, **changes: Any) -> list[dict[str, Any]]:
+    """The ``connections`` section of conftest.gateway_config with `changes` to the upstream."""
+    assert pg.tls is not None
+    up: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": pg.port,
+        "database": "app",
+        "user": "app",
+        "password_env": "OSTIARY_TEST_APP_PASSWORD",
+        "tls": {"mode": "verify-full", "ca": str(pg.tls.ca_cert), "server_name": "localhost"},
+    }
+    up.update(changes)
+    return [{"name": "app", "upstream": {k: v for k, v in up.items() if v is not None}}]
+
+
+def shaped_config(
+    pg: PgCluster, tls: TlsMaterial, tmp: Path, *, client_tls: bool, upstream_tls: bool, **overrides: Any
+) -> dict[str, Any]:
+    """gateway_config with TLS on or off on either leg (plaintext clients are then allowed)."""
+    cfg = gateway_config(pg, tls, 0, tmp, **overrides)
+    if not client_tls:
+        cfg["tls"]["mode"] = "allow"
+    if not upstream_tls:
+        cfg["connections"][0]["upstream"]["tls"] = {"mode": "disable"}
+    return cfg
+
+
+LEG_SHAPES = [
+    pytest.param(True, True, id="tls-client-tls-upstream"),
+    pytest.param(True, False, id="tls-client-plain-upstream"),
+    pytest.param(False, True, id="plain-client-tls-upstream"),
+    pytest.param(False, False, id="plain-client-plain-upstream"),
+]
+
+
+def tls_login(gw: GatewayProcess, dbname: str = "app") -> RawConn:
+    """A raw TLS connection through StartupMessage and the password (what follows is unread)."""
+    c = RawConn(gw.port)
+    c.start_tls(gw.tls.ca_cert)
+    c.send(startup_message({"user": CLIENT_USER, "database": dbname}))
+    m = c.recv_message()
+    assert m is not None and m[0] == b"R", m
+    c.send(password_message(CLIENT_PASSWORD))
+    return c
+
+
+def login_outcome(gw: GatewayProcess, timeout: float) -> Outcome:
+    c = tls_login(gw)
+    with c:
+        return c.outcome(timeout)
+
+
+def fatal_of(out: Outcome) -> dict[str, str]:
+    """The FATAL that ended a connection (the last message), checking it did end."""
+    assert out.closed, f"not closed: {out.describe()}"
+    assert out.messages and out.messages[-1][0] == b"E", out.describe()
+    err = out.errors[-1]
+    assert err.get("S") == "FATAL", err
+    return err
+
+
+def superuser(pg: PgCluster) -> psycopg.Connection[Any]:
+    return psycopg.connect(pg.dsn(dbname="app"), autocommit=True)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def assert_healthy(gw: GatewayProcess) -> None:
+    assert gw.proc.poll() is None, f"the gateway exited with {gw.proc.returncode}:\n{gw.log()[-4000:]}"
+    r = psql(gw, "-At", "-c", "select 'alive'", timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "alive"
+    assert "Traceback" not in gw.log(), gw.log()[-4000:]
+
+
+class RssSampler:
+    """Samples the gateway's RSS every 50 ms in a thread; ``peak`` is the largest seen."""
+
+    def __init__(self, gw: GatewayProcess) -> None:
+        self.gw = gw
+        self.baseline = gw.rss_kib()
+        self.peak = self.baseline
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.gw.rss_kib())
+                self.samples += 1
+            except (OSError, RuntimeError):
+                return
+            self._stop.wait(0.05)
+
+    @property
+    def growth_kib(self) -> int:
+        return self.peak - self.baseline
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextmanager
+def fake_upstream(behave: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A TCP server on a free port that runs `behave` on each accepted connection."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(16)
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                s, _ = lst.accept()
+            except OSError:
+                return
+            held.append(s)
+            threading.Thread(target=behave, args=(s,), daemon=True).start()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield lst.getsockname()[1]
+    finally:
+        lst.close()
+        for s in held:
+            s.close()
+
+
+# -- graceful shutdown -----------------------------------------------------------------------------
+
+
+def test_sigterm_drains_running_statement_then_ends_idle_sessions(
+    gateway_factory: GatewayFactory, pg: PgCluster
+) -> None:
+    grace = 5.0
+    gw = gateway_factory(shutdown={"grace": grace})
+    idle_raw = tls_login(gw)
+    assert idle_raw.until_ready()[-1] == (b"Z", b"I")
+    idle_pg = psycopg.connect(gw.dsn(), autocommit=True)
+    busy = psycopg.connect(gw.dsn())
+    assert idle_pg.execute("select 1").fetchone() == (1,)
+    busy_pid = busy.execute("select pg_backend_pid()").fetchone()
+    busy.commit()
+    result: dict[str, Any] = {}
+
+    def run_busy() -> None:
+        try:
+            with busy.transaction():
+                result["row"] = busy.execute("select 'finished' from pg_sleep(1)").fetchone()
+            result["committed_at"] = time.monotonic()
+        except Exception as e:  # reported by the assertions below
+            result["error"] = e
+
+    th = threading.Thread(target=run_busy)
+    th.start()
+    with superuser(pg) as su:
+        wait_for(
+            lambda: (
+                su.execute("select state from pg_stat_activity where pid = %s", busy_pid).fetchone()
+                == ("active",)
+            ),
+            5,
+            "pg_sleep to start upstream",
+        )
+    t0 = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+
+    # New connections are refused while draining.
+    time.sleep(0.3)
+    with pytest.raises(psycopg.OperationalError) as refused:
+        psycopg.connect(gw.dsn(connect_timeout=3)).close()
+    msg = str(refused.value)
+    assert "Connection refused" in msg or "57P03" in msg or "shutting down" in msg, msg
+
+    # The running statement completes, and its transaction commits.
+    th.join(10)
+    assert "error" not in result, result
+    assert result["row"] == ("finished",)
+
+    # The idle sessions are left alone during the grace period ...
+    early = idle_raw.outcome(max(0.0, t0 + grace - 1.0 - time.monotonic()))
+    assert not early.closed and early.messages == [], f"ended before the grace period: {early.describe()}"
+    # ... then ended with 57P01.
+    late = idle_raw.outcome(t0 + grace + 4 - time.monotonic())
+    err = fatal_of(late)
+    ended_at = time.monotonic() - t0
+    assert err["C"] == "57P01" and err["M"] == SHUTDOWN_MESSAGE, err
+    assert grace - 0.5 <= ended_at <= grace + 3, f"ended {ended_at:.2f}s after SIGTERM"
+    idle_raw.close()
+    with pytest.raises(psycopg.OperationalError) as ended:
+        idle_pg.execute("select 1")
+    assert SHUTDOWN_MESSAGE in str(ended.value) or "closed" in str(ended.value), str(ended.value)
+    with pytest.raises(psycopg.OperationalError):
+        busy.execute("select 1")
+
+    # The process exits cleanly.
+    code = gw.proc.wait(max(0.1, t0 + grace + 5 - time.monotonic()))
+    assert code == 0, gw.log()[-3000:]
+    assert "Traceback" not in gw.log()
+    idle_pg.close()
+    busy.close()
+
+
+def test_sigterm_with_close_idle_ends_idle_now_and_busy_after_commit(
+    gateway_factory: GatewayFactory, pg: PgCluster
+) -> None:
+    grace = 10.0
+    gw = gateway_factory(shutdown={"grace": grace, "close_idle": True})
+    with superuser(pg) as su:
+        su.execute("create table if not exists drain_check (x int)")
+        su.execute("grant all on drain_check to app")
+        su.execute("truncate drain_check")
+    idle_raw = tls_login(gw)
+    assert idle_raw.until_ready()[-1] == (b"Z", b"I")
+    idle_pg = psycopg.connect(gw.dsn(), autocommit=True)
+    tx = psycopg.connect(gw.dsn())
+    tx.execute("insert into drain_check values (1)")  # opens a transaction block
+
+    t0 = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    out = idle_raw.outcome(3.0)
+    err = fatal_of(out)
+    assert err["C"] == "57P01" and err["M"] == SHUTDOWN_MESSAGE, err
+    # "Promptly": well before the 10 s grace (about 1 s, with room for a loaded machine).
+    assert time.monotonic() - t0 < 2.5, f"idle session ended {time.monotonic() - t0:.2f}s after SIGTERM"
+    idle_raw.close()
+    with pytest.raises(psycopg.OperationalError):
+        idle_pg.execute("select 1")
+
+    # The session inside a transaction may finish it.
+    time.sleep(0.5)
+    tx.execute("insert into drain_check values (2)")
+    assert tx.execute("select count(*) from drain_check").fetchone() == (2,)
+    tx.commit()
+    committed = time.monotonic()
+    # ... and is ended right after.
+    with pytest.raises(psycopg.OperationalError) as ended:
+        tx.execute("select 1")
+    assert SHUTDOWN_MESSAGE in str(ended.value) or "closed" in str(ended.value), str(ended.value)
+    with superuser(pg) as su:
+        assert su.execute("select array_agg(x order by x) from drain_check").fetchone() == ([1, 2],)
+    # With no session left the gateway exits without waiting for the rest of the grace period.
+    code = gw.proc.wait(5)
+    assert code == 0, gw.log()[-3000:]
+    assert time.monotonic() - committed < 4
+    idle_pg.close()
+    tx.close()
+
+
+# -- the upstream fails ----------------------------------------------------------------------------
+
+
+def test_upstream_port_closed_gives_08006(gateway_factory: GatewayFactory, pg: PgCluster) -> None:
+    dead = free_port()
+    gw = gateway_factory(connections=upstream(pg, port=dead))
+    t = time.monotonic()
+    out = login_outcome(gw, 5)
+    err = fatal_of(out)
+    assert time.monotonic() - t < 2
+    assert err["C"] == "08006", err
+    assert "the gateway cannot open the upstream session" in err["M"], err
+    assert f"127.0.0.1:{dead}" in err["M"], err
+    with pytest.raises(psycopg.OperationalError, match="the gateway cannot open the upstream session"):
+        psycopg.connect(gw.dsn()).close()
+    assert gw.proc.poll() is None
+    assert "Traceback" not in gw.log()
+
+
+def test_upstream_wrong_password_gives_08006_without_the_password(
+    gateway_factory: GatewayFactory, pg: PgCluster
+) -> None:
+    secret = "wrong-upstream-Pa55word-literal"
+    gw = gateway_factory(connections=upstream(pg, password_env=None, password=secret))
+    out = login_outcome(gw, 5)
+    err = fatal_of(out)
+    assert err["C"] == "08006", err
+    assert "the gateway cannot open the upstream session" in err["M"], err
+    assert "credentials" in err["M"], err
+    assert secret not in str(out.errors)
+    with pytest.raises(psycopg.OperationalError) as e:
+        psycopg.connect(gw.dsn()).close()
+    assert secret not in str(e.value) and APP_PASSWORD not in str(e.value)
+    assert secret not in gw.log() and APP_PASSWORD not in gw.log()
+    assert gw.proc.poll() is None
+
+
+def _silent(s: socket.socket) -> None:
+    time.sleep(30)  # TCP connects, then nothing: a hung server, a black-holing proxy
+
+
+def _hang_up(s: socket.socket) -> None:
+    s.close()  # a crashing server, a proxy with no backend
+
+
+def _refuse_tls(s: socket.socket) -> None:
+    if s.recv(8):
+        s.sendall(b"N")
+        time.sleep(5)
+
+
+def _speak_http(s: socket.socket) -> None:
+    if s.recv(4096):
+        s.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        time.sleep(5)
+
+
+def _ask_for_gss(s: socket.socket) -> None:
+    if s.recv(4096):  # the StartupMessage
+        s.sendall(b"R" + struct.pack("!ii", 8, 7))  # AuthenticationGSS
+        time.sleep(5)
+
+
+UPSTREAM_FAILURES = {
+    # name: (fake server behaviour or None for the real cluster, upstream changes)
+    "never-answers": (_silent, {"connect_timeout": 1.0}),
+    "hangs-up": (_hang_up, {}),
+    "refuses-tls": (_refuse_tls, {}),
+    "not-postgresql": (_speak_http, {"tls": {"mode": "disable"}}),
+    "asks-for-gssapi": (_ask_for_gss, {"tls": {"mode": "disable"}}),
+    "certificate-name-mismatch": (
+        None,
+        {"tls": {"mode": "verify-full", "ca": "<pg-ca>", "server_name": "not-the-db.example"}},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UPSTREAM_FAILURES))
+def test_upstream_failure_is_reported_as_08006_and_the_gateway_survives(
+    gateway_factory: GatewayFactory, pg: PgCluster, subtests: pytest.Subtests, case: str
+) -> None:
+    """Whatever goes wrong while the gateway opens the upstream session, the client gets FATAL
+    08006 "the gateway cannot open the upstream session" promptly (not a bare close, not a
+    protocol violation blamed on the client), and the gateway keeps serving other sessions."""
+    assert pg.tls is not None
+    behave, changes = UPSTREAM_FAILURES[case]
+    changes = dict(changes)
+    if "tls" in changes and changes["tls"].get("ca") == "<pg-ca>":
+        changes["tls"] = {**changes["tls"], "ca": str(pg.tls.ca_cert)}
+    with fake_upstream(behave or _hang_up) as fake_port:
+        if behave is not None:
+            changes["port"] = fake_port
+        conns = upstream(pg, **changes)
+        conns.append({"name": "real", "upstream": upstream(pg)[0]["upstream"]})
+        gw = gateway_factory(connections=conns)
+        t = time.monotonic()
+        out = login_outcome(gw, 6)
+        elapsed = time.monotonic() - t
+        with subtests.test("the client is told"):
+            assert out.closed, out.describe()
+            assert elapsed < float(changes.get("connect_timeout", 0)) + 2, f"took {elapsed:.2f}s"
+            assert out.messages, f"the connection was closed without an error ({elapsed:.2f}s)"
+            err = fatal_of(out)
+            assert err["C"] == "08006", err
+            assert "the gateway cannot open the upstream session" in err["M"], err
+        with subtests.test("the gateway survives"):
+            time.sleep(0.2)
+            assert gw.proc.poll() is None, (
+                f"the gateway exited with {gw.proc.returncode}:\n{gw.log()[-3000:]}"
+            )
+            r = psql(gw, "-At", "-c", "select 'alive'", dbname="real")
+            assert r.returncode == 0, r.stderr
+            assert "Traceback" not in gw.log(), gw.log()[-3000:]
+
+
+def test_pg_terminate_backend_reaches_the_client(gateway: GatewayProcess, pg: PgCluster) -> None:
+    raw = tls_login(gateway)
+    raw.until_ready()
+    raw_pid = int(data_rows(raw.query("select pg_backend_pid()"))[0][0] or 0)
+    client = psycopg.connect(gateway.dsn(), autocommit=True)
+    client_pid = client.execute("select pg_backend_pid()").fetchone()
+    assert client_pid is not None
+    with superuser(pg) as su:
+        assert su.execute(
+            "select pg_terminate_backend(%s), pg_terminate_backend(%s)", (raw_pid, client_pid[0])
+        ).fetchone() == (True, True)
+    out = raw.outcome(3)
+    err = fatal_of(out)
+    assert err["C"] == "57P01", err
+    assert err["M"] == "terminating connection due to administrator command", err
+    raw.close()
+    with pytest.raises(psycopg.OperationalError) as e:
+        client.execute("select 1")
+    assert "terminating connection due to administrator command" in str(e.value) or "closed" in str(
+        e.value
+    ), str(e.value)
+    client.close()
+    # The gateway keeps serving new sessions.
+    with psycopg.connect(gateway.dsn(), autocommit=True) as again:
+        assert again.execute("select 'again'").fetchone() == ("again",)
+    assert_healthy(gateway)
+
+
+# -- bounded memory --------------------------------------------------------------------------------
+
+BIG_QUERY = "select g, repeat('x', 100) from generate_series(1, 1000000) g"
+BIG_ROWS = 1_000_000
+RSS_BOUND_KIB = 64 * KIB_PER_MB
+
+
+@pytest.mark.parametrize(("client_tls", "upstream_tls"), LEG_SHAPES)
+def test_large_result_streams_in_bounded_memory(
+    gateway_factory: GatewayFactory,
+    pg: PgCluster,
+    gateway_tls: TlsMaterial,
+    tmp_path: Path,
+    client_tls: bool,
+    upstream_tls: bool,
+) -> None:
+    """A 1,000,000-row (~110 MB) result through the gateway: every row arrives and the gateway's
+    RSS grows by less than 64 MB (psql buffers the result; the gateway must not)."""
+    gw = gateway_factory(
+        shaped_config(pg, gateway_tls, tmp_path, client_tls=client_tls, upstream_tls=upstream_tls)
+    )
+    env_kw = {} if client_tls else {"sslmode": "disable"}
+    warm = psql(gw, "-At", "-c", "select ssl from pg_stat_ssl where pid = pg_backend_pid()", **env_kw)
+    assert warm.returncode == 0, warm.stderr
+    assert warm.stdout.strip() == ("t" if upstream_tls else "f")
+    with RssSampler(gw) as rss:
+        proc = subprocess.Popen(
+            ["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", BIG_QUERY],
+            env=gw.env(**env_kw),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        lines = 0
+        nbytes = 0
+        while chunk := proc.stdout.read(1 << 20):
+            lines += chunk.count(b"\n")
+            nbytes += len(chunk)
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        code = proc.wait(60)
+    assert code == 0, f"psql failed: {stderr}\n{gw.log()[-1500:]}"
+    assert lines == BIG_ROWS and nbytes > 100 * 1024 * 1024
+    assert rss.samples > 5
+    assert rss.growth_kib < RSS_BOUND_KIB, f"RSS grew by {rss.growth_kib / 1024:.1f} MB"
+    assert gw.proc.poll() is None
+
+
+@pytest.mark.parametrize(("client_tls", "upstream_tls"), [LEG_SHAPES[0], LEG_SHAPES[3]])
+def test_large_upload_streams_in_bounded_memory(
+    gateway_factory: GatewayFactory,
+    pg: PgCluster,
+    gateway_tls: TlsMaterial,
+    tmp_path: Path,
+    client_tls: bool,
+    upstream_tls: bool,
+) -> None:
+    """The other direction: ~60 MB of COPY FROM STDIN through the gateway."""
+    gw = gateway_factory(
+        shaped_config(pg, gateway_tls, tmp_path, client_tls=client_tls, upstream_tls=upstream_tls)
+    )
+    env_kw = {} if client_tls else {"sslmode": "disable"}
+    n = 500_000
+    line = b"%d\t" + b"y" * 110 + b"\n"
+    data = b"".join(line % i for i in range(n))
+    with RssSampler(gw) as rss:
+        r = subprocess.run(
+            [
+                "psql",
+                "-X",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                "create temp table up (i int, t text)",
+                "-c",
+                "copy up from stdin",
+                "-At",
+                "-c",
+                "select count(*), sum(length(t)) from up",
+            ],
+            env=gw.env(**env_kw),
+            input=data,
+            capture_output=True,
+            timeout=60,
+        )
+    assert r.returncode == 0, f"{r.stderr.decode()}\n{gw.log()[-1500:]}"
+    assert r.stdout.decode().strip().splitlines()[-1] == f"{n}|{n * 110}"
+    assert rss.growth_kib < RSS_BOUND_KIB, f"RSS grew by {rss.growth_kib / 1024:.1f} MB"
+
+
+@pytest.mark.parametrize("upstream_tls", [True, False], ids=["tls-upstream", "plain-upstream"])
+def test_slow_reader_gets_backpressure(
+    gateway_factory: GatewayFactory,
+    pg: PgCluster,
+    gateway_tls: TlsMaterial,
+    tmp_path: Path,
+    upstream_tls: bool,
+) -> None:
+    """A client that reads a huge result slowly: the gateway stops reading from the server (the
+    backend waits in ClientWrite), its RSS stays flat, and closing the client ends the backend."""
+    gw = gateway_factory(
+        shaped_config(pg, gateway_tls, tmp_path, client_tls=False, upstream_tls=upstream_tls)
+    )
+    c = RawConn(gw.port)
+    c.login(CLIENT_USER, CLIENT_PASSWORD)
+    pid = int(data_rows(c.query("select pg_backend_pid()"))[0][0] or 0)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    waits: set[str] = set()
+    received = 0
+    with RssSampler(gw) as rss, superuser(pg) as su:
+        c.send(query_message(BIG_QUERY))
+        end = time.monotonic() + 3
+        c.sock.settimeout(2)
+        first = b""
+        while time.monotonic() < end:
+            chunk = c.sock.recv(64 * 1024)
+            first = first or chunk
+            assert chunk, f"the gateway closed the session mid-result:\n{gw.log()[-1500:]}"
+            received += len(chunk)
+            row = su.execute(
+                "select state, coalesce(wait_event, '') from pg_stat_activity where pid = %s", (pid,)
+            ).fetchone()
+            if row is not None and row[0] == "active":
+                waits.add(row[1])
+            time.sleep(0.01)
+    # 64 KiB every 10 ms is at most ~20 MB of the ~110 MB: the server is still sending.
+    assert 1 << 20 < received < 40 << 20, received
+    assert first[:1] == b"T", f"expected RowDescription, got {first[:60]!r}"
+    assert "ClientWrite" in waits, f"the backend never waited for the gateway to read: {waits}"
+    assert rss.growth_kib < 16 * KIB_PER_MB, f"RSS grew by {rss.growth_kib / 1024:.1f} MB with a slow reader"
+    c.close()
+    with superuser(pg) as su:
+        wait_for(
+            lambda: (
+                su.execute("select count(*) from pg_stat_activity where pid = %s", (pid,)).fetchone() == (0,)
+            ),
+            10,
+            "the upstream backend to end after the client left",
+            interval=0.1,
+        )
+    assert_healthy(gw)
+
+
+# -- many sessions ---------------------------------------------------------------------------------
+
+
+def test_hundred_concurrent_sessions(gateway: GatewayProcess) -> None:
+    n = 100
+    barrier = threading.Barrier(n, timeout=60)
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        try:
+            with psycopg.connect(gateway.dsn(application_name=f"many-{i}"), autocommit=True) as conn:
+                barrier.wait()  # every session is open at once
+                pid = conn.execute("select pg_backend_pid()").fetchone()
+                doubled = conn.execute("select %s::int * 2", (i,)).fetchone()
+                with conn.transaction():
+                    conn.execute("select pg_sleep(0.05)")
+                    count = conn.execute("select count(*) from generate_series(1, %s)", (i + 1,)).fetchone()
+                app = conn.execute("select current_setting('application_name')").fetchone()
+                barrier.wait()  # still all open
+                results[i] = (pid, doubled, count, app)
+        except BaseException as e:
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not errors, errors[:3]
+    assert len(results) == n
+    for i, (_pid, doubled, count, app) in results.items():
+        assert doubled == (i * 2,) and count == (i + 1,) and app == (f"many-{i}",)
+    assert len({r[0] for r in results.values()}) == n, "sessions open at once must have their own backends"
+    assert_healthy(gateway)
