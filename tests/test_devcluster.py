@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+
 from ostiary.devcluster import (
     CLIENT_CERT_CN,
     ClusterError,
@@ -140,9 +141,7 @@ def test_create_role_and_database(cluster: PgCluster) -> None:
     cluster.create_role("app_admin", "s3cret", superuser=True)
     cluster.create_role("app_group", None, login=False)
     cluster.create_database("app_db", "app_user")
-    owner = cluster.execute(
-        "select pg_get_userbyid(datdba) from pg_database where datname = 'app_db'"
-    )
+    owner = cluster.execute("select pg_get_userbyid(datdba) from pg_database where datname = 'app_db'")
     assert owner.strip() == "app_user"
     who = cluster.execute(
         "select current_user, current_database()",
@@ -151,18 +150,8 @@ def test_create_role_and_database(cluster: PgCluster) -> None:
         password="app pass 'quoted'",
     )
     assert who.strip() == "app_user|app_db"
-    assert (
-        cluster.execute(
-            "select rolsuper from pg_roles where rolname = 'app_admin'"
-        ).strip()
-        == "t"
-    )
-    assert (
-        cluster.execute(
-            "select rolcanlogin from pg_roles where rolname = 'app_group'"
-        ).strip()
-        == "f"
-    )
+    assert cluster.execute("select rolsuper from pg_roles where rolname = 'app_admin'").strip() == "t"
+    assert cluster.execute("select rolcanlogin from pg_roles where rolname = 'app_group'").strip() == "f"
     # The dsn carries the role's credentials.
     dsn = cluster.dsn("app_db", user="app_user", password="app pass 'quoted'")
     proc = subprocess.run(
@@ -191,12 +180,7 @@ def test_stop_is_idempotent_and_restart(tmp_path: Path) -> None:
     pg.start()
     try:
         assert pg.execute("show work_mem").strip() == "8MB"
-        assert (
-            pg.execute(
-                "select ssl from pg_stat_ssl where pid = pg_backend_pid()"
-            ).strip()
-            == "f"
-        )
+        assert pg.execute("select ssl from pg_stat_ssl where pid = pg_backend_pid()").strip() == "f"
         assert "sslmode=disable" in pg.dsn()
     finally:
         pg.stop()
@@ -211,9 +195,7 @@ def test_stop_is_idempotent_and_restart(tmp_path: Path) -> None:
 
 
 def test_start_failure_includes_log_tail(tmp_path: Path) -> None:
-    pg = PgCluster(
-        tmp_path / "bad", tls=False, extra_conf={"shared_buffers": "not-a-size"}
-    )
+    pg = PgCluster(tmp_path / "bad", tls=False, extra_conf={"shared_buffers": "not-a-size"})
     with pytest.raises(ClusterError) as info:
         pg.start()
     message = str(info.value)
