@@ -231,7 +231,9 @@ def test_tls_decrypt_bulk(
             n += len(plain)
         return n
 
-    got = benchmark.pedantic(decrypt, setup=make_records, rounds=200, iterations=1, warmup_rounds=5)
+    got = benchmark.pedantic(  # type: ignore[no-untyped-call]
+        decrypt, setup=make_records, rounds=200, iterations=1, warmup_rounds=5
+    )
     assert got == BULK
     _record_throughput(benchmark, BULK, summary_line)
 

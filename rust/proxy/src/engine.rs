@@ -3,18 +3,20 @@
 //! Theory of operation. `Engine::new` starts `workers` OS threads, each running a single-threaded
 //! tokio runtime (the shape of pgbouncer's event loop, one per core). `adopt` hands a session to the
 //! next worker, round robin. Each session is one task that owns both sockets and a
-//! `SessionRelay`: it waits for whichever comes first of a command, client bytes or server bytes,
-//! feeds the bytes through the relay one chunk at a time and writes the result out before reading
-//! again. Writing before reading is the backpressure: a slow client stops the task reading from the
-//! server, so memory per session is two read buffers and two output buffers whatever the result
-//! size. The only await points inside `select!` are socket reads and the command channel, both
-//! cancel-safe.
+//! `SessionRelay`: it waits until a command arrives or either socket is readable, then, without
+//! waiting, reads one chunk into the worker's shared buffer, feeds it through the relay and writes
+//! the result as far as the other socket takes it. Only what that socket does not take stays with
+//! the session (its backlog), and the task writes the backlog out before it reads again. That is
+//! the backpressure: a slow client stops the task reading from the server, so a session holds at
+//! most about one chunk whatever the result size, and an idle session holds no I/O buffer at all.
+//! The only await points inside `select!` are readiness and the command channel, both cancel-safe.
 //!
 //! Talking to the control plane. Events go into one bounded queue; when the queue goes from empty to
 //! non-empty the engine writes to an eventfd the control plane waits on, so a burst of events costs
 //! the control plane one wake-up. A session that would overflow the queue waits for room (only
 //! reporting can produce many events). Commands go to a session through its own channel.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -30,7 +32,7 @@ use ostiary_wire::pg::relay::{
 };
 use ostiary_wire::pg::sqlstate;
 use ostiary_wire::{Limits, WireError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
@@ -378,12 +380,44 @@ enum SessionError {
     Protocol { side: &'static str, err: WireError },
 }
 
+/// Buffers shared by every session of one worker thread. A session uses them only between two
+/// await points (read, scan, write as far as the socket takes it), so an idle session owns no I/O
+/// buffer at all: its memory is its relay state plus whatever a peer could not take yet (`backlog`).
+struct Scratch {
+    read: Vec<u8>,
+    plain: Vec<u8>,
+    out: Vec<u8>,
+    raw: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        read: vec![0u8; READ_BUF],
+        plain: Vec::with_capacity(READ_BUF),
+        out: Vec::with_capacity(READ_BUF + 1024),
+        raw: Vec::with_capacity(READ_BUF + 4096),
+    });
+}
+
+/// Backlog capacity kept between writes; a larger one (a slow peer during a large result) is freed
+/// once it drains.
+const BACKLOG_KEEP: usize = 4096;
+
 /// One leg of a session: a socket, optionally wrapped in TLS.
 struct Leg {
     tcp: TcpStream,
     tls: Option<TlsLayer>,
-    raw_out: Vec<u8>,
-    plain_in: Vec<u8>,
+    /// Raw bytes the peer's socket did not take yet, in order.
+    backlog: Vec<u8>,
+}
+
+enum Read {
+    /// Spurious readiness: nothing to read.
+    Nothing,
+    /// The peer closed the connection (or its TLS session).
+    Closed(&'static str),
+    /// Bytes were read and passed on.
+    Data,
 }
 
 impl Leg {
@@ -394,44 +428,89 @@ impl Leg {
         Ok(Leg {
             tcp: TcpStream::from_std(std)?,
             tls,
-            raw_out: Vec::new(),
-            plain_in: Vec::new(),
+            backlog: Vec::new(),
         })
     }
 
-    /// Decrypts raw bytes just read into `plain` (cleared first); returns whether the peer closed
-    /// its TLS session. TLS records owed in reply (alerts, key updates) wait in `raw_out`.
-    fn decode_into(&mut self, raw: &[u8], plain: &mut Vec<u8>) -> Result<bool, SessionError> {
-        plain.clear();
-        let Some(tls) = &mut self.tls else {
-            plain.extend_from_slice(raw);
-            return Ok(false);
+    /// Reads once into `scratch.read` and decrypts into `scratch.plain` when TLS is on. Returns how
+    /// many plaintext bytes are in the returned slice's source, or the end of the stream.
+    fn try_read<'a>(
+        &mut self,
+        read: &'a mut [u8],
+        plain: &'a mut Vec<u8>,
+        raw: &mut Vec<u8>,
+    ) -> Result<Option<(&'a [u8], bool)>, SessionError> {
+        let n = match self.tcp.try_read(read) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e.into()),
         };
-        let closed = tls.receive_raw_into(raw, plain)?;
-        tls.take_raw(&mut self.raw_out)?;
-        Ok(closed)
-    }
-
-    /// Writes plaintext (and any TLS records owed) to the peer.
-    async fn send(&mut self, data: &[u8]) -> Result<(), SessionError> {
+        if n == 0 {
+            return Ok(Some((&[], true)));
+        }
         match &mut self.tls {
-            None => {
-                if !data.is_empty() {
-                    self.tcp.write_all(data).await?;
-                }
-            }
+            None => Ok(Some((&read[..n], false))),
             Some(tls) => {
-                if !data.is_empty() {
-                    tls.write_plain(data)?;
-                }
-                tls.take_raw(&mut self.raw_out)?;
-                if !self.raw_out.is_empty() {
-                    self.tcp.write_all(&self.raw_out).await?;
-                    self.raw_out.clear();
-                }
+                plain.clear();
+                let closed = tls.receive_raw_into(&read[..n], plain)?;
+                // TLS records owed in reply (alerts, key updates).
+                self.write_now(&[], raw)?;
+                Ok(Some((&plain[..], closed)))
             }
         }
+    }
+
+    /// Sends plaintext: encrypts it when TLS is on, writes as much as the socket takes now and keeps
+    /// the rest in `backlog` for `flush`. Never waits.
+    fn write_now(&mut self, plain: &[u8], raw: &mut Vec<u8>) -> Result<(), SessionError> {
+        let bytes: &[u8] = match &mut self.tls {
+            None => plain,
+            Some(tls) => {
+                if !plain.is_empty() {
+                    tls.write_plain(plain)?;
+                }
+                raw.clear();
+                tls.take_raw(raw)?;
+                raw
+            }
+        };
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if !self.backlog.is_empty() {
+            self.backlog.extend_from_slice(bytes);
+            return Ok(());
+        }
+        let mut off = 0;
+        while off < bytes.len() {
+            match self.tcp.try_write(&bytes[off..]) {
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.backlog.extend_from_slice(&bytes[off..]);
         Ok(())
+    }
+
+    /// Waits until the backlog is written: this is the backpressure, the session reads nothing more
+    /// from the other side meanwhile.
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        if !self.backlog.is_empty() {
+            self.tcp.write_all(&self.backlog).await?;
+        }
+        if self.backlog.capacity() > BACKLOG_KEEP {
+            self.backlog = Vec::new();
+        } else {
+            self.backlog.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes `plain` and waits until it is out.
+    async fn send(&mut self, plain: &[u8]) -> Result<(), SessionError> {
+        SCRATCH.with_borrow_mut(|s| self.write_now(plain, &mut s.raw))?;
+        self.flush().await
     }
 
     async fn close(&mut self) {
@@ -448,14 +527,17 @@ struct Session {
     client: Leg,
     upstream: Leg,
     relay: SessionRelay,
+    /// Client plaintext not yet scanned (after a hold, or pipelined during the handshake).
     pending: Vec<u8>,
     upstream_prefix: Vec<u8>,
-    to_up: Vec<u8>,
-    to_client: Vec<u8>,
     events: Vec<BackendEvent>,
     report: bool,
     drain: Option<Vec<u8>>,
     terminate: Option<Vec<u8>>,
+}
+
+fn protocol(side: &'static str) -> impl FnOnce(WireError) -> SessionError {
+    move |err| SessionError::Protocol { side, err }
 }
 
 impl Session {
@@ -467,8 +549,6 @@ impl Session {
             relay: SessionRelay::new(inner.config.limits, spec.gate, spec.report),
             pending: spec.client_prefix,
             upstream_prefix: spec.upstream_prefix,
-            to_up: Vec::with_capacity(16 * 1024),
-            to_client: Vec::with_capacity(READ_BUF + 1024),
             events: Vec::new(),
             report: spec.report,
             drain: None,
@@ -510,17 +590,18 @@ impl Session {
         cmds: &mut mpsc::UnboundedReceiver<Command>,
         inner: &Inner,
     ) -> Result<(&'static str, String), SessionError> {
-        let mut cbuf = vec![0u8; READ_BUF];
-        let mut ubuf = vec![0u8; READ_BUF];
         if !self.upstream_prefix.is_empty() {
             let prefix = std::mem::take(&mut self.upstream_prefix);
-            self.on_upstream_plain(&prefix, inner).await?;
+            SCRATCH.with_borrow_mut(|s| self.scan_backend(&prefix, &mut s.out, &mut s.raw))?;
+            self.after_backend(inner).await?;
         }
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
             if !self.pending.is_empty() && !self.relay.is_holding() {
                 let pending = std::mem::take(&mut self.pending);
-                self.on_client_plain(&pending, inner).await?;
+                let hold = SCRATCH
+                    .with_borrow_mut(|s| self.scan_frontend(&pending, &mut s.out, &mut s.raw))?;
+                self.after_frontend(hold, inner).await?;
             }
             if self.relay.terminated() {
                 return Ok(("client_closed", String::new()));
@@ -547,40 +628,20 @@ impl Session {
                         None => return Ok(("terminated", "engine stopped".into())),
                     }
                 }
-                r = self.client.tcp.read(&mut cbuf), if !holding => {
-                    let n = r?;
-                    if n == 0 {
-                        return Ok(("client_closed", "client closed the connection without Terminate".into()));
-                    }
-                    if self.client.tls.is_none() {
-                        self.on_client_plain(&cbuf[..n], inner).await?;
-                    } else {
-                        let mut plain = std::mem::take(&mut self.client.plain_in);
-                        let closed = self.client.decode_into(&cbuf[..n], &mut plain)?;
-                        self.client.send(&[]).await?;
-                        self.on_client_plain(&plain, inner).await?;
-                        self.client.plain_in = plain;
-                        if closed {
-                            return Ok(("client_closed", "client closed its TLS session".into()));
-                        }
+                r = self.client.tcp.readable(), if !holding => {
+                    r?;
+                    match self.on_client_readable()? {
+                        (Read::Closed(why), _) => return Ok(("client_closed", why.into())),
+                        (Read::Nothing, _) => {}
+                        (Read::Data, hold) => self.after_frontend(hold, inner).await?,
                     }
                 }
-                r = self.upstream.tcp.read(&mut ubuf) => {
-                    let n = r?;
-                    if n == 0 {
-                        return Ok(("upstream_closed", "the server closed the connection".into()));
-                    }
-                    if self.upstream.tls.is_none() {
-                        self.on_upstream_plain(&ubuf[..n], inner).await?;
-                    } else {
-                        let mut plain = std::mem::take(&mut self.upstream.plain_in);
-                        let closed = self.upstream.decode_into(&ubuf[..n], &mut plain)?;
-                        self.upstream.send(&[]).await?;
-                        self.on_upstream_plain(&plain, inner).await?;
-                        self.upstream.plain_in = plain;
-                        if closed {
-                            return Ok(("upstream_closed", "the server closed its TLS session".into()));
-                        }
+                r = self.upstream.tcp.readable() => {
+                    r?;
+                    match self.on_upstream_readable()? {
+                        Read::Closed(why) => return Ok(("upstream_closed", why.into())),
+                        Read::Nothing => {}
+                        Read::Data => self.after_backend(inner).await?,
                     }
                 }
                 _ = sleep_until(deadline) => {
@@ -590,53 +651,105 @@ impl Session {
         }
     }
 
-    async fn on_command(&mut self, cmd: Command) -> Result<(), SessionError> {
-        match cmd {
-            Command::Verdict {
-                seq,
-                verdict,
-                remember,
-            } => {
-                self.to_up.clear();
-                self.relay
-                    .resolve(seq, verdict, remember, &mut self.to_up)
-                    .map_err(|err| SessionError::Protocol {
-                        side: "control plane",
-                        err,
-                    })?;
-                let out = std::mem::take(&mut self.to_up);
-                self.upstream.send(&out).await?;
-                self.to_up = out;
+    /// Reads what the client sent, scans it and passes it upstream, all without waiting.
+    fn on_client_readable(&mut self) -> Result<(Read, Option<Statement>), SessionError> {
+        SCRATCH.with_borrow_mut(|s| {
+            let Scratch {
+                read,
+                plain,
+                out,
+                raw,
+            } = s;
+            let Some((data, closed)) = self.client.try_read(read, plain, raw)? else {
+                return Ok((Read::Nothing, None));
+            };
+            let hold = if data.is_empty() {
+                None
+            } else {
+                self.scan_frontend(data, out, raw)?
+            };
+            if closed {
+                let why = if self.client.tls.is_some() {
+                    "client closed its TLS session"
+                } else {
+                    "client closed the connection without Terminate"
+                };
+                return Ok((Read::Closed(why), None));
             }
-            Command::SetGate(g) => self.relay.set_gate(g),
-            Command::Drain { code, message } => {
-                self.drain = Some(backend::error_response("FATAL", &code, &message));
-            }
-            Command::Terminate { code, message } => {
-                self.terminate = Some(ErrorFields::new("FATAL", &code, &message).encode_error());
-            }
-        }
-        Ok(())
+            Ok((Read::Data, hold))
+        })
     }
 
-    async fn on_client_plain(&mut self, data: &[u8], inner: &Inner) -> Result<(), SessionError> {
-        self.to_up.clear();
+    /// Reads what the server sent, scans it and passes it to the client, all without waiting.
+    fn on_upstream_readable(&mut self) -> Result<Read, SessionError> {
+        SCRATCH.with_borrow_mut(|s| {
+            let Scratch {
+                read,
+                plain,
+                out,
+                raw,
+            } = s;
+            let Some((data, closed)) = self.upstream.try_read(read, plain, raw)? else {
+                return Ok(Read::Nothing);
+            };
+            if !data.is_empty() {
+                self.scan_backend(data, out, raw)?;
+            }
+            if closed {
+                return Ok(Read::Closed("the server closed the connection"));
+            }
+            Ok(Read::Data)
+        })
+    }
+
+    /// Scans client plaintext and writes what may pass upstream. On a hold, the rest of `data` is
+    /// kept in `pending` and the held statement returned.
+    fn scan_frontend(
+        &mut self,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        raw: &mut Vec<u8>,
+    ) -> Result<Option<Statement>, SessionError> {
+        out.clear();
         let stop = self
             .relay
-            .feed_frontend(data, &mut self.to_up)
-            .map_err(|err| SessionError::Protocol {
-                side: "client",
-                err,
-            })?;
-        let out = std::mem::take(&mut self.to_up);
-        self.upstream.send(&out).await?;
-        self.to_up = out;
-        if let FrontendStop::Hold {
-            consumed,
-            statement,
-        } = stop
-        {
-            self.pending = data[consumed..].to_vec();
+            .feed_frontend(data, out)
+            .map_err(protocol("client"))?;
+        self.upstream.write_now(out, raw)?;
+        Ok(match stop {
+            FrontendStop::Consumed => None,
+            FrontendStop::Hold {
+                consumed,
+                statement,
+            } => {
+                self.pending = data[consumed..].to_vec();
+                Some(statement)
+            }
+        })
+    }
+
+    /// Scans server plaintext and writes what goes to the client.
+    fn scan_backend(
+        &mut self,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        raw: &mut Vec<u8>,
+    ) -> Result<(), SessionError> {
+        out.clear();
+        self.relay
+            .feed_backend(data, out, &mut self.events)
+            .map_err(protocol("server"))?;
+        self.client.write_now(out, raw)
+    }
+
+    async fn after_frontend(
+        &mut self,
+        hold: Option<Statement>,
+        inner: &Inner,
+    ) -> Result<(), SessionError> {
+        self.client.flush().await?;
+        self.upstream.flush().await?;
+        if let Some(statement) = hold {
             inner
                 .push_waiting(Event::Statement {
                     session: self.id,
@@ -647,17 +760,9 @@ impl Session {
         Ok(())
     }
 
-    async fn on_upstream_plain(&mut self, data: &[u8], inner: &Inner) -> Result<(), SessionError> {
-        self.to_client.clear();
-        self.relay
-            .feed_backend(data, &mut self.to_client, &mut self.events)
-            .map_err(|err| SessionError::Protocol {
-                side: "server",
-                err,
-            })?;
-        let out = std::mem::take(&mut self.to_client);
-        self.client.send(&out).await?;
-        self.to_client = out;
+    async fn after_backend(&mut self, inner: &Inner) -> Result<(), SessionError> {
+        self.upstream.flush().await?;
+        self.client.flush().await?;
         if self.report && !self.events.is_empty() {
             let events = std::mem::take(&mut self.events);
             inner
@@ -666,6 +771,33 @@ impl Session {
                     events,
                 })
                 .await;
+        }
+        Ok(())
+    }
+
+    async fn on_command(&mut self, cmd: Command) -> Result<(), SessionError> {
+        match cmd {
+            Command::Verdict {
+                seq,
+                verdict,
+                remember,
+            } => {
+                SCRATCH.with_borrow_mut(|s| {
+                    s.out.clear();
+                    self.relay
+                        .resolve(seq, verdict, remember, &mut s.out)
+                        .map_err(protocol("control plane"))?;
+                    self.upstream.write_now(&s.out, &mut s.raw)
+                })?;
+                self.upstream.flush().await?;
+            }
+            Command::SetGate(g) => self.relay.set_gate(g),
+            Command::Drain { code, message } => {
+                self.drain = Some(backend::error_response("FATAL", &code, &message));
+            }
+            Command::Terminate { code, message } => {
+                self.terminate = Some(ErrorFields::new("FATAL", &code, &message).encode_error());
+            }
         }
         Ok(())
     }
