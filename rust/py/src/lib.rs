@@ -13,6 +13,7 @@ use ostiary_proxy::tls::{self, TlsLayer};
 use ostiary_wire::pg::backend::{self, Authentication, ErrorFields};
 use ostiary_wire::pg::handshake::{self, ClientEvent, UpstreamStep};
 use ostiary_wire::pg::relay::{BackendEvent, Gate, Verdict};
+use ostiary_wire::pg::scram::SaltedPasswordCache;
 use ostiary_wire::pg::startup::{self, StartupPacket};
 use ostiary_wire::{Limits, WireError};
 use pyo3::create_exception;
@@ -120,6 +121,10 @@ impl ClientHandshake {
     }
 }
 
+/// Salted passwords shared by every upstream login of this process (see SaltedPasswordCache).
+static SCRAM_CACHE: std::sync::LazyLock<Arc<SaltedPasswordCache>> =
+    std::sync::LazyLock::new(|| Arc::new(SaltedPasswordCache::new(1024)));
+
 /// The upstream startup machine: call `start()` for the StartupMessage, then loop on `step()`.
 #[pyclass(module = "ostiary._core")]
 struct UpstreamHandshake {
@@ -134,6 +139,7 @@ impl UpstreamHandshake {
         let (inner, first) =
             handshake::UpstreamHandshake::new(params, &password, Limits::default())
                 .map_err(wire_err)?;
+        let inner = inner.with_scram_cache(SCRAM_CACHE.clone());
         Ok(UpstreamHandshake {
             inner,
             first: Some(first),

@@ -155,6 +155,7 @@ pub struct UpstreamHandshake {
     password: String,
     buf: Vec<u8>,
     scram: Option<ScramClient>,
+    cache: Option<std::sync::Arc<scram::SaltedPasswordCache>>,
     authenticated: bool,
     ready: UpstreamReady,
     limits: Limits,
@@ -178,6 +179,7 @@ impl UpstreamHandshake {
             password: password.to_owned(),
             buf: Vec::new(),
             scram: None,
+            cache: None,
             authenticated: false,
             ready: UpstreamReady {
                 params: Vec::new(),
@@ -189,6 +191,12 @@ impl UpstreamHandshake {
             limits,
         };
         Ok((m, first))
+    }
+
+    /// Shares a cache of SCRAM salted passwords across logins.
+    pub fn with_scram_cache(mut self, cache: std::sync::Arc<scram::SaltedPasswordCache>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     pub fn receive_data(&mut self, data: &[u8]) -> Result<(), WireError> {
@@ -282,6 +290,9 @@ impl UpstreamHandshake {
                     )));
                 }
                 let mut c = ScramClient::new(&self.password)?;
+                if let Some(cache) = &self.cache {
+                    c = c.with_cache(cache.clone());
+                }
                 let first = c.client_first();
                 self.scram = Some(c);
                 Ok(Some(frontend::sasl_initial_response(

@@ -24,6 +24,55 @@ fn auth_err(msg: impl Into<String>) -> WireError {
     WireError::Auth(msg.into())
 }
 
+/// Salted passwords (the PBKDF2 output, the expensive part of SCRAM) by password, salt and
+/// iteration count. PostgreSQL keeps a role's salt until its password changes, so a gateway that
+/// logs in to the same role over and over derives the key once. Bounded: it is emptied when full.
+/// Entries are keyed by a SHA-256 digest, so the cache holds no password.
+pub struct SaltedPasswordCache {
+    map: std::sync::Mutex<std::collections::HashMap<[u8; 32], [u8; 32]>>,
+    capacity: usize,
+}
+
+impl SaltedPasswordCache {
+    pub fn new(capacity: usize) -> Self {
+        SaltedPasswordCache {
+            map: std::sync::Mutex::new(std::collections::HashMap::new()),
+            capacity,
+        }
+    }
+
+    fn key(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update((password.len() as u64).to_be_bytes());
+        h.update(password);
+        h.update(salt);
+        h.update(iterations.to_be_bytes());
+        h.finalize().into()
+    }
+
+    fn salted(&self, password: &[u8], salt: &[u8], iterations: u32) -> Result<[u8; 32], WireError> {
+        let key = Self::key(password, salt, iterations);
+        if let Some(v) = self.map.lock().ok().and_then(|m| m.get(&key).copied()) {
+            return Ok(v);
+        }
+        let v = derive(password, salt, iterations)?;
+        if let Ok(mut m) = self.map.lock() {
+            if m.len() >= self.capacity {
+                m.clear();
+            }
+            m.insert(key, v);
+        }
+        Ok(v)
+    }
+}
+
+fn derive(password: &[u8], salt: &[u8], iterations: u32) -> Result<[u8; 32], WireError> {
+    let mut salted = [0u8; 32];
+    pbkdf2::pbkdf2::<HmacSha256>(password, salt, iterations, &mut salted)
+        .map_err(|_| auth_err("SCRAM key derivation failed"))?;
+    Ok(salted)
+}
+
 enum State {
     Initial,
     SentFirst { client_first_bare: String },
@@ -37,6 +86,7 @@ pub struct ScramClient {
     password: Vec<u8>,
     nonce: String,
     state: State,
+    cache: Option<std::sync::Arc<SaltedPasswordCache>>,
 }
 
 impl ScramClient {
@@ -53,7 +103,14 @@ impl ScramClient {
             password: password.as_bytes().to_vec(),
             nonce: nonce.to_owned(),
             state: State::Initial,
+            cache: None,
         }
+    }
+
+    /// Uses (and fills) a cache of salted passwords.
+    pub fn with_cache(mut self, cache: std::sync::Arc<SaltedPasswordCache>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     pub fn client_first(&mut self) -> Vec<u8> {
@@ -103,9 +160,10 @@ impl ScramClient {
                 "SCRAM iteration count {iterations} out of range"
             )));
         }
-        let mut salted = [0u8; 32];
-        pbkdf2::pbkdf2::<HmacSha256>(&self.password, &salt, iterations, &mut salted)
-            .map_err(|_| auth_err("SCRAM key derivation failed"))?;
+        let salted = match &self.cache {
+            Some(cache) => cache.salted(&self.password, &salt, iterations)?,
+            None => derive(&self.password, &salt, iterations)?,
+        };
         let client_key = hmac(&salted, b"Client Key");
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
         let without_proof = format!("c=biws,r={nonce}");
@@ -175,6 +233,23 @@ mod tests {
         assert!(fin.starts_with("c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p="));
         // A wrong server signature is refused.
         assert!(c.server_final(b"v=AAAA").is_err());
+    }
+
+    #[test]
+    fn cache_gives_the_same_proof() {
+        let server_first = b"r=abcdef,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
+        let mut plain = ScramClient::with_nonce("pencil", "abc");
+        plain.client_first();
+        let expected = plain.server_first(server_first).unwrap();
+        let cache = std::sync::Arc::new(SaltedPasswordCache::new(2));
+        for _ in 0..3 {
+            let mut c = ScramClient::with_nonce("pencil", "abc").with_cache(cache.clone());
+            c.client_first();
+            assert_eq!(c.server_first(server_first).unwrap(), expected);
+        }
+        let mut other = ScramClient::with_nonce("other", "abc").with_cache(cache.clone());
+        other.client_first();
+        assert_ne!(other.server_first(server_first).unwrap(), expected);
     }
 
     #[test]
