@@ -474,6 +474,14 @@ impl SessionRelay {
                     self.rows_since_complete += 1;
                 }
                 if self.wants_capture_back(tag) && len <= self.limits.max_statement {
+                    if input.len() - pos >= len {
+                        // The whole message is in this chunk (the common case): read it in place.
+                        let body = &input[pos..pos + len];
+                        pos += len;
+                        self.back.hdr_len = 0;
+                        self.on_backend_message(tag, body, out, events)?;
+                        continue;
+                    }
                     self.back.body = Some(Body::Capture(Vec::with_capacity(len)));
                 } else {
                     out.extend_from_slice(&self.back.hdr);
@@ -569,9 +577,16 @@ impl SessionRelay {
             }
             _ => {}
         }
-        out.extend_from_slice(&Framer::raw(tag, body));
+        out.extend_from_slice(&header(tag, body.len()));
+        out.extend_from_slice(body);
         Ok(())
     }
+}
+
+/// The five header bytes of a message with a body of `len` bytes.
+fn header(tag: u8, len: usize) -> [u8; 5] {
+    let l = ((len + 4) as u32).to_be_bytes();
+    [tag, l[0], l[1], l[2], l[3]]
 }
 
 #[cfg(test)]
