@@ -120,6 +120,22 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], log_path: Path, time
     raise RuntimeError(f"gateway did not listen on {port}:\n{log_path.read_text()}")
 
 
+def app_upstream(pg: PgCluster, **changes: Any) -> dict[str, Any]:
+    """The upstream of connection ``app``: the test cluster over verify-full TLS; ``changes``
+    override keys (a value of None removes the key)."""
+    assert pg.tls is not None
+    up: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": pg.port,
+        "database": "app",
+        "user": "app",
+        "password_env": "OSTIARY_TEST_APP_PASSWORD",
+        "tls": {"mode": "verify-full", "ca": str(pg.tls.ca_cert), "server_name": "localhost"},
+    }
+    up.update(changes)
+    return {k: v for k, v in up.items() if v is not None}
+
+
 def gateway_config(
     pg: PgCluster, gw_tls: TlsMaterial, port: int, tmp: Path, **overrides: Any
 ) -> dict[str, Any]:
@@ -134,19 +150,7 @@ def gateway_config(
             "client_ca": str(gw_tls.ca_cert),
         },
         "clients": [{"user": CLIENT_USER, "password": CLIENT_PASSWORD}],
-        "connections": [
-            {
-                "name": "app",
-                "upstream": {
-                    "host": "127.0.0.1",
-                    "port": pg.port,
-                    "database": "app",
-                    "user": "app",
-                    "password_env": "OSTIARY_TEST_APP_PASSWORD",
-                    "tls": {"mode": "verify-full", "ca": str(pg.tls.ca_cert), "server_name": "localhost"},
-                },
-            }
-        ],
+        "connections": [{"name": "app", "upstream": app_upstream(pg)}],
         "shutdown": {"grace": 5},
     }
     for key, value in overrides.items():

@@ -28,6 +28,7 @@ from conftest import (
     CLIENT_USER,
     GatewayFactory,
     GatewayProcess,
+    app_upstream,
     gateway_config,
     psql,
 )
@@ -43,17 +44,7 @@ KIB_PER_MB = 1024
 
 def upstream(pg: PgCluster, **changes: Any) -> list[dict[str, Any]]:
     """The ``connections`` section of conftest.gateway_config with `changes` to the upstream."""
-    assert pg.tls is not None
-    up: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": pg.port,
-        "database": "app",
-        "user": "app",
-        "password_env": "OSTIARY_TEST_APP_PASSWORD",
-        "tls": {"mode": "verify-full", "ca": str(pg.tls.ca_cert), "server_name": "localhost"},
-    }
-    up.update(changes)
-    return [{"name": "app", "upstream": {k: v for k, v in up.items() if v is not None}}]
+    return [{"name": "app", "upstream": app_upstream(pg, **changes)}]
 
 
 def shaped_config(

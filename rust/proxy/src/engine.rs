@@ -18,11 +18,14 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io::{self, Read as _, Write as _};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -33,7 +36,7 @@ use ostiary_wire::pg::relay::{
 };
 use ostiary_wire::pg::sqlstate;
 use ostiary_wire::{Limits, WireError};
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::sync::{mpsc, Notify};
 
 use crate::tls::{TlsError, TlsLayer};
@@ -416,6 +419,14 @@ struct Leg {
     backlog: Vec<u8>,
 }
 
+/// What woke a session.
+enum Wake<'a> {
+    Command(Option<Command>),
+    Client(AsyncFdReadyGuard<'a, std::net::TcpStream>),
+    Upstream(AsyncFdReadyGuard<'a, std::net::TcpStream>),
+    Deadline,
+}
+
 enum Read {
     /// Spurious readiness: nothing to read.
     Nothing,
@@ -620,7 +631,9 @@ impl Session {
             SCRATCH.with_borrow_mut(|s| self.scan_backend(&prefix, &mut s.out, &mut s.raw))?;
             self.after_backend(inner).await?;
         }
-        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let (cfd, ufd) = (self.client.tcp.clone(), self.upstream.tcp.clone());
+        let mut upstream_first = false;
         loop {
             if !self.pending.is_empty() && !self.relay.is_holding() {
                 let pending = std::mem::take(&mut self.pending);
@@ -642,20 +655,53 @@ impl Session {
                 return Ok(("drained", String::new()));
             }
             if self.terminate.is_some() && deadline.is_none() {
-                deadline = Some(tokio::time::Instant::now() + TERMINATE_GRACE);
+                deadline = Some(Box::pin(tokio::time::sleep(TERMINATE_GRACE)));
             }
             let holding = self.relay.is_holding();
-            let (cfd, ufd) = (self.client.tcp.clone(), self.upstream.tcp.clone());
-            tokio::select! {
-                biased;
-                cmd = cmds.recv() => {
-                    match cmd {
-                        Some(c) => self.on_command(c).await?,
-                        None => return Ok(("terminated", "engine stopped".into())),
+            // Alternate which side is looked at first so neither can starve the other.
+            upstream_first = !upstream_first;
+            // One hand-written poll instead of `select!`: readiness is polled in place (no waiter
+            // registered and removed per wake-up), which is most of the per-message cost here.
+            let wake = std::future::poll_fn(|cx| {
+                if let Poll::Ready(c) = cmds.poll_recv(cx) {
+                    return Poll::Ready(Ok(Wake::Command(c)));
+                }
+                let client = |cx: &mut Context<'_>| {
+                    if holding {
+                        return Poll::Pending;
+                    }
+                    cfd.poll_read_ready(cx).map_ok(Wake::Client)
+                };
+                let upstream =
+                    |cx: &mut Context<'_>| ufd.poll_read_ready(cx).map_ok(Wake::Upstream);
+                let first = if upstream_first {
+                    upstream(cx)
+                } else {
+                    client(cx)
+                };
+                if first.is_ready() {
+                    return first;
+                }
+                let second = if upstream_first {
+                    client(cx)
+                } else {
+                    upstream(cx)
+                };
+                if second.is_ready() {
+                    return second;
+                }
+                if let Some(sleep) = deadline.as_mut() {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Ok(Wake::Deadline));
                     }
                 }
-                r = cfd.readable(), if !holding => {
-                    let mut ready = r?;
+                Poll::Pending
+            })
+            .await?;
+            match wake {
+                Wake::Command(Some(c)) => self.on_command(c).await?,
+                Wake::Command(None) => return Ok(("terminated", "engine stopped".into())),
+                Wake::Client(mut ready) => {
                     let (outcome, hold, drained) = self.on_client_readable()?;
                     if drained {
                         ready.clear_ready();
@@ -667,8 +713,7 @@ impl Session {
                         (Read::Data, hold) => self.after_frontend(hold, inner).await?,
                     }
                 }
-                r = ufd.readable() => {
-                    let mut ready = r?;
+                Wake::Upstream(mut ready) => {
                     let (outcome, drained) = self.on_upstream_readable()?;
                     if drained {
                         ready.clear_ready();
@@ -680,8 +725,11 @@ impl Session {
                         Read::Data => self.after_backend(inner).await?,
                     }
                 }
-                _ = sleep_until(deadline) => {
-                    return Ok(("terminated", "closed mid-message after the grace period".into()));
+                Wake::Deadline => {
+                    return Ok((
+                        "terminated",
+                        "closed mid-message after the grace period".into(),
+                    ));
                 }
             }
         }
@@ -839,12 +887,5 @@ impl Session {
             }
         }
         Ok(())
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }

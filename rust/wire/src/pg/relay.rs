@@ -155,6 +155,61 @@ impl Framer {
         Ok(body)
     }
 
+    /// Takes header bytes from `input[*pos..]`; once all five are in, returns the tag and the body
+    /// length, checked against `limit` before anything is buffered for the body.
+    fn read_header(
+        &mut self,
+        input: &[u8],
+        pos: &mut usize,
+        limit: usize,
+        what: &'static str,
+    ) -> Result<Option<(u8, usize)>, WireError> {
+        let take = (5 - self.hdr_len).min(input.len() - *pos);
+        self.hdr[self.hdr_len..self.hdr_len + take].copy_from_slice(&input[*pos..*pos + take]);
+        self.hdr_len += take;
+        *pos += take;
+        if self.hdr_len < 5 {
+            return Ok(None);
+        }
+        Ok(Some((self.tag(), self.body_len(limit, what)?)))
+    }
+
+    /// Starts the body: streamed (the header goes to `out` now) or captured.
+    fn begin_body(&mut self, len: usize, capture: bool, out: &mut Vec<u8>) {
+        if capture {
+            self.body = Some(Body::Capture(Vec::with_capacity(len)));
+        } else {
+            out.extend_from_slice(&self.hdr);
+            self.body = Some(Body::Stream);
+        }
+        self.remaining = len;
+    }
+
+    /// Moves body bytes from `input[*pos..]` to `out` or the capture. When the message is complete,
+    /// returns `Some(captured body or None)` and resets for the next header.
+    fn read_body(
+        &mut self,
+        input: &[u8],
+        pos: &mut usize,
+        out: &mut Vec<u8>,
+    ) -> Option<Option<Vec<u8>>> {
+        let take = self.remaining.min(input.len() - *pos);
+        match self.body.as_mut().expect("in a body") {
+            Body::Stream => out.extend_from_slice(&input[*pos..*pos + take]),
+            Body::Capture(buf) => buf.extend_from_slice(&input[*pos..*pos + take]),
+        }
+        *pos += take;
+        self.remaining -= take;
+        if self.remaining > 0 {
+            return None;
+        }
+        self.hdr_len = 0;
+        match self.body.take() {
+            Some(Body::Capture(buf)) => Some(Some(buf)),
+            _ => Some(None),
+        }
+    }
+
     fn raw(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = Vec::with_capacity(body.len() + 5);
         v.push(tag);
@@ -267,56 +322,38 @@ impl SessionRelay {
         let mut pos = 0;
         while pos < input.len() {
             if self.front.body.is_none() {
-                let take = (5 - self.front.hdr_len).min(input.len() - pos);
-                self.front.hdr[self.front.hdr_len..self.front.hdr_len + take]
-                    .copy_from_slice(&input[pos..pos + take]);
-                self.front.hdr_len += take;
-                pos += take;
-                if self.front.hdr_len < 5 {
+                let Some((tag, len)) = self.front.read_header(
+                    input,
+                    &mut pos,
+                    self.limits.max_message,
+                    "client message",
+                )?
+                else {
                     break;
+                };
+                let capture = self.wants_capture_front(tag);
+                if capture && len > self.limits.max_statement {
+                    return Err(WireError::TooLarge {
+                        what: "statement",
+                        length: len,
+                        limit: self.limits.max_statement,
+                    });
                 }
-                let len = self
-                    .front
-                    .body_len(self.limits.max_message, "client message")?;
-                let tag = self.front.tag();
-                if self.wants_capture_front(tag) {
-                    if len > self.limits.max_statement {
-                        return Err(WireError::TooLarge {
-                            what: "statement",
-                            length: len,
-                            limit: self.limits.max_statement,
+                self.front.begin_body(len, capture, out);
+            }
+            let tag = self.front.tag();
+            match self.front.read_body(input, &mut pos, out) {
+                None => {}
+                Some(Some(buf)) => {
+                    if let Some(statement) = self.on_statement(tag, buf, out)? {
+                        self.stats.frontend_bytes += pos as u64;
+                        return Ok(FrontendStop::Hold {
+                            consumed: pos,
+                            statement,
                         });
                     }
-                    self.front.body = Some(Body::Capture(Vec::with_capacity(len)));
-                } else {
-                    out.extend_from_slice(&self.front.hdr);
-                    self.front.body = Some(Body::Stream);
                 }
-                self.front.remaining = len;
-            }
-            let take = self.front.remaining.min(input.len() - pos);
-            match self.front.body.as_mut().expect("in a body") {
-                Body::Stream => out.extend_from_slice(&input[pos..pos + take]),
-                Body::Capture(buf) => buf.extend_from_slice(&input[pos..pos + take]),
-            }
-            pos += take;
-            self.front.remaining -= take;
-            if self.front.remaining == 0 {
-                let tag = self.front.tag();
-                let body = self.front.body.take();
-                self.front.hdr_len = 0;
-                match body {
-                    Some(Body::Capture(buf)) => {
-                        if let Some(statement) = self.on_statement(tag, buf, out)? {
-                            self.stats.frontend_bytes += pos as u64;
-                            return Ok(FrontendStop::Hold {
-                                consumed: pos,
-                                statement,
-                            });
-                        }
-                    }
-                    _ => self.on_streamed_front(tag),
-                }
+                Some(None) => self.on_streamed_front(tag),
             }
         }
         self.stats.frontend_bytes += input.len() as u64;
@@ -458,51 +495,32 @@ impl SessionRelay {
         let mut pos = 0;
         while pos < input.len() {
             if self.back.body.is_none() {
-                let take = (5 - self.back.hdr_len).min(input.len() - pos);
-                self.back.hdr[self.back.hdr_len..self.back.hdr_len + take]
-                    .copy_from_slice(&input[pos..pos + take]);
-                self.back.hdr_len += take;
-                pos += take;
-                if self.back.hdr_len < 5 {
+                let Some((tag, len)) = self.back.read_header(
+                    input,
+                    &mut pos,
+                    self.limits.max_message,
+                    "server message",
+                )?
+                else {
                     break;
-                }
-                let len = self
-                    .back
-                    .body_len(self.limits.max_message, "server message")?;
-                let tag = self.back.tag();
+                };
                 if tag == btag::DATA_ROW {
                     self.rows_since_complete += 1;
                 }
-                if self.wants_capture_back(tag) && len <= self.limits.max_statement {
-                    if input.len() - pos >= len {
-                        // The whole message is in this chunk (the common case): read it in place.
-                        let body = &input[pos..pos + len];
-                        pos += len;
-                        self.back.hdr_len = 0;
-                        self.on_backend_message(tag, body, out, events)?;
-                        continue;
-                    }
-                    self.back.body = Some(Body::Capture(Vec::with_capacity(len)));
-                } else {
-                    out.extend_from_slice(&self.back.hdr);
-                    self.back.body = Some(Body::Stream);
+                let capture = self.wants_capture_back(tag) && len <= self.limits.max_statement;
+                if capture && input.len() - pos >= len {
+                    // The whole message is in this chunk (the common case): read it in place.
+                    let body = &input[pos..pos + len];
+                    pos += len;
+                    self.back.hdr_len = 0;
+                    self.on_backend_message(tag, body, out, events)?;
+                    continue;
                 }
-                self.back.remaining = len;
+                self.back.begin_body(len, capture, out);
             }
-            let take = self.back.remaining.min(input.len() - pos);
-            match self.back.body.as_mut().expect("in a body") {
-                Body::Stream => out.extend_from_slice(&input[pos..pos + take]),
-                Body::Capture(buf) => buf.extend_from_slice(&input[pos..pos + take]),
-            }
-            pos += take;
-            self.back.remaining -= take;
-            if self.back.remaining == 0 {
-                let tag = self.back.tag();
-                let body = self.back.body.take();
-                self.back.hdr_len = 0;
-                if let Some(Body::Capture(buf)) = body {
-                    self.on_backend_message(tag, &buf, out, events)?;
-                }
+            let tag = self.back.tag();
+            if let Some(Some(buf)) = self.back.read_body(input, &mut pos, out) {
+                self.on_backend_message(tag, &buf, out, events)?;
             }
         }
         Ok(())
