@@ -30,7 +30,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from ostiary import _core
 from ostiary.devcluster import TlsMaterial, make_tls_material
 
-CHUNK = 16 * 1024  # one TLS record of plaintext; the engine's relay buffers are this size too
+CHUNK = 16 * 1024  # one TLS record of plaintext
 BULK = 1 << 20  # bytes moved per benchmark round in the bulk TLS benchmarks
 SERVER_PARAMS = [
     ("application_name", "pgbench"),
