@@ -25,7 +25,7 @@ from ostiary.auth import ClientHello, Identity
 from ostiary.config import Connection
 from ostiary.errors import AuthenticationFailed, UpstreamUnavailable
 from ostiary.hooks import SessionInfo
-from ostiary.proxy.channel import Channel, ChannelClosed
+from ostiary.proxy.channel import Channel, ChannelClosed, open_tcp
 
 if TYPE_CHECKING:
     from ostiary.proxy.server import Gateway
@@ -79,7 +79,7 @@ async def _connect_upstream(
         ) from None
     try:
         with trio.fail_after(up.connect_timeout):
-            stream = await trio.open_tcp_stream(up.host, up.port)
+            stream = await open_tcp(up.host, up.port)
     except (OSError, trio.TooSlowError) as e:
         raise UpstreamUnavailable(f"cannot reach {up.host}:{up.port}: {e or 'timed out'}") from None
     ch = Channel(stream)

@@ -25,7 +25,7 @@ from ostiary import _core
 from ostiary.auth import Authenticator, StaticPasswords
 from ostiary.config import Config, Connection
 from ostiary.hooks import AllowAll, NoObserver, SessionInfo, SessionObserver, StatementHook, StatementInfo
-from ostiary.proxy.channel import Channel
+from ostiary.proxy.channel import Channel, open_tcp
 from ostiary.proxy.postgres import CancelTarget, PostgresStartup, fatal
 
 log = logging.getLogger("ostiary.server")
@@ -100,7 +100,7 @@ class Gateway:
         up = target.connection.upstream
         try:
             with trio.fail_after(up.connect_timeout):
-                stream = await trio.open_tcp_stream(up.host, up.port)
+                stream = await open_tcp(up.host, up.port)
                 ch = Channel(stream)
                 try:
                     if up.tls.mode != "disable":
