@@ -61,7 +61,6 @@ class Gateway:
         self._startups = 0
         self.draining = False
         self.listen_port: int | None = None
-        self.ready = trio.Event()
         self._stop = trio.Event()
 
     # -- used by the startup handler -------------------------------------------------------------
@@ -251,7 +250,6 @@ class Gateway:
                 nursery.start_soon(self._signals)
             async with trio.open_nursery() as serving:
                 await serving.start(self._listen)
-                self.ready.set()
                 task_status.started()
                 log.info(
                     "listening on %s:%d with %d data-path worker(s)",
@@ -263,7 +261,6 @@ class Gateway:
             # Let the final "ended" events be seen, then stop the event loop.
             await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
-        self.engine.shutdown()
 
 
 async def _refuse_now(stream: trio.SocketStream, code: str, message: str) -> None:

@@ -26,7 +26,6 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ostiary_wire::pg::backend::{self, ErrorFields};
@@ -85,17 +84,10 @@ pub enum Command {
         verdict: Verdict,
         remember: bool,
     },
-    SetGate(Gate),
     /// End the session at its next idle point (outside a transaction, nothing owed).
-    Drain {
-        code: String,
-        message: String,
-    },
+    Drain { code: String, message: String },
     /// End the session now (at the next message boundary towards the client).
-    Terminate {
-        code: String,
-        message: String,
-    },
+    Terminate { code: String, message: String },
 }
 
 #[derive(Debug, Clone)]
@@ -119,7 +111,6 @@ pub enum Event {
 struct Inner {
     config: EngineConfig,
     workers: Vec<mpsc::UnboundedSender<(SessionSpec, mpsc::UnboundedReceiver<Command>)>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
     sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Command>>>,
     events: Mutex<VecDeque<Event>>,
     room: Notify,
@@ -164,7 +155,9 @@ impl Inner {
     }
 }
 
-/// The handle the control plane holds; cloning shares the same engine.
+/// The handle the control plane holds; cloning shares the same engine. When the last handle is
+/// dropped, the workers' session channels close and the worker threads end; sessions still open
+/// then are closed without a goodbye, so terminate them first.
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
@@ -190,22 +183,18 @@ impl Engine {
         let inner = Arc::new(Inner {
             config,
             workers: senders,
-            threads: Mutex::new(Vec::new()),
             sessions: Mutex::new(HashMap::new()),
             events: Mutex::new(VecDeque::new()),
             room: Notify::new(),
             event_fd,
             next_worker: AtomicUsize::new(0),
         });
-        let mut threads = Vec::new();
         for (i, rx) in receivers.into_iter().enumerate() {
             let inner2 = Arc::downgrade(&inner);
-            let t = std::thread::Builder::new()
+            std::thread::Builder::new()
                 .name(format!("ostiary-worker-{i}"))
                 .spawn(move || worker(rx, inner2))?;
-            threads.push(t);
         }
-        *inner.threads.lock().expect("threads lock") = threads;
         Ok(Engine { inner })
     }
 
@@ -283,22 +272,6 @@ impl Engine {
         }
         self.inner.room.notify_waiters();
         out
-    }
-
-    /// Stops the workers; sessions still running are closed without a goodbye. Call after
-    /// terminating sessions. Idempotent.
-    pub fn shutdown(&self) {
-        let threads = std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
-        for s in self.inner.sessions.lock().expect("sessions lock").values() {
-            let _ = s.send(Command::Terminate {
-                code: sqlstate::ADMIN_SHUTDOWN.into(),
-                message: "the gateway is shutting down".into(),
-            });
-        }
-        // Workers exit when their session channel closes; the senders live in Inner, so signal by
-        // sending nothing: dropping is done when the last Engine handle goes. Threads are detached
-        // here and end with the process.
-        drop(threads);
     }
 }
 
@@ -878,7 +851,6 @@ impl Session {
                 })?;
                 self.upstream.flush().await?;
             }
-            Command::SetGate(g) => self.relay.set_gate(g),
             Command::Drain { code, message } => {
                 self.drain = Some(backend::error_response("FATAL", &code, &message));
             }

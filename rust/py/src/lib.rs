@@ -383,14 +383,6 @@ fn error_response<'py>(
 }
 
 #[pyfunction]
-fn notice_response<'py>(py: Python<'py>, code: &str, message: &str) -> Bound<'py, PyBytes> {
-    bytes(
-        py,
-        &ErrorFields::new("NOTICE", code, message).encode_notice(),
-    )
-}
-
-#[pyfunction]
 fn auth_cleartext_password(py: Python<'_>) -> Bound<'_, PyBytes> {
     bytes(py, &Authentication::CleartextPassword.encode())
 }
@@ -552,17 +544,6 @@ impl Engine {
         )
     }
 
-    fn set_gate(&self, session: u64, consult: bool) -> bool {
-        self.inner.command(
-            session,
-            Command::SetGate(if consult {
-                Gate::Consult
-            } else {
-                Gate::AllowAll
-            }),
-        )
-    }
-
     /// Ends sessions at their next idle point; `session=None` means all. Returns how many.
     #[pyo3(signature = (session, code, message))]
     fn drain(&self, session: Option<u64>, code: &str, message: &str) -> usize {
@@ -648,10 +629,6 @@ impl Engine {
         }
         Ok(out)
     }
-
-    fn shutdown(&self) {
-        self.inner.shutdown()
-    }
 }
 
 #[pymodule]
@@ -668,7 +645,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TlsSession>()?;
     m.add_class::<Engine>()?;
     m.add_function(wrap_pyfunction!(error_response, m)?)?;
-    m.add_function(wrap_pyfunction!(notice_response, m)?)?;
     m.add_function(wrap_pyfunction!(auth_cleartext_password, m)?)?;
     m.add_function(wrap_pyfunction!(auth_ok, m)?)?;
     m.add_function(wrap_pyfunction!(parameter_status, m)?)?;

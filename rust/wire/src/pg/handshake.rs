@@ -58,11 +58,6 @@ impl ClientHandshake {
         Ok(())
     }
 
-    /// Bytes received but not yet consumed by an event.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
     /// Bytes the client sent after the handshake ended (pipelined queries); the relay takes them.
     pub fn take_remaining(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.buf)

@@ -264,14 +264,6 @@ impl SessionRelay {
         }
     }
 
-    pub fn set_gate(&mut self, gate: Gate) {
-        self.gate = gate;
-    }
-
-    pub fn set_report(&mut self, report: bool) {
-        self.report = report;
-    }
-
     /// True once the client sent Terminate.
     pub fn terminated(&self) -> bool {
         self.terminated
