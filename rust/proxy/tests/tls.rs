@@ -3,11 +3,19 @@
 //! rustls' 16 KiB received-plaintext limit and its sendable-plaintext limit.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ostiary_proxy::tls::{self, TlsLayer};
 
+/// Each call gets its own directory: tests run on parallel threads of one process, and a
+/// shared directory let one test's CA meet another's leaf (BadSignature, seen in CI).
 fn write_material() -> (PathBuf, PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("ostiary-tls-test-{}", std::process::id()));
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "ostiary-tls-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
