@@ -155,6 +155,25 @@ def gateway_config(
     }
     for key, value in overrides.items():
         cfg[key] = value
+    if "grants" not in overrides:
+        # The static client may read and write every connection (tests of the data path).
+        cfg["grants"] = [
+            {
+                "name": f"ci-{c['name']}",
+                "identities": [CLIENT_USER],
+                "connection": c["name"],
+                "access": "read-write",
+            }
+            for c in cfg["connections"]
+        ]
+    return cfg
+
+
+def allow_plaintext(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Lets plaintext clients in: ``tls.mode: allow`` and ``allow_plaintext`` on every connection."""
+    cfg["tls"]["mode"] = "allow"
+    for c in cfg["connections"]:
+        c["allow_plaintext"] = True
     return cfg
 
 

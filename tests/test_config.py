@@ -22,6 +22,7 @@ def good(tmp_path: Path) -> dict[str, Any]:
         "connections": [
             {"name": "app", "upstream": {"host": "db", "database": "app", "user": "u", "password_env": "P"}}
         ],
+        "grants": [{"name": "ci-app", "identities": ["ci"], "connection": "app"}],
     }
 
 
@@ -51,13 +52,13 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "password_env": "B",
         "tls": {"mode": "verify-full"},
     }
-    data["clients"][0]["connections"] = ["missing"]
+    data["grants"][0]["connection"] = "missing"
     found = dict(problems(data, tmp_path))
     assert "70000 is not a TCP port" in found["listen.port"]
     assert "defined twice" in found["connections[1].name"]
     assert "exactly one of" in found["connections[0].upstream"]
     assert "verify-full needs a CA" in found["connections[0].upstream.tls.ca"]
-    assert "unknown connection 'missing'" in found["clients[0].connections"]
+    assert "unknown connection 'missing'" in found["grants[0].connection"]
 
 
 def test_wrong_type_names_the_path(tmp_path: Path) -> None:
@@ -131,7 +132,7 @@ def test_config_check_exit_codes(tmp_path: Path) -> None:
     p.write_text(yaml.safe_dump({"connections": []}))
     r = run_cli("config", "check", str(p))
     assert r.returncode == 2
-    assert "no connections" in r.stderr and "no clients" in r.stderr
+    assert "no connections" in r.stderr and "no grants" in r.stderr
     p.write_text(yaml.safe_dump(good(tmp_path)))
     r = run_cli("config", "check", str(p))
     assert r.returncode == 0, r.stderr

@@ -17,7 +17,7 @@ import trio
 from conftest import APP_PASSWORD, CLIENT_PASSWORD, CLIENT_USER, gateway_config
 from ostiary import config as cfgmod
 from ostiary.devcluster import PgCluster, TlsMaterial, free_port
-from ostiary.hooks import Decision, SessionInfo, StatementInfo
+from ostiary.hooks import AuthAttempt, Decision, SessionInfo, StatementInfo
 from ostiary.proxy.server import Gateway
 
 
@@ -52,6 +52,12 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
         self.ended: list[tuple[int, str]] = []
+
+    def authentication(self, attempt: AuthAttempt) -> None:
+        pass
+
+    def policy_changed(self, version: str, source: str, applied: bool, detail: str) -> None:
+        pass
 
     def session_started(self, session: SessionInfo) -> None:
         pass

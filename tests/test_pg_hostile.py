@@ -24,7 +24,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from conftest import CLIENT_PASSWORD, CLIENT_USER, GatewayFactory, GatewayProcess, gateway_config, psql
+from conftest import (
+    CLIENT_PASSWORD,
+    CLIENT_USER,
+    GatewayFactory,
+    GatewayProcess,
+    allow_plaintext,
+    gateway_config,
+    psql,
+)
 from ostiary.devcluster import PgCluster, TlsMaterial
 from pgraw import (
     SSL_REQUEST,
@@ -51,9 +59,7 @@ PROMPT = 2.0  # "immediately": well under the default startup timeout, generous 
 def plaintext_allowed_config(pg: PgCluster, tls: TlsMaterial, tmp: Path, **overrides: Any) -> dict[str, Any]:
     """conftest.gateway_config with ``tls.mode: allow`` (plaintext clients accepted), keeping the
     certificate settings it already has."""
-    cfg = gateway_config(pg, tls, 0, tmp, **overrides)
-    cfg["tls"]["mode"] = "allow"
-    return cfg
+    return allow_plaintext(gateway_config(pg, tls, 0, tmp, **overrides))
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from conftest import (
     CLIENT_USER,
     GatewayFactory,
     GatewayProcess,
+    allow_plaintext,
     app_upstream,
     gateway_config,
     psql,
@@ -53,7 +54,7 @@ def shaped_config(
     """gateway_config with TLS on or off on either leg (plaintext clients are then allowed)."""
     cfg = gateway_config(pg, tls, 0, tmp, **overrides)
     if not client_tls:
-        cfg["tls"]["mode"] = "allow"
+        allow_plaintext(cfg)
     if not upstream_tls:
         cfg["connections"][0]["upstream"]["tls"] = {"mode": "disable"}
     return cfg

@@ -66,6 +66,7 @@ def test_plaintext_client_allowed_with_mode_allow(
     # (``tls`` cannot go through gateway_factory's keywords: it names gateway_config's argument.)
     cfg = gateway_config(pg, gateway_tls, 0, tmp_path)
     cfg["tls"] = client_tls(gateway_tls, mode="allow")
+    cfg["connections"][0]["allow_plaintext"] = True
     gw = gateway_factory(config=cfg)
     with psycopg.connect(gw.dsn(sslmode="disable")) as c:
         assert not c.pgconn.ssl_in_use

@@ -1,22 +1,29 @@
 """The ``ostiary`` command.
 
 ``ostiary serve --config FILE`` runs the gateway; ``ostiary demo`` runs it on embedded defaults in
-front of a throwaway PostgreSQL cluster; ``ostiary config check FILE`` validates a file and prints
-every problem; ``ostiary config schema`` prints its JSON Schema. Exit codes: 0 success, 1 runtime
-failure, 2 bad usage or configuration.
+front of a throwaway PostgreSQL cluster; ``ostiary policy check FILE`` validates a policy (file or
+directory) and prints every problem; ``ostiary policy explain`` prints the decision for given claims
+and the rules behind it; ``ostiary policy diff OLD NEW`` shows who gains or loses access;
+``ostiary config schema`` prints the JSON Schema; ``ostiary token mint --dev`` signs a development
+token. Exit codes: 0 success, 1 runtime failure (or an ``--expect`` not met), 2 bad usage or policy.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import trio
 
 from ostiary import __version__
-from ostiary.config import EXAMPLE, load
+from ostiary import config as configmod
+from ostiary.config import EXAMPLE, Config, load
 from ostiary.errors import ConfigError, OstiaryError
 
 
@@ -39,16 +46,26 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from ostiary.policy.check import policy_warnings
+    from ostiary.policy.evaluate import policy_version
+
     try:
-        cfg = load(args.config)
+        data, marks, raw = configmod.read(args.config)
+        path = Path(args.config)
+        cfg = configmod.parse(data, args.config, path if path.is_dir() else path.parent, marks)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
     if args.port is not None:
         cfg.listen.port = args.port
     _setup_logging(args.log_level)
+    log = logging.getLogger("ostiary")
+    for where, msg in policy_warnings(cfg):
+        log.warning("policy: %s: %s", where, msg)
+    version = policy_version(raw)
+    log.info("policy version %s loaded from %s", version[:12], args.config)
     try:
-        trio.run(Gateway(cfg).run)
+        trio.run(Gateway(cfg, config_path=args.config, policy_version=version).run)
     except OstiaryError as e:
         print(f"ostiary: {e}", file=sys.stderr)
         return 1
@@ -56,12 +73,120 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from ostiary.policy.check import policy_warnings
+
+    worst = 0
+    for file in args.files:
+        try:
+            cfg = load(file)
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            worst = 2
+            continue
+        warnings = policy_warnings(cfg)
+        print(f"{file}: OK ({len(cfg.grants)} grant(s), {len(cfg.issuers)} issuer(s))")
+        for where, msg in warnings:
+            print(f"  warning: {where}: {msg}")
+    return worst
+
+
+def _load_or_exit(file: str) -> Config:
     try:
-        load(args.file)
+        return load(file)
     except ConfigError as e:
         print(e, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from ostiary.identity import Identity
+    from ostiary.policy.evaluate import CompiledPolicy
+    from ostiary.policy.explain import ExplainError, explain, identity_from_claims
+
+    if args.diff:
+        return _diff_files(args.diff[0], args.diff[1])
+    if not args.file or not args.connection:
+        print("ostiary policy explain: give FILE and --connection (or --diff OLD NEW)", file=sys.stderr)
         return 2
-    print(f"{args.file}: OK")
+    cfg = _load_or_exit(args.file)
+    try:
+        if args.claims:
+            try:
+                claims: Any = json.loads(Path(args.claims).read_text())
+            except (OSError, ValueError) as e:
+                raise ExplainError(f"cannot read claims from {args.claims}: {e}") from None
+            if not isinstance(claims, dict):
+                raise ExplainError("the claims file must hold a JSON object")
+            identity = identity_from_claims(cfg, claims, args.issuer)
+        elif args.certificate:
+            from cryptography import x509
+            from cryptography.hazmat.primitives.serialization import Encoding
+
+            from ostiary.identity.certificates import certificate_identity
+
+            cert = x509.load_pem_x509_certificate(Path(args.certificate).read_bytes())
+            identity = certificate_identity([cert.public_bytes(Encoding.DER)])
+        elif args.client:
+            identity = Identity(args.client, "password", "password", {"user": args.client})
+        else:
+            raise ExplainError("give the identity: --claims FILE, --certificate PEM or --client USER")
+        now = dt.datetime.fromisoformat(args.at) if args.at else dt.datetime.now(dt.UTC)
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=dt.UTC)
+        allowed, lines = explain(
+            CompiledPolicy(cfg), identity, args.connection, user=args.user, peer=args.peer, now=now
+        )
+    except (ExplainError, ValueError, OSError) as e:
+        print(f"ostiary policy explain: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    if args.statement:
+        print(
+            "  statement: decisions on statements need the SQL analyzer, which this release does not "
+            "have yet; a grant with statement rules is refused at login (fail closed)"
+        )
+    if args.expect and (args.expect == "allow") != allowed:
+        print(f"expected {args.expect}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _diff_files(old_file: str, new_file: str) -> int:
+    from ostiary.policy.explain import diff
+
+    lines = diff(_load_or_exit(old_file), _load_or_exit(new_file))
+    print("\n".join(lines) if lines else "no change in who may use what")
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    return _diff_files(args.old, args.new)
+
+
+def _mint(args: argparse.Namespace) -> int:
+    from ostiary.identity.dev import mint
+
+    if not args.dev:
+        print(
+            "ostiary token mint only signs development tokens: pass --dev (real workloads use their "
+            "platform's tokens)",
+            file=sys.stderr,
+        )
+        return 2
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = _load_or_exit(args.config).data_dir if args.config else ".ostiary"
+    claims: dict[str, object] = {}
+    for item in args.claim:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"--claim takes key=value, not {item!r}", file=sys.stderr)
+            return 2
+        try:
+            claims[key] = json.loads(value) if value[:1] in "[{" or value in ("true", "false") else value
+        except ValueError:
+            claims[key] = value
+    print(mint(data_dir, args.subject, claims, audience=args.audience, lifetime=args.lifetime))
     return 0
 
 
@@ -90,13 +215,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 
+    policy = sub.add_parser("policy", help="check, explain and compare policies")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_sub.add_parser("check", help="validate policy files (or directories); list every problem")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.set_defaults(func=_check)
+    explain = policy_sub.add_parser(
+        "explain", help="print the decision for an identity and the chain of rules behind it"
+    )
+    explain.add_argument("file", nargs="?", metavar="FILE", help="the policy file or directory")
+    explain.add_argument("--claims", help="a JSON file with the token's claims")
+    explain.add_argument("--certificate", help="a PEM client certificate instead of claims")
+    explain.add_argument("--client", help="a static client's user name instead of claims")
+    explain.add_argument("--issuer", help="the issuer's policy name (default: found by the iss claim)")
+    explain.add_argument("--connection", help="the connection (dbname) asked for")
+    explain.add_argument("--user", help="the user name the client sends (chooses among several grants)")
+    explain.add_argument("--peer", help="the client's IP address (for grants with networks)")
+    explain.add_argument("--at", help="ISO time of the attempt (for time windows); default now")
+    explain.add_argument("--statement", help="a SQL statement to judge (needs the SQL analyzer)")
+    explain.add_argument("--expect", choices=("allow", "deny"), help="exit 1 unless the decision is this")
+    explain.add_argument("--diff", nargs=2, metavar=("OLD", "NEW"), help="who gains or loses access")
+    explain.set_defaults(func=_explain)
+    pdiff = policy_sub.add_parser("diff", help="who gains or loses access between two policy versions")
+    pdiff.add_argument("old")
+    pdiff.add_argument("new")
+    pdiff.set_defaults(func=_diff)
+
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
-    check = config_sub.add_parser("check", help="validate a configuration file and list every problem")
-    check.add_argument("file")
-    check.set_defaults(func=_check)
+    ccheck = config_sub.add_parser("check", help="the same as `ostiary policy check`")
+    ccheck.add_argument("files", nargs="+", metavar="FILE")
+    ccheck.set_defaults(func=_check)
     schema = config_sub.add_parser("schema", help="print the JSON Schema of the configuration file")
     schema.set_defaults(func=_schema)
+
+    token = sub.add_parser("token", help="development tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    mint = token_sub.add_parser("mint", help="sign a token with the development issuer's key")
+    mint.add_argument("--dev", action="store_true", help="required: these tokens are for development only")
+    mint.add_argument("--subject", required=True)
+    mint.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE")
+    mint.add_argument("--audience", default="ostiary")
+    mint.add_argument("--lifetime", type=int, default=600, help="seconds (default 600)")
+    mint.add_argument("--config", help="take data_dir from this configuration file")
+    mint.add_argument("--data-dir", help="where the development key lives (default .ostiary)")
+    mint.set_defaults(func=_mint)
 
     demo = sub.add_parser("demo", help="run the gateway in front of a throwaway local PostgreSQL")
     demo.add_argument("--data-dir", default=".ostiary/demo")

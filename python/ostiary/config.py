@@ -1,10 +1,11 @@
-"""The gateway's configuration file: YAML parsed into msgspec structs.
+"""The configuration and policy file: YAML (one file or a directory of them) parsed into msgspec structs.
 
 Rules of this module: it only reads and validates; it opens no socket and starts nothing. Every
-problem is collected with its path inside the file (``connections[0].upstream.port``) and reported
-together in one ``ConfigError``, so a person fixes a file in one pass. Secrets are never stored in the
-structs by value unless written inline (``password:``, meant for demos); ``password_env`` and
-``password_file`` are resolved only when a connection is made, so rotating a secret needs no reload.
+problem is collected with its path inside the file (``grants[2].connection``) and, where known, the
+file and line, and reported together in one ``ConfigError``, so a person fixes a file in one pass.
+Secrets are never stored in the structs by value unless written inline (``password:``, meant for
+demos); ``password_env`` and ``password_file`` are resolved only when a connection is made, so
+rotating a secret needs no reload. The policy sections are checked by ``ostiary.policy.check``.
 """
 
 from __future__ import annotations
@@ -17,56 +18,51 @@ import msgspec
 import yaml
 
 from ostiary.errors import ConfigError
+from ostiary.policy.model import (
+    ApprovalRule,
+    Connection,
+    Credential,
+    Grant,
+    Group,
+    Guardrail,
+    IdentityMatcher,
+    Issuer,
+    MaskingRule,
+)
 
 EXAMPLE = """\
-# Minimal ostiary.yaml: clients connect with dbname=app and the user/password below.
+# Minimal ostiary.yaml: a GitHub Actions workflow of acme/shop on main reads database app.
 listen:
   host: 127.0.0.1
   port: 6432
 tls:
   cert: /etc/ostiary/server.pem
   key: /etc/ostiary/server.key
-clients:
-  - user: ci
-    password_env: OSTIARY_CI_PASSWORD
+issuers:
+  - name: github
+    preset: github-actions
+    audiences: [ostiary]
+identities:
+  - name: shop-main
+    issuer: github
+    match: {repository: acme/shop, ref: refs/heads/main}
 connections:
   - name: app
     upstream:
       host: db.internal
       port: 5432
       database: app
-      user: app_rw
+      user: app_ro
       password_env: APP_DB_PASSWORD
       tls:
         mode: verify-full
         ca: /etc/ostiary/db-ca.pem
+grants:
+  - name: shop-reads-app
+    identities: [shop-main]
+    connection: app
+    access: read-only
 """
-
-
-class Secret(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Where a secret comes from: exactly one of the three."""
-
-    password: str | None = None
-    password_env: str | None = None
-    password_file: str | None = None
-
-    def secret_problems(self, path: str) -> list[tuple[str, str]]:
-        given = [n for n in ("password", "password_env", "password_file") if getattr(self, n) is not None]
-        if len(given) != 1:
-            return [(path, "give exactly one of password, password_env, password_file")]
-        return []
-
-    def resolve(self) -> str:
-        """Reads the secret now. Raises ``OSError``/``KeyError`` with a clear message when missing."""
-        if self.password is not None:
-            return self.password
-        if self.password_env is not None:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise KeyError(f"environment variable {self.password_env} is not set")
-            return value
-        assert self.password_file is not None
-        return Path(self.password_file).read_text().rstrip("\r\n")
 
 
 class Listen(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -77,7 +73,9 @@ class Listen(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ClientTls(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """TLS on the client leg. ``mode: require`` refuses clients that do not ask for TLS (the default,
-    because clients send secrets as passwords); ``allow`` also accepts plaintext."""
+    because clients send tokens as passwords); ``allow`` also accepts plaintext, for connections that
+    set ``allow_plaintext``. With ``client_ca``, client certificates signed by it are requested and
+    verified (the ``certificate`` issuer of identities)."""
 
     cert: str
     key: str
@@ -85,39 +83,23 @@ class ClientTls(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     mode: Literal["require", "allow"] = "require"
 
 
-class UpstreamTls(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """TLS towards the server, with libpq's sslmode names."""
-
-    mode: Literal["disable", "require", "verify-full"] = "disable"
-    ca: str | None = None
-    server_name: str | None = None
-    cert: str | None = None
-    key: str | None = None
-
-
-class Upstream(Secret, forbid_unknown_fields=True, kw_only=True):
-    host: str
-    port: int = 5432
-    database: str
-    user: str
-    tls: UpstreamTls = msgspec.field(default_factory=UpstreamTls)
-    connect_timeout: float = 10.0
-
-
-class Connection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A database the gateway fronts; clients select it by name (their ``dbname``)."""
-
-    name: str
-    upstream: Upstream
-    protocol: Literal["postgresql"] = "postgresql"
-
-
-class Client(Secret, forbid_unknown_fields=True, kw_only=True):
-    """Interim client authentication (user + password) until workload identity lands.
-    ``connections`` limits which connections the client may use (all when omitted)."""
+class Client(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A static client: a user name and a password (issuer ``password`` in identities; grants can
+    also name the user directly). Static secrets are what Ostiary exists to replace: keep these for
+    clients that cannot present a token, and prefer ``password_env``/``password_file``."""
 
     user: str
-    connections: list[str] | None = None
+    password: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+
+
+class Dev(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Development switches; never on in production. ``issuer: true`` trusts tokens minted by
+    ``ostiary token mint --dev`` (issuer name ``dev``, key in ``data_dir``)."""
+
+    issuer: bool = False
+    audiences: list[str] = msgspec.field(default_factory=lambda: ["ostiary"])
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -137,14 +119,25 @@ class Shutdown(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole file: the gateway process (listen ... shutdown, read at start) and the policy
+    (issuers ... approvals, swapped atomically on reload)."""
+
     listen: Listen = msgspec.field(default_factory=Listen)
     data_dir: str = ".ostiary"
     workers: int = 0
     tls: ClientTls | None = None
     limits: Limits = msgspec.field(default_factory=Limits)
     shutdown: Shutdown = msgspec.field(default_factory=Shutdown)
+    dev: Dev = msgspec.field(default_factory=Dev)
+    issuers: list[Issuer] = msgspec.field(default_factory=list)
     clients: list[Client] = msgspec.field(default_factory=list)
+    identities: list[IdentityMatcher] = msgspec.field(default_factory=list)
+    groups: list[Group] = msgspec.field(default_factory=list)
     connections: list[Connection] = msgspec.field(default_factory=list)
+    grants: list[Grant] = msgspec.field(default_factory=list)
+    guardrails: list[Guardrail] = msgspec.field(default_factory=list)
+    masking: list[MaskingRule] = msgspec.field(default_factory=list)
+    approvals: list[ApprovalRule] = msgspec.field(default_factory=list)
 
     def connection(self, name: str) -> Connection | None:
         for c in self.connections:
@@ -154,6 +147,56 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def effective_workers(self) -> int:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+
+
+# Top-level keys whose values are lists: several files of a policy directory each add entries.
+LIST_SECTIONS = (
+    "issuers",
+    "clients",
+    "identities",
+    "groups",
+    "connections",
+    "grants",
+    "guardrails",
+    "masking",
+    "approvals",
+)
+# Keys read only when the gateway starts; a reload that changes them reports that a restart is needed.
+PROCESS_SECTIONS = ("listen", "data_dir", "workers", "tls", "limits", "shutdown")
+
+SECRET_SOURCES = ("password", "password_env", "password_file", "password_ref")
+
+
+def secret_problems(obj: Any, path: str) -> list[tuple[str, str]]:
+    """Exactly one secret source on a credential or client."""
+    names = [n for n in SECRET_SOURCES if getattr(obj, n, None) is not None]
+    if len(names) != 1:
+        allowed = ", ".join(n for n in SECRET_SOURCES if hasattr(obj, n))
+        return [(path, f"give exactly one of {allowed}")]
+    if names[0] == "password_ref":
+        return [
+            (
+                f"{path}.password_ref",
+                "secret-manager references are not resolved by this release yet: "
+                "use password_env or password_file",
+            )
+        ]
+    return []
+
+
+def resolve_secret(obj: Credential | Client) -> str:
+    """Reads a secret now (so a rotated secret needs no reload). Raises ``OSError``/``KeyError``
+    with a message that names the source, never the value."""
+    if obj.password is not None:
+        return obj.password
+    if obj.password_env is not None:
+        value = os.environ.get(obj.password_env)
+        if value is None:
+            raise KeyError(f"environment variable {obj.password_env} is not set")
+        return value
+    if obj.password_file is not None:
+        return Path(obj.password_file).read_text().rstrip("\r\n")
+    raise KeyError("no password source")
 
 
 def _check(cfg: Config, base: Path) -> list[tuple[str, str]]:
@@ -167,35 +210,16 @@ def _check(cfg: Config, base: Path) -> list[tuple[str, str]]:
             value = getattr(cfg.tls, field)
             if value is not None and not (base / value).is_file():
                 problems.append((f"tls.{field}", f"file {value} does not exist"))
-    if not cfg.connections:
-        problems.append(("connections", "no connections: add at least one (see the example)"))
-    seen: set[str] = set()
-    for i, conn in enumerate(cfg.connections):
-        p = f"connections[{i}]"
-        if conn.name in seen:
-            problems.append((f"{p}.name", f"connection {conn.name!r} is defined twice"))
-        seen.add(conn.name)
-        up = conn.upstream
-        problems += up.secret_problems(f"{p}.upstream")
-        if not 0 < up.port <= 65535:
-            problems.append((f"{p}.upstream.port", f"{up.port} is not a TCP port"))
-        if up.tls.mode == "verify-full" and up.tls.ca is None:
-            problems.append((f"{p}.upstream.tls.ca", "verify-full needs a CA bundle"))
-        if up.tls.ca is not None and not (base / up.tls.ca).is_file():
-            problems.append((f"{p}.upstream.tls.ca", f"file {up.tls.ca} does not exist"))
-    if not cfg.clients:
-        problems.append(("clients", "no clients: add at least one user with a password source"))
-    for i, client in enumerate(cfg.clients):
-        p = f"clients[{i}]"
-        problems += client.secret_problems(p)
-        for name in client.connections or []:
-            if name not in seen:
-                problems.append((f"{p}.connections", f"unknown connection {name!r}"))
     lim = cfg.limits
     if lim.max_statement > lim.max_message:
         problems.append(("limits.max_statement", "cannot exceed limits.max_message"))
     if lim.startup_timeout <= 0:
         problems.append(("limits.startup_timeout", "must be positive"))
+    for i, client in enumerate(cfg.clients):
+        problems += secret_problems(client, f"clients[{i}]")
+    from ostiary.policy.check import policy_problems
+
+    problems += policy_problems(cfg, base)
     return problems
 
 
@@ -211,13 +235,20 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     for conn in cfg.connections:
         t = conn.upstream.tls
         t.ca, t.cert, t.key = fix(t.ca), fix(t.cert), fix(t.key)
-        conn.upstream.password_file = fix(conn.upstream.password_file)
+        for cred in [conn.upstream, *conn.credentials.values()]:
+            cred.password_file = fix(cred.password_file)
     for client in cfg.clients:
         client.password_file = fix(client.password_file)
+    for issuer in cfg.issuers:
+        issuer.ca = fix(issuer.ca)
+        issuer.jwks_file = fix(issuer.jwks_file)
 
 
-def parse(data: Any, source: str = "<config>", base: Path | None = None) -> Config:
-    """Validates an already-loaded mapping. Relative paths are taken from ``base``."""
+def parse(
+    data: Any, source: str = "<config>", base: Path | None = None, marks: Marks | None = None
+) -> Config:
+    """Validates an already-loaded mapping. Relative paths are taken from ``base``; ``marks`` maps
+    paths inside the data to ``file:line`` for messages."""
     base = base or Path.cwd()
     if not isinstance(data, dict):
         raise ConfigError(source, [("", "the file must be a YAML mapping; an example:\n" + EXAMPLE)])
@@ -230,34 +261,101 @@ def parse(data: Any, source: str = "<config>", base: Path | None = None) -> Conf
         if " - at `$" in msg:
             msg, _, rest = msg.partition(" - at `$")
             path = rest.rstrip("`").lstrip(".")
-        raise ConfigError(source, [(path, msg)]) from None
+        raise ConfigError(source, [(path, msg)], marks) from None
     problems = _check(cfg, base)
     if problems:
-        raise ConfigError(source, problems)
+        raise ConfigError(source, problems, marks)
     _resolve_paths(cfg, base)
     return cfg
 
 
 def json_schema() -> str:
-    """The JSON Schema of the configuration file (published as deploy/ostiary.schema.json)."""
+    """The JSON Schema of the configuration and policy file (published as deploy/ostiary.schema.json)."""
     import json
 
     schema = msgspec.json.schema(Config)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "Ostiary gateway configuration"
+    schema["title"] = "Ostiary gateway configuration and policy"
     return json.dumps(schema, indent=2, sort_keys=True)
 
 
-def load(path: str | os.PathLike[str]) -> Config:
-    p = Path(path)
+Marks = dict[str, str]
+
+
+def _index(node: yaml.Node, path: str, where: str, out: Marks, offsets: dict[str, int]) -> None:
+    """Records ``path -> file:line`` for every mapping value and sequence item under ``node``."""
+    out.setdefault(path, f"{where}:{node.start_mark.line + 1}")
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                child = f"{path}.{key.value}" if path else str(key.value)
+                out.setdefault(child, f"{where}:{key.start_mark.line + 1}")
+                _index(value, child, where, out, offsets)
+    elif isinstance(node, yaml.SequenceNode):
+        shift = offsets.get(path, 0)
+        for i, item in enumerate(node.value):
+            _index(item, f"{path}[{i + shift}]", where, out, offsets)
+
+
+def _read_yaml(p: Path) -> tuple[Any, yaml.Node | None]:
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(str(p), [("", f"cannot read the file: {e.strerror}")]) from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(str(p), [(where, f"not valid YAML: {getattr(e, 'problem', e)}")]) from None
-    return parse(data, str(p), p.parent)
+
+
+def policy_files(path: Path) -> list[Path]:
+    """The files a policy path stands for: itself, or a directory's *.yaml and *.yml, sorted."""
+    if path.is_dir():
+        return sorted(q for q in path.iterdir() if q.suffix in (".yaml", ".yml") and q.is_file())
+    return [path]
+
+
+def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Marks, bytes]:
+    """Reads a file or a directory of files into one mapping. In a directory, list sections
+    (``grants``, ...) are concatenated in file-name order and any other key may appear in one file
+    only. Returns the data, the marks and the raw bytes of every file (for the policy version)."""
+    p = Path(path)
+    files = policy_files(p)
+    if not files:
+        raise ConfigError(str(p), [("", "the directory holds no .yaml or .yml files")])
+    merged: dict[str, Any] = {}
+    marks: Marks = {}
+    owner: dict[str, Path] = {}
+    raw = b""
+    problems: list[tuple[str, str]] = []
+    for f in files:
+        data, node = _read_yaml(f)
+        raw += f.name.encode() + b"\0" + f.read_bytes() + b"\0"
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            problems.append((str(f), "the file must be a YAML mapping"))
+            continue
+        offsets = {k: len(merged[k]) for k in LIST_SECTIONS if isinstance(merged.get(k), list)}
+        if node is not None:
+            _index(node, "", str(f), marks, offsets)
+        for key, value in data.items():
+            if key in LIST_SECTIONS and isinstance(value, list) and isinstance(merged.get(key, []), list):
+                merged.setdefault(key, []).extend(value)
+            elif key in merged:
+                problems.append((str(key), f"defined in both {owner[key]} and {f}"))
+            else:
+                merged[key] = value
+            owner.setdefault(key, f)
+    if problems:
+        raise ConfigError(str(p), problems, marks)
+    return merged, marks, raw
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Loads and validates a file or directory. Raises ``ConfigError`` with every problem."""
+    p = Path(path)
+    data, marks, _ = read(p)
+    return parse(data, str(p), p if p.is_dir() else p.parent, marks)

@@ -1,7 +1,11 @@
 """``ostiary demo``: the gateway on embedded defaults, in front of a throwaway PostgreSQL cluster.
 
-Everything lives under the data directory and is removed on exit (Ctrl-C). Set ``OSTIARY_DEMO_UPSTREAM``
-to a libpq-style ``host:port:database:user:password`` to front an existing server instead.
+Clients authenticate with tokens of the development issuer (trusted here only because the demo turns
+dev mode on): the demo mints one shaped like a GitHub Actions token of ``acme/demo`` on main, which its
+policy lets read and write database ``app``; tokens of ``acme/reports`` may only read.
+Everything lives under the data directory and is removed on exit (Ctrl-C). Set
+``OSTIARY_DEMO_UPSTREAM`` to a libpq-style ``host:port:database:user:password`` to front an existing
+server instead.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import trio
 
 from ostiary import config as cfgmod
 from ostiary.devcluster import ClusterError, PgCluster, make_tls_material
+from ostiary.identity.dev import mint
 
 
 def _port_or_free(port: int) -> int:
@@ -72,23 +77,63 @@ def run_demo(data_dir: str, port: int) -> int:
             "tls": {"mode": "verify-full", "ca": str(cluster.tls.ca_cert) if cluster.tls else None},
         }
     tls = make_tls_material(base / "gateway-tls")
-    client_password = secrets.token_urlsafe(12)
     port = _port_or_free(port)
+    state = base / "state"
     cfg = cfgmod.parse(
         {
             "listen": {"host": "127.0.0.1", "port": port},
-            "data_dir": str(base / "state"),
+            "data_dir": str(state),
             "tls": {"cert": str(tls.server_cert), "key": str(tls.server_key)},
-            "clients": [{"user": "demo", "password": client_password}],
+            "dev": {"issuer": True},
+            "identities": [
+                {
+                    "name": "demo-main",
+                    "issuer": "dev",
+                    "match": {"repository": "acme/demo", "ref": "refs/heads/main"},
+                },
+                {
+                    "name": "acme-reporting",
+                    "issuer": "dev",
+                    "match": {"repository": ["acme/reports", "acme/bi-*"]},
+                },
+            ],
             "connections": [{"name": "app", "upstream": upstream}],
+            "grants": [
+                {
+                    "name": "demo-writes",
+                    "identities": ["demo-main"],
+                    "connection": "app",
+                    "access": "read-write",
+                },
+                {
+                    "name": "acme-reads",
+                    "identities": ["acme-reporting"],
+                    "connection": "app",
+                    "access": "read-only",
+                },
+            ],
             "shutdown": {"grace": 2},
         },
         "<demo>",
     )
+    claims: dict[str, object] = {
+        "repository": "acme/demo",
+        "repository_owner": "acme",
+        "ref": "refs/heads/main",
+        "workflow_ref": "acme/demo/.github/workflows/deploy.yml@refs/heads/main",
+    }
+    token = mint(str(state), "repo:acme/demo:ref:refs/heads/main", claims, lifetime=3600)
+    mint_cmd = (
+        f"ostiary token mint --dev --data-dir {state} --subject repo:acme/reports:ref:refs/heads/main "
+        "--claim repository=acme/reports --claim ref=refs/heads/main"
+    )
     print(
-        "\nOstiary demo gateway is up. Connect through it with:\n\n"
-        f'  psql "host=127.0.0.1 port={port} dbname=app user=demo password={client_password} '
+        "\nOstiary demo gateway is up. Connect through it with a token (valid for an hour) of the\n"
+        "development issuer, shaped like GitHub Actions' for acme/demo on main (grant demo-writes):\n\n"
+        f'  PGPASSWORD={token} psql "host=127.0.0.1 port={port} dbname=app user=ci '
         f'sslmode=verify-full sslrootcert={tls.ca_cert}"\n\n'
+        "acme/reports gets read-only access (grant acme-reads); mint a token for it with:\n\n"
+        f"  {mint_cmd}\n\n"
         "Ctrl-C stops the gateway and removes the demo cluster.\n",
         flush=True,
     )

@@ -183,8 +183,10 @@ def _san_entries(hostnames: Iterable[str]) -> list[x509.GeneralName]:
 def make_tls_material(
     directory: Path,
     hostnames: Sequence[str] = ("localhost", "127.0.0.1"),
+    client_uris: Sequence[str] = (),
 ) -> TlsMaterial:
     """Create a throwaway CA plus a server and a client certificate signed by it.
+    ``client_uris`` become URI SANs of the client certificate (a SPIFFE ID, for instance).
 
     Writes ``ca.pem``, ``server.pem``, ``server.key`` (0600), ``client.pem``
     and ``client.key`` (0600) into *directory* (created if needed).  The
@@ -274,7 +276,8 @@ def make_tls_material(
 
     server_cn = hostnames[0] if hostnames else "localhost"
     server_key, server_cert = leaf(server_cn, ExtendedKeyUsageOID.SERVER_AUTH, _san_entries(hostnames))
-    client_key, client_cert = leaf(CLIENT_CERT_CN, ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    client_san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in client_uris]
+    client_key, client_cert = leaf(CLIENT_CERT_CN, ExtendedKeyUsageOID.CLIENT_AUTH, client_san or None)
 
     material = TlsMaterial(
         directory=directory,

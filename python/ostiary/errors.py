@@ -17,12 +17,29 @@ class ConfigError(OstiaryError):
     """The configuration file is missing or wrong. ``problems`` lists every problem found, each as
     ``(path inside the file, message)``; ``str()`` shows them all with a hint of what to write."""
 
-    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, source: str, problems: list[tuple[str, str]], marks: dict[str, str] | None = None
+    ) -> None:
         self.source = source
         self.problems = problems
+        self.locations = [_locate(path, marks or {}) for path, _ in problems]
         lines = [f"{source}: {len(problems)} problem(s)"]
-        lines += [f"  {path or '<top>'}: {msg}" for path, msg in problems]
+        for (path, msg), where in zip(problems, self.locations, strict=True):
+            at = f" ({where})" if where else ""
+            lines.append(f"  {path or '<top>'}{at}: {msg}")
         super().__init__("\n".join(lines))
+
+
+def _locate(path: str, marks: dict[str, str]) -> str:
+    """The ``file:line`` of the longest prefix of ``path`` that has a mark."""
+    while path:
+        if path in marks:
+            return marks[path]
+        cut = max(path.rfind("."), path.rfind("["))
+        if cut <= 0:
+            break
+        path = path[:cut]
+    return marks.get(path, "")
 
 
 class AuthenticationFailed(OstiaryError):

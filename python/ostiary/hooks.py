@@ -1,9 +1,11 @@
-"""The control plane's hooks on established sessions.
+"""The control plane's hooks: authentication attempts, policy versions and established sessions.
 
 The data path asks ``StatementHook.decide`` about a statement only when the hook says it wants to be
 consulted (``consult(session)``); otherwise statements never leave Rust. Guardrails, approvals and
 audit (later issues) implement these; the default allows everything and consults nothing.
-``SessionObserver`` hears of session starts, per-statement reports (when ``report`` is true) and ends.
+``SessionObserver`` hears of every authentication attempt (allowed or refused), every policy version
+applied or rejected, session starts, per-statement reports (when ``report`` is true) and ends. These
+are the audit trail's inputs; the audit store (a later issue) implements the observer.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ostiary.auth import Identity
+from ostiary.identity import Identity
 
 
 @dataclass
@@ -19,11 +21,38 @@ class SessionInfo:
     id: int
     identity: Identity
     connection: str
+    grant: str
+    access: str
+    upstream_user: str
     peer: str
     client_tls: tuple[str, str] | None
     upstream_process_id: int
     started: float
+    policy_version: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peer_ip(self) -> str:
+        return self.peer.rsplit(":", 1)[0].strip("[]")
+
+
+@dataclass(frozen=True)
+class AuthAttempt:
+    """One authentication attempt. ``outcome`` is "allowed" or "refused"; ``reason`` says which check
+    failed (never the secret); ``chain`` is the policy's reasoning when it got that far."""
+
+    time: float
+    peer: str
+    user: str
+    connection: str
+    method: str
+    outcome: str
+    code: str = ""
+    reason: str = ""
+    identity: Identity | None = None
+    grant: str = ""
+    chain: tuple[str, ...] = ()
+    policy_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,6 +91,10 @@ class StatementHook(Protocol):
 class SessionObserver(Protocol):
     report: bool
 
+    def authentication(self, attempt: AuthAttempt) -> None: ...
+
+    def policy_changed(self, version: str, source: str, applied: bool, detail: str) -> None: ...
+
     def session_started(self, session: SessionInfo) -> None: ...
 
     def statement_event(self, session: SessionInfo, event: tuple[Any, ...]) -> None: ...
@@ -81,6 +114,12 @@ class AllowAll:
 
 class NoObserver:
     report = False
+
+    def authentication(self, attempt: AuthAttempt) -> None:
+        pass
+
+    def policy_changed(self, version: str, source: str, applied: bool, detail: str) -> None:
+        pass
 
     def session_started(self, session: SessionInfo) -> None:
         pass

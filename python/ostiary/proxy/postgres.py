@@ -3,15 +3,19 @@
 Rules of this module: it runs once per connection and never per statement. Order of a connection:
 SSLRequest (answered 'S' when TLS is configured, else 'N'), GSSENCRequest (always 'N'), then either
 CancelRequest (forwarded to the right upstream backend, then the connection closes, as PostgreSQL
-does) or StartupMessage, cleartext password request, authentication, authorization of the chosen
-connection, upstream login with the gateway's own credentials, and the welcome (AuthenticationOk,
-the server's ParameterStatus, the gateway's own BackendKeyData, ReadyForQuery). Every refusal is a
-FATAL ErrorResponse with a SQLSTATE that says why; the secret a client sent never appears in one.
+does) or StartupMessage; then authentication (a verified client certificate when the policy has
+certificate identities, else a cleartext password request whose answer is a token or a static
+password), the policy's admission (one grant, or a refusal with its reason), upstream login with the
+grant's credential (read-only grants make the upstream session read-only), and the welcome
+(AuthenticationOk, the server's ParameterStatus, the gateway's own BackendKeyData, ReadyForQuery).
+Every refusal is a FATAL ErrorResponse with a SQLSTATE that says why (28P01 a bad credential, 28000
+no access); the secret a client sent never appears in one. Every attempt is reported to the observer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import secrets
 import time
@@ -21,10 +25,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from ostiary import _core
-from ostiary.auth import ClientHello, Identity
-from ostiary.config import Connection
+from ostiary.config import resolve_secret
 from ostiary.errors import AuthenticationFailed, UpstreamUnavailable
-from ostiary.hooks import SessionInfo
+from ostiary.hooks import AuthAttempt, SessionInfo
+from ostiary.identity import ClientHello, Identity
+from ostiary.policy.evaluate import CompiledPolicy
+from ostiary.policy.model import Connection, Credential, Grant
 from ostiary.proxy.channel import Channel, ChannelClosed, open_tcp
 
 if TYPE_CHECKING:
@@ -65,17 +71,23 @@ def fatal(code: str, message: str, hint: str | None = None) -> bytes:
     return _core.error_response("FATAL", code, message, hint=hint)
 
 
+def grant_credential(conn: Connection, grant: Grant) -> Credential:
+    """The upstream role a grant's sessions log in as."""
+    return conn.credentials[grant.credential] if grant.credential is not None else conn.upstream
+
+
 async def _connect_upstream(
-    gw: Gateway, conn: Connection, client_params: dict[str, str]
+    gw: Gateway, conn: Connection, client_params: dict[str, str], grant: Grant
 ) -> tuple[Channel, tuple[object, ...], bytes]:
-    """Connects and logs in to the upstream. Returns the channel, the ``ready`` step and leftover
-    plaintext. Raises ``UpstreamUnavailable`` or ``Refusal``."""
+    """Connects and logs in to the upstream with the grant's credential. Returns the channel, the
+    ``ready`` step and leftover plaintext. Raises ``UpstreamUnavailable`` or ``Refusal``."""
     up = conn.upstream
+    cred = grant_credential(conn, grant)
     try:
-        password = up.resolve()
+        password = resolve_secret(cred)
     except (OSError, KeyError) as e:
         raise UpstreamUnavailable(
-            f"the upstream password of connection {conn.name!r} is unavailable: {e}"
+            f"the upstream password of connection {conn.name!r} ({cred.user}) is unavailable: {e}"
         ) from None
     try:
         with trio.fail_after(up.connect_timeout):
@@ -94,8 +106,12 @@ async def _connect_upstream(
                     )
                 ch.start_tls(_core.TlsSession.client(gw.upstream_tls(conn), up.tls.server_name or up.host))
                 await ch.handshake()
-            params = [("user", up.user), ("database", up.database)]
+            params = [("user", cred.user), ("database", up.database)]
             params += [(k, v) for k, v in client_params.items() if k in FORWARDED_PARAMS]
+            if grant.access == "read-only":
+                # The session default; RESET and DISCARD ALL return to it. Statements that would turn
+                # it off are the guardrails' to refuse.
+                params.append(("default_transaction_read_only", "on"))
             machine = _core.UpstreamHandshake(params, password)
             await ch.send(machine.start())
             while True:
@@ -144,6 +160,32 @@ class PostgresStartup:
         self.peer = peer
         self.machine = _core.ClientHandshake(gw.config.limits.max_startup)
         self.params: dict[str, str] = {}
+        # Filled in as the startup proceeds, for the authentication report.
+        self.method = ""
+        self.connection = ""
+        self.identity: Identity | None = None
+        self.chain: tuple[str, ...] = ()
+        self.policy: CompiledPolicy = gw.policy
+
+    def _report(self, outcome: str, code: str = "", reason: str = "", grant: str = "") -> None:
+        if not self.method:
+            return  # not an authentication attempt (cancel request, protocol error before startup)
+        self.gw.report_authentication(
+            AuthAttempt(
+                time=time.time(),
+                peer=self.peer,
+                user=self.params.get("user", ""),
+                connection=self.connection,
+                method=self.method,
+                outcome=outcome,
+                code=code,
+                reason=reason,
+                identity=self.identity,
+                grant=grant,
+                chain=self.chain,
+                policy_version=self.policy.version,
+            )
+        )
 
     async def _next_event(self) -> tuple[object, ...]:
         while True:
@@ -159,6 +201,7 @@ class PostgresStartup:
             await self._refuse(r.code, r.message, r.hint)
         except AuthenticationFailed as e:
             log.info("authentication failed from %s: %s", self.peer, e.reason)
+            self._report("refused", e.code, e.reason)
             await self._refuse(e.code, e.reason)
         except UpstreamUnavailable as e:
             log.warning("upstream unavailable for %s: %s", self.peer, e)
@@ -184,23 +227,62 @@ class PostgresStartup:
         cfg = self.gw.config
         try:
             with trio.fail_after(cfg.limits.startup_timeout):
-                identity, conn = await self._client_phase()
+                admitted = await self._client_phase()
         except trio.TooSlowError:
             raise Refusal(
                 "08P01", f"startup did not complete within {cfg.limits.startup_timeout:g} s"
             ) from None
-        if identity is None or conn is None:
+        if admitted is None:
             return
+        identity, conn, grant = admitted
         if self.gw.draining:
             raise Refusal("57P03", "the gateway is shutting down")
-        upstream, ready, upstream_prefix = await _connect_upstream(self.gw, conn, self.params)
+        upstream, ready, upstream_prefix = await _connect_upstream(self.gw, conn, self.params, grant)
         try:
-            await self._welcome(identity, conn, upstream, ready, upstream_prefix)
+            await self._welcome(identity, conn, grant, upstream, ready, upstream_prefix)
         except BaseException:
             await upstream.aclose()
             raise
 
-    async def _client_phase(self) -> tuple[Identity | None, Connection | None]:
+    async def _authenticate(self, conn: Connection) -> Identity:
+        certs = tuple(self.ch.tls.peer_certificates()) if self.ch.tls is not None else ()
+        hello = ClientHello(
+            user=self.params["user"],
+            database=conn.name,
+            peer=self.peer,
+            tls=self.ch.tls is not None,
+            peer_certificates=certs,
+        )
+        auth = self.gw.authenticator
+        self.method = "certificate"
+        identity = auth.by_certificate(hello)
+        if identity is None:
+            self.method = "password"
+            await self.ch.send(_core.auth_cleartext_password())
+            self.machine.expect_password()
+            ev = await self._next_event()
+            secret = ev[1]
+            assert ev[0] == "password" and isinstance(secret, bytes)
+            identity = await auth.by_password(hello, secret)
+            self.method = identity.method
+        self.identity = identity
+        return identity
+
+    def _admit(self, identity: Identity, conn: Connection) -> Grant:
+        verdict = self.policy.admit(
+            identity,
+            conn.name,
+            user=self.params.get("user"),
+            peer=self.peer.rsplit(":", 1)[0].strip("[]"),
+            now=dt.datetime.now(dt.UTC),
+        )
+        self.chain = verdict.chain
+        if verdict.grant is None:
+            raise AuthenticationFailed(verdict.code, verdict.reason)
+        self._report("allowed", grant=verdict.grant.name)
+        return verdict.grant
+
+    async def _client_phase(self) -> tuple[Identity, Connection, Grant] | None:
         while True:
             ev = await self._next_event()
             kind = ev[0]
@@ -219,44 +301,23 @@ class PostgresStartup:
                 assert isinstance(pid, int) and isinstance(key, int)
                 await self.gw.forward_cancel(pid, key)
                 await self.ch.aclose()
-                return None, None
+                return None
             elif kind == "startup":
                 params = ev[1]
                 assert isinstance(params, list)
                 self.params = {str(k).lower(): str(v) for k, v in params}
                 conn = self._check_startup()
-                await self.ch.send(_core.auth_cleartext_password())
-                self.machine.expect_password()
-                ev = await self._next_event()
-                secret = ev[1]
-                assert ev[0] == "password" and isinstance(secret, bytes)
-                certs = tuple(self.ch.tls.peer_certificates()) if self.ch.tls is not None else ()
-                hello = ClientHello(
-                    user=self.params["user"],
-                    database=conn.name,
-                    peer=self.peer,
-                    tls=self.ch.tls is not None,
-                    peer_certificates=certs,
-                )
-                identity = self.gw.authenticator.authenticate(hello, secret)
-                if not self.gw.authenticator.may_use(identity, conn.name):
-                    raise AuthenticationFailed(
-                        "28000", f'"{identity.name}" may not use connection "{conn.name}"'
-                    )
-                return identity, conn
+                identity = await self._authenticate(conn)
+                grant = self._admit(identity, conn)
+                return identity, conn, grant
             else:
                 raise Refusal("08P01", f"unexpected {kind} during startup")
 
     def _check_startup(self) -> Connection:
-        cfg = self.gw.config
+        cfg = self.policy.config
         for name in REFUSED_PARAMS:
             if name in self.params:
                 raise Refusal("08P01", f"startup parameter {name!r} is not allowed through the gateway")
-        if cfg.tls is not None and cfg.tls.mode == "require" and self.ch.tls is None:
-            raise Refusal(
-                "28000",
-                "the gateway requires TLS: connect with sslmode=require (or verify-full)",
-            )
         dbname = self.params.get("database") or self.params["user"]
         conn = cfg.connection(dbname)
         if conn is None:
@@ -264,12 +325,22 @@ class PostgresStartup:
             raise Refusal(
                 "3D000", f'no connection named "{dbname}" on this gateway', hint=f"dbname is one of: {names}"
             )
+        self.connection = conn.name
+        if self.ch.tls is None and (
+            (cfg.tls is not None and cfg.tls.mode == "require") or not conn.allow_plaintext
+        ):
+            raise Refusal(
+                "28000",
+                "the gateway requires TLS, because tokens travel as passwords: connect with "
+                "sslmode=require (or verify-full)",
+            )
         return conn
 
     async def _welcome(
         self,
         identity: Identity,
         conn: Connection,
+        grant: Grant,
         upstream: Channel,
         ready: tuple[object, ...],
         upstream_prefix: bytes,
@@ -294,13 +365,19 @@ class PostgresStartup:
             id=session_id,
             identity=identity,
             connection=conn.name,
+            grant=grant.name,
+            access=grant.access,
+            upstream_user=grant_credential(conn, grant).user,
             peer=self.peer,
             client_tls=tls_desc,
             upstream_process_id=process_id,
             started=time.time(),
+            policy_version=self.policy.version,
         )
         client_prefix = self.machine.take_remaining() + self.ch.leftover_plaintext()
-        gw.register_session(info, CancelTarget(session_id, gateway_key, conn, process_id, upstream_key))
+        gw.register_session(
+            info, CancelTarget(session_id, gateway_key, conn, process_id, upstream_key), grant.max_session
+        )
         try:
             gw.engine.adopt(
                 session_id,
@@ -317,10 +394,12 @@ class PostgresStartup:
             gw.forget_session(session_id)
             raise
         log.info(
-            "session %d: %s on %s from %s (upstream pid %d)",
+            "session %d: %s on %s under grant %s (%s) from %s (upstream pid %d)",
             session_id,
             identity.name,
             conn.name,
+            grant.name,
+            grant.access,
             self.peer,
             process_id,
         )

@@ -1,8 +1,14 @@
-"""The gateway process: listeners, the engine's event loop, cancel forwarding and shutdown.
+"""The gateway process: listeners, the engine's event loop, identity keys, policy reloads, cancel
+forwarding and shutdown.
 
-Structured concurrency: ``Gateway.run`` owns one nursery with three kinds of children: the listener
-(accepting, with its own handler nursery so startup handlers can be cancelled apart from it), the
-engine event loop, and the signal watcher. Established sessions do not live here: they run on the
+Structured concurrency: ``Gateway.run`` owns one nursery whose children are the listener (accepting,
+with its own handler nursery so startup handlers can be cancelled apart from it), the engine event
+loop, the signal watchers, the policy watcher, and a background nursery for the issuers' JWKS caches
+and the sessions' maximum-duration timers. Reload (SIGHUP, or a change of the policy files seen by
+polling): the files are read and validated; an invalid policy leaves the running one in force; a
+valid one is swapped in whole (new startups see only the new version), recorded with its sha256, and
+live sessions are re-checked: a session whose grant was removed, changed or no longer admits its
+identity is ended with a clear error. Established sessions do not live here: they run on the
 engine's worker threads, and this module hears of them through events. Shutdown (SIGTERM or SIGINT):
 stop accepting, let sessions end by themselves up to ``shutdown.grace`` seconds (with
 ``close_idle`` they are also ended as soon as they are idle), then end the rest with 57P01.
@@ -11,20 +17,31 @@ stop accepting, let sessions end by themselves up to ``shutdown.grace`` seconds 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import functools
 import itertools
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from ostiary import _core
-from ostiary.auth import Authenticator, StaticPasswords
-from ostiary.config import Config, Connection
-from ostiary.hooks import AllowAll, NoObserver, SessionInfo, SessionObserver, StatementHook, StatementInfo
+from ostiary import config as configmod
+from ostiary.config import Config
+from ostiary.errors import ConfigError
+from ostiary.hooks import AuthAttempt, NoObserver, SessionInfo, SessionObserver, StatementHook, StatementInfo
+from ostiary.identity.authenticator import Authenticator
+from ostiary.identity.dev import dev_issuer
+from ostiary.identity.issuers import ResolvedIssuer, resolve_issuer
+from ostiary.identity.jwks import JwksCache
+from ostiary.identity.tokens import TokenValidator
+from ostiary.policy.evaluate import CompiledPolicy, policy_version
+from ostiary.policy.model import Connection
+from ostiary.policy.readonly import ReadOnlyGuard
 from ostiary.proxy.channel import Channel, open_tcp
 from ostiary.proxy.postgres import CancelTarget, PostgresStartup, fatal
 
@@ -33,19 +50,37 @@ log = logging.getLogger("ostiary.server")
 SHUTDOWN_MESSAGE = "terminating connection because the gateway is shutting down"
 
 
+def resolved_issuers(cfg: Config) -> list[ResolvedIssuer]:
+    issuers = [resolve_issuer(i) for i in cfg.issuers]
+    if cfg.dev.issuer:
+        issuers.append(dev_issuer(cfg.data_dir, tuple(cfg.dev.audiences)))
+    return issuers
+
+
 class Gateway:
     def __init__(
         self,
         config: Config,
         *,
-        authenticator: Authenticator | None = None,
+        config_path: str | None = None,
+        policy_version: str = "",
         statement_hook: StatementHook | None = None,
         observer: SessionObserver | None = None,
     ) -> None:
         self.config = config
-        self.authenticator: Authenticator = authenticator or StaticPasswords(config.clients)
-        self.statement_hook: StatementHook = statement_hook or AllowAll()
+        self.config_path = config_path
+        self.policy = CompiledPolicy(config, policy_version)
+        self._background: trio.Nursery | None = None
+        self.caches: dict[ResolvedIssuer, JwksCache] = {}
+        self._cache_scopes: dict[ResolvedIssuer, trio.CancelScope] = {}
+        self.validator = TokenValidator([], {})
+        self.authenticator = Authenticator(config, self.validator)
+        self._apply_identity(config)
+        self.statement_hook: StatementHook = statement_hook or ReadOnlyGuard()
         self.observer: SessionObserver = observer or NoObserver()
+        self._timers: dict[int, trio.CancelScope] = {}
+        self._reload_requested = trio.Event()
+        self._reload_forced = False
         lim = config.limits
         self.engine = _core.Engine(
             workers=config.effective_workers(), max_message=lim.max_message, max_statement=lim.max_statement
@@ -76,18 +111,173 @@ class Gateway:
     def new_session_id(self) -> int:
         return next(self._ids)
 
-    def register_session(self, info: SessionInfo, cancel: CancelTarget) -> None:
+    def register_session(self, info: SessionInfo, cancel: CancelTarget, max_session: float | None) -> None:
         self.sessions[info.id] = info
         key = (cancel.process_id, cancel.secret_key)
         self._cancel[key] = cancel
         self._cancel_by_session[info.id] = key
         self.observer.session_started(info)
+        if max_session is not None and self._background is not None:
+            scope = trio.CancelScope()
+            self._timers[info.id] = scope
+            self._background.start_soon(self._end_at_max_session, info, max_session, scope)
+
+    async def _end_at_max_session(self, info: SessionInfo, seconds: float, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(seconds)
+            log.info("session %d: reached max_session of grant %s (%g s)", info.id, info.grant, seconds)
+            self.engine.terminate(
+                info.id,
+                "57P01",
+                f"terminating connection: the session reached the maximum duration of grant "
+                f"{info.grant} ({seconds:g} s); reconnect with a fresh token",
+            )
 
     def forget_session(self, session: int) -> SessionInfo | None:
         key = self._cancel_by_session.pop(session, None)
         if key is not None:
             self._cancel.pop(key, None)
+        timer = self._timers.pop(session, None)
+        if timer is not None:
+            timer.cancel()
         return self.sessions.pop(session, None)
+
+    def report_authentication(self, attempt: AuthAttempt) -> None:
+        who = attempt.identity.name if attempt.identity is not None else "?"
+        if attempt.outcome == "allowed":
+            log.info(
+                "auth allowed: %s (%s via %s) from %s on %s under grant %s",
+                who,
+                attempt.identity.issuer if attempt.identity is not None else "?",
+                attempt.method,
+                attempt.peer,
+                attempt.connection,
+                attempt.grant,
+            )
+        else:
+            log.info(
+                "auth refused: %s via %s from %s on %s: %s %s",
+                who,
+                attempt.method,
+                attempt.peer,
+                attempt.connection or "?",
+                attempt.code,
+                attempt.reason,
+            )
+        self.observer.authentication(attempt)
+
+    # -- identity and policy -----------------------------------------------------------------------
+
+    def _apply_identity(self, cfg: Config) -> None:
+        """Brings JWKS caches, the token validator and the authenticator in line with ``cfg``.
+        Caches of unchanged issuers (and the validator's memory of used token ids) carry over."""
+        issuers = resolved_issuers(cfg)
+        for issuer in issuers:
+            if issuer not in self.caches:
+                self.caches[issuer] = JwksCache(issuer)
+                if self._background is not None:
+                    self._background.start_soon(self._run_cache, issuer)
+        for gone in [i for i in self.caches if i not in issuers]:
+            del self.caches[gone]
+            scope = self._cache_scopes.pop(gone, None)
+            if scope is not None:
+                scope.cancel()
+        self.validator.configure(issuers, {i.name: self.caches[i] for i in issuers})
+        self.authenticator = Authenticator(cfg, self.validator)
+
+    async def _run_cache(self, issuer: ResolvedIssuer) -> None:
+        cache = self.caches.get(issuer)
+        if cache is None:
+            return
+        with trio.CancelScope() as scope:
+            self._cache_scopes[issuer] = scope
+            await cache.run()
+
+    def request_reload(self) -> None:
+        self._reload_requested.set()
+
+    def reload(self) -> bool:
+        """Reads, validates and applies the policy files. Returns whether the running policy is the
+        file's (unchanged or applied); an invalid file leaves the previous version in force."""
+        if self.config_path is None:
+            return False
+        path = self.config_path
+        try:
+            data, marks, raw = configmod.read(path)
+            version = policy_version(raw)
+            if version == self.policy.version:
+                return True
+            base = Path(path) if Path(path).is_dir() else Path(path).parent
+            new = configmod.parse(data, path, base, marks)
+        except ConfigError as e:
+            log.error("policy reload rejected; version %s stays in force:\n%s", self.policy.version[:12], e)
+            self.observer.policy_changed("", path, False, str(e))
+            return False
+        restart = [k for k in configmod.PROCESS_SECTIONS if getattr(new, k) != getattr(self.config, k)]
+        for k in configmod.PROCESS_SECTIONS:
+            setattr(new, k, getattr(self.config, k))
+        if restart:
+            log.warning("policy reload: changes to %s take effect after a restart", ", ".join(restart))
+        old = self.policy
+        self._apply_identity(new)
+        self.config = new
+        self.policy = CompiledPolicy(new, version)
+        self._upstream_tls.clear()
+        log.info("policy version %s applied (was %s)", version[:12], old.version[:12])
+        self.observer.policy_changed(version, path, True, "")
+        self._recheck_sessions(old)
+        return True
+
+    def _recheck_sessions(self, old: CompiledPolicy) -> None:
+        now = dt.datetime.now(dt.UTC)
+        for info in list(self.sessions.values()):
+            new_grant = self.policy.grants.get(info.grant)
+            old_conn, new_conn = (
+                old.config.connection(info.connection),
+                self.config.connection(info.connection),
+            )
+            if new_grant is None:
+                why = f"access revoked: grant {info.grant} was removed from the policy"
+            elif new_grant != old.grants.get(info.grant) or new_conn is None or old_conn != new_conn:
+                why = f"grant {info.grant} or its connection changed: reconnect under the new policy"
+            elif not self.policy.grant_still_applies(
+                info.identity, info.connection, info.grant, peer=info.peer_ip, now=now
+            ):
+                why = f"access revoked: grant {info.grant} no longer admits {info.identity.name}"
+            else:
+                continue
+            log.info("session %d: %s", info.id, why)
+            self.engine.terminate(info.id, "28000", f"terminating connection: {why}")
+
+    async def _watch_policy(self) -> None:
+        """Reloads on SIGHUP and when the policy files change (polled every 2 s)."""
+        if self.config_path is None:
+            return
+
+        def stamp() -> tuple[tuple[str, int, int], ...]:
+            try:
+                files = configmod.policy_files(Path(self.config_path or "."))
+                return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+            except OSError:
+                return ()
+
+        seen = stamp()
+        while True:
+            with trio.move_on_after(2.0):
+                await self._reload_requested.wait()
+            self._reload_requested = trio.Event()
+            current = stamp()
+            if current != seen or self._reload_forced:
+                self._reload_forced = False
+                seen = current
+                self.reload()
+
+    async def _hangups(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                log.info("received SIGHUP: reloading the policy")
+                self._reload_forced = True
+                self.request_reload()
 
     async def forward_cancel(self, process_id: int, secret_key: int) -> None:
         """Sends the client's CancelRequest to the backend its session uses. Unknown or wrong keys
@@ -245,9 +435,14 @@ class Gateway:
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED, *, handle_signals: bool = True
     ) -> None:
         async with trio.open_nursery() as nursery:
+            self._background = await nursery.start(_background_nursery)
+            for issuer in list(self.caches):
+                self._background.start_soon(self._run_cache, issuer)
             nursery.start_soon(self._events)
+            nursery.start_soon(self._watch_policy)
             if handle_signals:
                 nursery.start_soon(self._signals)
+                nursery.start_soon(self._hangups)
             async with trio.open_nursery() as serving:
                 await serving.start(self._listen)
                 task_status.started()
@@ -261,6 +456,12 @@ class Gateway:
             # Let the final "ended" events be seen, then stop the event loop.
             await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
+
+
+async def _background_nursery(task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
 
 
 async def _refuse_now(stream: trio.SocketStream, code: str, message: str) -> None:

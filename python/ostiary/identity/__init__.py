@@ -1,0 +1,39 @@
+"""Who is asking: workload identities from tokens (OIDC/JWT), client certificates and static passwords.
+
+Rules of this package: validation is strict and fails closed; a rejection says which check failed and
+never echoes the token, a signature or key material; nothing here blocks the trio loop (JWKS fetches run
+in worker threads, on their own schedule, never on the data path of an established session).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a session belongs to.
+
+    ``issuer`` is the name of the trusted issuer in the policy file, ``"certificate"`` for a client
+    certificate, or ``"password"`` for a static client. ``name`` is stable for the same workload (the
+    token's ``sub`` or the preset's name claim, the certificate's SPIFFE ID or subject, the client's
+    user name). ``attributes`` are what policy matches on, all strings (claims flattened, see
+    ``identity.tokens.claim_attributes``). ``expires`` is the token's ``exp`` (epoch seconds) if any.
+    """
+
+    name: str
+    issuer: str
+    method: str  # "token", "certificate" or "password"
+    attributes: dict[str, str] = field(default_factory=dict)
+    expires: float | None = None
+
+
+@dataclass(frozen=True)
+class ClientHello:
+    """What the gateway knows about a client when it authenticates it."""
+
+    user: str
+    database: str
+    peer: str
+    tls: bool
+    peer_certificates: tuple[bytes, ...] = ()

@@ -1,0 +1,304 @@
+"""Pure policy evaluation: who may open which session, under which grant, and what a statement may do.
+
+Rules of this module: no I/O, no clock (callers pass ``now``), no trio. ``CompiledPolicy`` is built once
+per policy version; ``CompiledPolicy.admit`` runs once per session start and returns a ``Verdict``
+carrying the chain of rules behind it (what ``ostiary policy explain`` prints); ``SessionPolicy`` is
+compiled once per session, so a statement decision is a few set lookups and one precompiled pattern
+per rule, never a walk over all grants.
+
+Semantics, in order:
+1. An identity is *named* by every identity matcher whose issuer is the identity's and whose ``match``
+   entries all hold (exact value or glob; a list means any), by the static client of its user name,
+   and by every group containing one of those names (transitively).
+2. The grants for the requested connection that name one of those names are the candidates; a
+   candidate applies when the peer's address is in its ``networks`` (if any) and ``now`` is inside
+   one of its ``windows`` (if any).
+3. One grant governs a session. When the client's user name is the name of an applying grant, that
+   grant; otherwise the only applying grant; several applying grants without a choice are refused
+   (the client picks with ``user=GRANT``), and so is a grant whose rules this release cannot enforce.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import hashlib
+import ipaddress
+import re
+import zoneinfo
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ostiary.identity import Identity
+from ostiary.policy.model import READ_ONLY_KINDS, Grant, Guardrail, IdentityMatcher, StatementMatch, Window
+from ostiary.policy.packs import PACKS
+
+if TYPE_CHECKING:
+    from ostiary.config import Config
+
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+PENDING_FIELDS = ("statements", "relations", "guardrails", "masking", "approvals")
+
+
+def policy_version(raw: bytes) -> str:
+    """The version of a policy: sha256 of the files' names and bytes, shown in logs and audit."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pattern))
+
+
+class _Matcher:
+    """One identity matcher, compiled: attribute -> (exact values, compiled globs)."""
+
+    def __init__(self, m: IdentityMatcher) -> None:
+        self.name = m.name
+        self.issuer = m.issuer
+        self.tests: list[tuple[str, frozenset[str], list[re.Pattern[str]], str]] = []
+        for key, value in m.match.items():
+            values = value if isinstance(value, list) else [value]
+            exact = frozenset(v for v in values if not any(c in v for c in "*?["))
+            globs = [_glob(v) for v in values if any(c in v for c in "*?[")]
+            self.tests.append((key, exact, globs, " or ".join(repr(v) for v in values)))
+
+    def check(self, identity: Identity) -> tuple[bool, str]:
+        """Whether it matches, and why (or why not)."""
+        if identity.issuer != self.issuer:
+            return False, f"issuer is {identity.issuer!r}, this identity needs {self.issuer!r}"
+        for key, exact, globs, shown in self.tests:
+            value = identity.attributes.get(key)
+            if value is None:
+                return False, f"no attribute {key!r} (expected {shown})"
+            if value not in exact and not any(g.fullmatch(value) for g in globs):
+                return False, f"{key} is {value!r}, expected {shown}"
+        held = ", ".join(f"{k}={identity.attributes[k]!r}" for k, *_ in self.tests)
+        return True, held or "every identity of this issuer"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of a session start. ``grant`` is None when refused; ``code`` is the SQLSTATE."""
+
+    grant: Grant | None
+    chain: tuple[str, ...]
+    reason: str = ""
+    code: str = "28000"
+    names: tuple[str, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        return self.grant is not None
+
+
+def _in_window(w: Window, now: dt.datetime) -> bool:
+    local = now.astimezone(zoneinfo.ZoneInfo(w.timezone))
+    minutes = local.hour * 60 + local.minute
+    start = int(w.start[:2]) * 60 + int(w.start[3:])
+    end = int(w.end[:2]) * 60 + int(w.end[3:])
+    day = DAYS[local.weekday()]
+    if start <= end:
+        return day in w.days and start <= minutes < end
+    # Crosses midnight: the part after midnight belongs to the previous day's window.
+    yesterday = DAYS[(local.weekday() - 1) % 7]
+    return (day in w.days and minutes >= start) or (yesterday in w.days and minutes < end)
+
+
+class CompiledPolicy:
+    """A policy version ready for evaluation. Build with ``CompiledPolicy(config, version)``."""
+
+    def __init__(self, cfg: Config, version: str = "") -> None:
+        self.config = cfg
+        self.version = version
+        self.matchers = [_Matcher(m) for m in cfg.identities]
+        self.clients = {c.user for c in cfg.clients}
+        self.groups = {g.name: list(g.members) for g in cfg.groups}
+        self.grants_by_connection: dict[str, list[Grant]] = {}
+        for g in cfg.grants:
+            self.grants_by_connection.setdefault(g.connection, []).append(g)
+        self.grants = {g.name: g for g in cfg.grants}
+        self._networks = {
+            g.name: [ipaddress.ip_network(n, strict=False) for n in g.networks] for g in cfg.grants
+        }
+
+    def names_of(self, identity: Identity, chain: list[str] | None = None) -> set[str]:
+        """Every identity, client and group name the identity carries."""
+        names: set[str] = set()
+        for m in self.matchers:
+            ok, why = m.check(identity)
+            if ok:
+                names.add(m.name)
+            if chain is not None:
+                chain.append(f"{'matches' if ok else 'does not match'} identity {m.name!r}: {why}")
+        if identity.issuer == "password" and identity.name in self.clients:
+            names.add(identity.name)
+            if chain is not None:
+                chain.append(f"is static client {identity.name!r}")
+        changed = True
+        while changed:
+            changed = False
+            for group, members in self.groups.items():
+                if group not in names and names.intersection(members):
+                    names.add(group)
+                    changed = True
+                    if chain is not None:
+                        chain.append(f"is in group {group!r}")
+        return names
+
+    def admit(
+        self,
+        identity: Identity,
+        connection: str,
+        *,
+        user: str | None = None,
+        peer: str | None = None,
+        now: dt.datetime,
+    ) -> Verdict:
+        """Decides a session start. ``peer`` is the client's IP address (no port)."""
+        chain = [f"identity {identity.name!r} (issuer {identity.issuer!r}, {identity.method})"]
+        names = self.names_of(identity, chain)
+        if not names:
+            chain.append("no identity, client or group of the policy names it")
+        candidates = [g for g in self.grants_by_connection.get(connection, []) if names & set(g.identities)]
+        applying: list[Grant] = []
+        addr = None
+        if peer:
+            try:
+                addr = ipaddress.ip_address(peer)
+            except ValueError:
+                addr = None
+        for g in candidates:
+            nets = self._networks[g.name]
+            if nets and (addr is None or not any(addr in n for n in nets)):
+                chain.append(f"grant {g.name!r}: skipped, {peer or 'the client'} is outside its networks")
+                continue
+            if g.windows and not any(_in_window(w, now) for w in g.windows):
+                chain.append(f"grant {g.name!r}: skipped, {now:%a %H:%M %Z} is outside its time windows")
+                continue
+            via = ", ".join(sorted(names & set(g.identities)))
+            chain.append(f"grant {g.name!r} applies (via {via}): {g.access} on {connection!r}")
+            applying.append(g)
+        if not applying:
+            if not candidates:
+                chain.append(f"no grant on connection {connection!r} names this identity")
+            reason = f'no grant lets "{identity.name}" use connection "{connection}"'
+            return Verdict(None, tuple(chain), reason, "28000", tuple(sorted(names)))
+        chosen: Grant | None = None
+        if len(applying) > 1:
+            chosen = next((g for g in applying if g.name == user), None)
+            if chosen is None:
+                options = ", ".join(g.name for g in applying)
+                reason = f"several grants apply ({options}): choose one with user=<grant name>"
+                chain.append(f"refused: {reason}")
+                return Verdict(None, tuple(chain), reason, "28000", tuple(sorted(names)))
+        else:
+            chosen = applying[0]
+        pending = [f for f in PENDING_FIELDS if getattr(chosen, f) not in (None, [])]
+        if pending:
+            reason = (
+                f"grant {chosen.name!r} has {', '.join(pending)} rules, which this gateway cannot enforce "
+                "yet, so it refuses the session"
+            )
+            chain.append(f"refused: {reason}")
+            return Verdict(None, tuple(chain), reason, "28000", tuple(sorted(names)))
+        chain.append(f"allowed under grant {chosen.name!r}")
+        return Verdict(chosen, tuple(chain), "", "", tuple(sorted(names)))
+
+    def compile_session(self, grant: Grant) -> SessionPolicy:
+        return SessionPolicy(self, grant)
+
+    def grant_still_applies(
+        self, identity: Identity, connection: str, grant_name: str, *, peer: str | None, now: dt.datetime
+    ) -> bool:
+        """For live sessions after a reload: does the same grant still admit this identity?"""
+        verdict = self.admit(identity, connection, user=grant_name, peer=peer, now=now)
+        return verdict.grant is not None and verdict.grant.name == grant_name
+
+
+@dataclass(frozen=True)
+class StatementAnalysis:
+    """What a statement does, as the SQL analyzer reports it (kinds of every sub-statement,
+    relations read and written as ``schema.table``, functions called, UPDATE/DELETE without WHERE)."""
+
+    kinds: frozenset[str]
+    reads: frozenset[str] = frozenset()
+    writes: frozenset[str] = frozenset()
+    functions: frozenset[str] = frozenset()
+    unbounded_write: bool = False
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class StatementDecision:
+    allow: bool
+    rule: str = ""
+    message: str = ""
+    chain: tuple[str, ...] = field(default_factory=tuple)
+
+
+class _Rule:
+    def __init__(self, g: Guardrail) -> None:
+        self.name = g.name
+        self.deny = g.action == "deny"
+        self.message = g.message or f"denied by rule {g.name}"
+        m: StatementMatch = g.match
+        self.kinds = frozenset(m.kinds)
+        self.relations = _union(m.relations)
+        self.functions = frozenset(f.lower() for f in m.functions)
+        self.without_where = m.without_where
+        self.pattern = None
+        if m.pattern is not None:
+            import re2
+
+            self.pattern = re2.compile(m.pattern)
+
+    def matches(self, a: StatementAnalysis) -> bool:
+        if self.kinds and not (self.kinds & a.kinds):
+            return False
+        if self.relations is not None and not any(self.relations.fullmatch(r) for r in a.reads | a.writes):
+            return False
+        if self.functions and not (self.functions & a.functions):
+            return False
+        if self.without_where and not a.unbounded_write:
+            return False
+        return not (self.pattern is not None and not self.pattern.search(a.text))
+
+
+def _union(globs: Iterable[str]) -> re.Pattern[str] | None:
+    parts = [fnmatch.translate(g) for g in globs]
+    return re.compile("|".join(f"(?:{p})" for p in parts)) if parts else None
+
+
+class SessionPolicy:
+    """One grant compiled for a session's statement decisions."""
+
+    def __init__(self, policy: CompiledPolicy, grant: Grant) -> None:
+        self.grant = grant
+        self.read_only = grant.access == "read-only"
+        self.kinds = frozenset(grant.statements) if grant.statements is not None else None
+        self.relations = _union(grant.relations) if grant.relations is not None else None
+        defined = {g.name: g for g in policy.config.guardrails}
+        names = list(grant.guardrails)
+        if self.read_only and "read-only" not in names:
+            names.insert(0, "read-only")
+        self.rules = [_Rule(defined.get(n) or PACKS[n]) for n in names]
+
+    def decide(self, a: StatementAnalysis) -> StatementDecision:
+        g = self.grant.name
+        if self.read_only and not a.kinds <= READ_ONLY_KINDS:
+            kinds = ", ".join(sorted(a.kinds - READ_ONLY_KINDS))
+            return StatementDecision(False, "read-only", f"grant {g} is read-only ({kinds})")
+        if self.kinds is not None and not a.kinds <= self.kinds:
+            kinds = ", ".join(sorted(a.kinds - self.kinds))
+            return StatementDecision(False, f"{g}.statements", f"grant {g} does not allow {kinds}")
+        if self.relations is not None:
+            for rel in sorted(a.reads | a.writes):
+                if not self.relations.fullmatch(rel):
+                    return StatementDecision(False, f"{g}.relations", f"grant {g} does not cover {rel}")
+        for rule in self.rules:
+            if rule.matches(a):
+                if rule.deny:
+                    return StatementDecision(False, rule.name, rule.message)
+                return StatementDecision(True, rule.name)
+        return StatementDecision(True, g)

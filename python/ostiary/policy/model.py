@@ -1,0 +1,218 @@
+"""The policy language: msgspec structs that parse the policy file.
+
+Rules of this module: structs only, with defaults a production gateway would want, and a docstring
+on every struct saying what it means (they become the descriptions in the published JSON Schema).
+No I/O, no validation beyond types: cross-references and values are checked in ``policy.load``.
+Durations are seconds. Globs use ``*`` (any characters, ``/`` included), ``?`` and ``[...]``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+# Asymmetric JWS algorithms only: "none" and HMAC (HS*) are never accepted.
+Algorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+ALGORITHMS: tuple[str, ...] = Algorithm.__args__  # type: ignore[attr-defined]
+
+Preset = Literal["github-actions", "gitlab", "google", "kubernetes", "spiffe"]
+
+StatementKind = Literal[
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "merge",
+    "copy-to",
+    "copy-from",
+    "create",
+    "alter",
+    "drop",
+    "truncate",
+    "grant",
+    "revoke",
+    "set",
+    "reset",
+    "transaction",
+    "call",
+    "do",
+    "prepare",
+    "execute",
+    "explain",
+    "utility",
+]
+STATEMENT_KINDS: tuple[str, ...] = StatementKind.__args__  # type: ignore[attr-defined]
+READ_ONLY_KINDS = frozenset(
+    {"select", "copy-to", "set", "reset", "transaction", "explain", "prepare", "execute"}
+)
+
+
+class Issuer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A trusted token issuer. With a ``preset``, only ``name`` and ``audiences`` are usually needed
+    (plus ``issuer`` for GitLab self-managed, Kubernetes and SPIFFE, whose URLs differ per install).
+
+    Keys come from exactly one of: ``jwks_url`` (HTTPS), OpenID discovery (``discovery: true``, the
+    default when no other source is given: ``{issuer}/.well-known/openid-configuration``), or
+    ``jwks_file`` (a JWKS document on disk, for air-gapped clusters)."""
+
+    name: str
+    preset: Preset | None = None
+    issuer: str | None = None
+    audiences: list[str] = msgspec.field(default_factory=list)
+    algorithms: list[str] | None = None  # a subset of ALGORITHMS; the preset's when omitted
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    discovery: bool | None = None
+    ca: str | None = None  # CA bundle for the HTTPS fetches; system roots when omitted
+    clock_skew: float = 60.0
+    max_lifetime: float | None = None  # longest exp - min(iat, nbf); the preset's when omitted
+    required_claims: list[str] = msgspec.field(default_factory=list)
+    reject_reused_jti: bool = False
+    name_claim: str | None = None  # the claim that names the identity; "sub" unless the preset says
+    jwks_ttl: float = 600.0  # refresh the keys this often
+    jwks_max_stale: float = 3600.0  # while the issuer is unreachable, last good keys work this long
+    jwks_refresh_min_interval: float = 30.0  # rate limit of refreshes triggered by an unknown kid
+    fetch_timeout: float = 10.0
+
+
+class IdentityMatcher(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A named set of workloads: those authenticated by ``issuer`` (an issuer's name, ``certificate``
+    for client certificates, ``password`` for static clients) whose attributes match every entry of
+    ``match`` (attribute -> exact value or glob; a list means any of them)."""
+
+    name: str
+    issuer: str
+    match: dict[str, str | list[str]] = msgspec.field(default_factory=dict)
+
+
+class Group(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A name for several identities (or other groups)."""
+
+    name: str
+    members: list[str]
+
+
+class UpstreamTls(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """TLS towards the server, with libpq's sslmode names."""
+
+    mode: Literal["disable", "require", "verify-full"] = "disable"
+    ca: str | None = None
+    server_name: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+class Credential(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An upstream database role and where its secret comes from: exactly one of ``password_env``,
+    ``password_file``, ``password_ref`` (a secret-manager reference such as
+    ``gcp-sm://projects/p/secrets/s/versions/latest``; resolving those is not built yet) or
+    ``password`` (inline, for demos only)."""
+
+    user: str
+    password: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    password_ref: str | None = None
+
+
+class Upstream(Credential, forbid_unknown_fields=True, kw_only=True):
+    """Where the server is, and the default credential sessions use."""
+
+    host: str
+    port: int = 5432
+    database: str
+    tls: UpstreamTls = msgspec.field(default_factory=UpstreamTls)
+    connect_timeout: float = 10.0
+
+
+class Connection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A database the gateway fronts; clients select it by name (their ``dbname``).
+    ``credentials`` are further upstream roles that grants can choose by name (a reader grant uses a
+    reader role). Tokens travel as passwords, so clients must use TLS unless ``allow_plaintext``."""
+
+    name: str
+    upstream: Upstream
+    protocol: Literal["postgresql"] = "postgresql"
+    credentials: dict[str, Credential] = msgspec.field(default_factory=dict)
+    allow_plaintext: bool = False
+
+
+class Window(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A weekly time window: ``days`` (mon..sun), ``start``/``end`` as HH:MM in ``timezone``.
+    An ``end`` before ``start`` crosses midnight."""
+
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = msgspec.field(
+        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+    )
+    start: str = "00:00"
+    end: str = "24:00"
+    timezone: str = "UTC"
+
+
+class Grant(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Who (identities and groups, by name) may use which connection, and how.
+
+    ``access`` read-only makes the upstream session read-only too. ``credential`` names one of the
+    connection's ``credentials`` (the connection's upstream user when omitted). ``statements`` and
+    ``relations`` narrow what SQL may run, ``guardrails``/``masking``/``approvals`` attach rules by
+    name. ``max_session`` ends sessions after that many seconds; ``windows`` and ``networks``
+    restrict when and from where a session may start."""
+
+    name: str
+    identities: list[str]
+    connection: str
+    access: Literal["read-only", "read-write"] = "read-only"
+    credential: str | None = None
+    statements: list[StatementKind] | None = None
+    relations: list[str] | None = None
+    guardrails: list[str] = msgspec.field(default_factory=list)
+    masking: list[str] = msgspec.field(default_factory=list)
+    approvals: list[str] = msgspec.field(default_factory=list)
+    max_session: float | None = None
+    windows: list[Window] = msgspec.field(default_factory=list)
+    networks: list[str] = msgspec.field(default_factory=list)
+
+
+class StatementMatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What a rule applies to; every given field must match (kinds, relation globs, functions,
+    and an RE2 ``pattern`` over the statement text as a last resort)."""
+
+    kinds: list[StatementKind] = msgspec.field(default_factory=list)
+    relations: list[str] = msgspec.field(default_factory=list)
+    functions: list[str] = msgspec.field(default_factory=list)
+    pattern: str | None = None
+    without_where: bool = False
+
+
+class Guardrail(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A statement rule: ``deny`` or ``allow`` statements that ``match``, telling the client
+    ``message``. Shipped packs (``read-only``, ``no-destructive-ddl``, ``no-unbounded-writes``,
+    ``no-privilege-changes``) can be named in grants without defining them."""
+
+    name: str
+    action: Literal["deny", "allow"] = "deny"
+    match: StatementMatch = msgspec.field(default_factory=StatementMatch)
+    message: str = ""
+
+
+class MaskingRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Masks values in results: cells of ``columns`` (globs over ``relation.column`` or column
+    names) and/or text matching the RE2 ``pattern``, replaced by ``replacement``; ``validator`` (luhn,
+    mod97) confirms a pattern match before masking."""
+
+    name: str
+    columns: list[str] = msgspec.field(default_factory=list)
+    pattern: str | None = None
+    replacement: str = "****"
+    validator: Literal["luhn", "mod97"] | None = None
+
+
+class ApprovalRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Holds statements that ``match`` until ``approvers`` (identities or groups) approve, up to
+    ``timeout`` seconds, after which they are denied."""
+
+    name: str
+    match: StatementMatch = msgspec.field(default_factory=StatementMatch)
+    approvers: list[str] = msgspec.field(default_factory=list)
+    timeout: float = 900.0

@@ -1,0 +1,48 @@
+"""Shipped guardrail packs: rule sets a grant names without defining them.
+
+Their enforcement needs statement analysis (the SQL guardrails), which judges statements by their
+effect; these definitions say what each pack means in the policy language.
+"""
+
+from __future__ import annotations
+
+from ostiary.policy.model import Guardrail, StatementMatch
+
+PACKS: dict[str, Guardrail] = {
+    "read-only": Guardrail(
+        name="read-only",
+        match=StatementMatch(
+            kinds=[
+                "insert",
+                "update",
+                "delete",
+                "merge",
+                "copy-from",
+                "create",
+                "alter",
+                "drop",
+                "truncate",
+                "grant",
+                "revoke",
+                "call",
+                "do",
+            ]
+        ),
+        message="this grant is read-only",
+    ),
+    "no-destructive-ddl": Guardrail(
+        name="no-destructive-ddl",
+        match=StatementMatch(kinds=["drop", "truncate"]),
+        message="destructive DDL (DROP, TRUNCATE) is not allowed",
+    ),
+    "no-unbounded-writes": Guardrail(
+        name="no-unbounded-writes",
+        match=StatementMatch(kinds=["update", "delete"], without_where=True),
+        message="UPDATE and DELETE need a WHERE clause",
+    ),
+    "no-privilege-changes": Guardrail(
+        name="no-privilege-changes",
+        match=StatementMatch(kinds=["grant", "revoke"]),
+        message="privilege changes (GRANT, REVOKE, roles) are not allowed",
+    ),
+}
