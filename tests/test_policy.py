@@ -275,14 +275,48 @@ def test_admission_by_attributes_globs_and_groups(tmp_path: Path) -> None:
     v = p.admit(gh("acme/shop"), "orders", now=MONDAY_NOON)
     # shop-main and acme-any name it; only shop-writes is on orders for those names.
     assert v.grant is not None and v.grant.name == "shop-writes"
-    v = p.admit(gh("acme/bi-sales"), "orders", now=MONDAY_NOON)
+    v = p.admit(gh("acme/bi-sales"), "orders", now=MONDAY_NOON, trace=True)
     assert v.grant is not None and v.grant.name == "readers-read"
     assert "is in group 'everyone'" in v.chain
-    v = p.admit(gh("acme/shop", "refs/heads/feature"), "orders", now=MONDAY_NOON)
+    v = p.admit(gh("acme/shop", "refs/heads/feature"), "orders", now=MONDAY_NOON, trace=True)
     assert v.grant is None and v.code == "28000"
     assert any("ref is 'refs/heads/feature', expected 'refs/heads/main'" in c for c in v.chain)
     v = p.admit(gh("evil/shop"), "orders", now=MONDAY_NOON)
     assert v.grant is None and "no grant" in v.reason
+
+
+def test_fast_path_and_explained_path_agree(tmp_path: Path) -> None:
+    data = base_policy()
+    data["identities"] += [
+        {
+            "name": "odd",
+            "issuer": "github",
+            "match": {"repository": "acme/[!a-m]?x*", "ref": ["refs/tags/v*", "x"]},
+        },
+        {"name": "dots", "issuer": "github", "match": {"repository": "a.b/(c)+"}},
+        {
+            "name": "cls",
+            "issuer": "github",
+            "match": {"repository": "acme/[a-c]*", "repository_owner": "acme"},
+        },
+    ]
+    p = compiled(data, tmp_path)
+    repos = [
+        "acme/shop",
+        "acme/zyx1",
+        "acme/byx",
+        "acme/nyxz",
+        "a.b/(c)+",
+        "axb/cc",
+        "acme/bi-",
+        "acme/",
+        "x",
+    ]
+    refs = ["refs/heads/main", "refs/tags/v1.2", "x", "refs/heads/mainx"]
+    for repo in repos:
+        for ref in refs:
+            who = gh(repo, ref)
+            assert p.names_of(who) == p.names_of(who, []), (repo, ref)
 
 
 def test_glob_needs_the_whole_value(tmp_path: Path) -> None:
@@ -302,11 +336,11 @@ def test_networks_and_windows(tmp_path: Path) -> None:
     p = compiled(base_policy(), tmp_path)
     who = gh("acme/anything")
     assert p.admit(who, "billing", peer="10.1.2.3", now=MONDAY_NOON).grant is not None
-    v = p.admit(who, "billing", peer="192.168.1.1", now=MONDAY_NOON)
+    v = p.admit(who, "billing", peer="192.168.1.1", now=MONDAY_NOON, trace=True)
     assert v.grant is None and any("outside its networks" in c for c in v.chain)
     assert p.admit(who, "billing", peer=None, now=MONDAY_NOON).grant is None
     saturday = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
-    v = p.admit(who, "billing", peer="10.1.2.3", now=saturday)
+    v = p.admit(who, "billing", peer="10.1.2.3", now=saturday, trace=True)
     assert v.grant is None and any("outside its time windows" in c for c in v.chain)
     late = dt.datetime(2026, 11, 30, 18, 0, tzinfo=dt.UTC)
     assert p.admit(who, "billing", peer="10.1.2.3", now=late).grant is None

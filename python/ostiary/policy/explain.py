@@ -67,7 +67,7 @@ def explain(
     if policy.config.connection(connection) is None:
         names = ", ".join(c.name for c in policy.config.connections)
         raise ExplainError(f"no connection named {connection!r} (known: {names})")
-    verdict = policy.admit(identity, connection, user=user, peer=peer, now=now)
+    verdict = policy.admit(identity, connection, user=user, peer=peer, now=now, trace=True)
     lines = [f"  {step}" for step in verdict.chain]
     if verdict.grant is not None:
         g = verdict.grant

@@ -269,15 +269,17 @@ class PostgresStartup:
         return identity
 
     def _admit(self, identity: Identity, conn: Connection) -> Grant:
-        verdict = self.policy.admit(
-            identity,
-            conn.name,
-            user=self.params.get("user"),
-            peer=self.peer.rsplit(":", 1)[0].strip("[]"),
-            now=dt.datetime.now(dt.UTC),
+        user, peer, now = (
+            self.params.get("user"),
+            self.peer.rsplit(":", 1)[0].strip("[]"),
+            dt.datetime.now(dt.UTC),
         )
-        self.chain = verdict.chain
+        verdict = self.policy.admit(identity, conn.name, user=user, peer=peer, now=now)
         if verdict.grant is None:
+            # Refusals are rarer: evaluate again with the chain of rules, for the audit record.
+            self.chain = self.policy.admit(
+                identity, conn.name, user=user, peer=peer, now=now, trace=True
+            ).chain
             raise AuthenticationFailed(verdict.code, verdict.reason)
         self._report("allowed", grant=verdict.grant.name)
         return verdict.grant
