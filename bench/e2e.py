@@ -267,8 +267,10 @@ def start_gateway(
                     "password_env": UPSTREAM_PASSWORD_ENV,
                     "tls": {"mode": "disable"},
                 },
+                "allow_plaintext": True,
             }
         ],
+        "grants": [{"name": "bench", "identities": [CLIENT_USER], "connection": DB, "access": "read-write"}],
         "shutdown": {"grace": 2},
     }
     path = work / "ostiary.yaml"

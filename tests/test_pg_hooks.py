@@ -17,7 +17,7 @@ import trio
 from conftest import APP_PASSWORD, CLIENT_PASSWORD, CLIENT_USER, gateway_config
 from ostiary import config as cfgmod
 from ostiary.devcluster import PgCluster, TlsMaterial, free_port
-from ostiary.hooks import AuthAttempt, Decision, SessionInfo, StatementInfo
+from ostiary.hooks import AuthAttempt, Consult, Decision, SessionInfo, StatementInfo
 from ostiary.proxy.server import Gateway
 
 
@@ -29,8 +29,8 @@ class ScriptedHook:
         self.release: trio.Event | None = None
         self.held = threading.Event()
 
-    def consult(self, session: SessionInfo) -> bool:
-        return True
+    def consult(self, session: SessionInfo) -> Consult:
+        return "always"
 
     async def decide(self, session: SessionInfo, statement: StatementInfo) -> Decision:
         self.seen.append(statement)

@@ -187,6 +187,7 @@ def test_read_only_grant_uses_reader_role_and_stays_read_only(gw: GatewayProcess
             "select set_config('default_transaction_read_only', 'off', false)",
             "do $$ begin perform 1; end $$",
             'set U&"default_transaction\\005fread_only" = off',
+            "select '/*'; begin read/*x*/write; select '*/'",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="read-only"):
                 c.execute(attempt)

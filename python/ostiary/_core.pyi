@@ -1,5 +1,5 @@
 # Stubs of the Rust extension (rust/py/src/lib.rs); checked with mypy.stubtest in `make lint`.
-from typing import Any, Self, final
+from typing import Any, Literal, Self, final
 
 __version__: str
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "auth_ok",
     "backend_key_data",
     "cancel_request",
+    "may_leave_read_only",
     "error_response",
     "parameter_status",
     "ready_for_query",
@@ -95,7 +96,7 @@ class Engine:
         upstream_fd: int,
         upstream_tls: TlsSession | None,
         upstream_prefix: bytes,
-        consult: bool = False,
+        consult: Literal["never", "always", "read-only-escapes"] = "never",
         report: bool = False,
     ) -> None: ...
     def verdict(
@@ -122,3 +123,4 @@ def backend_key_data(process_id: int, secret_key: int) -> bytes: ...
 def ready_for_query(status: str) -> bytes: ...
 def ssl_request() -> bytes: ...
 def cancel_request(process_id: int, secret_key: int) -> bytes: ...
+def may_leave_read_only(sql: str) -> bool: ...

@@ -11,7 +11,7 @@ are the audit trail's inputs; the audit store (a later issue) implements the obs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ostiary.identity import Identity
 
@@ -82,8 +82,13 @@ class Decision:
         return Decision(False, code=code, message=message)
 
 
+# Which statements of a session reach ``StatementHook.decide``: none, every one (each new text;
+# allowed texts can be remembered), or only those that could turn a read-only session writable.
+Consult = Literal["never", "always", "read-only-escapes"]
+
+
 class StatementHook(Protocol):
-    def consult(self, session: SessionInfo) -> bool: ...
+    def consult(self, session: SessionInfo) -> Consult: ...
 
     async def decide(self, session: SessionInfo, statement: StatementInfo) -> Decision: ...
 
@@ -105,8 +110,8 @@ class SessionObserver(Protocol):
 class AllowAll:
     """The default: statements are not sent to Python at all."""
 
-    def consult(self, session: SessionInfo) -> bool:
-        return False
+    def consult(self, session: SessionInfo) -> Consult:
+        return "never"
 
     async def decide(self, session: SessionInfo, statement: StatementInfo) -> Decision:
         return Decision.allowed()

@@ -481,7 +481,9 @@ impl Engine {
 
     /// Hands a session to the engine. The descriptors become the engine's (pass
     /// `socket.detach()`); the TLS sessions are emptied; the prefixes are plaintext already read.
-    #[pyo3(signature = (session, client_fd, client_tls, client_prefix, upstream_fd, upstream_tls, upstream_prefix, consult = false, report = false))]
+    /// `consult`: "never", "always", or "read-only-escapes" (only statements that
+    /// `may_leave_read_only` flags).
+    #[pyo3(signature = (session, client_fd, client_tls, client_prefix, upstream_fd, upstream_tls, upstream_prefix, consult = "never", report = false))]
     #[allow(clippy::too_many_arguments)]
     fn adopt(
         &self,
@@ -492,9 +494,19 @@ impl Engine {
         upstream_fd: i32,
         upstream_tls: Option<&TlsSession>,
         upstream_prefix: &[u8],
-        consult: bool,
+        consult: &str,
         report: bool,
     ) -> PyResult<()> {
+        let gate = match consult {
+            "never" => Gate::AllowAll,
+            "always" => Gate::Consult,
+            "read-only-escapes" => Gate::ConsultIf(ostiary_sql::read_only::may_leave_read_only),
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "consult must be never, always or read-only-escapes, not {other:?}"
+                )))
+            }
+        };
         let client_tls = client_tls.map(|t| t.take()).transpose()?;
         let upstream_tls = upstream_tls.map(|t| t.take()).transpose()?;
         let spec = SessionSpec {
@@ -505,11 +517,7 @@ impl Engine {
             upstream: owned_fd(upstream_fd, "upstream_fd")?,
             upstream_tls,
             upstream_prefix: upstream_prefix.to_vec(),
-            gate: if consult {
-                Gate::Consult
-            } else {
-                Gate::AllowAll
-            },
+            gate,
             report,
         };
         self.inner.adopt(spec).map_err(CoreError::new_err)
@@ -631,6 +639,13 @@ impl Engine {
     }
 }
 
+/// Whether a statement could turn a read-only session writable (an interim, conservative text
+/// check; see `ostiary_sql::read_only`).
+#[pyfunction]
+fn may_leave_read_only(sql: &str) -> bool {
+    ostiary_sql::read_only::may_leave_read_only(sql)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -652,5 +667,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ready_for_query, m)?)?;
     m.add_function(wrap_pyfunction!(ssl_request, m)?)?;
     m.add_function(wrap_pyfunction!(cancel_request, m)?)?;
+    m.add_function(wrap_pyfunction!(may_leave_read_only, m)?)?;
     Ok(())
 }

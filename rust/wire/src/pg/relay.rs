@@ -11,7 +11,8 @@
 //!
 //! Statement gate. With `Gate::AllowAll` statements are forwarded as they stream. With
 //! `Gate::Consult`, each Query, Parse and FunctionCall is captured whole and looked up in the
-//! session's verdict cache by its text; on a miss `feed_frontend` stops and returns the statement
+//! session's verdict cache by its text (`Gate::ConsultIf` first asks a predicate, and forwards the
+//! statements it does not flag at once); on a miss `feed_frontend` stops and returns the statement
 //! (`FrontendStop::Hold`): the caller stops reading from the client until the control plane answers
 //! through `resolve`. A denied statement is not dropped: it is replaced by a statement that fails
 //! upstream with a unique marker, so PostgreSQL itself produces the error, aborts a transaction block
@@ -27,11 +28,19 @@ use super::sqlstate;
 use crate::{Limits, WireError};
 
 /// How a session's statements are gated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum Gate {
     AllowAll,
     Consult,
+    /// Consult only for statements whose text the predicate flags; allow the others at once.
+    ConsultIf(fn(&str) -> bool),
 }
+
+/// The verdict cache of a session is cleared when it would hold more than this many statements
+/// or bytes of statement text (statements with literals differ each time; the cache must not grow
+/// with them).
+pub const VERDICT_CACHE_ENTRIES: usize = 1024;
+pub const VERDICT_CACHE_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StatementKind {
@@ -228,6 +237,7 @@ pub struct SessionRelay {
     back: Framer,
     held: Option<(Statement, Vec<u8>)>,
     verdicts: HashMap<(StatementKind, String), Verdict>,
+    verdict_bytes: usize,
     next_seq: u64,
     /// Markers of denied statements in flight, with the error to show instead of theirs.
     denials: VecDeque<(String, Vec<u8>)>,
@@ -253,6 +263,7 @@ impl SessionRelay {
             back: Framer::new(),
             held: None,
             verdicts: HashMap::new(),
+            verdict_bytes: 0,
             next_seq: 0,
             denials: VecDeque::new(),
             rows_since_complete: 0,
@@ -296,7 +307,8 @@ impl SessionRelay {
     }
 
     fn wants_capture_front(&self, tag: u8) -> bool {
-        self.gate == Gate::Consult && matches!(tag, ftag::QUERY | ftag::PARSE | ftag::FUNCTION_CALL)
+        !matches!(self.gate, Gate::AllowAll)
+            && matches!(tag, ftag::QUERY | ftag::PARSE | ftag::FUNCTION_CALL)
     }
 
     /// Scans client bytes, appending what may go upstream to `out`. Stops early on a hold.
@@ -404,6 +416,12 @@ impl SessionRelay {
             text,
         };
         let raw = Framer::raw(tag, &body);
+        if let Gate::ConsultIf(flags) = self.gate {
+            if !flags(&statement.text) {
+                self.apply(&statement, raw, &Verdict::Allow, out);
+                return Ok(None);
+            }
+        }
         match self.verdicts.get(&(kind, statement.text.clone())).cloned() {
             Some(v) => {
                 self.apply(&statement, raw, &v, out);
@@ -437,8 +455,18 @@ impl SessionRelay {
             ));
         }
         if remember {
-            self.verdicts
-                .insert((statement.kind, statement.text.clone()), verdict.clone());
+            let size = statement.text.len();
+            if self.verdicts.len() >= VERDICT_CACHE_ENTRIES
+                || self.verdict_bytes + size > VERDICT_CACHE_BYTES
+            {
+                self.verdicts.clear();
+                self.verdict_bytes = 0;
+            }
+            if size <= VERDICT_CACHE_BYTES {
+                self.verdict_bytes += size;
+                self.verdicts
+                    .insert((statement.kind, statement.text.clone()), verdict.clone());
+            }
         }
         self.apply(&statement, raw, &verdict, out);
         Ok(())
@@ -680,6 +708,55 @@ mod tests {
                 .unwrap(),
             FrontendStop::Consumed
         );
+    }
+
+    #[test]
+    fn consult_if_holds_only_flagged_statements() {
+        fn flags(sql: &str) -> bool {
+            sql.contains("danger")
+        }
+        let mut r = SessionRelay::new(Limits::default(), Gate::ConsultIf(flags), false);
+        let mut input = frontend::query("select 1");
+        input.extend(frontend::parse("s1", "select 2", &[]));
+        input.extend(frontend::query("select 'danger'"));
+        let mut out = Vec::new();
+        let FrontendStop::Hold { statement, .. } = r.feed_frontend(&input, &mut out).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(statement.text, "select 'danger'");
+        let mut expected = frontend::query("select 1");
+        expected.extend(frontend::parse("s1", "select 2", &[]));
+        assert_eq!(out, expected);
+        assert_eq!(r.stats.statements, 3);
+    }
+
+    #[test]
+    fn verdict_cache_is_bounded() {
+        let mut r = SessionRelay::new(Limits::default(), Gate::Consult, false);
+        let mut out = Vec::new();
+        for i in 0..(VERDICT_CACHE_ENTRIES * 3) {
+            let q = frontend::query(&format!("select {i}"));
+            let FrontendStop::Hold { statement, .. } = r.feed_frontend(&q, &mut out).unwrap()
+            else {
+                panic!()
+            };
+            r.resolve(statement.seq, Verdict::Allow, true, &mut out)
+                .unwrap();
+            assert!(r.verdicts.len() <= VERDICT_CACHE_ENTRIES);
+        }
+        // A large statement cannot push the cache past its byte bound either.
+        let big = "x".repeat(VERDICT_CACHE_BYTES - 10);
+        for text in [big.clone(), format!("{big}y")] {
+            let FrontendStop::Hold { statement, .. } =
+                r.feed_frontend(&frontend::query(&text), &mut out).unwrap()
+            else {
+                panic!()
+            };
+            r.resolve(statement.seq, Verdict::Allow, true, &mut out)
+                .unwrap();
+            assert!(r.verdict_bytes <= VERDICT_CACHE_BYTES);
+        }
     }
 
     #[test]

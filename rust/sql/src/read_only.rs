@@ -1,0 +1,364 @@
+//! Could this statement turn a read-only session writable? An interim, conservative text check.
+//!
+//! A read-only grant's upstream session starts with `default_transaction_read_only=on`, so
+//! PostgreSQL refuses writes; `RESET` and `DISCARD ALL` return to that startup value. What remains
+//! is a client switching it off. Without a parser, this flags any statement that mentions a way to
+//! do so:
+//!
+//! * `read write` (BEGIN / START TRANSACTION / SET TRANSACTION / SET SESSION CHARACTERISTICS),
+//! * `transaction_read_only` (both settings, whatever the assignment syntax),
+//! * `set_config` (the function form of SET), `dblink` (a second connection, not read-only),
+//! * `u&` (Unicode escapes could spell a setting's name in a quoted identifier or string),
+//! * the word `do` (anonymous code blocks can run dynamic SQL).
+//!
+//! The words are looked for in three normalisations of the text, and any hit flags it: the raw
+//! text with comment markers turned into spaces, and the text with comments removed as PostgreSQL's
+//! lexer removes them, once with `standard_conforming_strings` on and once off (a client can change
+//! it, and it decides whether a backslash ends a string early, so whether a later `/*` opens a
+//! comment). Nested block comments, `'...'`, `E'...'`, dollar quotes and quoted identifiers are
+//! followed; ASCII letters are lowercased, double quotes dropped, whitespace runs made one space.
+//!
+//! A lone `SHOW name` is not flagged. False positives (a string literal that contains those words)
+//! are possible and accepted: a flagged statement is only refused in a read-only session. A
+//! function already in the database that runs dynamic SQL is out of its reach; for a guarantee the
+//! database enforces, read-only grants should use a reader role.
+
+/// True when `sql` could turn read-only mode off (see the module documentation).
+pub fn may_leave_read_only(sql: &str) -> bool {
+    [
+        normalise(sql, Comments::MarkersAsSpace),
+        normalise(
+            sql,
+            Comments::Removed {
+                backslash_quotes: false,
+            },
+        ),
+        normalise(
+            sql,
+            Comments::Removed {
+                backslash_quotes: true,
+            },
+        ),
+    ]
+    .iter()
+    .any(|flat| flags(flat))
+}
+
+fn flags(flat: &str) -> bool {
+    if is_lone_show(flat) {
+        return false;
+    }
+    const NEEDLES: [&str; 5] = [
+        "read write",
+        "transaction_read_only",
+        "set_config",
+        "dblink",
+        "u&",
+    ];
+    NEEDLES.iter().any(|n| flat.contains(n)) || has_word(flat, "do")
+}
+
+/// How comments are treated by `normalise`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comments {
+    /// `--`, `/*` and `*/` become spaces; what they enclose stays.
+    MarkersAsSpace,
+    /// Removed as PostgreSQL's lexer would, following string literals; `backslash_quotes` is
+    /// `standard_conforming_strings = off` (a backslash escapes a quote in `'...'`).
+    Removed { backslash_quotes: bool },
+}
+
+/// ASCII lowercased, double quotes dropped, whitespace runs as one space; comments per `mode`.
+pub fn normalise(sql: &str, mode: Comments) -> String {
+    let mut out = Flat::with_capacity(sql.len());
+    let b = sql.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let next = b.get(i + 1).copied();
+        match (mode, c, next) {
+            (Comments::MarkersAsSpace, b'-', Some(b'-'))
+            | (Comments::MarkersAsSpace, b'/', Some(b'*'))
+            | (Comments::MarkersAsSpace, b'*', Some(b'/')) => {
+                out.space();
+                i += 2;
+            }
+            (Comments::Removed { .. }, b'-', Some(b'-')) => {
+                while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
+                    i += 1;
+                }
+                out.space();
+            }
+            (Comments::Removed { .. }, b'/', Some(b'*')) => {
+                i = skip_block_comment(b, i);
+                out.space();
+            }
+            (Comments::Removed { backslash_quotes }, b'\'', _) => {
+                let escapes = backslash_quotes || is_escape_string_prefix(b, i);
+                i = copy_quoted(sql, i, b'\'', escapes, &mut out);
+            }
+            (Comments::Removed { .. }, b'"', _) => {
+                i = copy_quoted(sql, i, b'"', false, &mut out);
+            }
+            (Comments::Removed { .. }, b'$', _) if !follows_identifier(b, i) => {
+                match dollar_tag(b, i) {
+                    Some(tag_end) => i = copy_dollar_quoted(sql, i, tag_end, &mut out),
+                    None => {
+                        out.push('$');
+                        i += 1;
+                    }
+                }
+            }
+            _ => {
+                let ch = sql[i..].chars().next().expect("in bounds");
+                out.push(ch);
+                i += ch.len_utf8();
+            }
+        }
+    }
+    out.s
+}
+
+/// The output of `normalise`: lowercases, drops `"`, collapses whitespace.
+struct Flat {
+    s: String,
+    pending_space: bool,
+}
+
+impl Flat {
+    fn with_capacity(n: usize) -> Self {
+        Flat {
+            s: String::with_capacity(n),
+            pending_space: false,
+        }
+    }
+
+    fn space(&mut self) {
+        self.pending_space = true;
+    }
+
+    fn push(&mut self, c: char) {
+        if c == '"' {
+            return;
+        }
+        if c.is_whitespace() {
+            self.pending_space = true;
+            return;
+        }
+        if self.pending_space && !self.s.is_empty() {
+            self.s.push(' ');
+        }
+        self.pending_space = false;
+        self.s.push(c.to_ascii_lowercase());
+    }
+
+    fn push_str(&mut self, text: &str) {
+        for c in text.chars() {
+            self.push(c);
+        }
+    }
+}
+
+/// Index after the block comment starting at `i` (nested comments counted; unterminated: the end).
+fn skip_block_comment(b: &[u8], mut i: usize) -> usize {
+    let mut depth = 0usize;
+    while i < b.len() {
+        if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+            depth += 1;
+            i += 2;
+        } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                return i;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    i
+}
+
+fn is_ident(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+}
+
+fn follows_identifier(b: &[u8], i: usize) -> bool {
+    i > 0 && is_ident(b[i - 1])
+}
+
+/// `E'...'` (any case) opens a string where a backslash escapes; so does `U&` not, nor `B`/`X`.
+fn is_escape_string_prefix(b: &[u8], quote: usize) -> bool {
+    quote > 0 && matches!(b[quote - 1], b'e' | b'E') && (quote == 1 || !is_ident(b[quote - 2]))
+}
+
+/// Copies the quoted text starting at `i` (the opening quote) through its closing quote; a doubled
+/// quote is one quote, and with `escapes` a backslash escapes the next byte. Returns the index after.
+fn copy_quoted(sql: &str, i: usize, quote: u8, escapes: bool, out: &mut Flat) -> usize {
+    let b = sql.as_bytes();
+    let mut j = i + 1;
+    while j < b.len() {
+        if escapes && b[j] == b'\\' {
+            j += 2;
+            continue;
+        }
+        if b[j] == quote {
+            if b.get(j + 1) == Some(&quote) {
+                j += 2;
+                continue;
+            }
+            j += 1;
+            break;
+        }
+        j += 1;
+    }
+    let end = j.min(b.len());
+    out.push_str(&String::from_utf8_lossy(&b[i..end]));
+    end
+}
+
+/// For a `$` at `i`: the index after the closing `$` of a dollar-quote tag (`$$` or `$tag$`).
+fn dollar_tag(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    if j < b.len() && b[j].is_ascii_digit() {
+        return None; // $1: a parameter
+    }
+    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] >= 0x80) {
+        j += 1;
+    }
+    (j < b.len() && b[j] == b'$').then_some(j + 1)
+}
+
+fn copy_dollar_quoted(sql: &str, i: usize, tag_end: usize, out: &mut Flat) -> usize {
+    let b = sql.as_bytes();
+    let tag = &b[i..tag_end];
+    let body_end = b[tag_end..]
+        .windows(tag.len())
+        .position(|w| w == tag)
+        .map(|p| tag_end + p + tag.len())
+        .unwrap_or(b.len());
+    out.push_str(&String::from_utf8_lossy(&b[i..body_end]));
+    body_end
+}
+
+fn is_lone_show(flat: &str) -> bool {
+    let Some(rest) = flat.strip_prefix("show ") else {
+        return false;
+    };
+    let rest = rest.strip_suffix(';').unwrap_or(rest).trim_end();
+    !rest.is_empty()
+        && rest
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'.')
+}
+
+/// `word` standing alone: not preceded or followed by an identifier character.
+fn has_word(flat: &str, word: &str) -> bool {
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    let b = flat.as_bytes();
+    let mut from = 0;
+    while let Some(at) = flat[from..].find(word) {
+        let start = from + at;
+        let end = start + word.len();
+        let before = start == 0 || !ident(b[start - 1]);
+        let after = end == b.len() || !ident(b[end]);
+        if before && after {
+            return true;
+        }
+        from = start + 1;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_every_way_out_we_know() {
+        for sql in [
+            "set default_transaction_read_only = off",
+            "SET default_transaction_read_only TO false",
+            r#"SET "default_transaction_read_only" = 0"#,
+            "set transaction_read_only = off",
+            "begin read write",
+            "BEGIN ISOLATION LEVEL SERIALIZABLE, READ\n\tWRITE",
+            "start transaction /* hide */ read /* and */ write",
+            "start transaction read/*x*/write",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+            "set transaction read write",
+            "select set_config('default_transaction_read_only', 'off', false)",
+            "SELECT pg_catalog.SET_CONFIG('x', 'y', false)",
+            "do $$ begin perform 1; end $$",
+            "DO LANGUAGE plpgsql $$ begin end $$",
+            "select 1; do 'begin end'",
+            "select dblink_exec('dbname=app', 'insert into t values (1)')",
+            r#"set U&"default_transaction\005fread_only" = off"#,
+            "select 1 /* nested /* comment */ read write */",
+            // A comment opener inside a string does not open a comment ...
+            "select '/*'; begin read/*x*/write; select '*/'",
+            // ... unless a backslash ended the string early (standard_conforming_strings off).
+            "select 'a\\' /* '; begin read /*x*/ write; -- */'",
+            "select e'a\\' /* '; begin read /*x*/ write; -- */'",
+            "select $q$ /* $q$; begin read /*x*/ write; -- */",
+            "select 1 -- line comment\n; begin read write",
+        ] {
+            assert!(may_leave_read_only(sql), "{sql}");
+        }
+    }
+
+    #[test]
+    fn lets_ordinary_reads_through() {
+        for sql in [
+            "select * from orders where id = 42",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+            "show default_transaction_read_only",
+            "SHOW transaction_read_only;",
+            "begin",
+            "begin read only",
+            "start transaction isolation level repeatable read",
+            "commit",
+            "reset all",
+            "discard all",
+            "select done, domain, undo from t",
+            "select 'read' as a, 'write' as b",
+            "with x as (select 1) select * from x",
+        ] {
+            assert!(!may_leave_read_only(sql), "{sql}");
+        }
+    }
+
+    #[test]
+    fn normalise_follows_the_lexer() {
+        let removed = Comments::Removed {
+            backslash_quotes: false,
+        };
+        assert_eq!(
+            normalise("  SELECT/*a /*b*/ c*/1 --x\n  \"Q\"  ", removed),
+            "select 1 q"
+        );
+        assert_eq!(normalise("a\u{a0}b é", removed), "a b é");
+        assert_eq!(normalise("select /* open", removed), "select");
+        assert_eq!(
+            normalise("select '/*' || 'x'", removed),
+            "select '/*' || 'x'"
+        );
+        assert_eq!(normalise("select $$--$$, 1", removed), "select $$--$$, 1");
+        assert_eq!(normalise("select a$b$ /*c*/ 1", removed), "select a$b$ 1");
+        assert_eq!(normalise("select $1 /*c*/", removed), "select $1");
+        assert_eq!(
+            normalise("select 1 /* c */ --d", Comments::MarkersAsSpace),
+            "select 1 c d"
+        );
+    }
+
+    #[test]
+    fn show_with_more_is_not_lone() {
+        assert!(may_leave_read_only(
+            "show x; set transaction_read_only = off"
+        ));
+        assert!(may_leave_read_only(
+            "show transaction_read_only; begin read write"
+        ));
+    }
+}
