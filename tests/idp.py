@@ -1,25 +1,21 @@
 """A local OIDC identity provider for end-to-end tests: real keys, a JWKS served over HTTPS.
 
-``LocalIdp`` holds an RSA and an EC signing key, serves their JWKS at ``/jwks`` (and a discovery
-document at ``/.well-known/openid-configuration``) over TLS with a trustme certificate for 127.0.0.1,
-and mints tokens shaped like GitHub Actions' with pyjwt. ``up`` switches the server between serving
-and answering 503, to simulate an outage.
+``LocalIdp`` holds an RSA and an EC signing key and publishes their JWKS at ``/jwks`` through
+``identity_kit.JwksServer`` (TLS with a trustme certificate for 127.0.0.1; ``up`` False answers 503,
+to simulate an outage), and mints tokens shaped like GitHub Actions' with pyjwt.
 """
 
 from __future__ import annotations
 
-import json
-import ssl
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import jwt
-import trustme
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from identity_kit import JwksServer, SigningKey
 
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
 
@@ -52,61 +48,34 @@ class LocalIdp:
         self.issuer = issuer
         self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.ec = ec.generate_private_key(ec.SECP256R1())
-        self.published: list[tuple[str, Any, str]] = [
-            ("rsa-1", self.rsa, "RS256"),
-            ("ec-1", self.ec, "ES256"),
-        ]
-        self.up = True
-        self.requests = 0
-        ca = trustme.CA()
-        cert = ca.issue_cert("127.0.0.1", "localhost")
+        self.published = [SigningKey(self.rsa, "RS256", "rsa-1"), SigningKey(self.ec, "ES256", "ec-1")]
         directory.mkdir(parents=True, exist_ok=True)
-        self.ca_path = directory / "idp-ca.pem"
-        ca.cert_pem.write_to_path(str(self.ca_path))
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(ctx)
-        idp = self
+        self.server = JwksServer(directory).__enter__()
+        self.ca_path = self.server.ca_path
+        self.url = self.server.base_url
+        self._publish()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                idp.requests += 1
-                if not idp.up:
-                    self.send_error(503)
-                    return
-                if self.path == "/jwks":
-                    body = json.dumps(idp.jwks()).encode()
-                elif self.path == "/.well-known/openid-configuration":
-                    body = json.dumps({"issuer": idp.issuer, "jwks_uri": f"{idp.url}/jwks"}).encode()
-                else:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    @property
+    def up(self) -> bool:
+        return self.server.up
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
+    @up.setter
+    def up(self, value: bool) -> None:
+        self.server.up = value
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+    @property
+    def requests(self) -> int:
+        """Requests the server has answered, all paths."""
+        return sum(self.server.requests.values())
 
-    def jwks(self) -> dict[str, Any]:
-        keys = []
-        for kid, key, alg in self.published:
-            jwk = json.loads(jwt.algorithms.get_default_algorithms()[alg].to_jwk(key.public_key()))
-            jwk.update(kid=kid, alg=alg, use="sig")
-            keys.append(jwk)
-        return {"keys": keys}
+    def _publish(self) -> None:
+        self.server.serve("/jwks", {"keys": [k.jwk(alg=k.alg, use="sig") for k in self.published]})
 
     def rotate(self) -> None:
         """Publishes a new RSA key (kid rsa-2) next to the old ones."""
         self.rsa2 = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.published.append(("rsa-2", self.rsa2, "RS256"))
+        self.published.append(SigningKey(self.rsa2, "RS256", "rsa-2"))
+        self._publish()
 
     def mint(
         self,
@@ -120,8 +89,8 @@ class LocalIdp:
         issued_at: float | None = None,
         headers: dict[str, Any] | None = None,
     ) -> str:
-        published = {k: (v, a) for k, v, a in self.published}
-        signing_key, default_alg = published.get(kid, (self.rsa, "RS256"))
+        published = {k.kid: k for k in self.published}
+        signer = published.get(kid)
         now = time.time() if issued_at is None else issued_at
         body = {
             "iss": self.issuer,
@@ -132,13 +101,9 @@ class LocalIdp:
             "jti": str(uuid.uuid4()),
             **claims,
         }
-        return jwt.encode(
-            body,
-            key if key is not None else signing_key,
-            algorithm=alg or default_alg,
-            headers={"kid": kid, **(headers or {})},
-        )
+        signing_key = key if key is not None else (signer.private if signer is not None else self.rsa)
+        algorithm = alg or (signer.alg if signer is not None else "RS256")
+        return jwt.encode(body, signing_key, algorithm=algorithm, headers={"kid": kid, **(headers or {})})
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.__exit__(None, None, None)

@@ -108,16 +108,36 @@ def policy(pg: PgCluster, tls: TlsMaterial, idp: LocalIdp, tmp: Path, **changes:
     return cfg
 
 
+class Configured:
+    """``configured()`` is the test policy as a dict; ``configured.start(cfg)`` runs a gateway on it."""
+
+    def __init__(
+        self, factory: GatewayFactory, pg: PgCluster, tls: TlsMaterial, idp: LocalIdp, tmp: Path
+    ) -> None:
+        self.factory, self.pg, self.tls, self.idp, self.tmp = factory, pg, tls, idp, tmp
+
+    def __call__(self) -> dict[str, Any]:
+        return policy(self.pg, self.tls, self.idp, self.tmp)
+
+    def start(self, cfg: dict[str, Any]) -> GatewayProcess:
+        return self.factory(config=cfg)
+
+
 @pytest.fixture
-def gw(
+def configured(
     gateway_factory: GatewayFactory,
     pg: PgCluster,
     gateway_tls: TlsMaterial,
     idp: LocalIdp,
     tmp_path: Path,
     reader_role: str,
-) -> GatewayProcess:
-    return gateway_factory(config=policy(pg, gateway_tls, idp, tmp_path))
+) -> Configured:
+    return Configured(gateway_factory, pg, gateway_tls, idp, tmp_path)
+
+
+@pytest.fixture
+def gw(configured: Configured) -> GatewayProcess:
+    return configured.start(configured())
 
 
 def connect(gw: GatewayProcess, token: str, **kw: Any) -> psycopg.Connection[Any]:
@@ -305,34 +325,20 @@ def _other_issuer(idp: LocalIdp, claims: dict[str, Any]) -> str:
     return jwt.encode(body, idp.rsa, algorithm="RS256", headers={"kid": "rsa-1"})
 
 
-def test_plaintext_refused_before_the_token_is_asked_for(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    idp: LocalIdp,
-    tmp_path: Path,
-    reader_role: str,
-) -> None:
-    cfg = policy(pg, gateway_tls, idp, tmp_path)
+def test_plaintext_refused_before_the_token_is_asked_for(configured: Configured, idp: LocalIdp) -> None:
+    cfg = configured()
     cfg["tls"]["mode"] = "allow"  # the gateway accepts plaintext, but connection app does not
-    gw = gateway_factory(config=cfg)
+    gw = configured.start(cfg)
     token = idp.mint(github_claims())
     r = psql(gw, "-c", "select 1", password=token, sslmode="disable")
     assert r.returncode == 2
     assert "requires TLS" in r.stderr
 
 
-def test_replayed_token_refused_when_policy_asks(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    idp: LocalIdp,
-    tmp_path: Path,
-    reader_role: str,
-) -> None:
-    cfg = policy(pg, gateway_tls, idp, tmp_path)
+def test_replayed_token_refused_when_policy_asks(configured: Configured, idp: LocalIdp) -> None:
+    cfg = configured()
     cfg["issuers"][0]["reject_reused_jti"] = True
-    gw = gateway_factory(config=cfg)
+    gw = configured.start(cfg)
     token = idp.mint(github_claims())
     with connect(gw, token) as c:
         assert c.execute("select 1").fetchone() == (1,)
@@ -344,17 +350,12 @@ def test_replayed_token_refused_when_policy_asks(
 
 
 def test_token_expiring_mid_session_does_not_end_it_but_max_session_does(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    idp: LocalIdp,
-    tmp_path: Path,
-    reader_role: str,
+    configured: Configured, idp: LocalIdp
 ) -> None:
-    cfg = policy(pg, gateway_tls, idp, tmp_path)
+    cfg = configured()
     cfg["grants"][0]["max_session"] = 4
     cfg["issuers"][0]["clock_skew"] = 0
-    gw = gateway_factory(config=cfg)
+    gw = configured.start(cfg)
     token = idp.mint(github_claims(), lifetime=2)
     with connect(gw, token) as c:
         time.sleep(2.5)
@@ -367,16 +368,9 @@ def test_token_expiring_mid_session_does_not_end_it_but_max_session_does(
     assert "expired" in refused(gw, token)
 
 
-def test_reload_revokes_one_grant_and_leaves_another_untouched(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    idp: LocalIdp,
-    tmp_path: Path,
-    reader_role: str,
-) -> None:
-    cfg = policy(pg, gateway_tls, idp, tmp_path)
-    gw = gateway_factory(config=cfg)
+def test_reload_revokes_one_grant_and_leaves_another_untouched(configured: Configured, idp: LocalIdp) -> None:
+    cfg = configured()
+    gw = configured.start(cfg)
     writer = connect(gw, idp.mint(github_claims()))
     reader = connect(gw, idp.mint(github_claims("acme/reports")))
     assert reader.execute("select 1").fetchone() == (1,)
@@ -412,16 +406,9 @@ def _wait_for(gw: GatewayProcess, text: str, timeout: float = 10) -> None:
     raise AssertionError(f"{text!r} not in the gateway log:\n{gw.log()[-3000:]}")
 
 
-def test_file_change_is_picked_up_without_a_signal(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    idp: LocalIdp,
-    tmp_path: Path,
-    reader_role: str,
-) -> None:
-    cfg = policy(pg, gateway_tls, idp, tmp_path)
-    gw = gateway_factory(config=cfg)
+def test_file_change_is_picked_up_without_a_signal(configured: Configured, idp: LocalIdp) -> None:
+    cfg = configured()
+    gw = configured.start(cfg)
     token = idp.mint(github_claims("acme/bi-dashboards"))
     with connect(gw, token) as c:
         assert c.execute("select current_user").fetchone() == ("app_reader",)
@@ -433,16 +420,9 @@ def test_file_change_is_picked_up_without_a_signal(
     assert "no grant" in refused(gw, idp.mint(github_claims("acme/bi-dashboards")))
 
 
-def test_issuer_outage_within_bound_keeps_working(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    idp: LocalIdp,
-    tmp_path: Path,
-    reader_role: str,
-) -> None:
-    cfg = policy(pg, gateway_tls, idp, tmp_path)
-    gw = gateway_factory(config=cfg)
+def test_issuer_outage_within_bound_keeps_working(configured: Configured, idp: LocalIdp) -> None:
+    cfg = configured()
+    gw = configured.start(cfg)
     with connect(gw, idp.mint(github_claims())) as c:
         c.execute("select 1")
     idp.up = False
