@@ -41,6 +41,24 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
         cluster.stop()
 
 
+READER_PASSWORD = "app-reader-secret"
+
+
+@pytest.fixture(scope="session")
+def reader_role(pg: PgCluster) -> str:
+    """A second upstream role, ``app_reader``, that may only read table ``shop_orders`` of ``app``
+    (per-grant credentials)."""
+    pg.create_role("app_reader", READER_PASSWORD)
+    pg.execute(
+        "create table if not exists shop_orders(id int primary key, item text);"
+        "insert into shop_orders values (1, 'book') on conflict do nothing;"
+        "alter table shop_orders owner to app;"
+        "grant select on shop_orders to app_reader;",
+        dbname="app",
+    )
+    return "app_reader"
+
+
 @pytest.fixture(scope="session")
 def gateway_tls(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
     return make_tls_material(tmp_path_factory.mktemp("gwtls"))

@@ -21,12 +21,11 @@ import psycopg
 import pytest
 import yaml
 
-from conftest import GatewayFactory, GatewayProcess, gateway_config, psql
+from conftest import READER_PASSWORD, GatewayFactory, GatewayProcess, gateway_config, psql
 from idp import LocalIdp, github_claims
 from ostiary.devcluster import PgCluster, TlsMaterial, make_tls_material
 from pgraw import RawConn, password_message, startup_message
 
-READER_PASSWORD = "app-reader-secret"
 SPIFFE_ID = "spiffe://acme.test/ns/payments/sa/ledger"
 
 
@@ -35,19 +34,6 @@ def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIdp]:
     p = LocalIdp(tmp_path_factory.mktemp("idp"))
     yield p
     p.close()
-
-
-@pytest.fixture(scope="module")
-def reader_role(pg: PgCluster) -> str:
-    pg.create_role("app_reader", READER_PASSWORD)
-    pg.execute(
-        "create table if not exists shop_orders(id int primary key, item text);"
-        "insert into shop_orders values (1, 'book') on conflict do nothing;"
-        "alter table shop_orders owner to app;"
-        "grant select on shop_orders to app_reader;",
-        dbname="app",
-    )
-    return "app_reader"
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,22 @@ from ostiary.config import EXAMPLE, Config, load
 from ostiary.errors import ConfigError, OstiaryError
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Escapes line breaks and other control characters in messages: they carry client-controlled
+    text (user names, token claims), which must not be able to forge log lines. Tracebacks, added
+    after the message, keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = "".join(
+            c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in record.message
+        )
+        return super().formatMessage(record)
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def _serve(args: argparse.Namespace) -> int:

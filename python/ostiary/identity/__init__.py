@@ -9,6 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+SHOWN_LENGTH = 100
+
+
+def printable(value: object) -> str:
+    """Attacker-controlled text (a user name, a token's claims) as it may appear in a reason sent to
+    a client or in a log line: non-printable characters (newlines, escapes) replaced by ``?``, so it
+    cannot forge a line, and cut to about 100 characters."""
+    text = "".join(c if c.isprintable() else "?" for c in str(value)[: SHOWN_LENGTH + 1])
+    if len(text) > SHOWN_LENGTH:
+        text = text[:SHOWN_LENGTH] + "..."
+    return text
+
 
 @dataclass(frozen=True)
 class Identity:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from ostiary.config import Client, Config, resolve_secret
 from ostiary.errors import AuthenticationFailed
-from ostiary.identity import ClientHello, Identity
+from ostiary.identity import ClientHello, Identity, printable
 from ostiary.identity.certificates import certificate_identity
 from ostiary.identity.tokens import TokenValidator, looks_like_jwt
 
@@ -50,7 +50,10 @@ class Authenticator:
                 raise AuthenticationFailed(
                     "28P01", "the password is not a token (JWT) and this gateway has no static clients"
                 )
-            raise AuthenticationFailed("28P01", f'password authentication failed for user "{hello.user}"')
+            # The user name is the client's, unauthenticated: it reaches the log only made printable.
+            raise AuthenticationFailed(
+                "28P01", f'password authentication failed for user "{printable(hello.user)}"'
+            )
         return Identity(
             name=hello.user, issuer="password", method="password", attributes={"user": hello.user}
         )

@@ -44,6 +44,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from ostiary.errors import AuthenticationFailed
+from ostiary.identity import printable
 from ostiary.identity.issuers import ResolvedIssuer
 
 log = logging.getLogger("ostiary.identity")
@@ -53,7 +54,6 @@ MAX_KEYS = 100
 MIN_RSA_BITS = 2048
 RETRY_FIRST = 2.0  # seconds before the first retry after a failed fetch, doubling up to RETRY_MAX
 RETRY_MAX = 60.0
-SHOWN_LENGTH = 100
 READ_SIZE = 64 * 1024
 
 # What key can verify each algorithm: (kty, accepted curves or None for RSA).
@@ -75,12 +75,8 @@ _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
 def shown(value: object) -> str:
-    """Attacker-controlled text (kid, alg, iss, URLs) as it may appear in a reason or a log line:
-    quoted, non-printable characters replaced, cut to about 100 characters."""
-    text = "".join(c if c.isprintable() else "?" for c in str(value)[: SHOWN_LENGTH + 1])
-    if len(text) > SHOWN_LENGTH:
-        text = text[:SHOWN_LENGTH] + "..."
-    return f"'{text}'"
+    """Attacker-controlled text (kid, alg, iss, URLs) as ``printable`` makes it, quoted."""
+    return f"'{printable(value)}'"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import heapq
 import json
 import math
@@ -268,7 +269,31 @@ def _unverified_parts(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     claims = _json_segment(parts[1])
     if not isinstance(claims, dict):
         _reject("not a JWT: the claims are not a base64url JSON object")
+    for what, value in (("header", header), ("claims", claims)):
+        if not _is_unicode(value):
+            # JSON may escape an unpaired surrogate (\ud800), which no UTF-8 text holds: such a value
+            # could be neither matched by policy nor written to a client or the log.
+            _reject(f"not a JWT: text in the {what} is not valid Unicode (an unpaired surrogate)")
     return header, claims
+
+
+def _is_unicode(value: Any) -> bool:
+    """Whether every string in a parsed JSON value, object keys included, can be encoded as UTF-8.
+    Iterative: the value may be nested as deep as the JSON parser allowed."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return False
+    return True
 
 
 def _json_segment(segment: bytes) -> Any:
@@ -314,9 +339,14 @@ def _verified_claims(
 
 def _time_claim(claims: Mapping[str, Any], name: str) -> float:
     value = claims.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    seconds = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # An integer beyond the float range (JSON allows a 1 followed by 400 zeros) cannot be a time.
+        with contextlib.suppress(OverflowError):
+            seconds = float(value)
+    if not math.isfinite(seconds):
         _reject(f"token {name} claim is not a finite number of seconds")
-    return float(value)
+    return seconds
 
 
 def _flatten(claims: Mapping[str, Any], prefix: str, into: dict[str, str], depth: int) -> None:

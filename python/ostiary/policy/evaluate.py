@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import re2
 
-from ostiary.identity import Identity
+from ostiary.identity import Identity, printable
 from ostiary.policy.model import READ_ONLY_KINDS, Grant, Guardrail, IdentityMatcher, StatementMatch, Window
 from ostiary.policy.packs import PACKS
 
@@ -258,7 +258,7 @@ class CompiledPolicy:
         if not applying:
             if not candidates:
                 note(f"no grant on connection {connection!r} names this identity")
-            reason = f'no grant lets "{identity.name}" use connection "{connection}"'
+            reason = f'no grant lets "{printable(identity.name)}" use connection "{connection}"'
             return Verdict(None, tuple(chain or ()), reason, "28000", tuple(sorted(names)))
         chosen: Grant | None = None
         if len(applying) > 1:

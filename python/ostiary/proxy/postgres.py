@@ -214,6 +214,11 @@ class PostgresStartup:
             await self.ch.aclose()
         except (ChannelClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await self.ch.aclose()
+        except Exception:
+            # A bug must not look like a dropped connection: the client is told, the attempt recorded.
+            log.exception("connection from %s failed unexpectedly during startup", self.peer)
+            self._report("refused", "XX000", "internal error in the gateway")
+            await self._refuse("XX000", "the gateway failed while starting this session; see its log")
 
     async def _refuse(self, code: str, message: str, hint: str | None = None) -> None:
         with trio.move_on_after(2):

@@ -29,6 +29,9 @@ enum ClientPhase {
     Done,
 }
 
+/// Room for a password that is a 16 KiB identity token, whatever `max_startup` says.
+pub const MIN_PASSWORD_MESSAGE: usize = 16 * 1024 + 64;
+
 pub struct ClientHandshake {
     buf: Vec<u8>,
     phase: ClientPhase,
@@ -44,9 +47,15 @@ impl ClientHandshake {
         }
     }
 
+    /// The largest PasswordMessage accepted: `max_startup`, but at least room for a 16 KiB token
+    /// (the size identity tokens are held to) and its terminator.
+    fn max_password(&self) -> usize {
+        self.limits.max_startup.max(MIN_PASSWORD_MESSAGE)
+    }
+
     /// Appends bytes from the client. Refuses to buffer more than one bounded message's worth.
     pub fn receive_data(&mut self, data: &[u8]) -> Result<(), WireError> {
-        let bound = self.limits.max_startup.max(16 * 1024) + 5;
+        let bound = self.max_password() + 5;
         if self.buf.len() + data.len() > bound {
             return Err(WireError::TooLarge {
                 what: "startup-phase input",
@@ -102,8 +111,7 @@ impl ClientHandshake {
                 }))
             }
             ClientPhase::Password => {
-                let Some((tag, body, used)) = split_message(&self.buf, self.limits.max_startup)?
-                else {
+                let Some((tag, body, used)) = split_message(&self.buf, self.max_password())? else {
                     return Ok(None);
                 };
                 if tag != ftag::PASSWORD {
