@@ -494,3 +494,44 @@ def test_diff_shows_who_gains_and_loses(tmp_path: Path) -> None:
     )
     r2 = run_cli("policy", "explain", "--diff", str(a), str(a))
     assert r2.stdout.strip() == "no change in who may use what"
+
+
+def test_explain_judges_statements_under_the_grant(tmp_path: Path) -> None:
+    data = base_policy()
+    data["grants"][1]["guardrails"] = ["no-destructive-ddl"]
+    f = tmp_path / "policy.yaml"
+    f.write_text(yaml.safe_dump(data))
+    claims = tmp_path / "claims.json"
+    claims.write_text(
+        json.dumps(
+            {"iss": "https://token.actions.githubusercontent.com", "sub": "x", "repository": "acme/reports"}
+        )
+    )
+    sql = "select * from orders; with d as (delete from orders returning 1) select 1; set role admin"
+    r = run_cli(
+        "policy", "explain", str(f), "--claims", str(claims), "--connection", "orders", "--statement", sql
+    )
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    # The grant has guardrails, which the data path does not enforce yet: the session is refused,
+    # and the statements are still explained.
+    assert out[0].startswith("DENY x on orders: grant 'readers-read' has guardrails rules")
+    assert "statements under grant readers-read (once statement rules are enforced):" in out
+    assert "statement 1: ALLOW" in out
+    assert "statement 2: DENY by read-only: grant readers-read is read-only (delete)" in out
+    assert "statement 3: ALLOW" in out
+    r = run_cli(
+        "policy",
+        "explain",
+        str(f),
+        "--claims",
+        str(claims),
+        "--connection",
+        "orders",
+        "--statement",
+        "DR/**/OP TABLE orders",
+        "--expect",
+        "deny",
+    )
+    assert r.returncode == 0
+    assert "what cannot be parsed is refused" in r.stdout

@@ -140,3 +140,20 @@ def test_validate_token_cached_keys(benchmark: BenchmarkFixture, tmp_path: Path,
 
     benchmark.pedantic(lambda: trio.run(run), rounds=10, iterations=1)
     benchmark.extra_info["us_per_token"] = round(benchmark.stats.stats.mean / batch * 1e6, 1)
+
+
+ANALYSED = {
+    "pgbench-select": "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
+    "pgbench-update": "UPDATE pgbench_accounts SET abalance = abalance + -4012 WHERE aid = 77301;",
+    "pgbench-insert": "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) "
+    "VALUES (3, 1, 77301, -4012, CURRENT_TIMESTAMP);",
+    "10kb-select": "select " + ", ".join(f"c{i}" for i in range(1700)) + " from a join b using (id)",
+}
+
+
+@pytest.mark.parametrize("name", list(ANALYSED))
+def test_analyze_statement(benchmark: BenchmarkFixture, name: str) -> None:
+    """``StatementAnalysis.of``: libpg_query parse, the complete walk of the tree, into Python."""
+    sql = ANALYSED[name]
+    [analysis] = benchmark(StatementAnalysis.of, sql)
+    assert analysis.kinds

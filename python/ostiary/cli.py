@@ -144,17 +144,18 @@ def _explain(args: argparse.Namespace) -> int:
         if now.tzinfo is None:
             now = now.replace(tzinfo=dt.UTC)
         allowed, lines = explain(
-            CompiledPolicy(cfg), identity, args.connection, user=args.user, peer=args.peer, now=now
+            CompiledPolicy(cfg),
+            identity,
+            args.connection,
+            user=args.user,
+            peer=args.peer,
+            now=now,
+            statement=args.statement,
         )
     except (ExplainError, ValueError, OSError) as e:
         print(f"ostiary policy explain: {e}", file=sys.stderr)
         return 2
     print("\n".join(lines))
-    if args.statement:
-        print(
-            "  statement: decisions on statements need the SQL analyzer, which this release does not "
-            "have yet; a grant with statement rules is refused at login (fail closed)"
-        )
     if args.expect and (args.expect == "allow") != allowed:
         print(f"expected {args.expect}", file=sys.stderr)
         return 1
@@ -242,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument("--user", help="the user name the client sends (chooses among several grants)")
     explain.add_argument("--peer", help="the client's IP address (for grants with networks)")
     explain.add_argument("--at", help="ISO time of the attempt (for time windows); default now")
-    explain.add_argument("--statement", help="a SQL statement to judge (needs the SQL analyzer)")
+    explain.add_argument("--statement", help="SQL to judge under the grant (each statement of it)")
     explain.add_argument("--expect", choices=("allow", "deny"), help="exit 1 unless the decision is this")
     explain.add_argument("--diff", nargs=2, metavar=("OLD", "NEW"), help="who gains or loses access")
     explain.set_defaults(func=_explain)

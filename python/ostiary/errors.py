@@ -6,7 +6,7 @@ never import ``ostiary._core`` to catch them.
 
 from __future__ import annotations
 
-from ostiary._core import CoreError, ProtocolError, TlsError, UpstreamAuthError
+from ostiary._core import CoreError, ProtocolError, SqlError, TlsError, UpstreamAuthError
 
 
 class OstiaryError(Exception):
@@ -62,6 +62,7 @@ __all__ = [
     "CoreError",
     "OstiaryError",
     "ProtocolError",
+    "SqlError",
     "TlsError",
     "UpstreamAuthError",
     "UpstreamUnavailable",

@@ -152,7 +152,7 @@ def policy_problems(cfg: Config, base: Path) -> list[tuple[str, str]]:
     for where, sm in matches:
         if sm.pattern is not None and (err := _re2_problem(sm.pattern)):
             problems.append((f"{where}.match.pattern", err))
-        if not (sm.kinds or sm.relations or sm.functions or sm.pattern or sm.without_where):
+        if not (sm.kinds or sm.relations or sm.functions or sm.effects or sm.pattern or sm.without_where):
             problems.append((f"{where}.match", "matches nothing: give kinds, relations, ..."))
     for i, rail in enumerate(cfg.guardrails):
         if rail.name in PACKS:

@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING, Any
 import re2
 
 from ostiary.identity import Identity, printable
-from ostiary.policy.model import READ_ONLY_KINDS, Grant, Guardrail, IdentityMatcher, StatementMatch, Window
+from ostiary.policy.model import (
+    READ_ONLY_DENIED_EFFECTS,
+    READ_ONLY_KINDS,
+    Grant,
+    Guardrail,
+    IdentityMatcher,
+    StatementMatch,
+    Window,
+)
 from ostiary.policy.packs import PACKS
 
 if TYPE_CHECKING:
@@ -226,9 +234,12 @@ class CompiledPolicy:
         peer: str | None = None,
         now: dt.datetime,
         trace: bool = False,
+        enforceable_only: bool = True,
     ) -> Verdict:
         """Decides a session start. ``peer`` is the client's IP address (no port). With ``trace``
-        the verdict carries the chain of rules behind it (slower: every matcher explains itself)."""
+        the verdict carries the chain of rules behind it (slower: every matcher explains itself).
+        ``enforceable_only=False`` admits grants whose statement rules the data path cannot enforce
+        yet (for ``policy explain --statement`` only)."""
         chain: list[str] | None = None
         if trace:
             chain = [f"identity {identity.name!r} (issuer {identity.issuer!r}, {identity.method})"]
@@ -271,7 +282,7 @@ class CompiledPolicy:
         else:
             chosen = applying[0]
         pending = [f for f in PENDING_FIELDS if getattr(chosen, f) not in (None, [])]
-        if pending:
+        if pending and enforceable_only:
             reason = (
                 f"grant {chosen.name!r} has {', '.join(pending)} rules, which this gateway cannot enforce "
                 "yet, so it refuses the session"
@@ -303,6 +314,29 @@ class StatementAnalysis:
     functions: frozenset[str] = frozenset()
     unbounded_write: bool = False
     text: str = ""
+    effects: frozenset[str] = frozenset()
+
+    @staticmethod
+    def of(sql: str) -> list[StatementAnalysis]:
+        """Every statement of ``sql``, analysed by PostgreSQL's parser (``_core.analyze_sql``).
+        Raises ``ostiary.errors.SqlError`` when the text does not parse."""
+        from ostiary import _core
+
+        raw = sql.encode()
+        out = []
+        for d in _core.analyze_sql(sql):
+            out.append(
+                StatementAnalysis(
+                    kinds=frozenset(d["kinds"]),
+                    reads=frozenset(d["reads"]),
+                    writes=frozenset(d["writes"]),
+                    functions=frozenset(d["functions"]),
+                    unbounded_write=d["unbounded_write"],
+                    text=raw[d["start"] : d["start"] + d["len"]].decode(errors="replace").strip(),
+                    effects=frozenset(d["effects"]),
+                )
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -322,6 +356,7 @@ class _Rule:
         self.kinds = frozenset(m.kinds)
         self.relations = _union(m.relations)
         self.functions = frozenset(f.lower() for f in m.functions)
+        self.effects = frozenset(m.effects)
         self.without_where = m.without_where
         self.pattern = None
         if m.pattern is not None:
@@ -334,11 +369,18 @@ class _Rule:
             return False
         if self.relations is not None and not any(self.relations.fullmatch(r) for r in a.reads | a.writes):
             return False
-        if self.functions and not (self.functions & a.functions):
+        if self.functions and not (self.functions & _function_names(a.functions)):
+            return False
+        if self.effects and not (self.effects & a.effects):
             return False
         if self.without_where and not a.unbounded_write:
             return False
         return not (self.pattern is not None and not self.pattern.search(a.text))
+
+
+def _function_names(functions: frozenset[str]) -> frozenset[str]:
+    """Function names as called (``pg_catalog.lower``) and without their schema (``lower``)."""
+    return functions | frozenset(f.rsplit(".", 1)[-1] for f in functions)
 
 
 def _union(globs: Iterable[str]) -> re.Pattern[str] | None:
@@ -365,6 +407,9 @@ class SessionPolicy:
         if self.read_only and not a.kinds <= READ_ONLY_KINDS:
             kinds = ", ".join(sorted(a.kinds - READ_ONLY_KINDS))
             return StatementDecision(False, "read-only", f"grant {g} is read-only ({kinds})")
+        if self.read_only and a.effects & READ_ONLY_DENIED_EFFECTS:
+            effects = ", ".join(sorted(a.effects & READ_ONLY_DENIED_EFFECTS))
+            return StatementDecision(False, "read-only", f"grant {g} is read-only ({effects})")
         if self.kinds is not None and not a.kinds <= self.kinds:
             kinds = ", ".join(sorted(a.kinds - self.kinds))
             return StatementDecision(False, f"{g}.statements", f"grant {g} does not allow {kinds}")

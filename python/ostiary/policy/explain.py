@@ -12,11 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from ostiary.config import Config
+from ostiary.errors import SqlError
 from ostiary.identity import Identity
 from ostiary.identity.dev import dev_issuer
 from ostiary.identity.issuers import ResolvedIssuer, resolve_issuer
 from ostiary.identity.tokens import claim_attributes
-from ostiary.policy.evaluate import CompiledPolicy
+from ostiary.policy.evaluate import CompiledPolicy, StatementAnalysis
+from ostiary.policy.model import Grant
 
 
 class ExplainError(Exception):
@@ -62,8 +64,10 @@ def explain(
     user: str | None = None,
     peer: str | None = None,
     now: dt.datetime,
+    statement: str | None = None,
 ) -> tuple[bool, list[str]]:
-    """The decision and the chain of rules behind it, as lines."""
+    """The decision and the chain of rules behind it, as lines; with ``statement``, also the
+    decision on each statement of it under the grant (allowed only if every one is)."""
     if policy.config.connection(connection) is None:
         names = ", ".join(c.name for c in policy.config.connections)
         raise ExplainError(f"no connection named {connection!r} (known: {names})")
@@ -82,7 +86,52 @@ def explain(
             head += f", sessions end after {g.max_session:g} s"
     else:
         head = f"DENY {identity.name} on {connection}: {verdict.reason} (SQLSTATE {verdict.code})"
-    return verdict.grant is not None, [head, *lines]
+    allowed = verdict.grant is not None
+    out = [head, *lines]
+    if statement is not None:
+        grant = verdict.grant
+        if grant is None:
+            # A grant refused only because its statement rules are not enforced yet is still explained.
+            pending = policy.admit(
+                identity, connection, user=user, peer=peer, now=now, enforceable_only=False
+            ).grant
+            if pending is not None:
+                out.append(f"statements under grant {pending.name} (once statement rules are enforced):")
+            grant = pending
+        if grant is not None:
+            ok, statement_lines = explain_statements(policy, grant, statement)
+            allowed = allowed and ok
+            out += statement_lines
+    return allowed, out
+
+
+def explain_statements(policy: CompiledPolicy, grant: Grant, sql: str) -> tuple[bool, list[str]]:
+    """Each statement of ``sql`` judged under ``grant``: ALLOW/DENY, the rule and what was found."""
+    try:
+        analyses = StatementAnalysis.of(sql)
+    except SqlError as e:
+        return False, [f"DENY statement: {e} (what cannot be parsed is refused)"]
+    session = policy.compile_session(grant)
+    lines, allowed = [], True
+    for i, a in enumerate(analyses, 1):
+        d = session.decide(a)
+        allowed = allowed and d.allow
+        found = [f"kinds {', '.join(sorted(a.kinds))}"]
+        for label, values in (
+            ("reads", a.reads),
+            ("writes", a.writes),
+            ("functions", a.functions),
+            ("effects", a.effects),
+        ):
+            if values:
+                found.append(f"{label} {', '.join(sorted(values))}")
+        if a.unbounded_write:
+            found.append("no WHERE")
+        verdict = "ALLOW" if d.allow else f"DENY by {d.rule}: {d.message}"
+        lines.append(f"statement {i}: {verdict}")
+        lines.append(f"  {a.text[:200]}")
+        lines.append(f"  ({'; '.join(found)})")
+    return allowed, lines
 
 
 def _leaves(

@@ -40,11 +40,30 @@ StatementKind = Literal[
     "prepare",
     "execute",
     "explain",
+    "show",
+    "session",
     "utility",
 ]
 STATEMENT_KINDS: tuple[str, ...] = StatementKind.__args__  # type: ignore[attr-defined]
 READ_ONLY_KINDS = frozenset(
-    {"select", "copy-to", "set", "reset", "transaction", "explain", "prepare", "execute"}
+    {"select", "copy-to", "set", "reset", "transaction", "explain", "prepare", "execute", "show", "session"}
+)
+
+# What a statement can do that no kind names (reported by the SQL analyzer).
+Effect = Literal[
+    "read-only-change",  # BEGIN/SET ... READ WRITE, SET default_transaction_read_only, set_config
+    "role-change",  # SET ROLE, SET SESSION AUTHORIZATION
+    "privileges",  # CREATE/ALTER ROLE, REASSIGN OWNED
+    "program",  # COPY ... PROGRAM
+    "server-files",  # COPY to/from a server file, lo_export, pg_read_file ...
+    "server-control",  # pg_terminate_backend, pg_reload_conf, ALTER SYSTEM, LOAD ...
+    "remote",  # dblink
+    "code",  # CREATE FUNCTION / RULE / TRIGGER
+    "config-change",  # set_config
+]
+# Effects a read-only grant refuses, whatever the statement's kinds.
+READ_ONLY_DENIED_EFFECTS = frozenset(
+    {"read-only-change", "privileges", "program", "server-files", "server-control", "remote", "code"}
 )
 
 
@@ -176,11 +195,12 @@ class Grant(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class StatementMatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """What a rule applies to; every given field must match (kinds, relation globs, functions,
-    and an RE2 ``pattern`` over the statement text as a last resort)."""
+    effects, and an RE2 ``pattern`` over the statement text as a last resort)."""
 
     kinds: list[StatementKind] = msgspec.field(default_factory=list)
     relations: list[str] = msgspec.field(default_factory=list)
     functions: list[str] = msgspec.field(default_factory=list)
+    effects: list[Effect] = msgspec.field(default_factory=list)
     pattern: str | None = None
     without_where: bool = False
 

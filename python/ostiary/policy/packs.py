@@ -43,6 +43,11 @@ PACKS: dict[str, Guardrail] = {
     "no-privilege-changes": Guardrail(
         name="no-privilege-changes",
         match=StatementMatch(kinds=["grant", "revoke"]),
-        message="privilege changes (GRANT, REVOKE, roles) are not allowed",
+        message="privilege changes (GRANT, REVOKE) are not allowed",
+    ),
+    "no-role-changes": Guardrail(
+        name="no-role-changes",
+        match=StatementMatch(effects=["role-change", "privileges"]),
+        message="changing roles (SET ROLE, SESSION AUTHORIZATION, CREATE/ALTER ROLE) is not allowed",
     ),
 }

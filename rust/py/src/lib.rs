@@ -45,6 +45,12 @@ create_exception!(
     CoreError,
     "TLS configuration or handshake failure."
 );
+create_exception!(
+    _core,
+    SqlError,
+    CoreError,
+    "A statement could not be analysed (it does not parse)."
+);
 
 fn wire_err(e: WireError) -> PyErr {
     match e {
@@ -646,6 +652,30 @@ fn may_leave_read_only(sql: &str) -> bool {
     ostiary_sql::read_only::may_leave_read_only(sql)
 }
 
+/// Analyses every statement of `sql` with PostgreSQL's parser: a list of dicts with `start`, `len`
+/// (byte span), `kinds`, `reads`, `writes`, `functions`, `effects` (sorted lists of str) and
+/// `unbounded_write`. Raises `SqlError` when the text does not parse.
+#[pyfunction]
+fn analyze_sql<'py>(py: Python<'py>, sql: &str) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    let statements =
+        ostiary_sql::analyze::analyze(sql).map_err(|e| SqlError::new_err(e.to_string()))?;
+    statements
+        .into_iter()
+        .map(|s| {
+            let d = PyDict::new(py);
+            d.set_item("start", s.start)?;
+            d.set_item("len", s.len)?;
+            d.set_item("kinds", s.kinds.into_iter().collect::<Vec<_>>())?;
+            d.set_item("reads", s.reads.into_iter().collect::<Vec<_>>())?;
+            d.set_item("writes", s.writes.into_iter().collect::<Vec<_>>())?;
+            d.set_item("functions", s.functions.into_iter().collect::<Vec<_>>())?;
+            d.set_item("effects", s.effects.into_iter().collect::<Vec<_>>())?;
+            d.set_item("unbounded_write", s.unbounded_write)?;
+            Ok(d)
+        })
+        .collect()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -668,5 +698,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ssl_request, m)?)?;
     m.add_function(wrap_pyfunction!(cancel_request, m)?)?;
     m.add_function(wrap_pyfunction!(may_leave_read_only, m)?)?;
+    m.add_function(wrap_pyfunction!(analyze_sql, m)?)?;
+    m.add("SqlError", m.py().get_type::<SqlError>())?;
     Ok(())
 }

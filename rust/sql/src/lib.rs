@@ -1,4 +1,7 @@
 //! Statement analysis for Ostiary's policy decisions. Pure functions over statement text: no I/O,
-//! no Python. For now one interim check (`read_only`); the SQL guardrails add real parsing here.
+//! no Python. `analyze` judges statements with PostgreSQL's own parser; `read_only` is a cheap
+//! text check the data path runs on every statement of a read-only session.
 
+pub mod analyze;
+mod ffi;
 pub mod read_only;

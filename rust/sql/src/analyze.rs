@@ -1,0 +1,718 @@
+//! What a statement does, judged by PostgreSQL's own parser (libpg_query, through the pg_query
+//! crate): the kinds of every (sub-)statement, the relations read and written, the functions
+//! called, UPDATE/DELETE without WHERE, and effects that no kind names (COPY PROGRAM, SET ROLE,
+//! leaving read-only mode, server files, remote connections, server control).
+//!
+//! Theory of operation. libpg_query returns the parse tree as JSON (`ffi::parse_json`, about three
+//! times cheaper than the crate's protobuf route), which is read into a generic value and walked
+//! *completely*: every object whose key names a node type is classified wherever it appears (inside a CTE, a subquery, an array, a
+//! function argument, EXPLAIN ANALYZE, PREPARE, CREATE RULE ...), so nothing hides in a position a
+//! hand-written walker forgot. Relations are found by shape (an object with `relname` and
+//! `relpersistence`); the
+//! targets of writes are recorded as written, every other relation as read. Judged by effect:
+//! `WITH x AS (DELETE ...) SELECT` has kinds {select, delete}; EXPLAIN without ANALYZE runs
+//! nothing, so it is {explain} with the inner statement's relations as reads; EXPLAIN ANALYZE keeps
+//! the inner kinds. Text that does not parse is an error: the caller denies it (fail closed).
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+/// One statement of a (possibly multi-statement) string.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Statement {
+    /// Byte offset and length of the statement in the analysed text.
+    pub start: usize,
+    pub len: usize,
+    pub kinds: BTreeSet<&'static str>,
+    pub reads: BTreeSet<String>,
+    pub writes: BTreeSet<String>,
+    pub functions: BTreeSet<String>,
+    /// An UPDATE or DELETE without WHERE (every row).
+    pub unbounded_write: bool,
+    pub effects: BTreeSet<&'static str>,
+}
+
+/// Why a text could not be analysed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnalyzeError {
+    #[error("the statement does not parse: {0}")]
+    Parse(String),
+    #[error("the parse tree could not be read: {0}")]
+    Tree(String),
+}
+
+/// Analyses every statement of `sql`.
+pub fn analyze(sql: &str) -> Result<Vec<Statement>, AnalyzeError> {
+    let json = crate::ffi::parse_json(sql).map_err(AnalyzeError::Parse)?;
+    let parsed: Value =
+        serde_json::from_str(&json).map_err(|e| AnalyzeError::Tree(e.to_string()))?;
+    let mut out = Vec::new();
+    let no_statements = Vec::new();
+    let stmts = parsed
+        .get("stmts")
+        .and_then(Value::as_array)
+        .unwrap_or(&no_statements);
+    for raw in stmts {
+        let tree = raw.get("stmt").unwrap_or(&Value::Null);
+        let at = |key: &str| {
+            raw.get(key)
+                .and_then(Value::as_u64)
+                .and_then(|n| usize::try_from(n).ok())
+        };
+        let start = at("stmt_location").unwrap_or(0).min(sql.len());
+        let len = match at("stmt_len") {
+            None | Some(0) => sql.len() - start,
+            Some(n) => n.min(sql.len() - start),
+        };
+        let mut st = Statement {
+            start,
+            len,
+            ..Statement::default()
+        };
+        let mut walk = Walk::default();
+        walk.value(tree, &mut st);
+        for (rel, target) in walk.relations {
+            if walk.ctes.contains(&rel) {
+                continue;
+            }
+            if target {
+                st.writes.insert(rel);
+            } else {
+                st.reads.insert(rel);
+            }
+        }
+        if st.kinds.is_empty() {
+            st.kinds.insert("utility");
+        }
+        out.push(st);
+    }
+    Ok(out)
+}
+
+#[derive(Default)]
+struct Walk {
+    /// (relation, written?) in the order found.
+    relations: Vec<(String, bool)>,
+    /// Relation objects that are write targets (by address), so the generic walk skips them.
+    targets: Vec<*const Value>,
+    ctes: BTreeSet<String>,
+}
+
+impl Walk {
+    fn value(&mut self, v: &Value, st: &mut Statement) {
+        match v {
+            Value::Object(map) => {
+                if map.contains_key("relname") && map.contains_key("relpersistence") {
+                    if !self.targets.contains(&(v as *const Value)) {
+                        self.relations.push((relation_name(v), false));
+                    }
+                    return;
+                }
+                for (key, child) in map {
+                    // Node types are capitalised (`SelectStmt`); field names are not.
+                    let is_node = key.as_bytes().first().is_some_and(u8::is_ascii_uppercase);
+                    if !is_node || self.node(key, child, st) {
+                        self.value(child, st);
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    self.value(item, st);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn target(&mut self, rel: Option<&Value>) {
+        if let Some(r) = rel.filter(|r| r.is_object()) {
+            self.targets.push(r as *const Value);
+            self.relations.push((relation_name(r), true));
+        }
+    }
+
+    /// Classifies one node (its type name and fields) before its children are walked; false when
+    /// the children were dealt with here.
+    fn node(&mut self, key: &str, n: &Value, st: &mut Statement) -> bool {
+        let kinds = &mut st.kinds;
+        match key {
+            "SelectStmt" | "SetOperationStmt" => {
+                kinds.insert("select");
+            }
+            "InsertStmt" => {
+                kinds.insert("insert");
+                self.target(n.get("relation"));
+            }
+            "UpdateStmt" | "DeleteStmt" => {
+                kinds.insert(if key == "UpdateStmt" {
+                    "update"
+                } else {
+                    "delete"
+                });
+                self.target(n.get("relation"));
+                if n.get("whereClause").is_none_or(Value::is_null) {
+                    st.unbounded_write = true;
+                }
+            }
+            "MergeStmt" => {
+                kinds.insert("merge");
+                self.target(n.get("relation"));
+            }
+            "CopyStmt" => {
+                let from = flag(n, "is_from");
+                kinds.insert(if from { "copy-from" } else { "copy-to" });
+                if from {
+                    self.target(n.get("relation"));
+                }
+                if flag(n, "is_program") {
+                    st.effects.insert("program");
+                } else if n
+                    .get("filename")
+                    .and_then(Value::as_str)
+                    .is_some_and(|f| !f.is_empty())
+                {
+                    st.effects.insert("server-files");
+                }
+            }
+            "TruncateStmt" => {
+                kinds.insert("truncate");
+                if let Some(Value::Array(rels)) = n.get("relations") {
+                    for r in rels {
+                        if let Some(rv) = r.get("RangeVar") {
+                            self.target(Some(rv));
+                        }
+                    }
+                }
+            }
+            "CommonTableExpr" => {
+                if let Some(name) = n.get("ctename").and_then(Value::as_str) {
+                    self.ctes.insert(name.to_owned());
+                }
+            }
+            "FuncCall" => {
+                let name = dotted(n.get("funcname"));
+                let last = name.rsplit('.').next().unwrap_or("").to_owned();
+                for effect in function_effects(&last) {
+                    st.effects.insert(effect);
+                }
+                st.functions.insert(name);
+            }
+            "VariableSetStmt" => {
+                let kind = n.get("kind").and_then(Value::as_str).unwrap_or("");
+                // RESET and RESET ALL: back to the session's defaults (the startup values).
+                let reset = kind.starts_with("VAR_RESET");
+                kinds.insert(if reset { "reset" } else { "set" });
+                let name = n
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_ascii_lowercase();
+                match name.as_str() {
+                    "role" | "session_authorization" => {
+                        st.effects.insert("role-change");
+                    }
+                    "transaction_read_only" | "default_transaction_read_only"
+                        if !reset && !sets_true(n.get("args")) =>
+                    {
+                        st.effects.insert("read-only-change");
+                    }
+                    _ => {}
+                }
+                if read_write_option(n.get("args")) {
+                    st.effects.insert("read-only-change");
+                }
+            }
+            "TransactionStmt" => {
+                kinds.insert("transaction");
+                if read_write_option(n.get("options")) {
+                    st.effects.insert("read-only-change");
+                }
+            }
+            "VariableShowStmt" => {
+                kinds.insert("show");
+            }
+            "ExplainStmt" => {
+                kinds.insert("explain");
+                if !has_option(n.get("options"), "analyze") {
+                    // Nothing runs: keep the inner statement's relations as reads, not its kinds.
+                    let mut inner = Statement::default();
+                    let mut walk = Walk::default();
+                    if let Some(q) = n.get("query") {
+                        walk.value(q, &mut inner);
+                    }
+                    self.relations
+                        .extend(walk.relations.into_iter().map(|(r, _)| (r, false)));
+                    self.ctes.extend(walk.ctes);
+                    st.functions.extend(inner.functions);
+                    return false;
+                }
+            }
+            "DoStmt" => {
+                kinds.insert("do");
+            }
+            "CallStmt" => {
+                kinds.insert("call");
+            }
+            "PrepareStmt" | "DeallocateStmt" => {
+                kinds.insert("prepare");
+            }
+            "ExecuteStmt" => {
+                kinds.insert("execute");
+            }
+            "GrantStmt" | "GrantRoleStmt" => {
+                kinds.insert(if flag(n, "is_grant") {
+                    "grant"
+                } else {
+                    "revoke"
+                });
+            }
+            "DropStmt"
+            | "DropRoleStmt"
+            | "DropdbStmt"
+            | "DropOwnedStmt"
+            | "DropTableSpaceStmt"
+            | "DropSubscriptionStmt"
+            | "DropUserMappingStmt" => {
+                kinds.insert("drop");
+                if key == "DropStmt" {
+                    if let Some(Value::Array(objects)) = n.get("objects") {
+                        for o in objects {
+                            if let Some(items) = o.pointer("/List/items") {
+                                let name = dotted(Some(items));
+                                if !name.is_empty() {
+                                    self.relations.push((name, true));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            "CreateRoleStmt" | "AlterRoleStmt" | "AlterRoleSetStmt" | "ReassignOwnedStmt" => {
+                kinds.insert(if key.starts_with("Create") {
+                    "create"
+                } else {
+                    "alter"
+                });
+                st.effects.insert("privileges");
+            }
+            "AlterSystemStmt" => {
+                kinds.insert("alter");
+                st.effects.insert("server-control");
+            }
+            "CreateFunctionStmt" | "RuleStmt" | "CreateTrigStmt" | "CreateEventTrigStmt" => {
+                kinds.insert("create");
+                st.effects.insert("code");
+                if key == "RuleStmt" || key == "CreateTrigStmt" {
+                    self.target(n.get("relation"));
+                }
+            }
+            "CreateStmt"
+            | "CreateTableAsStmt"
+            | "IndexStmt"
+            | "ViewStmt"
+            | "CreateSchemaStmt"
+            | "CreateSeqStmt"
+            | "CreateExtensionStmt"
+            | "CreatedbStmt"
+            | "CompositeTypeStmt"
+            | "CreateEnumStmt"
+            | "CreateRangeStmt"
+            | "CreateDomainStmt"
+            | "DefineStmt"
+            | "CreatePolicyStmt"
+            | "CreatePublicationStmt"
+            | "CreateSubscriptionStmt"
+            | "CreateTableSpaceStmt"
+            | "CreateForeignTableStmt"
+            | "CreateForeignServerStmt"
+            | "CreateUserMappingStmt"
+            | "CreateStatsStmt"
+            | "CreateCastStmt"
+            | "CreateConversionStmt"
+            | "CreateOpClassStmt"
+            | "CreateOpFamilyStmt"
+            | "CreatePLangStmt"
+            | "CreateTransformStmt"
+            | "CreateAmStmt" => {
+                kinds.insert("create");
+                if let Some(r) = n.get("relation").or_else(|| n.get("view")) {
+                    self.target(Some(r));
+                }
+                if let Some(into) = n.pointer("/into/rel") {
+                    self.target(Some(into));
+                }
+            }
+            "AlterTableStmt"
+            | "RenameStmt"
+            | "AlterOwnerStmt"
+            | "AlterObjectSchemaStmt"
+            | "AlterFunctionStmt"
+            | "AlterSeqStmt"
+            | "AlterDatabaseStmt"
+            | "AlterDatabaseSetStmt"
+            | "AlterDomainStmt"
+            | "AlterEnumStmt"
+            | "AlterExtensionStmt"
+            | "AlterPolicyStmt"
+            | "AlterPublicationStmt"
+            | "AlterSubscriptionStmt"
+            | "AlterTableSpaceOptionsStmt"
+            | "AlterDefaultPrivilegesStmt"
+            | "AlterEventTrigStmt"
+            | "AlterOperatorStmt"
+            | "AlterTypeStmt"
+            | "AlterStatsStmt"
+            | "AlterCollationStmt"
+            | "AlterForeignServerStmt" => {
+                kinds.insert(if key == "AlterDefaultPrivilegesStmt" {
+                    "grant"
+                } else {
+                    "alter"
+                });
+                if let Some(r) = n.get("relation") {
+                    self.target(Some(r));
+                }
+            }
+            "DiscardStmt" | "ListenStmt" | "UnlistenStmt" | "FetchStmt" | "ClosePortalStmt"
+            | "DeclareCursorStmt" => {
+                kinds.insert("session");
+            }
+            "NotifyStmt"
+            | "LockStmt"
+            | "VacuumStmt"
+            | "ClusterStmt"
+            | "ReindexStmt"
+            | "CheckPointStmt"
+            | "LoadStmt"
+            | "CommentStmt"
+            | "SecLabelStmt"
+            | "RefreshMatViewStmt"
+            | "ImportForeignSchemaStmt" => {
+                kinds.insert("utility");
+                if key == "LoadStmt" {
+                    st.effects.insert("server-control");
+                }
+            }
+            _ => {}
+        }
+        true
+    }
+}
+
+fn flag(n: &Value, key: &str) -> bool {
+    n.get(key).and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// `schema.name` (or `name`) of a RangeVar-shaped object, lowercased as PostgreSQL folds
+/// unquoted identifiers (pg_query has already folded them; quoted ones keep their case).
+fn relation_name(rv: &Value) -> String {
+    let rel = rv.get("relname").and_then(Value::as_str).unwrap_or("");
+    match rv.get("schemaname").and_then(Value::as_str) {
+        Some(s) if !s.is_empty() => format!("{s}.{rel}"),
+        _ => rel.to_owned(),
+    }
+}
+
+/// Joins a list of String nodes (`funcname`, `DropStmt` object names) with dots.
+fn dotted(list: Option<&Value>) -> String {
+    let Some(Value::Array(items)) = list else {
+        return String::new();
+    };
+    items
+        .iter()
+        .filter_map(|i| i.pointer("/String/sval").and_then(Value::as_str))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn has_option(options: Option<&Value>, name: &str) -> bool {
+    let Some(Value::Array(items)) = options else {
+        return false;
+    };
+    // An option given without a value, or with any value but an explicit false, is on.
+    items.iter().any(|o| {
+        o.pointer("/DefElem/defname").and_then(Value::as_str) == Some(name)
+            && !o.pointer("/DefElem/arg").is_some_and(option_is_false)
+    })
+}
+
+/// A `transaction_read_only` option (BEGIN / SET TRANSACTION / SESSION CHARACTERISTICS) that is
+/// not a constant true: READ WRITE.
+fn read_write_option(options: Option<&Value>) -> bool {
+    let Some(Value::Array(items)) = options else {
+        return false;
+    };
+    items.iter().any(|o| {
+        o.pointer("/DefElem/defname").and_then(Value::as_str) == Some("transaction_read_only")
+            && !o
+                .pointer("/DefElem/arg/A_Const")
+                .is_some_and(constant_is_true)
+    })
+}
+
+/// SET name = <constant true> (on, true, yes, 1): not a way out of read-only mode.
+fn sets_true(args: Option<&Value>) -> bool {
+    let Some(Value::Array(items)) = args else {
+        return false;
+    };
+    items.len() == 1 && items[0].get("A_Const").is_some_and(constant_is_true)
+}
+
+/// The value of an `A_Const` (JSON omits zero and false: `{"ival": {}}` is 0).
+enum Constant<'a> {
+    Int(i64),
+    Bool(bool),
+    Str(&'a str),
+    Other,
+}
+
+fn constant(c: &Value) -> Constant<'_> {
+    if let Some(i) = c.get("ival") {
+        return Constant::Int(i.get("ival").and_then(Value::as_i64).unwrap_or(0));
+    }
+    if let Some(b) = c.get("boolval") {
+        return Constant::Bool(b.get("boolval").and_then(Value::as_bool).unwrap_or(false));
+    }
+    if let Some(s) = c.get("sval") {
+        return Constant::Str(s.get("sval").and_then(Value::as_str).unwrap_or(""));
+    }
+    Constant::Other
+}
+
+fn constant_is_true(c: &Value) -> bool {
+    match constant(c) {
+        Constant::Int(i) => i == 1,
+        Constant::Bool(b) => b,
+        Constant::Str(s) => matches!(
+            s.to_ascii_lowercase().as_str(),
+            "on" | "true" | "yes" | "1" | "t" | "y"
+        ),
+        Constant::Other => false,
+    }
+}
+
+/// An option argument node (`String`, `A_Const`, `Integer`, `Boolean`) that is an explicit false.
+fn option_is_false(arg: &Value) -> bool {
+    if let Some(s) = arg.pointer("/String/sval").and_then(Value::as_str) {
+        return matches!(
+            s.to_ascii_lowercase().as_str(),
+            "off" | "false" | "no" | "0"
+        );
+    }
+    if let Some(c) = arg.get("A_Const") {
+        return match constant(c) {
+            Constant::Int(i) => i == 0,
+            Constant::Bool(b) => !b,
+            Constant::Str(s) => matches!(
+                s.to_ascii_lowercase().as_str(),
+                "off" | "false" | "no" | "0"
+            ),
+            Constant::Other => false,
+        };
+    }
+    arg.get("Integer")
+        .is_some_and(|i| i.get("ival").and_then(Value::as_i64).unwrap_or(0) == 0)
+        || arg
+            .get("Boolean")
+            .is_some_and(|b| !b.get("boolval").and_then(Value::as_bool).unwrap_or(false))
+}
+
+/// What calling a function can do beyond computing a value (by its name, schema dropped).
+fn function_effects(name: &str) -> &'static [&'static str] {
+    match name {
+        "set_config" => &["config-change", "read-only-change"],
+        "pg_terminate_backend"
+        | "pg_cancel_backend"
+        | "pg_reload_conf"
+        | "pg_rotate_logfile"
+        | "pg_promote"
+        | "pg_switch_wal"
+        | "pg_create_restore_point" => &["server-control"],
+        "lo_export"
+        | "lo_import"
+        | "pg_read_file"
+        | "pg_read_binary_file"
+        | "pg_ls_dir"
+        | "pg_stat_file"
+        | "pg_file_write"
+        | "pg_file_rename"
+        | "pg_file_unlink" => &["server-files"],
+        n if n.starts_with("dblink") => &["remote"],
+        _ => &[],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> Statement {
+        let mut v = analyze(sql).unwrap();
+        assert_eq!(v.len(), 1, "{sql}");
+        v.remove(0)
+    }
+
+    fn kinds(sql: &str) -> Vec<&'static str> {
+        one(sql).kinds.into_iter().collect()
+    }
+
+    #[test]
+    fn kinds_by_effect() {
+        assert_eq!(kinds("select * from t"), ["select"]);
+        assert_eq!(
+            kinds("WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x"),
+            ["delete", "select"]
+        );
+        assert_eq!(
+            kinds("EXPLAIN ANALYZE DELETE FROM t"),
+            ["delete", "explain"]
+        );
+        assert_eq!(
+            kinds("EXPLAIN (analyze) DELETE FROM t"),
+            ["delete", "explain"]
+        );
+        assert_eq!(kinds("EXPLAIN DELETE FROM t"), ["explain"]);
+        assert_eq!(kinds("EXPLAIN (analyze false) DELETE FROM t"), ["explain"]);
+        assert_eq!(kinds("insert into t select * from u"), ["insert", "select"]);
+        assert_eq!(kinds("copy t to stdout"), ["copy-to"]);
+        assert_eq!(kinds("copy (select 1) to stdout"), ["copy-to", "select"]);
+        assert_eq!(kinds("copy t from stdin"), ["copy-from"]);
+        assert_eq!(kinds("truncate t"), ["truncate"]);
+        assert_eq!(kinds("drop table t"), ["drop"]);
+        assert_eq!(kinds("do $$ begin end $$"), ["do"]);
+        assert_eq!(kinds("call p()"), ["call"]);
+        assert_eq!(kinds("prepare p as delete from t"), ["delete", "prepare"]);
+        assert_eq!(kinds("execute p"), ["execute"]);
+        assert_eq!(kinds("grant select on t to r"), ["grant"]);
+        assert_eq!(kinds("revoke select on t from r"), ["revoke"]);
+        assert_eq!(kinds("begin"), ["transaction"]);
+        assert_eq!(kinds("show search_path"), ["show"]);
+        assert_eq!(kinds("reset all"), ["reset"]);
+        assert_eq!(kinds("discard all"), ["session"]);
+        assert_eq!(kinds("vacuum t"), ["utility"]);
+        assert_eq!(
+            kinds("create rule r as on select to t do instead delete from u"),
+            ["create", "delete"]
+        );
+    }
+
+    #[test]
+    fn relations_read_and_written() {
+        let s = one("update public.a set x = 1 from b where a.id = b.id");
+        assert_eq!(s.writes, BTreeSet::from(["public.a".to_owned()]));
+        assert_eq!(s.reads, BTreeSet::from(["b".to_owned()]));
+        assert!(!s.unbounded_write);
+        let s = one("with x as (select * from src) insert into dst select * from x");
+        assert_eq!(s.writes, BTreeSet::from(["dst".to_owned()]));
+        assert_eq!(s.reads, BTreeSet::from(["src".to_owned()]));
+        let s = one("delete from t");
+        assert!(s.unbounded_write);
+        let s = one("drop table s.t, u");
+        assert_eq!(s.writes, BTreeSet::from(["s.t".to_owned(), "u".to_owned()]));
+        let s = one("explain delete from t");
+        assert_eq!(s.reads, BTreeSet::from(["t".to_owned()]));
+        assert!(s.writes.is_empty());
+        let s = one(r#"select * from "Secret"."Keys""#);
+        assert_eq!(s.reads, BTreeSet::from(["Secret.Keys".to_owned()]));
+    }
+
+    #[test]
+    fn functions_and_effects_wherever_they_hide() {
+        for sql in [
+            "select pg_terminate_backend(1)",
+            "select array[pg_catalog.pg_terminate_backend(1)]",
+            "select (select pg_terminate_backend(pid) from pg_stat_activity limit 1)",
+            "select 1 where exists (select pg_cancel_backend(2))",
+            "select * from t order by pg_reload_conf()",
+            "select coalesce(null, pg_terminate_backend(3)) collate \"C\"",
+        ] {
+            let s = one(sql);
+            assert!(s.effects.contains("server-control"), "{sql}: {s:?}");
+        }
+        assert!(one("select lo_export(1, '/tmp/x')")
+            .effects
+            .contains("server-files"));
+        assert!(one("select pg_read_file('/etc/passwd')")
+            .effects
+            .contains("server-files"));
+        assert!(one("select dblink_exec('x', 'delete from t')")
+            .effects
+            .contains("remote"));
+        assert!(one("copy t to program 'curl x'")
+            .effects
+            .contains("program"));
+        assert!(one("copy t from '/etc/passwd'")
+            .effects
+            .contains("server-files"));
+        assert!(one("set role admin").effects.contains("role-change"));
+        assert!(one("set session authorization admin")
+            .effects
+            .contains("role-change"));
+        assert!(one("select set_config('a', 'b', false)")
+            .effects
+            .contains("config-change"));
+        assert_eq!(
+            one("select Upper(x) from t").functions,
+            BTreeSet::from(["upper".to_owned()])
+        );
+    }
+
+    #[test]
+    fn ways_out_of_read_only() {
+        for sql in [
+            "begin read write",
+            "start transaction isolation level serializable, read write",
+            "set transaction read write",
+            "set session characteristics as transaction read write",
+            "set default_transaction_read_only = off",
+            "set default_transaction_read_only to 0",
+            "set transaction_read_only = false",
+            "set default_transaction_read_only to default",
+            "select set_config('default_transaction_read_only', 'off', false)",
+        ] {
+            assert!(
+                one(sql).effects.contains("read-only-change"),
+                "{sql}: {:?}",
+                one(sql)
+            );
+        }
+        for sql in [
+            "begin",
+            "begin read only",
+            "set transaction read only",
+            "set default_transaction_read_only = on",
+            "reset default_transaction_read_only",
+            "reset all",
+        ] {
+            assert!(!one(sql).effects.contains("read-only-change"), "{sql}");
+        }
+    }
+
+    #[test]
+    fn several_statements_are_split_with_their_spans() {
+        let sql = "select 1; delete from t where id = 2 ;select 3";
+        let v = analyze(sql).unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[1].kinds, BTreeSet::from(["delete"]));
+        assert_eq!(
+            &sql[v[1].start..v[1].start + v[1].len].trim(),
+            &"delete from t where id = 2"
+        );
+        assert_eq!(&sql[v[2].start..v[2].start + v[2].len], "select 3");
+    }
+
+    #[test]
+    fn what_does_not_parse_is_an_error() {
+        assert!(matches!(
+            analyze("DR/**/OP table t"),
+            Err(AnalyzeError::Parse(_))
+        ));
+        assert!(matches!(
+            analyze("select 'unterminated"),
+            Err(AnalyzeError::Parse(_))
+        ));
+        assert!(analyze("").unwrap().is_empty());
+    }
+}

@@ -1,0 +1,180 @@
+"""Statement analysis with PostgreSQL's parser (``_core.analyze_sql``) and the decisions a compiled
+session takes on it: the bypass corpus of the guardrails issue, judged at the analysis level (the
+data path does not enforce statement rules yet; grants that use them are refused at login)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ostiary import config
+from ostiary.errors import SqlError
+from ostiary.policy.evaluate import CompiledPolicy, SessionPolicy, StatementAnalysis
+
+
+def session(tmp_path: Path, **grant: Any) -> SessionPolicy:
+    data = {
+        "clients": [{"user": "ci", "password": "x"}],
+        "connections": [
+            {"name": "app", "upstream": {"host": "db", "database": "app", "user": "u", "password": "p"}}
+        ],
+        "grants": [{"name": "g", "identities": ["ci"], "connection": "app", **grant}],
+    }
+    p = CompiledPolicy(config.parse(data, "t", tmp_path))
+    return p.compile_session(p.grants["g"])
+
+
+def verdicts(s: SessionPolicy, sql: str) -> list[bool]:
+    return [s.decide(a).allow for a in StatementAnalysis.of(sql)]
+
+
+# Each must be refused by a read-only grant: writes or ways out, however they are written.
+READ_ONLY_BYPASSES = [
+    "DELETE FROM t",
+    "delete/**/from t",
+    "DeLeTe\n\tFROM t -- trailing",
+    "/* lead */ delete /* nested /* comment */ */ from t",
+    'delete from "t"',
+    'delete from U&"\\0074"',
+    "update t set x = 1 where true",
+    "insert into t values (1)",
+    "merge into t using u on t.id = u.id when matched then delete",
+    "with x as (delete from t returning *) select * from x",
+    "with x as (select 1) insert into t select * from x",
+    "select * from (with y as (update t set x = 1 returning *) select * from y) z",
+    "explain analyze delete from t",
+    "explain (analyze, buffers) update t set x = 1",
+    "prepare p as delete from t",
+    "copy t from stdin",
+    "copy t to program 'cat > /tmp/x'",
+    "copy t to '/tmp/x'",
+    "create table x (i int)",
+    "create rule r as on select to t do instead delete from u",
+    "create trigger tr before insert on t for each row execute function f()",
+    "create function f() returns int language sql as $$ delete from t returning 1 $$",
+    "drop table t",
+    "truncate t",
+    "grant all on t to public",
+    "do $$ begin delete from t; end $$",
+    "call p()",
+    "begin read write",
+    "start transaction read write",
+    "set transaction read write",
+    "set session characteristics as transaction read write",
+    "set default_transaction_read_only = off",
+    'SET "default_transaction_read_only" TO false',
+    "set transaction_read_only to 0",
+    "select set_config('default_transaction_read_only', 'off', false)",
+    "select pg_terminate_backend(pid) from pg_stat_activity",
+    "select lo_export(1, '/tmp/x')",
+    "select pg_read_file('/etc/passwd')",
+    "select dblink_exec('dbname=app', 'delete from t')",
+    "alter system set work_mem = '1GB'",
+    "create role evil superuser",
+    "vacuum t",
+]
+
+READ_ONLY_ALLOWED = [
+    "select * from t",
+    "select 'delete from t' as text",
+    "select $$ drop table t $$",
+    "explain delete from t",
+    "explain select * from t",
+    "begin",
+    "begin read only",
+    "commit",
+    "set search_path = app",
+    "reset all",
+    "discard all",
+    "show transaction_read_only",
+    "copy t to stdout",
+    "copy (select * from t) to stdout",
+    "prepare q as select * from t where id = $1",
+    "execute q(1)",
+    "declare c cursor for select * from t",
+    "fetch 10 from c",
+    "listen ch",
+    "set role reporting",
+]
+
+
+@pytest.mark.parametrize("sql", READ_ONLY_BYPASSES)
+def test_read_only_refuses(sql: str, tmp_path: Path) -> None:
+    s = session(tmp_path, access="read-only")
+    assert not all(verdicts(s, sql)), [(a.kinds, a.effects) for a in StatementAnalysis.of(sql)]
+
+
+@pytest.mark.parametrize("sql", READ_ONLY_ALLOWED)
+def test_read_only_allows(sql: str, tmp_path: Path) -> None:
+    s = session(tmp_path, access="read-only")
+    assert all(verdicts(s, sql)), [(a.kinds, a.effects) for a in StatementAnalysis.of(sql)]
+
+
+def test_multi_statement_smuggling_is_split(tmp_path: Path) -> None:
+    s = session(tmp_path, access="read-only")
+    assert verdicts(s, "select 1; delete from t; select 2") == [True, False, True]
+    assert verdicts(s, "select 1;;; begin read write") == [True, False]
+
+
+def test_what_does_not_parse_is_an_error() -> None:
+    for sql in ["DR/**/OP TABLE t", "select 'open", "selec 1"]:
+        with pytest.raises(SqlError):
+            StatementAnalysis.of(sql)
+
+
+def test_packs_on_a_read_write_grant(tmp_path: Path) -> None:
+    s = session(
+        tmp_path,
+        access="read-write",
+        guardrails=["no-destructive-ddl", "no-unbounded-writes", "no-privilege-changes", "no-role-changes"],
+    )
+    decide = {
+        sql: s.decide(StatementAnalysis.of(sql)[0])
+        for sql in [
+            "delete from t where id = 1",
+            "delete from t",
+            "update t set x = 1",
+            "with x as (delete from t returning 1) select 1",
+            "drop table t",
+            "truncate t",
+            "grant select on t to r",
+            "set role admin",
+            "set session authorization admin",
+            "insert into t values (1)",
+        ]
+    }
+    assert decide["delete from t where id = 1"].allow
+    assert decide["insert into t values (1)"].allow
+    for sql, rule in [
+        ("delete from t", "no-unbounded-writes"),
+        ("update t set x = 1", "no-unbounded-writes"),
+        ("with x as (delete from t returning 1) select 1", "no-unbounded-writes"),
+        ("drop table t", "no-destructive-ddl"),
+        ("truncate t", "no-destructive-ddl"),
+        ("grant select on t to r", "no-privilege-changes"),
+        ("set role admin", "no-role-changes"),
+        ("set session authorization admin", "no-role-changes"),
+    ]:
+        assert not decide[sql].allow and decide[sql].rule == rule, (sql, decide[sql])
+
+
+def test_kinds_and_relations_of_a_grant(tmp_path: Path) -> None:
+    s = session(
+        tmp_path, access="read-write", statements=["select", "insert"], relations=["public.*", "orders"]
+    )
+    assert verdicts(s, "select * from orders") == [True]
+    assert verdicts(s, "insert into public.audit values (1)") == [True]
+    assert verdicts(s, "select * from secret.keys") == [False]
+    assert verdicts(s, "update orders set x = 1 where id = 1") == [False]
+    # A relation hidden in a subquery of a function argument is still found.
+    assert verdicts(s, "select coalesce((select max(k) from secret.keys), 0)") == [False]
+
+
+def test_a_10_kb_query() -> None:
+    # A 10 KB statement parses; its analysis finds every relation.
+    sql = "select " + ", ".join(f"c{i}" for i in range(1700)) + " from a join b using (id)"
+    assert len(sql) > 10_000
+    [a] = StatementAnalysis.of(sql)
+    assert a.reads == {"a", "b"}
