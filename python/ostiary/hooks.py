@@ -11,9 +11,12 @@ are the audit trail's inputs; the audit store (a later issue) implements the obs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ostiary.identity import Identity
+
+if TYPE_CHECKING:
+    from ostiary.policy.evaluate import SessionPolicy
 
 
 @dataclass
@@ -29,6 +32,7 @@ class SessionInfo:
     upstream_process_id: int
     started: float
     policy_version: str = ""
+    policy: SessionPolicy | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import re2
 
 from ostiary.identity.issuers import issuer_problems, resolve_issuer
+from ostiary.policy.evaluate import PENDING_FIELDS
 from ostiary.policy.packs import PACKS
 
 if TYPE_CHECKING:
@@ -241,16 +242,12 @@ def policy_warnings(cfg: Config) -> list[tuple[str, str]]:
     """Valid but worth a look: things this release cannot enforce yet are refused at login."""
     out: list[tuple[str, str]] = []
     for i, grant in enumerate(cfg.grants):
-        pending = [
-            f
-            for f in ("statements", "relations", "guardrails", "masking", "approvals")
-            if getattr(grant, f) not in (None, [])
-        ]
+        pending = [f for f in PENDING_FIELDS if getattr(grant, f) not in (None, [])]
         if pending:
             out.append(
                 (
                     f"grants[{i}]",
-                    f"{', '.join(pending)}: statement-level rules are not enforced by this release yet, so "
+                    f"{', '.join(pending)}: these rules are not enforced by this release yet, so "
                     f"sessions under grant {grant.name!r} are refused (fail closed)",
                 )
             )

@@ -48,7 +48,8 @@ if TYPE_CHECKING:
     from ostiary.config import Config
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-PENDING_FIELDS = ("statements", "relations", "guardrails", "masking", "approvals")
+# Grant fields whose enforcement has not landed yet: a grant that uses them is refused at login.
+PENDING_FIELDS = ("masking", "approvals")
 
 
 def policy_version(raw: bytes) -> str:
@@ -295,6 +296,15 @@ class CompiledPolicy:
     def compile_session(self, grant: Grant) -> SessionPolicy:
         return SessionPolicy(self, grant)
 
+    def grant_terms(self, name: str) -> tuple[Any, ...] | None:
+        """Everything a session under grant ``name`` depends on (the grant, its connection, the
+        guardrails it names): when these differ between two versions, its sessions must reconnect."""
+        g = self.grants.get(name)
+        if g is None:
+            return None
+        defined = {r.name: r for r in self.config.guardrails}
+        return (g, self.config.connection(g.connection), tuple(defined.get(r) for r in g.guardrails))
+
     def grant_still_applies(
         self, identity: Identity, connection: str, grant_name: str, *, peer: str | None, now: dt.datetime
     ) -> bool:
@@ -389,7 +399,8 @@ def _union(globs: Iterable[str]) -> re.Pattern[str] | None:
 
 
 class SessionPolicy:
-    """One grant compiled for a session's statement decisions."""
+    """One grant compiled for a session's statement decisions. ``guarded`` sessions have every new
+    statement judged (``judge``); read-only ones without other rules only the text-flagged ones."""
 
     def __init__(self, policy: CompiledPolicy, grant: Grant) -> None:
         self.grant = grant
@@ -401,6 +412,32 @@ class SessionPolicy:
         if self.read_only and "read-only" not in names:
             names.insert(0, "read-only")
         self.rules = [_Rule(defined.get(n) or PACKS[n]) for n in names]
+
+    @property
+    def guarded(self) -> bool:
+        return self.kinds is not None or self.relations is not None or bool(self.grant.guardrails)
+
+    def judge(self, text: str) -> StatementDecision:
+        """Every statement of a Query or Parse text; the first refusal wins. What does not parse is
+        refused, and so is turning ``standard_conforming_strings`` off (statements would then no
+        longer mean what the analysis, which lexes with it on, says)."""
+        from ostiary.errors import SqlError
+
+        try:
+            analyses = StatementAnalysis.of(text)
+        except SqlError as e:
+            return StatementDecision(False, "unparsed", f"the gateway cannot analyse this statement: {e}")
+        for a in analyses:
+            if "lexer-change" in a.effects:
+                return StatementDecision(
+                    False,
+                    "standard-conforming-strings",
+                    "standard_conforming_strings must stay on in sessions whose statements are judged",
+                )
+            d = self.decide(a)
+            if not d.allow:
+                return d
+        return StatementDecision(True, self.grant.name)
 
     def decide(self, a: StatementAnalysis) -> StatementDecision:
         g = self.grant.name

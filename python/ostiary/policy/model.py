@@ -60,6 +60,7 @@ Effect = Literal[
     "remote",  # dblink
     "code",  # CREATE FUNCTION / RULE / TRIGGER
     "config-change",  # set_config
+    "lexer-change",  # standard_conforming_strings off: statements would no longer mean what analysis says
 ]
 # Effects a read-only grant refuses, whatever the statement's kinds.
 READ_ONLY_DENIED_EFFECTS = frozenset(

@@ -380,6 +380,7 @@ class PostgresStartup:
             upstream_process_id=process_id,
             started=time.time(),
             policy_version=self.policy.version,
+            policy=self.policy.compile_session(grant),
         )
         client_prefix = self.machine.take_remaining() + self.ch.leftover_plaintext()
         gw.register_session(

@@ -39,9 +39,9 @@ from ostiary.identity.dev import dev_issuer
 from ostiary.identity.issuers import ResolvedIssuer, resolve_issuer
 from ostiary.identity.jwks import JwksCache
 from ostiary.identity.tokens import TokenValidator
+from ostiary.policy.enforce import PolicyHook
 from ostiary.policy.evaluate import CompiledPolicy, policy_version
 from ostiary.policy.model import Connection
-from ostiary.policy.readonly import ReadOnlyGuard
 from ostiary.proxy.channel import Channel, open_tcp
 from ostiary.proxy.postgres import CancelTarget, PostgresStartup, fatal
 
@@ -76,7 +76,7 @@ class Gateway:
         self.validator = TokenValidator([], {})
         self.authenticator = Authenticator(config, self.validator)
         self._apply_identity(config)
-        self.statement_hook: StatementHook = statement_hook or ReadOnlyGuard()
+        self.statement_hook: StatementHook = statement_hook or PolicyHook()
         self.observer: SessionObserver = observer or NoObserver()
         self._timers: dict[int, trio.CancelScope] = {}
         self._reload_requested = trio.Event()
@@ -231,15 +231,12 @@ class Gateway:
     def _recheck_sessions(self, old: CompiledPolicy) -> None:
         now = dt.datetime.now(dt.UTC)
         for info in list(self.sessions.values()):
-            new_grant = self.policy.grants.get(info.grant)
-            old_conn, new_conn = (
-                old.config.connection(info.connection),
-                self.config.connection(info.connection),
-            )
-            if new_grant is None:
+            if info.grant not in self.policy.grants:
                 why = f"access revoked: grant {info.grant} was removed from the policy"
-            elif new_grant != old.grants.get(info.grant) or new_conn is None or old_conn != new_conn:
-                why = f"grant {info.grant} or its connection changed: reconnect under the new policy"
+            elif self.policy.grant_terms(info.grant) != old.grant_terms(info.grant):
+                why = (
+                    f"grant {info.grant}, its connection or its rules changed: reconnect under the new policy"
+                )
             elif not self.policy.grant_still_applies(
                 info.identity, info.connection, info.grant, peer=info.peer_ip, now=now
             ):

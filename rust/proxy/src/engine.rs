@@ -575,9 +575,17 @@ impl Session {
             Err(SessionError::Protocol { side, err }) => {
                 // Tell the client why, if that does not break a message it is receiving.
                 if self.relay.backend_at_boundary() {
-                    let msg = format!("protocol violation from the {side}: {err}");
-                    let bytes =
-                        backend::error_response("FATAL", sqlstate::PROTOCOL_VIOLATION, &msg);
+                    let (code, msg) = match &err {
+                        WireError::Refused(why) => (
+                            sqlstate::INSUFFICIENT_PRIVILEGE,
+                            format!("terminating connection: {why}"),
+                        ),
+                        _ => (
+                            sqlstate::PROTOCOL_VIOLATION,
+                            format!("protocol violation from the {side}: {err}"),
+                        ),
+                    };
+                    let bytes = backend::error_response("FATAL", code, &msg);
                     let _ = tokio::time::timeout(TERMINATE_GRACE, self.client.send(&bytes)).await;
                 }
                 ("protocol_error".to_owned(), format!("{side}: {err}"))

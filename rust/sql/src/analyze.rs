@@ -197,6 +197,27 @@ impl Walk {
                 for effect in function_effects(&last) {
                     st.effects.insert(effect);
                 }
+                if last == "set_config" {
+                    // What it sets decides what it can do; a name that is not a constant could be
+                    // anything.
+                    let setting = n
+                        .pointer("/args/0/A_Const/sval/sval")
+                        .and_then(Value::as_str)
+                        .map(str::to_ascii_lowercase);
+                    match setting.as_deref() {
+                        Some("transaction_read_only" | "default_transaction_read_only") => {
+                            st.effects.insert("read-only-change");
+                        }
+                        Some("standard_conforming_strings") => {
+                            st.effects.insert("lexer-change");
+                        }
+                        Some(_) => {}
+                        None => {
+                            st.effects.insert("read-only-change");
+                            st.effects.insert("lexer-change");
+                        }
+                    }
+                }
                 st.functions.insert(name);
             }
             "VariableSetStmt" => {
@@ -217,6 +238,13 @@ impl Walk {
                         if !reset && !sets_true(n.get("args")) =>
                     {
                         st.effects.insert("read-only-change");
+                    }
+                    // With it off, a backslash ends a string early: the text would no longer mean
+                    // what this analysis (which lexes with it on) says.
+                    "standard_conforming_strings" | "backslash_quote"
+                        if !reset && !sets_true(n.get("args")) =>
+                    {
+                        st.effects.insert("lexer-change");
                     }
                     _ => {}
                 }
@@ -522,7 +550,7 @@ fn option_is_false(arg: &Value) -> bool {
 /// What calling a function can do beyond computing a value (by its name, schema dropped).
 fn function_effects(name: &str) -> &'static [&'static str] {
     match name {
-        "set_config" => &["config-change", "read-only-change"],
+        "set_config" => &["config-change"],
         "pg_terminate_backend"
         | "pg_cancel_backend"
         | "pg_reload_conf"
@@ -650,9 +678,21 @@ mod tests {
         assert!(one("set session authorization admin")
             .effects
             .contains("role-change"));
-        assert!(one("select set_config('a', 'b', false)")
+        let s = one("select set_config('a', 'b', false)");
+        assert_eq!(s.effects, BTreeSet::from(["config-change"]));
+        let s = one("select set_config(name, 'off', false) from t");
+        assert!(s.effects.contains("read-only-change") && s.effects.contains("lexer-change"));
+        let s = one("select set_config('standard_conforming_strings', 'off', false)");
+        assert!(s.effects.contains("lexer-change"));
+        assert!(one("set standard_conforming_strings = off")
             .effects
-            .contains("config-change"));
+            .contains("lexer-change"));
+        assert!(one("set standard_conforming_strings to 'off'")
+            .effects
+            .contains("lexer-change"));
+        assert!(!one("set standard_conforming_strings = on")
+            .effects
+            .contains("lexer-change"));
         assert_eq!(
             one("select Upper(x) from t").functions,
             BTreeSet::from(["upper".to_owned()])

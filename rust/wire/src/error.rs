@@ -21,6 +21,9 @@ pub enum WireError {
     Unexpected { tag: char, phase: &'static str },
     #[error("authentication with the upstream failed: {0}")]
     Auth(String),
+    /// The session broke a condition the gateway's decisions depend on; it must end.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl WireError {

@@ -498,6 +498,7 @@ impl SessionRelay {
         match tag {
             btag::ERROR_RESPONSE => !self.denials.is_empty() || self.report,
             btag::COMMAND_COMPLETE | btag::READY_FOR_QUERY => true,
+            btag::PARAMETER_STATUS => !matches!(self.gate, Gate::AllowAll),
             _ => false,
         }
     }
@@ -611,6 +612,19 @@ impl SessionRelay {
                 self.bytes_since_complete = 0;
                 if self.report {
                     events.push(BackendEvent::ReadyForQuery { status });
+                }
+            }
+            btag::PARAMETER_STATUS => {
+                // Gated statements are judged as PostgreSQL lexes them with standard-conforming
+                // strings; turned off (by a function or DO block the judgement let through), a
+                // backslash would end strings early and later statements would mean something else.
+                let (name, value) = backend::decode_parameter_status(body)?;
+                if name == "standard_conforming_strings" && value != "on" {
+                    return Err(WireError::Refused(
+                        "standard_conforming_strings was turned off; the gateway ends sessions whose \
+                         statements it judges when that happens"
+                            .to_owned(),
+                    ));
                 }
             }
             _ => {}
@@ -729,6 +743,39 @@ mod tests {
         expected.extend(frontend::parse("s1", "select 2", &[]));
         assert_eq!(out, expected);
         assert_eq!(r.stats.statements, 3);
+    }
+
+    #[test]
+    fn gated_session_ends_when_standard_conforming_strings_goes_off() {
+        let on = msg(
+            btag::PARAMETER_STATUS,
+            &param_body("standard_conforming_strings", "on"),
+        );
+        let off = msg(
+            btag::PARAMETER_STATUS,
+            &param_body("standard_conforming_strings", "off"),
+        );
+        let mut events = Vec::new();
+        let mut out = Vec::new();
+        let mut gated = SessionRelay::new(Limits::default(), Gate::Consult, false);
+        gated.feed_backend(&on, &mut out, &mut events).unwrap();
+        assert_eq!(out, on);
+        assert!(matches!(
+            gated.feed_backend(&off, &mut out, &mut events),
+            Err(WireError::Refused(_))
+        ));
+        let mut open = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
+        out.clear();
+        open.feed_backend(&off, &mut out, &mut events).unwrap();
+        assert_eq!(out, off);
+    }
+
+    fn param_body(name: &str, value: &str) -> Vec<u8> {
+        let mut b = name.as_bytes().to_vec();
+        b.push(0);
+        b.extend_from_slice(value.as_bytes());
+        b.push(0);
+        b
     }
 
     #[test]

@@ -1,0 +1,51 @@
+"""The default statement hook: the session's grant, enforced on its statements.
+
+Three shapes of session, decided once when it starts (``consult``):
+
+* A grant with statement rules (``statements``, ``relations``, ``guardrails``; ``guarded``) has every
+  new Query and Parse text judged here: analysed by PostgreSQL's parser (``ostiary_sql::analyze``),
+  each statement of it decided by the compiled ``SessionPolicy``; the first refusal is sent to the
+  client as 42501 with the rule's name and message, and the verdict is remembered for that text, so a
+  repeated statement is decided in the data path. What does not parse, fast-path FunctionCall
+  messages (which carry no SQL) and turning ``standard_conforming_strings`` off are refused.
+* A read-only grant without such rules logs in upstream with ``default_transaction_read_only=on``,
+  so PostgreSQL itself refuses writes. The data path flags, in Rust and without parsing, every
+  statement that mentions a way out of read-only mode (``ostiary_sql::read_only``: ``READ WRITE``,
+  the ``transaction_read_only`` settings, ``set_config``, ``DO``, ``dblink``, ``U&`` escapes, after
+  normalising comments, quotes, case and whitespace as PostgreSQL's lexer would, under both string
+  modes); only those reach this hook, which refuses them. Other statements never leave Rust.
+* Any other session is not consulted at all.
+
+For a guarantee the database enforces whatever the gateway misjudges (functions that run dynamic
+SQL are out of any statement check's reach), give read-only grants a reader role (``credential``).
+"""
+
+from __future__ import annotations
+
+from ostiary import _core
+from ostiary.hooks import Consult, Decision, SessionInfo, StatementInfo
+
+
+class PolicyHook:
+    def consult(self, session: SessionInfo) -> Consult:
+        if session.policy is not None and session.policy.guarded:
+            return "always"
+        return "read-only-escapes" if session.access == "read-only" else "never"
+
+    async def decide(self, session: SessionInfo, statement: StatementInfo) -> Decision:
+        policy = session.policy
+        if policy is not None and policy.guarded:
+            if statement.kind == "function_call":
+                return Decision.denied(
+                    "function-call: fast-path function calls carry no SQL to judge and are refused"
+                )
+            d = policy.judge(statement.text)
+            if d.allow:
+                return Decision.allowed(remember=True)
+            return Decision(False, code="42501", message=f"{d.rule}: {d.message}", remember=True)
+        if _core.may_leave_read_only(statement.text):
+            return Decision.denied(
+                f"grant {session.grant} is read-only: statements that could turn read-only mode off "
+                "(READ WRITE, transaction_read_only, set_config, DO, dblink, U&) are refused"
+            )
+        return Decision.allowed(remember=True)

@@ -1,0 +1,244 @@
+"""SQL guardrails end to end: grants with statement rules, enforced on live sessions through psql and
+psycopg against real PostgreSQL. The bypass corpus: each attempt is refused with 42501 and the rule's
+name, the session stays usable, and the database is unchanged afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from conftest import GatewayFactory, GatewayProcess, gateway_config, psql
+from ostiary.devcluster import PgCluster, TlsMaterial
+
+OPS, ANALYST = "ops", "analyst"
+SETUP = """
+create table if not exists guard_canary(id int primary key, v text);
+create table if not exists guard_other(id int primary key);
+create schema if not exists secret;
+create table if not exists secret.keys(k text);
+truncate guard_canary, guard_other, secret.keys;
+insert into guard_canary values (1, 'a'), (2, 'b'), (3, 'c');
+insert into secret.keys values ('k1');
+"""
+
+
+@pytest.fixture(scope="module")
+def canary(pg: PgCluster) -> None:
+    from conftest import APP_PASSWORD
+
+    pg.execute(SETUP, dbname="app", user="app", password=APP_PASSWORD)
+
+
+def guard_config(pg: PgCluster, tls: TlsMaterial, tmp: Path) -> dict[str, Any]:
+    cfg = gateway_config(pg, tls, 0, tmp, grants=[])
+    cfg["clients"] = [{"user": OPS, "password": "ops-pw"}, {"user": ANALYST, "password": "analyst-pw"}]
+    cfg["guardrails"] = [
+        {
+            "name": "no-secrets",
+            "match": {"relations": ["secret.*"]},
+            "message": "the secret schema is off limits",
+        },
+        {"name": "no-canary-function", "match": {"functions": ["pg_sleep"]}, "message": "no sleeping"},
+    ]
+    cfg["grants"] = [
+        {
+            "name": "ops-writes",
+            "identities": [OPS],
+            "connection": "app",
+            "access": "read-write",
+            "guardrails": [
+                "no-destructive-ddl",
+                "no-unbounded-writes",
+                "no-privilege-changes",
+                "no-role-changes",
+                "no-secrets",
+                "no-canary-function",
+            ],
+        },
+        {
+            "name": "analyst-reads",
+            "identities": [ANALYST],
+            "connection": "app",
+            "access": "read-only",
+            "statements": ["select", "set", "reset", "transaction", "show", "explain", "prepare", "execute"],
+            "relations": ["guard_*", "public.guard_*", "pg_catalog.*"],
+        },
+    ]
+    return cfg
+
+
+@pytest.fixture
+def gw(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, canary: None
+) -> GatewayProcess:
+    return gateway_factory(config=guard_config(pg, gateway_tls, tmp_path))
+
+
+@pytest.fixture
+def unchanged(pg: PgCluster, canary: None) -> Iterator[None]:
+    """Asserts after the test that the guarded tables and the roles are as SETUP left them."""
+    from conftest import APP_PASSWORD
+
+    def state() -> str:
+        return pg.execute(
+            "select (select string_agg(id || v, ',' order by id) from guard_canary),"
+            " (select count(*) from guard_other), (select count(*) from secret.keys),"
+            " (select count(*) from pg_roles where rolname = 'evil'),"
+            " has_table_privilege('public', 'guard_canary', 'select'),"
+            " (select count(*) from pg_tables where tablename = 'guard_new')",
+            dbname="app",
+            user="app",
+            password=APP_PASSWORD,
+        )
+
+    before = state()
+    yield
+    assert state() == before
+
+
+def conn(gw: GatewayProcess, user: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(gw.dsn(user=user, password=f"{user}-pw"), autocommit=True)
+
+
+OPS_REFUSED = {
+    # statement: rule that refuses it
+    "drop table guard_other": "no-destructive-ddl",
+    "DR/**/OP TABLE guard_other": "unparsed",
+    "dRoP\n\t TaBlE /* c */ guard_other": "no-destructive-ddl",
+    'drop table "guard_other"': "no-destructive-ddl",
+    'drop table U&"guard\\005fother"': "no-destructive-ddl",
+    "truncate guard_canary": "no-destructive-ddl",
+    "delete from guard_canary": "no-unbounded-writes",
+    "update guard_canary set v = 'x'": "no-unbounded-writes",
+    "with d as (delete from guard_canary returning *) select count(*) from d": "no-unbounded-writes",
+    "explain analyze delete from guard_canary": "no-unbounded-writes",
+    "select 1; delete from guard_canary": "no-unbounded-writes",
+    "select 1; drop table guard_other; select 2": "no-destructive-ddl",
+    "prepare p as delete from guard_canary": "no-unbounded-writes",
+    "grant select on guard_canary to public": "no-privilege-changes",
+    "create role evil": "no-role-changes",
+    "set role app": "no-role-changes",
+    "set session authorization app": "no-role-changes",
+    "select * from secret.keys": "no-secrets",
+    "select (select max(k) from secret.keys)": "no-secrets",
+    "copy secret.keys to stdout": "no-secrets",
+    "select pg_sleep(0)": "no-canary-function",
+    "set standard_conforming_strings = off": "standard-conforming-strings",
+    "select set_config('standard_conforming_strings', 'off', false)": "standard-conforming-strings",
+    "create rule r as on insert to guard_other do instead delete from guard_canary": "no-unbounded-writes",
+}
+
+ANALYST_REFUSED = {
+    "insert into guard_other values (9)": "read-only",
+    "update guard_canary set v = 'x' where id = 1": "read-only",
+    "with d as (delete from guard_canary where id = 1 returning *) select * from d": "read-only",
+    "explain analyze delete from guard_canary where id = 1": "read-only",
+    "begin read write": "read-only",
+    "set default_transaction_read_only = off": "read-only",
+    "select set_config('default_transaction_read_only', 'off', false)": "read-only",
+    "copy guard_canary to stdout": "analyst-reads.statements",
+    "select * from secret.keys": "analyst-reads.relations",
+    "do $$ begin delete from guard_canary; end $$": "read-only",
+    "create table guard_new(i int)": "read-only",
+}
+
+
+def test_ops_corpus_is_refused_and_changes_nothing(
+    gw: GatewayProcess, unchanged: None, subtests: pytest.Subtests
+) -> None:
+    with conn(gw, OPS) as c:
+        for sql, rule in OPS_REFUSED.items():
+            with subtests.test(sql):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                    c.execute(sql)
+                assert e.value.diag.message_primary is not None
+                assert e.value.diag.message_primary.startswith(f"{rule}:"), e.value.diag.message_primary
+                # The session stays usable.
+                assert c.execute("select count(*) from guard_canary").fetchone() == (3,)
+
+
+def test_analyst_corpus_is_refused_and_changes_nothing(
+    gw: GatewayProcess, unchanged: None, subtests: pytest.Subtests
+) -> None:
+    with conn(gw, ANALYST) as c:
+        for sql, rule in ANALYST_REFUSED.items():
+            with subtests.test(sql):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                    c.execute(sql)
+                assert (e.value.diag.message_primary or "").startswith(f"{rule}:"), (
+                    e.value.diag.message_primary
+                )
+                assert c.execute("select count(*) from guard_canary").fetchone() == (3,)
+
+
+def test_allowed_statements_run(gw: GatewayProcess, unchanged: None) -> None:
+    with conn(gw, OPS) as c:
+        c.execute("insert into guard_other values (100)")
+        c.execute("delete from guard_other where id = 100")
+        assert c.execute("select v from guard_canary where id = 2").fetchone() == ("b",)
+        c.execute("set standard_conforming_strings = on")
+    with conn(gw, ANALYST) as c:
+        assert c.execute("select count(*) from guard_canary where v like %s", ["%"]).fetchone() == (3,)
+        assert c.execute("show default_transaction_read_only").fetchone() == ("on",)
+        c.execute("begin")
+        c.execute("select * from public.guard_canary")
+        c.execute("commit")
+
+
+def test_refusal_inside_a_transaction_aborts_it_as_postgres_would(
+    gw: GatewayProcess, unchanged: None
+) -> None:
+    with psycopg.connect(gw.dsn(user=OPS, password="ops-pw")) as c:
+        c.execute("insert into guard_other values (200)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("drop table guard_canary")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            c.execute("select 1")
+        c.rollback()
+        assert c.execute("select count(*) from guard_other where id = 200").fetchone() == (0,)
+
+
+def test_extended_protocol_refusal_answers_until_sync(gw: GatewayProcess, unchanged: None) -> None:
+    with conn(gw, OPS) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no-secrets"):
+            c.execute("select * from secret.keys where k = %s", ["k1"], prepare=True)
+        with c.pipeline():
+            c.execute("select %s::int", [1])
+            cur = c.execute("select count(*) from guard_canary where id > %s", [0])
+        assert cur.fetchone() == (3,)
+
+
+def test_psql_sees_the_rule_and_goes_on(gw: GatewayProcess, unchanged: None) -> None:
+    r = psql(
+        gw,
+        "-v",
+        "ON_ERROR_STOP=0",
+        "-At",
+        "-c",
+        "truncate guard_canary",
+        "-c",
+        "select count(*) from guard_canary",
+        user=OPS,
+        password="ops-pw",
+    )
+    assert "ERROR:  no-destructive-ddl: destructive DDL (DROP, TRUNCATE) is not allowed" in r.stderr
+    assert r.stdout.strip() == "3"
+
+
+def test_session_ends_when_dynamic_sql_turns_standard_conforming_strings_off(
+    gw: GatewayProcess, unchanged: None
+) -> None:
+    """A DO block may pass the rules and still change how later statements are lexed: the gateway
+    sees the server's ParameterStatus and ends the session rather than misjudge what follows."""
+    with conn(gw, OPS) as c:
+        with pytest.raises(psycopg.Error, match="standard_conforming_strings was turned off"):
+            c.execute("do $$ begin execute 'set standard_conforming_strings = off'; end $$")
+        with pytest.raises(psycopg.OperationalError):
+            c.execute("select 1")
+    with conn(gw, OPS) as c:
+        assert c.execute("show standard_conforming_strings").fetchone() == ("on",)
