@@ -246,6 +246,7 @@ def start_gateway(
     workers: int,
     max_conn: int,
     log_level: str,
+    guardrails: list[str],
 ) -> Service:
     tls = make_tls_material(work / "gateway-tls")
     port = free_port()
@@ -270,7 +271,15 @@ def start_gateway(
                 "allow_plaintext": True,
             }
         ],
-        "grants": [{"name": "bench", "identities": [CLIENT_USER], "connection": DB, "access": "read-write"}],
+        "grants": [
+            {
+                "name": "bench",
+                "identities": [CLIENT_USER],
+                "connection": DB,
+                "access": "read-write",
+                "guardrails": guardrails,
+            }
+        ],
         "shutdown": {"grace": 2},
     }
     path = work / "ostiary.yaml"
@@ -788,6 +797,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"at start, {report['loadavg_end'][0]:.2f} at end",
         f"- PostgreSQL {m['postgresql']}, {m['pgbouncer']}, {m['pgbench']}, Python {m['python']}, "
         f"ostiary {m['ostiary']} (git {m['git_commit']})",
+        f"- gateway grant guardrails: {', '.join(s.get('guardrails') or []) or 'none'}",
         f"- {s['rounds']} round(s) × {s['duration']} s per run, targets interleaved; "
         f"pgbench -s {s['scale']}, -j ≤ 2, "
         f"auth {s['auth']}, no TLS on any leg; gateway workers={s['workers']}; pgbouncer session pooling, "
@@ -967,6 +977,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-stream", action="store_true", help="skip the 1,000,000-row stream")
     p.add_argument("--no-idle", action="store_true", help="skip the idle-connection memory test")
     p.add_argument("--gateway-log-level", default="info", help="ostiary serve --log-level (default info)")
+    p.add_argument(
+        "--guardrails",
+        type=_csv(str),
+        default=[],
+        help="guardrail packs on the gateway's grant, e.g. no-destructive-ddl,no-unbounded-writes "
+        "(every statement shape is then judged)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where results go (default bench/results)")
     p.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, configs) for inspection"
@@ -1050,6 +1067,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
             args.workers,
             max(10_000, args.idle + 100),
             args.gateway_log_level,
+            args.guardrails,
         )
         stack.callback(gw.stop)
         targets["ostiary"] = Target("ostiary", gw.port, CLIENT_USER, client_password, gw)
@@ -1137,6 +1155,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
             "rounds": args.rounds,
             "duration": args.duration,
             "workers": args.workers,
+            "guardrails": args.guardrails,
             "scale": args.scale,
             "auth": args.auth,
             "targets": list(targets),

@@ -242,3 +242,24 @@ def test_session_ends_when_dynamic_sql_turns_standard_conforming_strings_off(
             c.execute("select 1")
     with conn(gw, OPS) as c:
         assert c.execute("show standard_conforming_strings").fetchone() == ("on",)
+
+
+def test_verdicts_are_cached_per_shape_but_not_across_constants_that_matter(
+    gw: GatewayProcess, unchanged: None
+) -> None:
+    with conn(gw, ANALYST) as c:
+        # The same statement with other constants is decided from the cache (no new decision).
+        for i in range(1, 4):
+            assert c.execute(f"select v from guard_canary where id = {i}").fetchone() is not None
+        # SET values take part in the decision: allowed with 'on', refused with 'off', same shape.
+        c.execute("set default_transaction_read_only = 'on'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="read-only"):
+            c.execute("set default_transaction_read_only = 'off'")
+        # search_path is pinned under relation rules: unqualified names must not move.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="search-path"):
+            c.execute("set search_path = secret, public")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="search-path"):
+            c.execute("select set_config('search_path', 'secret', false)")
+    log = gw.log()
+    decided = [line for line in log.splitlines() if "decided" in line and "guard_canary where id" in line]
+    assert len(decided) == 1, decided

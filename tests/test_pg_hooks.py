@@ -59,6 +59,9 @@ class Recorder:
     def policy_changed(self, version: str, source: str, applied: bool, detail: str) -> None:
         pass
 
+    def statement_decided(self, session: SessionInfo, statement: StatementInfo, decision: Decision) -> None:
+        pass
+
     def session_started(self, session: SessionInfo) -> None:
         pass
 

@@ -86,9 +86,10 @@ class Decision:
         return Decision(False, code=code, message=message)
 
 
-# Which statements of a session reach ``StatementHook.decide``: none, every one (each new text;
-# allowed texts can be remembered), or only those that could turn a read-only session writable.
-Consult = Literal["never", "always", "read-only-escapes"]
+# Which statements of a session reach ``StatementHook.decide``: none, every one (verdicts can be
+# remembered per text, or per shape: the same statement with other constants), or only those that
+# could turn a read-only session writable.
+Consult = Literal["never", "always", "shapes", "read-only-escapes"]
 
 
 class StatementHook(Protocol):
@@ -103,6 +104,9 @@ class SessionObserver(Protocol):
     def authentication(self, attempt: AuthAttempt) -> None: ...
 
     def policy_changed(self, version: str, source: str, applied: bool, detail: str) -> None: ...
+
+    def statement_decided(self, session: SessionInfo, statement: StatementInfo, decision: Decision) -> None:
+        """A statement the control plane decided (the data path decides repeats from its cache)."""
 
     def session_started(self, session: SessionInfo) -> None: ...
 
@@ -128,6 +132,9 @@ class NoObserver:
         pass
 
     def policy_changed(self, version: str, source: str, applied: bool, detail: str) -> None:
+        pass
+
+    def statement_decided(self, session: SessionInfo, statement: StatementInfo, decision: Decision) -> None:
         pass
 
     def session_started(self, session: SessionInfo) -> None:

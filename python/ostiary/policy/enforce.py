@@ -3,10 +3,13 @@
 Three shapes of session, decided once when it starts (``consult``):
 
 * A grant with statement rules (``statements``, ``relations``, ``guardrails``; ``guarded``) has every
-  new Query and Parse text judged here: analysed by PostgreSQL's parser (``ostiary_sql::analyze``),
-  each statement of it decided by the compiled ``SessionPolicy``; the first refusal is sent to the
-  client as 42501 with the rule's name and message, and the verdict is remembered for that text, so a
-  repeated statement is decided in the data path. What does not parse, fast-path FunctionCall
+  new statement shape judged here: analysed by PostgreSQL's parser (``ostiary_sql::analyze``), each
+  statement of it decided by the compiled ``SessionPolicy``; the first refusal is sent to the client
+  as 42501 with the rule's name and message. The verdict is remembered in the data path for the
+  statement's shape (``ostiary_sql::shape``: the text with constants replaced), so the same statement
+  with other values is decided without Python, unless constants took part in the decision (SET
+  values, set_config arguments; then per text) or a rule has an RE2 pattern (then every verdict is
+  per text). What does not parse, fast-path FunctionCall
   messages (which carry no SQL) and turning ``standard_conforming_strings`` off are refused.
 * A read-only grant without such rules logs in upstream with ``default_transaction_read_only=on``,
   so PostgreSQL itself refuses writes. The data path flags, in Rust and without parsing, every
@@ -29,7 +32,7 @@ from ostiary.hooks import Consult, Decision, SessionInfo, StatementInfo
 class PolicyHook:
     def consult(self, session: SessionInfo) -> Consult:
         if session.policy is not None and session.policy.guarded:
-            return "always"
+            return "always" if session.policy.by_text else "shapes"
         return "read-only-escapes" if session.access == "read-only" else "never"
 
     async def decide(self, session: SessionInfo, statement: StatementInfo) -> Decision:
@@ -40,9 +43,11 @@ class PolicyHook:
                     "function-call: fast-path function calls carry no SQL to judge and are refused"
                 )
             d = policy.judge(statement.text)
+            # Remembered per shape in "shapes" sessions: only verdicts that hold for every text of it.
+            remember = d.by_shape or policy.by_text
             if d.allow:
-                return Decision.allowed(remember=True)
-            return Decision(False, code="42501", message=f"{d.rule}: {d.message}", remember=True)
+                return Decision.allowed(remember=remember)
+            return Decision(False, code="42501", message=f"{d.rule}: {d.message}", remember=remember)
         if _core.may_leave_read_only(statement.text):
             return Decision.denied(
                 f"grant {session.grant} is read-only: statements that could turn read-only mode off "

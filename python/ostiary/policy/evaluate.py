@@ -325,6 +325,7 @@ class StatementAnalysis:
     unbounded_write: bool = False
     text: str = ""
     effects: frozenset[str] = frozenset()
+    literal_sensitive: bool = False
 
     @staticmethod
     def of(sql: str) -> list[StatementAnalysis]:
@@ -344,6 +345,7 @@ class StatementAnalysis:
                     unbounded_write=d["unbounded_write"],
                     text=raw[d["start"] : d["start"] + d["len"]].decode(errors="replace").strip(),
                     effects=frozenset(d["effects"]),
+                    literal_sensitive=d["literal_sensitive"],
                 )
             )
         return out
@@ -355,6 +357,8 @@ class StatementDecision:
     rule: str = ""
     message: str = ""
     chain: tuple[str, ...] = field(default_factory=tuple)
+    # Whether the verdict holds for every text of the statement's shape (constants played no part).
+    by_shape: bool = True
 
 
 class _Rule:
@@ -412,6 +416,10 @@ class SessionPolicy:
         if self.read_only and "read-only" not in names:
             names.insert(0, "read-only")
         self.rules = [_Rule(defined.get(n) or PACKS[n]) for n in names]
+        # Unqualified names resolve through search_path: with relation rules it must not move.
+        self.pins_search_path = self.relations is not None or any(r.relations is not None for r in self.rules)
+        # Patterns look at the text, constants included: their verdicts hold per text only.
+        self.by_text = any(r.pattern is not None for r in self.rules)
 
     @property
     def guarded(self) -> bool:
@@ -427,17 +435,26 @@ class SessionPolicy:
             analyses = StatementAnalysis.of(text)
         except SqlError as e:
             return StatementDecision(False, "unparsed", f"the gateway cannot analyse this statement: {e}")
+        by_shape = not self.by_text and not any(a.literal_sensitive for a in analyses)
         for a in analyses:
             if "lexer-change" in a.effects:
                 return StatementDecision(
                     False,
                     "standard-conforming-strings",
                     "standard_conforming_strings must stay on in sessions whose statements are judged",
+                    by_shape=by_shape,
+                )
+            if self.pins_search_path and "search-path-change" in a.effects:
+                return StatementDecision(
+                    False,
+                    "search-path",
+                    "search_path cannot change under relation rules (unqualified names would move)",
+                    by_shape=by_shape,
                 )
             d = self.decide(a)
             if not d.allow:
-                return d
-        return StatementDecision(True, self.grant.name)
+                return StatementDecision(d.allow, d.rule, d.message, by_shape=by_shape)
+        return StatementDecision(True, self.grant.name, by_shape=by_shape)
 
     def decide(self, a: StatementAnalysis) -> StatementDecision:
         g = self.grant.name

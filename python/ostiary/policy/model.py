@@ -61,6 +61,7 @@ Effect = Literal[
     "code",  # CREATE FUNCTION / RULE / TRIGGER
     "config-change",  # set_config
     "lexer-change",  # standard_conforming_strings off: statements would no longer mean what analysis says
+    "search-path-change",  # SET search_path, set_config('search_path'): unqualified names move
 ]
 # Effects a read-only grant refuses, whatever the statement's kinds.
 READ_ONLY_DENIED_EFFECTS = frozenset(

@@ -394,6 +394,15 @@ class Gateway:
                     )
                     return
                 self.engine.verdict(session, statement.seq, d.allow, d.code, d.message, d.remember)
+                log.debug(
+                    "session %d: statement %d decided: %s%s: %s",
+                    session,
+                    statement.seq,
+                    "allowed" if d.allow else f"refused ({d.message})",
+                    ", remembered" if d.remember else "",
+                    statement.text[:200],
+                )
+                self.observer.statement_decided(info, statement, d)
 
             spawn(decide)
         else:

@@ -487,8 +487,8 @@ impl Engine {
 
     /// Hands a session to the engine. The descriptors become the engine's (pass
     /// `socket.detach()`); the TLS sessions are emptied; the prefixes are plaintext already read.
-    /// `consult`: "never", "always", or "read-only-escapes" (only statements that
-    /// `may_leave_read_only` flags).
+    /// `consult`: "never", "always" (verdicts remembered per text), "shapes" (remembered per
+    /// statement shape), or "read-only-escapes" (only statements `may_leave_read_only` flags).
     #[pyo3(signature = (session, client_fd, client_tls, client_prefix, upstream_fd, upstream_tls, upstream_prefix, consult = "never", report = false))]
     #[allow(clippy::too_many_arguments)]
     fn adopt(
@@ -507,9 +507,10 @@ impl Engine {
             "never" => Gate::AllowAll,
             "always" => Gate::Consult,
             "read-only-escapes" => Gate::ConsultIf(ostiary_sql::read_only::may_leave_read_only),
+            "shapes" => Gate::ConsultBy(ostiary_sql::shape::shape),
             other => {
                 return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                    "consult must be never, always or read-only-escapes, not {other:?}"
+                    "consult must be never, always, shapes or read-only-escapes, not {other:?}"
                 )))
             }
         };
@@ -671,9 +672,17 @@ fn analyze_sql<'py>(py: Python<'py>, sql: &str) -> PyResult<Vec<Bound<'py, PyDic
             d.set_item("functions", s.functions.into_iter().collect::<Vec<_>>())?;
             d.set_item("effects", s.effects.into_iter().collect::<Vec<_>>())?;
             d.set_item("unbounded_write", s.unbounded_write)?;
+            d.set_item("literal_sensitive", s.literal_sensitive)?;
             Ok(d)
         })
         .collect()
+}
+
+/// The shape of a statement: literals replaced by `?`, comments and case normalised (the key of
+/// the data path's verdict cache).
+#[pyfunction]
+fn statement_shape(sql: &str) -> String {
+    ostiary_sql::shape::shape(sql)
 }
 
 #[pymodule]
@@ -699,6 +708,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cancel_request, m)?)?;
     m.add_function(wrap_pyfunction!(may_leave_read_only, m)?)?;
     m.add_function(wrap_pyfunction!(analyze_sql, m)?)?;
+    m.add_function(wrap_pyfunction!(statement_shape, m)?)?;
     m.add("SqlError", m.py().get_type::<SqlError>())?;
     Ok(())
 }

@@ -31,6 +31,9 @@ pub struct Statement {
     /// An UPDATE or DELETE without WHERE (every row).
     pub unbounded_write: bool,
     pub effects: BTreeSet<&'static str>,
+    /// Whether constant values took part in the judgement (SET values, set_config arguments,
+    /// option values): then a verdict holds for this text only, not for its shape.
+    pub literal_sensitive: bool,
 }
 
 /// Why a text could not be analysed.
@@ -136,6 +139,12 @@ impl Walk {
     /// Classifies one node (its type name and fields) before its children are walked; false when
     /// the children were dealt with here.
     fn node(&mut self, key: &str, n: &Value, st: &mut Statement) -> bool {
+        if matches!(
+            key,
+            "VariableSetStmt" | "TransactionStmt" | "ExplainStmt" | "CopyStmt"
+        ) {
+            st.literal_sensitive = true;
+        }
         let kinds = &mut st.kinds;
         match key {
             "SelectStmt" | "SetOperationStmt" => {
@@ -198,6 +207,7 @@ impl Walk {
                     st.effects.insert(effect);
                 }
                 if last == "set_config" {
+                    st.literal_sensitive = true;
                     // What it sets decides what it can do; a name that is not a constant could be
                     // anything.
                     let setting = n
@@ -211,10 +221,14 @@ impl Walk {
                         Some("standard_conforming_strings") => {
                             st.effects.insert("lexer-change");
                         }
+                        Some("search_path") => {
+                            st.effects.insert("search-path-change");
+                        }
                         Some(_) => {}
                         None => {
                             st.effects.insert("read-only-change");
                             st.effects.insert("lexer-change");
+                            st.effects.insert("search-path-change");
                         }
                     }
                 }
@@ -233,6 +247,9 @@ impl Walk {
                 match name.as_str() {
                     "role" | "session_authorization" => {
                         st.effects.insert("role-change");
+                    }
+                    "search_path" if !reset => {
+                        st.effects.insert("search-path-change");
                     }
                     "transaction_read_only" | "default_transaction_read_only"
                         if !reset && !sets_true(n.get("args")) =>

@@ -34,6 +34,9 @@ pub enum Gate {
     Consult,
     /// Consult only for statements whose text the predicate flags; allow the others at once.
     ConsultIf(fn(&str) -> bool),
+    /// Consult like `Consult`, but remember verdicts under the key the function computes from the
+    /// text (a statement's shape: the same statement with other constants hits the cache).
+    ConsultBy(fn(&str) -> String),
 }
 
 /// The verdict cache of a session is cleared when it would hold more than this many statements
@@ -422,7 +425,11 @@ impl SessionRelay {
                 return Ok(None);
             }
         }
-        match self.verdicts.get(&(kind, statement.text.clone())).cloned() {
+        let key = match self.gate {
+            Gate::ConsultBy(key_of) => key_of(&statement.text),
+            _ => statement.text.clone(),
+        };
+        match self.verdicts.get(&(kind, key)).cloned() {
             Some(v) => {
                 self.apply(&statement, raw, &v, out);
                 Ok(None)
@@ -464,8 +471,11 @@ impl SessionRelay {
             }
             if size <= VERDICT_CACHE_BYTES {
                 self.verdict_bytes += size;
-                self.verdicts
-                    .insert((statement.kind, statement.text.clone()), verdict.clone());
+                let key = match self.gate {
+                    Gate::ConsultBy(key_of) => key_of(&statement.text),
+                    _ => statement.text.clone(),
+                };
+                self.verdicts.insert((statement.kind, key), verdict.clone());
             }
         }
         self.apply(&statement, raw, &verdict, out);
@@ -776,6 +786,34 @@ mod tests {
         b.extend_from_slice(value.as_bytes());
         b.push(0);
         b
+    }
+
+    #[test]
+    fn consult_by_key_caches_per_key() {
+        fn first_word(sql: &str) -> String {
+            sql.split(' ').next().unwrap_or("").to_owned()
+        }
+        let mut r = SessionRelay::new(Limits::default(), Gate::ConsultBy(first_word), false);
+        let mut out = Vec::new();
+        let FrontendStop::Hold { statement, .. } = r
+            .feed_frontend(&frontend::query("select 1"), &mut out)
+            .unwrap()
+        else {
+            panic!()
+        };
+        r.resolve(statement.seq, Verdict::Allow, true, &mut out)
+            .unwrap();
+        // Same key, other text: decided from the cache.
+        assert_eq!(
+            r.feed_frontend(&frontend::query("select 2"), &mut out)
+                .unwrap(),
+            FrontendStop::Consumed
+        );
+        assert!(matches!(
+            r.feed_frontend(&frontend::query("delete 2"), &mut out)
+                .unwrap(),
+            FrontendStop::Hold { .. }
+        ));
     }
 
     #[test]
