@@ -263,3 +263,13 @@ def test_verdicts_are_cached_per_shape_but_not_across_constants_that_matter(
     log = gw.log()
     decided = [line for line in log.splitlines() if "decided" in line and "guard_canary where id" in line]
     assert len(decided) == 1, decided
+
+
+def test_corpus_through_psql(gw: GatewayProcess, unchanged: None, subtests: pytest.Subtests) -> None:
+    for sql, rule in OPS_REFUSED.items():
+        with subtests.test(sql):
+            r = psql(
+                gw, "-v", "ON_ERROR_STOP=0", "-At", "-c", sql, "-c", "select 42", user=OPS, password="ops-pw"
+            )
+            assert f"ERROR:  {rule}:" in r.stderr, r.stderr
+            assert r.stdout.strip().endswith("42"), r.stdout

@@ -178,6 +178,11 @@ BROKEN: dict[str, tuple[Any, str, str]] = {
         "grants[2].windows[0].timezone",
         "unknown time zone",
     ),
+    "unknown connection guardrail": (
+        lambda d: d["connections"][1].update(guardrails=["no-such-pack"]),
+        "connections[1].guardrails",
+        "unknown guardrails rule 'no-such-pack'",
+    ),
     "unknown guardrail": (
         lambda d: d["grants"][0].update(guardrails=["no-fun"]),
         "grants[0].guardrails",

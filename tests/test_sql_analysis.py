@@ -14,12 +14,11 @@ from ostiary.errors import SqlError
 from ostiary.policy.evaluate import CompiledPolicy, SessionPolicy, StatementAnalysis
 
 
-def session(tmp_path: Path, **grant: Any) -> SessionPolicy:
+def session(tmp_path: Path, connection_guardrails: tuple[str, ...] = (), **grant: Any) -> SessionPolicy:
+    upstream = {"host": "db", "database": "app", "user": "u", "password": "p"}
     data = {
         "clients": [{"user": "ci", "password": "x"}],
-        "connections": [
-            {"name": "app", "upstream": {"host": "db", "database": "app", "user": "u", "password": "p"}}
-        ],
+        "connections": [{"name": "app", "upstream": upstream, "guardrails": list(connection_guardrails)}],
         "grants": [{"name": "g", "identities": ["ci"], "connection": "app", **grant}],
     }
     p = CompiledPolicy(config.parse(data, "t", tmp_path))
@@ -178,3 +177,23 @@ def test_a_10_kb_query() -> None:
     assert len(sql) > 10_000
     [a] = StatementAnalysis.of(sql)
     assert a.reads == {"a", "b"}
+
+
+def test_connection_guardrails_apply_to_every_grant(tmp_path: Path) -> None:
+    s = session(tmp_path, connection_guardrails=("no-destructive-ddl",), access="read-write")
+    assert s.guarded
+    assert verdicts(s, "drop table t") == [False]
+    assert verdicts(s, "delete from t") == [True]
+    plain = session(tmp_path, access="read-write")
+    assert not plain.guarded
+    assert not session(tmp_path, access="read-only").guarded
+
+
+def test_unparsed_is_refused_unless_the_grant_allows_it(tmp_path: Path) -> None:
+    strict = session(tmp_path, access="read-write", guardrails=["no-destructive-ddl"])
+    d = strict.judge("DR/**/OP TABLE t")
+    assert not d.allow and d.rule == "unparsed"
+    lax = session(tmp_path, access="read-write", guardrails=["no-destructive-ddl"], allow_unparsed=True)
+    d = lax.judge("DR/**/OP TABLE t")
+    assert d.allow and not d.by_shape
+    assert not lax.judge("drop table t").allow

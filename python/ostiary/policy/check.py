@@ -139,6 +139,10 @@ def policy_problems(cfg: Config, base: Path) -> list[tuple[str, str]]:
             value = getattr(up.tls, field)
             if value is not None and not (base / value).is_file():
                 problems.append((f"{p}.upstream.tls.{field}", f"file {value} does not exist"))
+        known_rules = {g.name for g in cfg.guardrails} | set(PACKS)
+        for name in conn.guardrails:
+            if name not in known_rules:
+                problems.append((f"{p}.guardrails", f"unknown guardrails rule {name!r}"))
         if conn.allow_plaintext and cfg.tls is not None and cfg.tls.mode == "require":
             problems.append(
                 (f"{p}.allow_plaintext", "tls.mode is require, so plaintext clients are refused anyway")

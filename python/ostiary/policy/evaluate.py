@@ -303,7 +303,9 @@ class CompiledPolicy:
         if g is None:
             return None
         defined = {r.name: r for r in self.config.guardrails}
-        return (g, self.config.connection(g.connection), tuple(defined.get(r) for r in g.guardrails))
+        conn = self.config.connection(g.connection)
+        names = [*(conn.guardrails if conn is not None else []), *g.guardrails]
+        return (g, conn, tuple(defined.get(r) for r in names))
 
     def grant_still_applies(
         self, identity: Identity, connection: str, grant_name: str, *, peer: str | None, now: dt.datetime
@@ -412,7 +414,8 @@ class SessionPolicy:
         self.kinds = frozenset(grant.statements) if grant.statements is not None else None
         self.relations = _union(grant.relations) if grant.relations is not None else None
         defined = {g.name: g for g in policy.config.guardrails}
-        names = list(grant.guardrails)
+        conn = policy.config.connection(grant.connection)
+        names = list(dict.fromkeys([*(conn.guardrails if conn is not None else []), *grant.guardrails]))
         if self.read_only and "read-only" not in names:
             names.insert(0, "read-only")
         self.rules = [_Rule(defined.get(n) or PACKS[n]) for n in names]
@@ -423,7 +426,8 @@ class SessionPolicy:
 
     @property
     def guarded(self) -> bool:
-        return self.kinds is not None or self.relations is not None or bool(self.grant.guardrails)
+        rules = [r for r in self.rules if r.name != "read-only" or not self.read_only]
+        return self.kinds is not None or self.relations is not None or bool(rules)
 
     def judge(self, text: str) -> StatementDecision:
         """Every statement of a Query or Parse text; the first refusal wins. What does not parse is
@@ -434,6 +438,8 @@ class SessionPolicy:
         try:
             analyses = StatementAnalysis.of(text)
         except SqlError as e:
+            if self.grant.allow_unparsed:
+                return StatementDecision(True, "unparsed", by_shape=False)
             return StatementDecision(False, "unparsed", f"the gateway cannot analyse this statement: {e}")
         by_shape = not self.by_text and not any(a.literal_sensitive for a in analyses)
         for a in analyses:

@@ -150,13 +150,15 @@ class Upstream(Credential, forbid_unknown_fields=True, kw_only=True):
 class Connection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A database the gateway fronts; clients select it by name (their ``dbname``).
     ``credentials`` are further upstream roles that grants can choose by name (a reader grant uses a
-    reader role). Tokens travel as passwords, so clients must use TLS unless ``allow_plaintext``."""
+    reader role). Tokens travel as passwords, so clients must use TLS unless ``allow_plaintext``.
+    ``guardrails`` apply to every session on the connection, before the grant's own."""
 
     name: str
     upstream: Upstream
     protocol: Literal["postgresql"] = "postgresql"
     credentials: dict[str, Credential] = msgspec.field(default_factory=dict)
     allow_plaintext: bool = False
+    guardrails: list[str] = msgspec.field(default_factory=list)
 
 
 class Window(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -178,7 +180,8 @@ class Grant(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     connection's ``credentials`` (the connection's upstream user when omitted). ``statements`` and
     ``relations`` narrow what SQL may run, ``guardrails``/``masking``/``approvals`` attach rules by
     name. ``max_session`` ends sessions after that many seconds; ``windows`` and ``networks``
-    restrict when and from where a session may start."""
+    restrict when and from where a session may start. Statements the SQL analysis cannot parse are
+    refused unless ``allow_unparsed``."""
 
     name: str
     identities: list[str]
@@ -193,6 +196,7 @@ class Grant(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_session: float | None = None
     windows: list[Window] = msgspec.field(default_factory=list)
     networks: list[str] = msgspec.field(default_factory=list)
+    allow_unparsed: bool = False
 
 
 class StatementMatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
