@@ -228,6 +228,9 @@ def test_psql_sees_the_rule_and_goes_on(gw: GatewayProcess, unchanged: None) -> 
     )
     assert "ERROR:  no-destructive-ddl: destructive DDL (DROP, TRUNCATE) is not allowed" in r.stderr
     assert r.stdout.strip() == "3"
+    # The refusal is in the log with the statement's fingerprint.
+    refusals = [line for line in gw.log().splitlines() if "refused (no-destructive-ddl" in line]
+    assert refusals and "fingerprint " in refusals[-1] and "truncate guard_canary" in refusals[-1]
 
 
 def test_session_ends_when_dynamic_sql_turns_standard_conforming_strings_off(

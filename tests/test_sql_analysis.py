@@ -197,3 +197,12 @@ def test_unparsed_is_refused_unless_the_grant_allows_it(tmp_path: Path) -> None:
     d = lax.judge("DR/**/OP TABLE t")
     assert d.allow and not d.by_shape
     assert not lax.judge("drop table t").allow
+
+
+def test_fingerprint_is_the_shape() -> None:
+    from ostiary.hooks import statement_fingerprint
+
+    a = statement_fingerprint("select v from t where id = 1")
+    assert a == statement_fingerprint("SELECT v FROM t /* c */ WHERE id = 2")
+    assert a != statement_fingerprint("select v from t where id = 1 or true")
+    assert len(a) == 16

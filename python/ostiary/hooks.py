@@ -10,6 +10,7 @@ are the audit trail's inputs; the audit store (a later issue) implements the obs
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -65,6 +66,18 @@ class StatementInfo:
     kind: str  # "query", "parse" or "function_call"
     name: str
     text: str
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits naming the statement's shape (its text with constants replaced): the same
+        for every statement the data path decides from one remembered verdict."""
+        return statement_fingerprint(self.text)
+
+
+def statement_fingerprint(text: str) -> str:
+    from ostiary import _core
+
+    return hashlib.sha256(_core.statement_shape(text).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -394,10 +394,12 @@ class Gateway:
                     )
                     return
                 self.engine.verdict(session, statement.seq, d.allow, d.code, d.message, d.remember)
-                log.debug(
-                    "session %d: statement %d decided: %s%s: %s",
+                log.log(
+                    logging.DEBUG if d.allow else logging.INFO,
+                    "session %d: statement %d (fingerprint %s) decided: %s%s: %s",
                     session,
                     statement.seq,
+                    statement.fingerprint,
                     "allowed" if d.allow else f"refused ({d.message})",
                     ", remembered" if d.remember else "",
                     statement.text[:200],
