@@ -5,5 +5,6 @@
 
 pub mod analyze;
 mod ffi;
+mod lex;
 pub mod read_only;
 pub mod shape;

@@ -23,6 +23,8 @@
 //! function already in the database that runs dynamic SQL is out of its reach; for a guarantee the
 //! database enforces, read-only grants should use a reader role.
 
+use crate::lex::{dollar_quote_end, is_ident_char, skip_block_comment, skip_quoted};
+
 /// True when `sql` could turn read-only mode off (see the module documentation).
 pub fn may_leave_read_only(sql: &str) -> bool {
     [
@@ -95,20 +97,21 @@ pub fn normalise(sql: &str, mode: Comments) -> String {
             }
             (Comments::Removed { backslash_quotes }, b'\'', _) => {
                 let escapes = backslash_quotes || is_escape_string_prefix(b, i);
-                i = copy_quoted(sql, i, b'\'', escapes, &mut out);
+                i = copy_quoted(sql, i, escapes, &mut out);
             }
             (Comments::Removed { .. }, b'"', _) => {
-                i = copy_quoted(sql, i, b'"', false, &mut out);
+                i = copy_quoted(sql, i, false, &mut out);
             }
-            (Comments::Removed { .. }, b'$', _) if !follows_identifier(b, i) => {
-                match dollar_tag(b, i) {
-                    Some(tag_end) => i = copy_dollar_quoted(sql, i, tag_end, &mut out),
-                    None => {
-                        out.push('$');
-                        i += 1;
-                    }
+            (Comments::Removed { .. }, b'$', _) => match dollar_quote_end(b, i) {
+                Some(end) => {
+                    out.push_str(&String::from_utf8_lossy(&b[i..end]));
+                    i = end;
                 }
-            }
+                None => {
+                    out.push('$');
+                    i += 1;
+                }
+            },
             _ => {
                 let ch = sql[i..].chars().next().expect("in bounds");
                 out.push(ch);
@@ -159,86 +162,17 @@ impl Flat {
     }
 }
 
-/// Index after the block comment starting at `i` (nested comments counted; unterminated: the end).
-fn skip_block_comment(b: &[u8], mut i: usize) -> usize {
-    let mut depth = 0usize;
-    while i < b.len() {
-        if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-            depth += 1;
-            i += 2;
-        } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-            depth -= 1;
-            i += 2;
-            if depth == 0 {
-                return i;
-            }
-        } else {
-            i += 1;
-        }
-    }
-    i
-}
-
-fn is_ident(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
-}
-
-fn follows_identifier(b: &[u8], i: usize) -> bool {
-    i > 0 && is_ident(b[i - 1])
-}
-
 /// `E'...'` (any case) opens a string where a backslash escapes; so does `U&` not, nor `B`/`X`.
 fn is_escape_string_prefix(b: &[u8], quote: usize) -> bool {
-    quote > 0 && matches!(b[quote - 1], b'e' | b'E') && (quote == 1 || !is_ident(b[quote - 2]))
+    quote > 0 && matches!(b[quote - 1], b'e' | b'E') && (quote == 1 || !is_ident_char(b[quote - 2]))
 }
 
-/// Copies the quoted text starting at `i` (the opening quote) through its closing quote; a doubled
-/// quote is one quote, and with `escapes` a backslash escapes the next byte. Returns the index after.
-fn copy_quoted(sql: &str, i: usize, quote: u8, escapes: bool, out: &mut Flat) -> usize {
+/// Copies the quoted token opening at `i` (see `lex::skip_quoted`); returns the index after it.
+fn copy_quoted(sql: &str, i: usize, escapes: bool, out: &mut Flat) -> usize {
     let b = sql.as_bytes();
-    let mut j = i + 1;
-    while j < b.len() {
-        if escapes && b[j] == b'\\' {
-            j += 2;
-            continue;
-        }
-        if b[j] == quote {
-            if b.get(j + 1) == Some(&quote) {
-                j += 2;
-                continue;
-            }
-            j += 1;
-            break;
-        }
-        j += 1;
-    }
-    let end = j.min(b.len());
+    let end = skip_quoted(b, i, escapes);
     out.push_str(&String::from_utf8_lossy(&b[i..end]));
     end
-}
-
-/// For a `$` at `i`: the index after the closing `$` of a dollar-quote tag (`$$` or `$tag$`).
-fn dollar_tag(b: &[u8], i: usize) -> Option<usize> {
-    let mut j = i + 1;
-    if j < b.len() && b[j].is_ascii_digit() {
-        return None; // $1: a parameter
-    }
-    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] >= 0x80) {
-        j += 1;
-    }
-    (j < b.len() && b[j] == b'$').then_some(j + 1)
-}
-
-fn copy_dollar_quoted(sql: &str, i: usize, tag_end: usize, out: &mut Flat) -> usize {
-    let b = sql.as_bytes();
-    let tag = &b[i..tag_end];
-    let body_end = b[tag_end..]
-        .windows(tag.len())
-        .position(|w| w == tag)
-        .map(|p| tag_end + p + tag.len())
-        .unwrap_or(b.len());
-    out.push_str(&String::from_utf8_lossy(&b[i..body_end]));
-    body_end
 }
 
 fn is_lone_show(flat: &str) -> bool {

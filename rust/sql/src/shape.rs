@@ -9,6 +9,8 @@
 //! `N'...'`, `U&'...'`, dollar-quoted strings (`$$...$$`, `$tag$...$tag$`) and numbers. Quoted
 //! identifiers (`"..."`, `U&"..."`) and parameters (`$1`) are kept as they are.
 
+use crate::lex::{dollar_quote_end, is_ident_char, skip_block_comment, skip_quoted};
+
 /// The shape of `sql` (see the module documentation).
 pub fn shape(sql: &str) -> String {
     let b = sql.as_bytes();
@@ -51,14 +53,9 @@ pub fn shape(sql: &str) -> String {
             emit(&mut out, &mut space, &sql[i..j]);
             i = j;
         } else if c == b'$' {
-            match dollar_tag_end(b, i) {
-                Some(tag_end) => {
-                    let tag = &b[i..tag_end];
-                    i = b[tag_end..]
-                        .windows(tag.len())
-                        .position(|w| w == tag)
-                        .map(|p| tag_end + p + tag.len())
-                        .unwrap_or(b.len());
+            match dollar_quote_end(b, i) {
+                Some(end) => {
+                    i = end;
                     emit(&mut out, &mut space, "?");
                 }
                 None => {
@@ -102,63 +99,6 @@ pub fn shape(sql: &str) -> String {
 
 fn is_ident_start(c: u8) -> bool {
     c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
-}
-
-fn is_ident_char(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
-}
-
-/// Index after the block comment starting at `i` (nested comments counted; unterminated: the end).
-fn skip_block_comment(b: &[u8], mut i: usize) -> usize {
-    let mut depth = 0usize;
-    while i < b.len() {
-        if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-            depth += 1;
-            i += 2;
-        } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-            depth -= 1;
-            i += 2;
-            if depth == 0 {
-                return i;
-            }
-        } else {
-            i += 1;
-        }
-    }
-    i
-}
-
-/// Index after the quoted token opening at `i`; a doubled quote is one quote, and with
-/// `backslash` a backslash escapes the next byte. Unterminated: the end.
-fn skip_quoted(b: &[u8], i: usize, backslash: bool) -> usize {
-    let quote = b[i];
-    let mut j = i + 1;
-    while j < b.len() {
-        if backslash && b[j] == b'\\' {
-            j += 2;
-        } else if b[j] == quote {
-            if b.get(j + 1) == Some(&quote) {
-                j += 2;
-            } else {
-                return j + 1;
-            }
-        } else {
-            j += 1;
-        }
-    }
-    b.len()
-}
-
-/// For a `$` at `i`: the index after the closing `$` of a dollar-quote tag (`$$` or `$tag$`).
-fn dollar_tag_end(b: &[u8], i: usize) -> Option<usize> {
-    if i > 0 && is_ident_char(b[i - 1]) {
-        return None; // part of an identifier (a$b)
-    }
-    let mut j = i + 1;
-    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] >= 0x80) {
-        j += 1;
-    }
-    (j < b.len() && b[j] == b'$').then_some(j + 1)
 }
 
 /// Index after the numeric literal at `i` (digits, `_` separators, a fraction, an exponent, hex,
