@@ -1,11 +1,12 @@
 """The control plane's hooks: authentication attempts, policy versions and established sessions.
 
 The data path asks ``StatementHook.decide`` about a statement only when the hook says it wants to be
-consulted (``consult(session)``); otherwise statements never leave Rust. Guardrails, approvals and
-audit (later issues) implement these; the default allows everything and consults nothing.
-``SessionObserver`` hears of every authentication attempt (allowed or refused), every policy version
-applied or rejected, session starts, per-statement reports (when ``report`` is true) and ends. These
-are the audit trail's inputs; the audit store (a later issue) implements the observer.
+consulted (``consult(session)``) and the statement is not in the data path's verdict cache;
+otherwise statements never leave Rust. The default hook enforces the session's grant
+(``ostiary.policy.enforce.PolicyHook``). ``SessionObserver`` hears of every authentication attempt
+(allowed or refused), every policy version applied or rejected, every statement the control plane
+decided (with its fingerprint), session starts, per-statement reports (when ``report`` is true) and
+ends. These are the audit trail's inputs; the audit store (a later issue) implements the observer.
 """
 
 from __future__ import annotations
@@ -126,16 +127,6 @@ class SessionObserver(Protocol):
     def statement_event(self, session: SessionInfo, event: tuple[Any, ...]) -> None: ...
 
     def session_ended(self, session: SessionInfo, reason: str, detail: str) -> None: ...
-
-
-class AllowAll:
-    """The default: statements are not sent to Python at all."""
-
-    def consult(self, session: SessionInfo) -> Consult:
-        return "never"
-
-    async def decide(self, session: SessionInfo, statement: StatementInfo) -> Decision:
-        return Decision.allowed()
 
 
 class NoObserver:

@@ -153,7 +153,6 @@ class Verdict:
     chain: tuple[str, ...]
     reason: str = ""
     code: str = "28000"
-    names: tuple[str, ...] = ()
 
     @property
     def allowed(self) -> bool:
@@ -271,7 +270,7 @@ class CompiledPolicy:
             if not candidates:
                 note(f"no grant on connection {connection!r} names this identity")
             reason = f'no grant lets "{printable(identity.name)}" use connection "{connection}"'
-            return Verdict(None, tuple(chain or ()), reason, "28000", tuple(sorted(names)))
+            return Verdict(None, tuple(chain or ()), reason, "28000")
         chosen: Grant | None = None
         if len(applying) > 1:
             chosen = next((g for g in applying if g.name == user), None)
@@ -279,7 +278,7 @@ class CompiledPolicy:
                 options = ", ".join(g.name for g in applying)
                 reason = f"several grants apply ({options}): choose one with user=<grant name>"
                 note(f"refused: {reason}")
-                return Verdict(None, tuple(chain or ()), reason, "28000", tuple(sorted(names)))
+                return Verdict(None, tuple(chain or ()), reason, "28000")
         else:
             chosen = applying[0]
         pending = [f for f in PENDING_FIELDS if getattr(chosen, f) not in (None, [])]
@@ -289,9 +288,9 @@ class CompiledPolicy:
                 "yet, so it refuses the session"
             )
             note(f"refused: {reason}")
-            return Verdict(None, tuple(chain or ()), reason, "28000", tuple(sorted(names)))
+            return Verdict(None, tuple(chain or ()), reason, "28000")
         note(f"allowed under grant {chosen.name!r}")
-        return Verdict(chosen, tuple(chain or ()), "", "", tuple(sorted(names)))
+        return Verdict(chosen, tuple(chain or ()), "", "")
 
     def compile_session(self, grant: Grant) -> SessionPolicy:
         return SessionPolicy(self, grant)
