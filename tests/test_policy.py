@@ -527,6 +527,7 @@ def test_explain_judges_statements_under_the_grant(tmp_path: Path) -> None:
     assert "statement 1: ALLOW" in out
     assert "statement 2: DENY by read-only: grant readers-read is read-only (delete)" in out
     assert "statement 3: ALLOW" in out
+    assert out[-1] == "DENY statements: 1 of 3 refused under grant readers-read"
     r = run_cli(
         "policy",
         "explain",

@@ -112,10 +112,11 @@ def explain_statements(policy: CompiledPolicy, grant: Grant, sql: str) -> tuple[
     except SqlError as e:
         return False, [f"DENY statement: {e} (what cannot be parsed is refused)"]
     session = policy.compile_session(grant)
-    lines, allowed = [], True
+    lines, allowed, refused = [], True, 0
     for i, a in enumerate(analyses, 1):
         d = session.decide(a)
         allowed = allowed and d.allow
+        refused += not d.allow
         found = [f"kinds {', '.join(sorted(a.kinds))}"]
         for label, values in (
             ("reads", a.reads),
@@ -131,6 +132,8 @@ def explain_statements(policy: CompiledPolicy, grant: Grant, sql: str) -> tuple[
         lines.append(f"statement {i}: {verdict}")
         lines.append(f"  {a.text[:200]}")
         lines.append(f"  ({'; '.join(found)})")
+    verdict = "ALLOW" if allowed else "DENY"
+    lines.append(f"{verdict} statements: {refused} of {len(analyses)} refused under grant {grant.name}")
     return allowed, lines
 
 
