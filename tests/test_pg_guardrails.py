@@ -276,3 +276,10 @@ def test_corpus_through_psql(gw: GatewayProcess, unchanged: None, subtests: pyte
             )
             assert f"ERROR:  {rule}:" in r.stderr, r.stderr
             assert r.stdout.strip().endswith("42"), r.stdout
+
+
+def test_a_malformed_constant_does_not_poison_its_shape(gw: GatewayProcess, unchanged: None) -> None:
+    with conn(gw, OPS) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="unparsed"):
+            c.execute("select 0x from guard_canary")  # shape: select ? from guard_canary
+        assert c.execute("select 1 from guard_canary limit 1").fetchone() == (1,)

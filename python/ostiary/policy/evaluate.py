@@ -437,9 +437,12 @@ class SessionPolicy:
         try:
             analyses = StatementAnalysis.of(text)
         except SqlError as e:
+            # Never per shape: a malformed constant (0x) gives a text the shape of a valid one.
             if self.grant.allow_unparsed:
                 return StatementDecision(True, "unparsed", by_shape=False)
-            return StatementDecision(False, "unparsed", f"the gateway cannot analyse this statement: {e}")
+            return StatementDecision(
+                False, "unparsed", f"the gateway cannot analyse this statement: {e}", by_shape=False
+            )
         by_shape = not self.by_text and not any(a.literal_sensitive for a in analyses)
         for a in analyses:
             if "lexer-change" in a.effects:
