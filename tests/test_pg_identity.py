@@ -204,12 +204,22 @@ def test_read_only_grant_uses_reader_role_and_stays_read_only(gw: GatewayProcess
         assert c.execute("select count(*) from shop_orders").fetchone() == (1,)
 
 
-def test_several_grants_apply_client_chooses_by_user(gw: GatewayProcess, idp: LocalIdp) -> None:
-    # acme/shop on main from this address: shop-writes; acme-dev needs 10/8, so only one applies.
-    # Without the network restriction both would: see the unit tests of policy evaluation.
-    token = idp.mint(github_claims())
+def test_networks_narrow_and_the_user_name_chooses_among_grants(
+    configured: Configured, idp: LocalIdp
+) -> None:
+    token = idp.mint(github_claims())  # acme/shop on main: shop-writes, and acme-dev from 10/8 only
+    cfg = configured()
+    gw = configured.start(cfg)
+    with connect(gw, token) as c:  # from 127.0.0.1 only shop-writes applies
+        assert c.execute("show default_transaction_read_only").fetchone() == ("off",)
+    cfg = configured()
+    cfg["grants"][3]["networks"] = []  # now both apply
+    gw = configured.start(cfg)
+    assert "several grants apply (shop-writes, acme-dev)" in refused(gw, token)
+    with connect(gw, token, user="acme-dev") as c:
+        assert c.execute("show default_transaction_read_only").fetchone() == ("on",)
     with connect(gw, token, user="shop-writes") as c:
-        assert c.execute("select current_user").fetchone() == ("app",)
+        assert c.execute("show default_transaction_read_only").fetchone() == ("off",)
 
 
 def test_client_certificate_identity(

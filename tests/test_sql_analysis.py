@@ -206,3 +206,18 @@ def test_fingerprint_is_the_shape() -> None:
     assert a == statement_fingerprint("SELECT v FROM t /* c */ WHERE id = 2")
     assert a != statement_fingerprint("select v from t where id = 1 or true")
     assert len(a) == 16
+
+
+def test_read_only_pack_on_a_read_write_grant_means_read_only(tmp_path: Path) -> None:
+    s = session(tmp_path, access="read-write", guardrails=["read-only"])
+    assert s.guarded
+    assert verdicts(s, "select * from t") == [True]
+    for sql in [
+        "delete from t where id = 1",
+        "copy t to program 'x'",
+        "select pg_terminate_backend(1)",
+        "begin read write",
+        "vacuum t",
+    ]:
+        d = s.decide(StatementAnalysis.of(sql)[0])
+        assert not d.allow and d.rule == "read-only", sql

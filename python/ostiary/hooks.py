@@ -39,7 +39,12 @@ class SessionInfo:
 
     @property
     def peer_ip(self) -> str:
-        return self.peer.rsplit(":", 1)[0].strip("[]")
+        return peer_ip(self.peer)
+
+
+def peer_ip(peer: str) -> str:
+    """The address of a ``host:port`` peer string (IPv6 with or without brackets)."""
+    return peer.rsplit(":", 1)[0].strip("[]")
 
 
 @dataclass(frozen=True)

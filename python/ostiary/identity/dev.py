@@ -19,12 +19,16 @@ import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ostiary.identity.issuers import ResolvedIssuer
+from ostiary.identity.issuers import ResolvedIssuer, resolve_issuer
+
+if TYPE_CHECKING:
+    from ostiary.config import Config
 
 DEV_ISSUER_NAME = "dev"
 DEV_ISSUER_URL = "https://dev.ostiary.invalid"
@@ -149,3 +153,12 @@ def _public_jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, str]:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def resolved_issuers(cfg: Config, *, create: bool = True) -> list[ResolvedIssuer]:
+    """Every issuer a configuration trusts: its ``issuers`` and, with ``dev.issuer``, the development
+    issuer (whose key is created unless ``create`` is False, for dry runs)."""
+    issuers = [resolve_issuer(i) for i in cfg.issuers]
+    if cfg.dev.issuer:
+        issuers.append(dev_issuer(cfg.data_dir, tuple(cfg.dev.audiences), create=create))
+    return issuers

@@ -21,10 +21,8 @@ Semantics, in order:
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 import hashlib
 import ipaddress
-import re
 import zoneinfo
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -373,11 +371,7 @@ class _Rule:
         self.functions = frozenset(f.lower() for f in m.functions)
         self.effects = frozenset(m.effects)
         self.without_where = m.without_where
-        self.pattern = None
-        if m.pattern is not None:
-            import re2
-
-            self.pattern = re2.compile(m.pattern)
+        self.pattern = re2.compile(m.pattern) if m.pattern is not None else None
 
     def matches(self, a: StatementAnalysis) -> bool:
         if self.kinds and not (self.kinds & a.kinds):
@@ -398,9 +392,10 @@ def _function_names(functions: frozenset[str]) -> frozenset[str]:
     return functions | frozenset(f.rsplit(".", 1)[-1] for f in functions)
 
 
-def _union(globs: Iterable[str]) -> re.Pattern[str] | None:
-    parts = [fnmatch.translate(g) for g in globs]
-    return re.compile("|".join(f"(?:{p})" for p in parts)) if parts else None
+def _union(globs: Iterable[str]) -> Any:
+    """One RE2 pattern (use ``fullmatch``) for any of ``globs``, or None when there are none."""
+    pattern = _values_pattern(list(globs))
+    return re2.compile(pattern) if pattern else None
 
 
 class SessionPolicy:
@@ -415,9 +410,9 @@ class SessionPolicy:
         defined = {g.name: g for g in policy.config.guardrails}
         conn = policy.config.connection(grant.connection)
         names = list(dict.fromkeys([*(conn.guardrails if conn is not None else []), *grant.guardrails]))
-        if self.read_only and "read-only" not in names:
-            names.insert(0, "read-only")
-        self.rules = [_Rule(defined.get(n) or PACKS[n]) for n in names]
+        # The read-only pack means what a read-only grant means (kinds and effects), checked first.
+        self.read_only_pack = "read-only" in names
+        self.rules = [_Rule(defined.get(n) or PACKS[n]) for n in names if n != "read-only"]
         # Unqualified names resolve through search_path: with relation rules it must not move.
         self.pins_search_path = self.relations is not None or any(r.relations is not None for r in self.rules)
         # Patterns look at the text, constants included: their verdicts hold per text only.
@@ -425,8 +420,9 @@ class SessionPolicy:
 
     @property
     def guarded(self) -> bool:
-        rules = [r for r in self.rules if r.name != "read-only" or not self.read_only]
-        return self.kinds is not None or self.relations is not None or bool(rules)
+        # A read-only grant alone is enforced by the database plus the data path's escape check.
+        pack_on_writer = self.read_only_pack and not self.read_only
+        return self.kinds is not None or self.relations is not None or bool(self.rules) or pack_on_writer
 
     def judge(self, text: str) -> StatementDecision:
         """Every statement of a Query or Parse text; the first refusal wins. What does not parse is
@@ -466,10 +462,11 @@ class SessionPolicy:
 
     def decide(self, a: StatementAnalysis) -> StatementDecision:
         g = self.grant.name
-        if self.read_only and not a.kinds <= READ_ONLY_KINDS:
+        read_only = self.read_only or self.read_only_pack
+        if read_only and not a.kinds <= READ_ONLY_KINDS:
             kinds = ", ".join(sorted(a.kinds - READ_ONLY_KINDS))
             return StatementDecision(False, "read-only", f"grant {g} is read-only ({kinds})")
-        if self.read_only and a.effects & READ_ONLY_DENIED_EFFECTS:
+        if read_only and a.effects & READ_ONLY_DENIED_EFFECTS:
             effects = ", ".join(sorted(a.effects & READ_ONLY_DENIED_EFFECTS))
             return StatementDecision(False, "read-only", f"grant {g} is read-only ({effects})")
         if self.kinds is not None and not a.kinds <= self.kinds:

@@ -14,8 +14,7 @@ from typing import Any
 from ostiary.config import Config
 from ostiary.errors import SqlError
 from ostiary.identity import Identity
-from ostiary.identity.dev import dev_issuer
-from ostiary.identity.issuers import ResolvedIssuer, resolve_issuer
+from ostiary.identity.dev import resolved_issuers
 from ostiary.identity.tokens import claim_attributes
 from ostiary.policy.evaluate import CompiledPolicy, StatementAnalysis
 from ostiary.policy.model import Grant
@@ -25,17 +24,10 @@ class ExplainError(Exception):
     """The claims or arguments cannot be explained against this policy (says why)."""
 
 
-def _issuers(cfg: Config) -> list[ResolvedIssuer]:
-    found = [resolve_issuer(i) for i in cfg.issuers]
-    if cfg.dev.issuer:
-        found.append(dev_issuer(cfg.data_dir, tuple(cfg.dev.audiences), create=False))
-    return found
-
-
 def identity_from_claims(cfg: Config, claims: Mapping[str, Any], issuer: str | None = None) -> Identity:
     """The identity the gateway would derive from these claims. The issuer is found by the ``iss``
     claim, or named (by its policy name) with ``issuer``."""
-    issuers = _issuers(cfg)
+    issuers = resolved_issuers(cfg, create=False)
     if issuer is not None:
         chosen = next((i for i in issuers if i.name == issuer), None)
         if chosen is None:

@@ -6,28 +6,18 @@ effect; these definitions say what each pack means in the policy language.
 
 from __future__ import annotations
 
-from ostiary.policy.model import Guardrail, StatementMatch
+from typing import Any
+
+from ostiary.policy.model import READ_ONLY_KINDS, STATEMENT_KINDS, Guardrail, StatementMatch
+
+WRITE_KINDS: list[Any] = [k for k in STATEMENT_KINDS if k not in READ_ONLY_KINDS]
 
 PACKS: dict[str, Guardrail] = {
+    # Kinds only, for explain and the schema's sake: a session applies it as a read-only grant
+    # (READ_ONLY_KINDS and READ_ONLY_DENIED_EFFECTS, in SessionPolicy.decide).
     "read-only": Guardrail(
         name="read-only",
-        match=StatementMatch(
-            kinds=[
-                "insert",
-                "update",
-                "delete",
-                "merge",
-                "copy-from",
-                "create",
-                "alter",
-                "drop",
-                "truncate",
-                "grant",
-                "revoke",
-                "call",
-                "do",
-            ]
-        ),
+        match=StatementMatch(kinds=WRITE_KINDS),
         message="this grant is read-only",
     ),
     "no-destructive-ddl": Guardrail(

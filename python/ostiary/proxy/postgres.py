@@ -27,7 +27,7 @@ import trio
 from ostiary import _core
 from ostiary.config import resolve_secret
 from ostiary.errors import AuthenticationFailed, UpstreamUnavailable
-from ostiary.hooks import AuthAttempt, SessionInfo
+from ostiary.hooks import AuthAttempt, SessionInfo, peer_ip
 from ostiary.identity import ClientHello, Identity
 from ostiary.policy.evaluate import CompiledPolicy
 from ostiary.policy.model import Connection, Credential, Grant
@@ -276,7 +276,7 @@ class PostgresStartup:
     def _admit(self, identity: Identity, conn: Connection) -> Grant:
         user, peer, now = (
             self.params.get("user"),
-            self.peer.rsplit(":", 1)[0].strip("[]"),
+            peer_ip(self.peer),
             dt.datetime.now(dt.UTC),
         )
         verdict = self.policy.admit(identity, conn.name, user=user, peer=peer, now=now)

@@ -35,8 +35,8 @@ from ostiary.config import Config
 from ostiary.errors import ConfigError
 from ostiary.hooks import AuthAttempt, NoObserver, SessionInfo, SessionObserver, StatementHook, StatementInfo
 from ostiary.identity.authenticator import Authenticator
-from ostiary.identity.dev import dev_issuer
-from ostiary.identity.issuers import ResolvedIssuer, resolve_issuer
+from ostiary.identity.dev import resolved_issuers
+from ostiary.identity.issuers import ResolvedIssuer
 from ostiary.identity.jwks import JwksCache
 from ostiary.identity.tokens import TokenValidator
 from ostiary.policy.enforce import PolicyHook
@@ -48,13 +48,6 @@ from ostiary.proxy.postgres import CancelTarget, PostgresStartup, fatal
 log = logging.getLogger("ostiary.server")
 
 SHUTDOWN_MESSAGE = "terminating connection because the gateway is shutting down"
-
-
-def resolved_issuers(cfg: Config) -> list[ResolvedIssuer]:
-    issuers = [resolve_issuer(i) for i in cfg.issuers]
-    if cfg.dev.issuer:
-        issuers.append(dev_issuer(cfg.data_dir, tuple(cfg.dev.audiences)))
-    return issuers
 
 
 class Gateway:

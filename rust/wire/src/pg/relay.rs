@@ -238,7 +238,8 @@ pub struct SessionRelay {
     report: bool,
     front: Framer,
     back: Framer,
-    held: Option<(Statement, Vec<u8>)>,
+    /// The statement waiting for a verdict, its raw message, and its verdict-cache key.
+    held: Option<(Statement, Vec<u8>, (StatementKind, String))>,
     verdicts: HashMap<(StatementKind, String), Verdict>,
     verdict_bytes: usize,
     next_seq: u64,
@@ -429,13 +430,14 @@ impl SessionRelay {
             Gate::ConsultBy(key_of) => key_of(&statement.text),
             _ => statement.text.clone(),
         };
-        match self.verdicts.get(&(kind, key)).cloned() {
+        let key = (kind, key);
+        match self.verdicts.get(&key).cloned() {
             Some(v) => {
                 self.apply(&statement, raw, &v, out);
                 Ok(None)
             }
             None => {
-                self.held = Some((statement.clone(), raw));
+                self.held = Some((statement.clone(), raw, key));
                 Ok(Some(statement))
             }
         }
@@ -450,19 +452,19 @@ impl SessionRelay {
         remember: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), WireError> {
-        let Some((statement, raw)) = self.held.take() else {
+        let Some((statement, raw, key)) = self.held.take() else {
             return Err(WireError::malformed("verdict", "no statement is held"));
         };
         if statement.seq != seq {
             let got = statement.seq;
-            self.held = Some((statement, raw));
+            self.held = Some((statement, raw, key));
             return Err(WireError::malformed(
                 "verdict",
                 format!("verdict for statement {seq}, but {got} is held"),
             ));
         }
         if remember {
-            let size = statement.text.len();
+            let size = key.1.len();
             if self.verdicts.len() >= VERDICT_CACHE_ENTRIES
                 || self.verdict_bytes + size > VERDICT_CACHE_BYTES
             {
@@ -471,11 +473,7 @@ impl SessionRelay {
             }
             if size <= VERDICT_CACHE_BYTES {
                 self.verdict_bytes += size;
-                let key = match self.gate {
-                    Gate::ConsultBy(key_of) => key_of(&statement.text),
-                    _ => statement.text.clone(),
-                };
-                self.verdicts.insert((statement.kind, key), verdict.clone());
+                self.verdicts.insert(key, verdict.clone());
             }
         }
         self.apply(&statement, raw, &verdict, out);
