@@ -380,8 +380,9 @@ def test_several_grants_need_a_choice(tmp_path: Path) -> None:
 
 def test_grant_with_rules_not_enforceable_yet_is_refused(tmp_path: Path) -> None:
     data = base_policy()
-    data["masking"] = [{"name": "emails", "columns": ["*.email"]}]
-    data["grants"][0]["masking"] = ["emails"]
+    who = data["grants"][0]["identities"][0]
+    data["approvals"] = [{"name": "deletes", "match": {"kinds": ["delete"]}, "approvers": [who]}]
+    data["grants"][0]["approvals"] = ["deletes"]
     p = compiled(data, tmp_path)
     v = p.admit(gh("acme/shop"), "orders", now=MONDAY_NOON)
     assert v.grant is None and "cannot enforce" in v.reason
@@ -504,8 +505,9 @@ def test_diff_shows_who_gains_and_loses(tmp_path: Path) -> None:
 
 def test_explain_judges_statements_under_the_grant(tmp_path: Path) -> None:
     data = base_policy()
-    data["masking"] = [{"name": "emails", "columns": ["*.email"]}]
-    data["grants"][1]["masking"] = ["emails"]
+    who = data["grants"][1]["identities"][0]
+    data["approvals"] = [{"name": "deletes", "match": {"kinds": ["delete"]}, "approvers": [who]}]
+    data["grants"][1]["approvals"] = ["deletes"]
     f = tmp_path / "policy.yaml"
     f.write_text(yaml.safe_dump(data))
     claims = tmp_path / "claims.json"
@@ -520,9 +522,9 @@ def test_explain_judges_statements_under_the_grant(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
-    # The grant has masking rules, which the data path does not enforce yet: the session is refused,
-    # and the statements are still explained.
-    assert out[0].startswith("DENY x on orders: grant 'readers-read' has masking rules")
+    # The grant has approval rules, which the data path does not enforce yet: the session is
+    # refused, and the statements are still explained.
+    assert out[0].startswith("DENY x on orders: grant 'readers-read' has approvals rules")
     assert "statements under grant readers-read (once statement rules are enforced):" in out
     assert "statement 1: ALLOW" in out
     assert "statement 2: DENY by read-only: grant readers-read is read-only (delete)" in out

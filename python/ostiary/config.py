@@ -124,6 +124,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     listen: Listen = msgspec.field(default_factory=Listen)
     data_dir: str = ".ostiary"
+    masking_key_file: str | None = None
     workers: int = 0
     tls: ClientTls | None = None
     limits: Limits = msgspec.field(default_factory=Limits)
@@ -162,7 +163,7 @@ LIST_SECTIONS = (
     "approvals",
 )
 # Keys read only when the gateway starts; a reload that changes them reports that a restart is needed.
-PROCESS_SECTIONS = ("listen", "data_dir", "workers", "tls", "limits", "shutdown")
+PROCESS_SECTIONS = ("listen", "data_dir", "masking_key_file", "workers", "tls", "limits", "shutdown")
 
 SECRET_SOURCES = ("password", "password_env", "password_file", "password_ref")
 
@@ -228,6 +229,7 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         return None if p is None else str((base / p).resolve())
 
     cfg.data_dir = str(fix(cfg.data_dir))
+    cfg.masking_key_file = fix(cfg.masking_key_file)
     if cfg.tls is not None:
         cfg.tls.cert = str(fix(cfg.tls.cert))
         cfg.tls.key = str(fix(cfg.tls.key))

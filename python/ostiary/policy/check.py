@@ -18,6 +18,7 @@ import re2
 
 from ostiary.identity.issuers import issuer_problems, resolve_issuer
 from ostiary.policy.evaluate import PENDING_FIELDS
+from ostiary.policy.masking import rule_problems
 from ostiary.policy.packs import PACKS
 
 if TYPE_CHECKING:
@@ -143,6 +144,9 @@ def policy_problems(cfg: Config, base: Path) -> list[tuple[str, str]]:
         for name in conn.guardrails:
             if name not in known_rules:
                 problems.append((f"{p}.guardrails", f"unknown guardrails rule {name!r}"))
+        for name in conn.masking:
+            if name not in {m.name for m in cfg.masking}:
+                problems.append((f"{p}.masking", f"unknown masking rule {name!r}"))
         if conn.allow_plaintext and cfg.tls is not None and cfg.tls.mode == "require":
             problems.append(
                 (f"{p}.allow_plaintext", "tls.mode is require, so plaintext clients are refused anyway")
@@ -165,10 +169,11 @@ def policy_problems(cfg: Config, base: Path) -> list[tuple[str, str]]:
                 (f"guardrails[{i}].name", f"{rail.name!r} is a shipped rule pack; choose another")
             )
     for i, mr in enumerate(cfg.masking):
+        # What RE2 accepts and what the engine runs must agree: both check every pattern.
         if mr.pattern is not None and (err := _re2_problem(mr.pattern)):
             problems.append((f"masking[{i}].pattern", err))
-        if not mr.columns and mr.pattern is None:
-            problems.append((f"masking[{i}]", "give columns, a pattern, or both"))
+        for field, err in rule_problems(mr):
+            problems.append((f"masking[{i}]" + (f".{field}" if field else ""), err))
     for i, ar in enumerate(cfg.approvals):
         for who in ar.approvers:
             if who not in identity_names:

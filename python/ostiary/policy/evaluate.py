@@ -31,12 +31,14 @@ from typing import TYPE_CHECKING, Any
 import re2
 
 from ostiary.identity import Identity, printable
+from ostiary.policy.masking import SessionMasking, compile_rules
 from ostiary.policy.model import (
     READ_ONLY_DENIED_EFFECTS,
     READ_ONLY_KINDS,
     Grant,
     Guardrail,
     IdentityMatcher,
+    MaskingRule,
     StatementMatch,
     Window,
 )
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 # Grant fields whose enforcement has not landed yet: a grant that uses them is refused at login.
-PENDING_FIELDS = ("masking", "approvals")
+PENDING_FIELDS = ("approvals",)
 
 
 def policy_version(raw: bytes) -> str:
@@ -177,9 +179,12 @@ def _ignore(_: str) -> None:
 class CompiledPolicy:
     """A policy version ready for evaluation. Build with ``CompiledPolicy(config, version)``."""
 
-    def __init__(self, cfg: Config, version: str = "") -> None:
+    def __init__(self, cfg: Config, version: str = "", mask_key: bytes = b"") -> None:
         self.config = cfg
         self.version = version
+        # The gateway's secret for keyed-hash masking (read by the caller: this module does no I/O).
+        self.mask_key = mask_key
+        self._maskings: dict[tuple[str, ...], SessionMasking] = {}
         self.matchers = [_Matcher(m) for m in cfg.identities]
         by_issuer: dict[str, list[_Matcher]] = {}
         for m in self.matchers:
@@ -293,6 +298,25 @@ class CompiledPolicy:
     def compile_session(self, grant: Grant) -> SessionPolicy:
         return SessionPolicy(self, grant)
 
+    def masking_rules(self, grant: Grant) -> list[MaskingRule]:
+        """The masking rules of a session under ``grant``: its connection's, unless the grant is
+        exempt, then its own; each once."""
+        conn = self.config.connection(grant.connection)
+        names = [*([] if grant.masking_exempt or conn is None else conn.masking), *grant.masking]
+        defined = {m.name: m for m in self.config.masking}
+        return [defined[n] for n in dict.fromkeys(names) if n in defined]
+
+    def masking(self, grant: Grant) -> SessionMasking | None:
+        """The compiled masking of ``grant``'s sessions (shared by all of them), None without rules."""
+        rules = self.masking_rules(grant)
+        if not rules:
+            return None
+        key = tuple(r.name for r in rules)
+        compiled = self._maskings.get(key)
+        if compiled is None:
+            compiled = self._maskings[key] = compile_rules(rules, self.mask_key)
+        return compiled
+
     def grant_terms(self, name: str) -> tuple[Any, ...] | None:
         """Everything a session under grant ``name`` depends on (the grant, its connection, the
         guardrails it names): when these differ between two versions, its sessions must reconnect."""
@@ -302,7 +326,7 @@ class CompiledPolicy:
         defined = {r.name: r for r in self.config.guardrails}
         conn = self.config.connection(g.connection)
         names = [*(conn.guardrails if conn is not None else []), *g.guardrails]
-        return (g, conn, tuple(defined.get(r) for r in names))
+        return (g, conn, tuple(defined.get(r) for r in names), tuple(self.masking_rules(g)))
 
     def grant_still_applies(
         self, identity: Identity, connection: str, grant_name: str, *, peer: str | None, now: dt.datetime
@@ -417,6 +441,7 @@ class SessionPolicy:
         self.pins_search_path = self.relations is not None or any(r.relations is not None for r in self.rules)
         # Patterns look at the text, constants included: their verdicts hold per text only.
         self.by_text = any(r.pattern is not None for r in self.rules)
+        self.masking = policy.masking(grant)
 
     @property
     def guarded(self) -> bool:

@@ -151,7 +151,9 @@ class Connection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A database the gateway fronts; clients select it by name (their ``dbname``).
     ``credentials`` are further upstream roles that grants can choose by name (a reader grant uses a
     reader role). Tokens travel as passwords, so clients must use TLS unless ``allow_plaintext``.
-    ``guardrails`` apply to every session on the connection, before the grant's own."""
+    ``guardrails`` apply to every session on the connection, before the grant's own; ``masking``
+    rules mask every session's results, with the grant's own, unless the grant is
+    ``masking_exempt``."""
 
     name: str
     upstream: Upstream
@@ -159,6 +161,7 @@ class Connection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     credentials: dict[str, Credential] = msgspec.field(default_factory=dict)
     allow_plaintext: bool = False
     guardrails: list[str] = msgspec.field(default_factory=list)
+    masking: list[str] = msgspec.field(default_factory=list)
 
 
 class Window(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -181,7 +184,8 @@ class Grant(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ``relations`` narrow what SQL may run, ``guardrails``/``masking``/``approvals`` attach rules by
     name. ``max_session`` ends sessions after that many seconds; ``windows`` and ``networks``
     restrict when and from where a session may start. Statements the SQL analysis cannot parse are
-    refused unless ``allow_unparsed``."""
+    refused unless ``allow_unparsed``. ``masking_exempt`` lifts the connection's masking rules
+    (a break-glass grant; pair it with approvals)."""
 
     name: str
     identities: list[str]
@@ -192,6 +196,7 @@ class Grant(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     relations: list[str] | None = None
     guardrails: list[str] = msgspec.field(default_factory=list)
     masking: list[str] = msgspec.field(default_factory=list)
+    masking_exempt: bool = False
     approvals: list[str] = msgspec.field(default_factory=list)
     max_session: float | None = None
     windows: list[Window] = msgspec.field(default_factory=list)
@@ -222,16 +227,42 @@ class Guardrail(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     message: str = ""
 
 
+Detector = Literal[
+    "card",
+    "email",
+    "ssn",
+    "iban",
+    "phone",
+    "ipv4",
+    "ipv6",
+    "jwt",
+    "gcp_private_key",
+    "aws_access_key",
+    "aws_secret_key",
+    "api_key",
+]
+DETECTORS: tuple[str, ...] = Detector.__args__  # type: ignore[attr-defined]
+
+
 class MaskingRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Masks values in results: cells of ``columns`` (globs over ``relation.column`` or column
-    names) and/or text matching the RE2 ``pattern``, replaced by ``replacement``; ``validator`` (luhn,
-    mod97) confirms a pattern match before masking."""
+    """Masks values in results. What: whole values of ``columns`` (globs: ``column``,
+    ``table.column`` or ``schema.table.column``; found through the catalog, so aliases do not
+    escape them) and/or what the built-in ``detectors`` or the RE2 ``pattern`` find anywhere in
+    a value (``validator``: luhn, mod97, ssn, ipv4 or jwt confirms a pattern's match). How:
+    ``strategy`` redact (``replacement``), mask (same length in ``mask_char``), partial (keep the
+    last ``keep_last`` characters, or an email's domain with ``keep_domain``), hash (keyed
+    HMAC-SHA-256, stable, so masked values still join) or null."""
 
     name: str
     columns: list[str] = msgspec.field(default_factory=list)
+    detectors: list[Detector] = msgspec.field(default_factory=list)
     pattern: str | None = None
+    validator: Literal["luhn", "mod97", "ssn", "ipv4", "jwt"] | None = None
+    strategy: Literal["redact", "mask", "partial", "hash", "null"] = "redact"
     replacement: str = "****"
-    validator: Literal["luhn", "mod97"] | None = None
+    mask_char: str = "*"
+    keep_last: int = 4
+    keep_domain: bool = False
 
 
 class ApprovalRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

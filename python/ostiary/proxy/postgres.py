@@ -29,7 +29,8 @@ from ostiary.config import resolve_secret
 from ostiary.errors import AuthenticationFailed, UpstreamUnavailable
 from ostiary.hooks import AuthAttempt, SessionInfo, peer_ip
 from ostiary.identity import ClientHello, Identity
-from ostiary.policy.evaluate import CompiledPolicy
+from ostiary.policy.evaluate import CompiledPolicy, SessionPolicy
+from ostiary.policy.masking import MaskPlanArg
 from ostiary.policy.model import Connection, Credential, Grant
 from ostiary.proxy.channel import Channel, ChannelClosed, open_tcp
 
@@ -343,6 +344,45 @@ class PostgresStartup:
             )
         return conn
 
+    async def _mask_plan(
+        self, policy: SessionPolicy, conn: Connection, upstream: Channel, prefix: bytes
+    ) -> tuple[MaskPlanArg | None, bytes]:
+        """The session's mask plan; column rules are resolved through the upstream's catalog now,
+        as the session's own role. Fails closed: no catalog, no session."""
+        masking = policy.masking
+        if masking is None:
+            return None, prefix
+        sql = masking.catalog_query()
+        if sql is None:
+            return masking.content_plan(), prefix
+        query = _core.SimpleQuery(sql, self.gw.config.limits.max_statement)
+        try:
+            with trio.fail_after(conn.upstream.connect_timeout):
+                await upstream.send(query.message())
+                if prefix:
+                    query.receive_data(prefix)
+                while (result := query.result()) is None:
+                    query.receive_data(await upstream.receive())
+        except (
+            trio.TooSlowError,
+            _core.ProtocolError,
+            ChannelClosed,
+            trio.BrokenResourceError,
+            OSError,
+        ) as e:
+            raise UpstreamUnavailable(
+                f"cannot read the catalog of connection {conn.name!r} to apply its masking rules: "
+                f"{e or 'timed out'}"
+            ) from None
+        if result[0] == "failed":
+            raise UpstreamUnavailable(
+                f"cannot read the catalog of connection {conn.name!r} to apply its masking rules: "
+                f"{result[2]} ({result[1]})"
+            )
+        rows = result[1]
+        assert isinstance(rows, list)
+        return masking.plan(rows), query.take_remaining()
+
     async def _welcome(
         self,
         identity: Identity,
@@ -356,6 +396,8 @@ class PostgresStartup:
         assert isinstance(params, list) and isinstance(notices, list)
         assert isinstance(process_id, int) and isinstance(upstream_key, int) and isinstance(status, str)
         gw = self.gw
+        session_policy = self.policy.compile_session(grant)
+        mask, upstream_prefix = await self._mask_plan(session_policy, conn, upstream, upstream_prefix)
         session_id = gw.new_session_id()
         # The client sees the real backend pid (so pg_backend_pid() and the pid in notifications
         # match what libpq reports) but a secret key of the gateway's: the real key never leaves it.
@@ -380,7 +422,7 @@ class PostgresStartup:
             upstream_process_id=process_id,
             started=time.time(),
             policy_version=self.policy.version,
-            policy=self.policy.compile_session(grant),
+            policy=session_policy,
         )
         client_prefix = self.machine.take_remaining() + self.ch.leftover_plaintext()
         gw.register_session(
@@ -397,6 +439,7 @@ class PostgresStartup:
                 upstream_prefix,
                 consult=gw.statement_hook.consult(info),
                 report=gw.observer.report,
+                mask=mask,
             )
         except BaseException:
             gw.forget_session(session_id)

@@ -21,6 +21,8 @@ import datetime as dt
 import functools
 import itertools
 import logging
+import os
+import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +52,30 @@ log = logging.getLogger("ostiary.server")
 SHUTDOWN_MESSAGE = "terminating connection because the gateway is shutting down"
 
 
+def load_mask_key(config: Config) -> bytes:
+    """The secret of keyed-hash masking: ``masking_key_file`` (share it across a fleet so hashes
+    agree), else ``<data_dir>/masking.key``, created with 32 random bytes on first use."""
+    if config.masking_key_file is not None:
+        try:
+            key = Path(config.masking_key_file).read_bytes().strip()
+        except OSError as e:
+            problem = ("masking_key_file", f"cannot read it: {e}")
+            raise ConfigError(config.masking_key_file, [problem]) from None
+        if len(key) < 16:
+            raise ConfigError(config.masking_key_file, [("masking_key_file", "needs at least 16 bytes")])
+        return key
+    path = Path(config.data_dir) / "masking.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        return key
+
+
 class Gateway:
     def __init__(
         self,
@@ -62,7 +88,8 @@ class Gateway:
     ) -> None:
         self.config = config
         self.config_path = config_path
-        self.policy = CompiledPolicy(config, policy_version)
+        self.mask_key = load_mask_key(config)
+        self.policy = CompiledPolicy(config, policy_version, self.mask_key)
         self._background: trio.Nursery | None = None
         self.caches: dict[ResolvedIssuer, JwksCache] = {}
         self._cache_scopes: dict[ResolvedIssuer, trio.CancelScope] = {}
@@ -214,7 +241,7 @@ class Gateway:
         old = self.policy
         self._apply_identity(new)
         self.config = new
-        self.policy = CompiledPolicy(new, version)
+        self.policy = CompiledPolicy(new, version, self.mask_key)
         self._upstream_tls.clear()
         log.info("policy version %s applied (was %s)", version[:12], old.version[:12])
         self.observer.policy_changed(version, path, True, "")
@@ -355,16 +382,19 @@ class Gateway:
             _, _, reason, detail, stats = ev
             gone = self.forget_session(session)
             if gone is not None:
+                masking = gone.policy.masking if gone.policy is not None else None
+                stats["masked"] = dict(zip(masking.names, stats["masked"], strict=True)) if masking else {}
                 gone.stats = stats
                 self.observer.session_ended(gone, reason, detail)
                 log.info(
-                    "session %d ended: %s%s (%.1f s, %d statements, %d rows)",
+                    "session %d ended: %s%s (%.1f s, %d statements, %d rows%s)",
                     session,
                     reason,
                     f" ({detail})" if detail else "",
                     time.time() - gone.started,
                     stats["statements"],
                     stats["rows"],
+                    "".join(f", {n} masked by {r}" for r, n in stats["masked"].items() if n),
                 )
             return
         if info is None:

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use ostiary_wire::pg::backend::{self, ErrorFields};
 use ostiary_wire::pg::frontend;
+use ostiary_wire::pg::masking::MaskPlan;
 use ostiary_wire::pg::relay::{
     BackendEvent, FrontendStop, Gate, RelayStats, SessionRelay, Statement, Verdict,
 };
@@ -75,6 +76,8 @@ pub struct SessionSpec {
     pub upstream_prefix: Vec<u8>,
     pub gate: Gate,
     pub report: bool,
+    /// Masking of what the server sends, if the session's rules ask for it.
+    pub mask: Option<MaskPlan>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +108,8 @@ pub enum Event {
         reason: String,
         detail: String,
         stats: RelayStats,
+        /// Values masked, per rule of the session's mask plan.
+        masked: Vec<u64>,
     },
 }
 
@@ -299,11 +304,16 @@ fn worker(
                     inner: inner.clone(),
                     ended: false,
                 };
-                let (reason, detail, stats) = match Session::start(spec, &inner) {
+                let (reason, detail, stats, masked) = match Session::start(spec, &inner) {
                     Ok(s) => s.run(cmds, &inner).await,
-                    Err(e) => ("io_error".to_owned(), e.to_string(), RelayStats::default()),
+                    Err(e) => (
+                        "io_error".to_owned(),
+                        e.to_string(),
+                        RelayStats::default(),
+                        Vec::new(),
+                    ),
                 };
-                guard.end(reason, detail, stats);
+                guard.end(reason, detail, stats, masked);
             });
         }
     });
@@ -318,7 +328,7 @@ struct EndGuard {
 }
 
 impl EndGuard {
-    fn end(&mut self, reason: String, detail: String, stats: RelayStats) {
+    fn end(&mut self, reason: String, detail: String, stats: RelayStats, masked: Vec<u64>) {
         self.ended = true;
         self.inner
             .sessions
@@ -330,6 +340,7 @@ impl EndGuard {
             reason,
             detail,
             stats,
+            masked,
         });
     }
 }
@@ -341,6 +352,7 @@ impl Drop for EndGuard {
                 "internal_error".into(),
                 "the session task panicked".into(),
                 RelayStats::default(),
+                Vec::new(),
             );
         }
     }
@@ -555,7 +567,13 @@ impl Session {
             id: spec.id,
             client: Leg::new(spec.client, spec.client_tls)?,
             upstream: Leg::new(spec.upstream, spec.upstream_tls)?,
-            relay: SessionRelay::new(inner.config.limits, spec.gate, spec.report),
+            relay: {
+                let mut relay = SessionRelay::new(inner.config.limits, spec.gate, spec.report);
+                if let Some(plan) = spec.mask {
+                    relay.set_masking(plan);
+                }
+                relay
+            },
             pending: spec.client_prefix,
             upstream_prefix: spec.upstream_prefix,
             events: Vec::new(),
@@ -569,7 +587,7 @@ impl Session {
         mut self,
         mut cmds: mpsc::UnboundedReceiver<Command>,
         inner: &Inner,
-    ) -> (String, String, RelayStats) {
+    ) -> (String, String, RelayStats, Vec<u64>) {
         let (reason, detail) = match self.main_loop(&mut cmds, inner).await {
             Ok((r, d)) => (r.to_owned(), d),
             Err(SessionError::Protocol { side, err }) => {
@@ -599,7 +617,12 @@ impl Session {
         }
         self.upstream.close().await;
         self.client.close().await;
-        (reason, detail, self.relay.stats)
+        (
+            reason,
+            detail,
+            self.relay.stats,
+            self.relay.masked_counts().to_vec(),
+        )
     }
 
     async fn main_loop(

@@ -5,13 +5,18 @@
 //! Python side needs no wrapper objects on its paths; every Rust error becomes one of the exceptions
 //! created below through `err()`. Nothing here is called per message of an established session.
 
+use std::collections::HashMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
+
+use ostiary_mask::{MaskSet as RsMaskSet, Outcome, RuleSpec, Strategy};
 
 use ostiary_proxy::engine::{Command, Engine as RsEngine, EngineConfig, Event, SessionSpec};
 use ostiary_proxy::tls::{self, TlsLayer};
 use ostiary_wire::pg::backend::{self, Authentication, ErrorFields};
 use ostiary_wire::pg::handshake::{self, ClientEvent, UpstreamStep};
+use ostiary_wire::pg::masking::{MaskPlan, Masker};
+use ostiary_wire::pg::query::{QueryOutcome, SimpleQuery as RsSimpleQuery};
 use ostiary_wire::pg::relay::{BackendEvent, Gate, Verdict};
 use ostiary_wire::pg::scram::SaltedPasswordCache;
 use ostiary_wire::pg::startup::{self, StartupPacket};
@@ -44,6 +49,12 @@ create_exception!(
     TlsError,
     CoreError,
     "TLS configuration or handshake failure."
+);
+create_exception!(
+    _core,
+    MaskError,
+    CoreError,
+    "A masking rule cannot be compiled."
 );
 create_exception!(
     _core,
@@ -489,7 +500,9 @@ impl Engine {
     /// `socket.detach()`); the TLS sessions are emptied; the prefixes are plaintext already read.
     /// `consult`: "never", "always" (verdicts remembered per text), "shapes" (remembered per
     /// statement shape), or "read-only-escapes" (only statements `may_leave_read_only` flags).
-    #[pyo3(signature = (session, client_fd, client_tls, client_prefix, upstream_fd, upstream_tls, upstream_prefix, consult = "never", report = false))]
+    /// `mask`: None, or (MaskSet, {(table oid, attnum): rule}, [(name glob, rule)],
+    /// [(late name glob, rule)], max oid) from `ostiary.policy.masking`.
+    #[pyo3(signature = (session, client_fd, client_tls, client_prefix, upstream_fd, upstream_tls, upstream_prefix, consult = "never", report = false, mask = None))]
     #[allow(clippy::too_many_arguments)]
     fn adopt(
         &self,
@@ -502,6 +515,7 @@ impl Engine {
         upstream_prefix: &[u8],
         consult: &str,
         report: bool,
+        mask: Option<MaskArg>,
     ) -> PyResult<()> {
         let gate = match consult {
             "never" => Gate::AllowAll,
@@ -526,6 +540,13 @@ impl Engine {
             upstream_prefix: upstream_prefix.to_vec(),
             gate,
             report,
+            mask: mask.map(|(set, columns, names, late_names, max_oid)| MaskPlan {
+                masker: Arc::new(MaskAdapter(Arc::clone(&set.borrow().inner))),
+                columns,
+                names,
+                late_names,
+                max_oid,
+            }),
         };
         self.inner.adopt(spec).map_err(CoreError::new_err)
     }
@@ -631,6 +652,7 @@ impl Engine {
                     reason,
                     detail,
                     stats,
+                    masked,
                 } => {
                     let d = PyDict::new(py);
                     d.set_item("frontend_bytes", stats.frontend_bytes)?;
@@ -638,11 +660,189 @@ impl Engine {
                     d.set_item("statements", stats.statements)?;
                     d.set_item("rows", stats.rows)?;
                     d.set_item("denied", stats.denied)?;
+                    d.set_item("masked", masked)?;
                     out.push(("ended", session, reason, detail, d).into_pyobject(py)?);
                 }
             }
         }
         Ok(out)
+    }
+}
+
+type MaskArg<'py> = (
+    Bound<'py, MaskSet>,
+    HashMap<(u32, i16), usize>,
+    Vec<(String, usize)>,
+    Vec<(String, usize)>,
+    u32,
+);
+
+/// The masking engine behind the relay's `Masker` (the trait lives in the wire crate).
+struct MaskAdapter(Arc<RsMaskSet>);
+
+impl Masker for MaskAdapter {
+    fn rules(&self) -> usize {
+        self.0.rules()
+    }
+    fn has_content(&self) -> bool {
+        self.0.has_content()
+    }
+    fn find_matches(&self, hay: &[u8], f: &mut dyn FnMut(usize, usize, usize)) {
+        self.0.find_matches(hay, f)
+    }
+    fn replace(&self, rule: usize, matched: &[u8], out: &mut Vec<u8>) -> bool {
+        self.0.replace(rule, matched, out)
+    }
+    fn apply(&self, rule: usize, value: &[u8], out: &mut Vec<u8>) -> bool {
+        self.0.apply(rule, value, out)
+    }
+}
+
+/// A compiled masking rule set (see ostiary_mask::MaskSet). Rules are dicts with `name`,
+/// `detectors`, `pattern`, `validator`, `strategy` (redact, mask, partial, hash, null),
+/// `replacement`, `mask_char`, `keep_last`, `keep_domain`, and `key` (bytes, for hash).
+#[pyclass(module = "ostiary._core", frozen)]
+struct MaskSet {
+    inner: Arc<RsMaskSet>,
+}
+
+fn rule_spec(d: &Bound<'_, PyDict>) -> PyResult<RuleSpec> {
+    fn get<'py, T: FromPyObject<'py>>(d: &Bound<'py, PyDict>, k: &str, default: T) -> PyResult<T> {
+        match d.get_item(k)? {
+            Some(v) if !v.is_none() => v.extract(),
+            _ => Ok(default),
+        }
+    }
+    let name: String = get(d, "name", String::new())?;
+    let ch: String = get(d, "mask_char", "*".to_owned())?;
+    let ch = match ch.as_bytes() {
+        [c] if c.is_ascii() => *c,
+        _ => {
+            return Err(MaskError::new_err(format!(
+                "masking rule {name:?}: mask_char must be one ASCII character"
+            )))
+        }
+    };
+    let strategy = match get(d, "strategy", "redact".to_owned())?.as_str() {
+        "redact" => Strategy::Redact {
+            token: get(d, "replacement", "****".to_owned())?,
+        },
+        "mask" => Strategy::Mask { ch },
+        "partial" => Strategy::Partial {
+            keep_last: get(d, "keep_last", 4usize)?,
+            keep_domain: get(d, "keep_domain", false)?,
+            ch,
+        },
+        "hash" => Strategy::Hash {
+            key: get(d, "key", Vec::<u8>::new())?,
+        },
+        "null" => Strategy::Null,
+        other => {
+            return Err(MaskError::new_err(format!(
+                "masking rule {name:?}: unknown strategy {other:?}"
+            )))
+        }
+    };
+    Ok(RuleSpec {
+        name,
+        detectors: get(d, "detectors", Vec::new())?,
+        pattern: get(d, "pattern", None)?,
+        validator: get(d, "validator", None)?,
+        strategy,
+    })
+}
+
+#[pymethods]
+impl MaskSet {
+    #[new]
+    fn new(rules: Vec<Bound<'_, PyDict>>) -> PyResult<Self> {
+        let specs = rules.iter().map(rule_spec).collect::<PyResult<Vec<_>>>()?;
+        let inner = RsMaskSet::new(specs).map_err(|e| MaskError::new_err(e.to_string()))?;
+        Ok(MaskSet {
+            inner: Arc::new(inner),
+        })
+    }
+
+    fn rule_names(&self) -> Vec<String> {
+        (0..self.inner.rules())
+            .map(|i| self.inner.rule_name(i).to_owned())
+            .collect()
+    }
+
+    /// Masks one text: (masked bytes or None when it becomes NULL, counts per rule).
+    fn mask<'py>(&self, py: Python<'py>, text: &[u8]) -> (Option<Bound<'py, PyBytes>>, Vec<u64>) {
+        let mut out = Vec::new();
+        let mut counts = vec![0; self.inner.rules()];
+        let masked = match self.inner.mask_text(text, &mut out, &mut counts) {
+            Outcome::Unchanged => Some(bytes(py, text)),
+            Outcome::Changed => Some(bytes(py, &out)),
+            Outcome::Null => None,
+        };
+        (masked, counts)
+    }
+
+    /// The matches in `text`: [(start, end, rule)] (for benchmarks and `policy explain`).
+    fn find(&self, py: Python<'_>, text: &[u8]) -> Vec<(usize, usize, usize)> {
+        let inner = Arc::clone(&self.inner);
+        let mut v = Vec::new();
+        py.allow_threads(|| inner.find_matches(text, |s, e, r| v.push((s, e, r))));
+        v
+    }
+
+    /// Bytes of `text` scanned, without building results (benchmarks): number of matches.
+    fn count(&self, py: Python<'_>, text: &[u8]) -> usize {
+        let inner = Arc::clone(&self.inner);
+        let mut n = 0;
+        py.allow_threads(|| inner.find_matches(text, |_, _, _| n += 1));
+        n
+    }
+}
+
+/// Checks a custom masking pattern as the engine would: None when it compiles, else why not.
+#[pyfunction]
+fn mask_pattern_problem(pattern: &str) -> Option<String> {
+    ostiary_mask::check_pattern(pattern).err()
+}
+
+/// A one-shot simple query on an upstream connection during startup (the catalog lookup of
+/// masking rules): `message()` to send, `receive_data`, then `result()`: None until complete,
+/// ("rows", [[str | None]]) or ("failed", code, message). `take_remaining()` gives asynchronous
+/// messages received meanwhile and any bytes after ReadyForQuery.
+#[pyclass(module = "ostiary._core")]
+struct SimpleQuery {
+    inner: RsSimpleQuery,
+}
+
+#[pymethods]
+impl SimpleQuery {
+    #[new]
+    #[pyo3(signature = (sql, limit = 16 * 1024 * 1024))]
+    fn new(sql: &str, limit: usize) -> Self {
+        SimpleQuery {
+            inner: RsSimpleQuery::new(sql, limit),
+        }
+    }
+
+    fn message<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        bytes(py, &self.inner.message())
+    }
+
+    fn receive_data(&mut self, data: &[u8]) -> PyResult<()> {
+        self.inner.receive_data(data).map_err(wire_err)
+    }
+
+    fn result<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        Ok(match self.inner.result() {
+            None => None,
+            Some(QueryOutcome::Rows(rows)) => Some(("rows", rows).into_pyobject(py)?),
+            Some(QueryOutcome::Failed { code, message }) => {
+                Some(("failed", code, message).into_pyobject(py)?)
+            }
+        })
+    }
+
+    fn take_remaining<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        bytes(py, &self.inner.take_remaining())
     }
 }
 
@@ -698,6 +898,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TlsClientConfig>()?;
     m.add_class::<TlsSession>()?;
     m.add_class::<Engine>()?;
+    m.add_class::<MaskSet>()?;
+    m.add_class::<SimpleQuery>()?;
+    m.add("MaskError", m.py().get_type::<MaskError>())?;
+    m.add_function(wrap_pyfunction!(mask_pattern_problem, m)?)?;
     m.add_function(wrap_pyfunction!(error_response, m)?)?;
     m.add_function(wrap_pyfunction!(auth_cleartext_password, m)?)?;
     m.add_function(wrap_pyfunction!(auth_ok, m)?)?;

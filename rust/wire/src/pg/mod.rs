@@ -9,6 +9,8 @@ pub mod backend;
 pub mod codec;
 pub mod frontend;
 pub mod handshake;
+pub mod masking;
+pub mod query;
 pub mod relay;
 pub mod scram;
 pub mod startup;

@@ -24,6 +24,7 @@ use std::collections::{HashMap, VecDeque};
 
 use super::backend::{self, tag as btag, ErrorFields};
 use super::frontend::{self, tag as ftag};
+use super::masking::{MaskPlan, MaskState};
 use super::sqlstate;
 use crate::{Limits, WireError};
 
@@ -252,6 +253,7 @@ pub struct SessionRelay {
     /// the ReadyForQuery messages seen: zero when the server owes the client nothing.
     in_flight: u64,
     last_status: u8,
+    mask: Option<MaskState>,
     pub stats: RelayStats,
 }
 
@@ -275,8 +277,19 @@ impl SessionRelay {
             terminated: false,
             in_flight: 0,
             last_status: b'I',
+            mask: None,
             stats: RelayStats::default(),
         }
+    }
+
+    /// Masks what the server sends from now on (call before the first byte is fed).
+    pub fn set_masking(&mut self, plan: MaskPlan) {
+        self.mask = Some(MaskState::new(plan));
+    }
+
+    /// Values masked so far, per rule (empty when the session is not masked).
+    pub fn masked_counts(&self) -> &[u64] {
+        self.mask.as_ref().map_or(&[], |m| m.counts.as_slice())
     }
 
     /// True once the client sent Terminate.
@@ -310,9 +323,13 @@ impl SessionRelay {
         self.last_status
     }
 
-    fn wants_capture_front(&self, tag: u8) -> bool {
+    fn gated(&self, tag: u8) -> bool {
         !matches!(self.gate, Gate::AllowAll)
             && matches!(tag, ftag::QUERY | ftag::PARSE | ftag::FUNCTION_CALL)
+    }
+
+    fn wants_capture_front(&self, tag: u8) -> bool {
+        self.gated(tag) || (self.mask.is_some() && MaskState::wants_front(tag))
     }
 
     /// Scans client bytes, appending what may go upstream to `out`. Stops early on a hold.
@@ -352,6 +369,15 @@ impl SessionRelay {
             let tag = self.front.tag();
             match self.front.read_body(input, &mut pos, out) {
                 None => {}
+                Some(Some(buf)) if !self.gated(tag) => {
+                    // Held whole only for masking, which follows it.
+                    let raw = Framer::raw(tag, &buf);
+                    if let Some(m) = self.mask.as_mut() {
+                        m.track_front(&raw)?;
+                    }
+                    out.extend_from_slice(&raw);
+                    self.on_streamed_front(tag);
+                }
                 Some(Some(buf)) => {
                     if let Some(statement) = self.on_statement(tag, buf, out)? {
                         self.stats.frontend_bytes += pos as u64;
@@ -422,7 +448,7 @@ impl SessionRelay {
         let raw = Framer::raw(tag, &body);
         if let Gate::ConsultIf(flags) = self.gate {
             if !flags(&statement.text) {
-                self.apply(&statement, raw, &Verdict::Allow, out);
+                self.apply(&statement, raw, &Verdict::Allow, out)?;
                 return Ok(None);
             }
         }
@@ -433,7 +459,7 @@ impl SessionRelay {
         let key = (kind, key);
         match self.verdicts.get(&key).cloned() {
             Some(v) => {
-                self.apply(&statement, raw, &v, out);
+                self.apply(&statement, raw, &v, out)?;
                 Ok(None)
             }
             None => {
@@ -476,13 +502,23 @@ impl SessionRelay {
                 self.verdicts.insert(key, verdict.clone());
             }
         }
-        self.apply(&statement, raw, &verdict, out);
-        Ok(())
+        self.apply(&statement, raw, &verdict, out)
     }
 
-    fn apply(&mut self, statement: &Statement, raw: Vec<u8>, verdict: &Verdict, out: &mut Vec<u8>) {
+    fn apply(
+        &mut self,
+        statement: &Statement,
+        raw: Vec<u8>,
+        verdict: &Verdict,
+        out: &mut Vec<u8>,
+    ) -> Result<(), WireError> {
         match verdict {
-            Verdict::Allow => out.extend_from_slice(&raw),
+            Verdict::Allow => {
+                if let Some(m) = self.mask.as_mut() {
+                    m.track_front(&raw)?;
+                }
+                out.extend_from_slice(&raw)
+            }
             Verdict::Deny { code, message } => {
                 self.stats.denied += 1;
                 let marker = format!("{DENY_MARKER}{}", statement.seq);
@@ -490,6 +526,9 @@ impl SessionRelay {
                     StatementKind::Parse => frontend::parse(&statement.name, &marker, &[]),
                     _ => frontend::query(&marker),
                 };
+                if let Some(m) = self.mask.as_mut() {
+                    m.track_front(&replacement)?;
+                }
                 out.extend_from_slice(&replacement);
                 let code = if code.is_empty() {
                     sqlstate::INSUFFICIENT_PRIVILEGE
@@ -500,9 +539,13 @@ impl SessionRelay {
                 self.denials.push_back((marker, err));
             }
         }
+        Ok(())
     }
 
     fn wants_capture_back(&self, tag: u8) -> bool {
+        if self.mask.is_some() {
+            return true;
+        }
         match tag {
             btag::ERROR_RESPONSE => !self.denials.is_empty() || self.report,
             btag::COMMAND_COMPLETE | btag::READY_FOR_QUERY => true,
@@ -535,6 +578,15 @@ impl SessionRelay {
                 };
                 if tag == btag::DATA_ROW {
                     self.rows_since_complete += 1;
+                }
+                if self.mask.is_some() && len > self.limits.max_statement {
+                    // A masked session holds each server message whole: refuse rather than pass
+                    // one unmasked.
+                    return Err(WireError::TooLarge {
+                        what: "server message to mask",
+                        length: len,
+                        limit: self.limits.max_statement,
+                    });
                 }
                 let capture = self.wants_capture_back(tag) && len <= self.limits.max_statement;
                 if capture && input.len() - pos >= len {
@@ -578,6 +630,9 @@ impl SessionRelay {
                         .drain(..=i)
                         .next_back()
                         .expect("hit is in range");
+                    if let Some(m) = self.mask.as_mut() {
+                        m.track_back(tag, body)?;
+                    }
                     if self.report {
                         let shown = ErrorFields::decode(&err[5..])?;
                         events.push(BackendEvent::Error {
@@ -636,6 +691,9 @@ impl SessionRelay {
                 }
             }
             _ => {}
+        }
+        if let Some(m) = self.mask.as_mut() {
+            return m.emit(tag, body, out);
         }
         out.extend_from_slice(&header(tag, body.len()));
         out.extend_from_slice(body);

@@ -1,0 +1,189 @@
+"""Masking rules compiled for sessions: the content engine (``_core.MaskSet``, one per rule set and
+policy version, shared by every session that uses it) and the column rules, which a session resolves
+through the upstream catalog when it starts.
+
+Rules of this module: no I/O (the catalog query is sent by the proxy, which passes the rows back).
+
+Column globs: ``column`` (any table, and any result column of that name), ``table.column`` and
+``schema.table.column``. They are matched case-insensitively against the catalog, so a column is
+covered by table oid and attribute number (what RowDescription carries), whatever alias a query gives
+it; name globs also cover result columns by name (expressions such as ``card || ''`` have no table).
+Tables created after the session read the catalog are covered by the column part of every rule,
+by name. Values computed from a column are left to the content detectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import re2
+
+from ostiary import _core
+from ostiary.policy.model import MaskingRule
+
+# Relations whose columns can appear in results: tables, partitioned tables, views, materialized
+# views, foreign tables.
+_RELKINDS = "'r','p','v','m','f'"
+
+
+def _glob_posix(glob: str) -> str:
+    """A PostgreSQL (POSIX) regular expression for a glob: ``*`` any run, ``?`` one character."""
+    out = []
+    for c in glob:
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c.isalnum() or c == "_":
+            out.append(c)
+        else:
+            out.append("\\" + c)
+    return "^(" + "".join(out) + ")$"
+
+
+def _glob_re2(glob: str) -> Any:
+    return re2.compile(
+        "(?i)" + "".join(".*" if c == "*" else "." if c == "?" else re2.escape(c) for c in glob)
+    )
+
+
+# What Engine.adopt(mask=...) takes.
+MaskPlanArg = tuple[
+    _core.MaskSet, dict[tuple[int, int], int], list[tuple[str, int]], list[tuple[str, int]], int
+]
+
+
+@dataclass(frozen=True)
+class ColumnGlob:
+    schema: str | None
+    table: str | None
+    column: str
+    rule: int
+
+    @staticmethod
+    def parse(text: str, rule: int) -> ColumnGlob:
+        parts = text.split(".")
+        if len(parts) == 1:
+            return ColumnGlob(None, None, parts[0], rule)
+        if len(parts) == 2:
+            return ColumnGlob(None, parts[0], parts[1], rule)
+        return ColumnGlob(parts[0], parts[1], ".".join(parts[2:]), rule)
+
+
+def column_glob_problem(text: str) -> str | None:
+    parts = text.split(".")
+    if not text or any(not p for p in parts) or len(parts) > 3:
+        return "a column glob is column, table.column or schema.table.column"
+    return None
+
+
+@dataclass
+class SessionMasking:
+    """What one session masks: the engine plus its column globs, resolved per session."""
+
+    rules: list[MaskingRule]
+    maskset: _core.MaskSet
+    globs: list[ColumnGlob] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.rules]
+
+    def catalog_query(self) -> str | None:
+        """The catalog query that finds the columns the globs cover (None without column rules).
+        Its last row carries the highest relation oid (``max_oid``) in the first column."""
+        if not self.globs:
+            return None
+        pattern = "|".join(_glob_posix(g.column) for g in self.globs).replace("'", "''")
+        return (
+            "SELECT c.oid::int8, n.nspname, c.relname, a.attnum::int4, a.attname "
+            "FROM pg_catalog.pg_attribute a "
+            "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ({_RELKINDS}) "
+            f"AND a.attname ~* '{pattern}' "
+            "UNION ALL SELECT (SELECT max(oid)::int8 FROM pg_catalog.pg_class), NULL, NULL, NULL, NULL"
+        )
+
+    def plan(self, rows: list[list[str | None]]) -> MaskPlanArg:
+        """The engine's mask plan from the catalog rows (``Engine.adopt(mask=...)``)."""
+        columns: dict[tuple[int, int], int] = {}
+        max_oid = 0
+        compiled = [
+            (
+                g,
+                _glob_re2(g.schema) if g.schema else None,
+                _glob_re2(g.table) if g.table else None,
+                _glob_re2(g.column),
+            )
+            for g in self.globs
+        ]
+        for row in rows:
+            oid, schema, table, attnum, column = row
+            if schema is None:
+                max_oid = int(oid) if oid is not None else 0
+                continue
+            assert oid is not None and table is not None and attnum is not None and column is not None
+            key = (int(oid), int(attnum))
+            for g, s, t, c in compiled:
+                if key in columns:
+                    break
+                if (
+                    c.fullmatch(column)
+                    and (s is None or s.fullmatch(schema))
+                    and (t is None or t.fullmatch(table))
+                ):
+                    columns[key] = g.rule
+        names = [(g.column, g.rule) for g in self.globs if g.table is None]
+        late = [(g.column, g.rule) for g in self.globs if g.table is not None]
+        return (self.maskset, columns, names, late, min(max_oid, 0xFFFFFFFF))
+
+    def content_plan(self) -> MaskPlanArg:
+        """The plan of a session without column rules (no catalog query needed)."""
+        return (self.maskset, {}, [], [], 0)
+
+
+def rule_dict(rule: MaskingRule, key: bytes) -> dict[str, Any]:
+    return {
+        "name": rule.name,
+        "detectors": list(rule.detectors),
+        "pattern": rule.pattern,
+        "validator": rule.validator,
+        "strategy": rule.strategy,
+        "replacement": rule.replacement,
+        "mask_char": rule.mask_char,
+        "keep_last": rule.keep_last,
+        "keep_domain": rule.keep_domain,
+        "key": key,
+    }
+
+
+def compile_rules(rules: list[MaskingRule], key: bytes) -> SessionMasking:
+    """Raises ``_core.MaskError`` when the engine refuses a rule (``policy check`` reports these)."""
+    maskset = _core.MaskSet([rule_dict(r, key) for r in rules])
+    globs = [ColumnGlob.parse(c, i) for i, r in enumerate(rules) for c in r.columns]
+    return SessionMasking(rules, maskset, globs)
+
+
+def rule_problems(rule: MaskingRule) -> list[tuple[str, str]]:
+    """What the engine or the policy refuses in one rule (field, message)."""
+    problems: list[tuple[str, str]] = []
+    if not (rule.columns or rule.detectors or rule.pattern):
+        problems.append(("", "give columns, detectors, a pattern, or several"))
+    for c in rule.columns:
+        if err := column_glob_problem(c):
+            problems.append(("columns", f"{c!r}: {err}"))
+    if rule.pattern is not None and (err := _core.mask_pattern_problem(rule.pattern)):
+        problems.append(("pattern", err))
+    if rule.validator is not None and rule.pattern is None:
+        problems.append(("validator", "a validator confirms a custom pattern's matches: give a pattern"))
+    if len(rule.mask_char) != 1 or not rule.mask_char.isascii() or rule.mask_char in '\t\n\r\\\0,"':
+        problems.append(("mask_char", "one printable ASCII character other than \\ , and quotes"))
+    if any(c in rule.replacement for c in '\t\n\r\\\0"'):
+        problems.append(
+            ("replacement", "tabs, newlines, backslashes, quotes and NUL would break COPY output")
+        )
+    if rule.keep_last < 0:
+        problems.append(("keep_last", "must be 0 or more"))
+    return problems
