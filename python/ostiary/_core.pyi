@@ -104,7 +104,9 @@ class Engine:
         upstream_fd: int,
         upstream_tls: TlsSession | None,
         upstream_prefix: bytes,
-        consult: Literal["never", "always", "shapes", "read-only-escapes"] = "never",
+        consult: Literal[
+            "never", "always", "shapes", "read-only-escapes", "copy", "read-only-escapes+copy"
+        ] = "never",
         report: bool = False,
         mask: tuple[MaskSet, dict[tuple[int, int], int], list[tuple[str, int]], list[tuple[str, int]], int]
         | None = None,

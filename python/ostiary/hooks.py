@@ -108,7 +108,7 @@ class Decision:
 # Which statements of a session reach ``StatementHook.decide``: none, every one (verdicts can be
 # remembered per text, or per shape: the same statement with other constants), or only those that
 # could turn a read-only session writable.
-Consult = Literal["never", "always", "shapes", "read-only-escapes"]
+Consult = Literal["never", "always", "shapes", "read-only-escapes", "copy", "read-only-escapes+copy"]
 
 
 class StatementHook(Protocol):

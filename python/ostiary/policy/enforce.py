@@ -17,6 +17,9 @@ Three shapes of session, decided once when it starts (``consult``):
   the ``transaction_read_only`` settings, ``set_config``, ``DO``, ``dblink``, ``U&`` escapes, after
   normalising comments, quotes, case and whitespace as PostgreSQL's lexer would, under both string
   modes); only those reach this hook, which refuses them. Other statements never leave Rust.
+* A session with masking rules has the statements that mention COPY judged (``SessionPolicy.copy_check``):
+  COPY TO a server file or program, COPY TO under column rules (COPY names no columns) and binary
+  COPY TO under content rules are refused, since masking cannot cover them.
 * Any other session is not consulted at all.
 
 For a guarantee the database enforces whatever the gateway misjudges (functions that run dynamic
@@ -33,7 +36,11 @@ class PolicyHook:
     def consult(self, session: SessionInfo) -> Consult:
         if session.policy is not None and session.policy.guarded:
             return "always" if session.policy.by_text else "shapes"
-        return "read-only-escapes" if session.access == "read-only" else "never"
+        # Masked sessions have COPY statements checked (COPY TO that masking cannot cover).
+        copy = session.policy is not None and session.policy.masking is not None
+        if session.access == "read-only":
+            return "read-only-escapes+copy" if copy else "read-only-escapes"
+        return "copy" if copy else "never"
 
     async def decide(self, session: SessionInfo, statement: StatementInfo) -> Decision:
         policy = session.policy
@@ -48,6 +55,12 @@ class PolicyHook:
             if d.allow:
                 return Decision.allowed(remember=remember)
             return Decision(False, code="42501", message=f"{d.rule}: {d.message}", remember=remember)
+        if policy is not None and policy.masking is not None:
+            d = policy.copy_check(statement.text)
+            if not d.allow:
+                return Decision(False, code="42501", message=f"{d.rule}: {d.message}", remember=True)
+            if session.access != "read-only":
+                return Decision.allowed(remember=True)
         if _core.may_leave_read_only(statement.text):
             return Decision.denied(
                 f"grant {session.grant} is read-only: statements that could turn read-only mode off "

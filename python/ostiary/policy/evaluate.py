@@ -480,10 +480,40 @@ class SessionPolicy:
                     "search_path cannot change under relation rules (unqualified names would move)",
                     by_shape=by_shape,
                 )
-            d = self.decide(a)
+            d = self.masking_refusal(a, text) or self.decide(a)
             if not d.allow:
                 return StatementDecision(d.allow, d.rule, d.message, by_shape=by_shape)
         return StatementDecision(True, self.grant.name, by_shape=by_shape)
+
+    def masking_refusal(self, a: StatementAnalysis, text: str) -> StatementDecision | None:
+        """COPY TO that masking cannot cover: to a server file or program (the data never passes the
+        gateway), under column rules (COPY names no columns), or in binary format."""
+        m = self.masking
+        if m is None or "copy-to" not in a.kinds:
+            return None
+        if a.effects & {"server-files", "program"}:
+            why = "COPY TO a server file or program would bypass masking"
+        elif m.globs:
+            why = "COPY TO cannot be masked by column rules (COPY names no columns): use SELECT"
+        elif m.has_content and "binary" in (a.text or text).lower():
+            why = "binary COPY TO cannot be masked: use the text or CSV format"
+        else:
+            return None
+        return StatementDecision(False, "masking", why)
+
+    def copy_check(self, text: str) -> StatementDecision:
+        """For sessions not otherwise judged: only ``masking_refusal`` (what does not parse is left
+        to the server, which refuses it too)."""
+        from ostiary.errors import SqlError
+
+        try:
+            analyses = StatementAnalysis.of(text)
+        except SqlError:
+            return StatementDecision(True, "unparsed", by_shape=False)
+        for a in analyses:
+            if d := self.masking_refusal(a, text):
+                return d
+        return StatementDecision(True, self.grant.name)
 
     def decide(self, a: StatementAnalysis) -> StatementDecision:
         g = self.grant.name

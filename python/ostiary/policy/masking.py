@@ -90,6 +90,10 @@ class SessionMasking:
     def names(self) -> list[str]:
         return [r.name for r in self.rules]
 
+    @property
+    def has_content(self) -> bool:
+        return any(r.detectors or r.pattern for r in self.rules)
+
     def catalog_query(self) -> str | None:
         """The catalog query that finds the columns the globs cover (None without column rules).
         Its last row carries the highest relation oid (``max_oid``) in the first column."""

@@ -499,7 +499,8 @@ impl Engine {
     /// Hands a session to the engine. The descriptors become the engine's (pass
     /// `socket.detach()`); the TLS sessions are emptied; the prefixes are plaintext already read.
     /// `consult`: "never", "always" (verdicts remembered per text), "shapes" (remembered per
-    /// statement shape), or "read-only-escapes" (only statements `may_leave_read_only` flags).
+    /// statement shape), "read-only-escapes" (only statements `may_leave_read_only` flags), "copy"
+    /// (only statements that mention COPY), or "read-only-escapes+copy".
     /// `mask`: None, or (MaskSet, {(table oid, attnum): rule}, [(name glob, rule)],
     /// [(late name glob, rule)], max oid) from `ostiary.policy.masking`.
     #[pyo3(signature = (session, client_fd, client_tls, client_prefix, upstream_fd, upstream_tls, upstream_prefix, consult = "never", report = false, mask = None))]
@@ -517,14 +518,22 @@ impl Engine {
         report: bool,
         mask: Option<MaskArg>,
     ) -> PyResult<()> {
+        // Own the descriptors first: whatever fails below then closes them (the caller has given
+        // them up), so a client is never left waiting on a socket nobody holds.
+        let client = owned_fd(client_fd, "client_fd")?;
+        let upstream = owned_fd(upstream_fd, "upstream_fd")?;
         let gate = match consult {
             "never" => Gate::AllowAll,
             "always" => Gate::Consult,
             "read-only-escapes" => Gate::ConsultIf(ostiary_sql::read_only::may_leave_read_only),
             "shapes" => Gate::ConsultBy(ostiary_sql::shape::shape),
+            "copy" => Gate::ConsultIf(ostiary_sql::mentions_copy),
+            "read-only-escapes+copy" => Gate::ConsultIf(|sql| {
+                ostiary_sql::read_only::may_leave_read_only(sql) || ostiary_sql::mentions_copy(sql)
+            }),
             other => {
                 return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                    "consult must be never, always, shapes or read-only-escapes, not {other:?}"
+                    "consult must be never, always, shapes, read-only-escapes, copy or read-only-escapes+copy, not {other:?}"
                 )))
             }
         };
@@ -532,10 +541,10 @@ impl Engine {
         let upstream_tls = upstream_tls.map(|t| t.take()).transpose()?;
         let spec = SessionSpec {
             id: session,
-            client: owned_fd(client_fd, "client_fd")?,
+            client,
             client_tls,
             client_prefix: client_prefix.to_vec(),
-            upstream: owned_fd(upstream_fd, "upstream_fd")?,
+            upstream,
             upstream_tls,
             upstream_prefix: upstream_prefix.to_vec(),
             gate,

@@ -215,6 +215,7 @@ pub struct MaskState {
     scanned: Vec<(usize, usize, usize)>,
     hits: Vec<(usize, usize, usize)>,
     values: Vec<Option<(usize, usize)>>,
+    decided: Vec<Value>,
     scratch: Vec<u8>,
     /// Values masked, per rule.
     pub counts: Vec<u64>,
@@ -241,6 +242,7 @@ impl MaskState {
             scanned: Vec::new(),
             hits: Vec::new(),
             values: Vec::new(),
+            decided: Vec::new(),
             scratch: Vec::new(),
             counts: vec![0; n],
         }
@@ -617,7 +619,8 @@ impl MaskState {
         self.scratch.clear();
         self.scan.clear();
         self.scanned.clear();
-        let mut decided: Vec<Value> = Vec::with_capacity(n);
+        let mut decided = std::mem::take(&mut self.decided);
+        decided.clear();
         let content = masker.has_content();
         for i in 0..n {
             let Some((s, e)) = self.values[i] else {
@@ -720,10 +723,15 @@ impl MaskState {
         }
         if decided.iter().all(|v| matches!(v, Value::Keep)) {
             write(out, btag::DATA_ROW, body);
+            self.decided = decided;
             return Ok(());
         }
-        let mut new = Vec::with_capacity(body.len() + 16);
-        new.extend_from_slice(&body[..2]);
+        // Written straight to `out`, the length patched once the row is complete.
+        let at = out.len();
+        out.push(btag::DATA_ROW);
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&body[..2]);
+        let new = out;
         for (i, v) in decided.iter().enumerate() {
             let bytes: Option<&[u8]> = match v {
                 Value::Keep => self.values[i].map(|(s, e)| &body[s..e]),
@@ -738,7 +746,9 @@ impl MaskState {
                 }
             }
         }
-        write(out, btag::DATA_ROW, &new);
+        let len = (new.len() - at - 1) as u32;
+        new[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
+        self.decided = decided;
         Ok(())
     }
 
