@@ -60,7 +60,10 @@ def run_demo(data_dir: str, port: int) -> int:
             cluster.create_role("app", app_password)
             cluster.create_database("app", owner="app")
             cluster.execute(
-                "create table if not exists greetings(id int primary key, text text)",
+                "create table if not exists greetings(id int primary key, text text);"
+                "create table if not exists customers(id int primary key, name text, email text, card text);"
+                "insert into customers values (1, 'Alice', 'alice@example.com', '4111 1111 1111 1111'),"
+                " (2, 'Bob', 'bob@example.org', '5500-0000-0000-0004') on conflict do nothing",
                 dbname="app",
                 user="app",
                 password=app_password,
@@ -98,6 +101,12 @@ def run_demo(data_dir: str, port: int) -> int:
                 },
             ],
             "connections": [{"name": "app", "upstream": upstream}],
+            "masking": [
+                {
+                    "name": "pii",
+                    "detectors": ["card", "email", "ssn", "phone", "iban", "jwt", "aws_access_key"],
+                }
+            ],
             "grants": [
                 {
                     "name": "demo-writes",
@@ -110,6 +119,7 @@ def run_demo(data_dir: str, port: int) -> int:
                     "identities": ["acme-reporting"],
                     "connection": "app",
                     "access": "read-only",
+                    "masking": ["pii"],
                 },
             ],
             "shutdown": {"grace": 2},
@@ -132,7 +142,8 @@ def run_demo(data_dir: str, port: int) -> int:
         "development issuer, shaped like GitHub Actions' for acme/demo on main (grant demo-writes):\n\n"
         f'  PGPASSWORD={token} psql "host=127.0.0.1 port={port} dbname=app user=ci '
         f'sslmode=verify-full sslrootcert={tls.ca_cert}"\n\n'
-        "acme/reports gets read-only access (grant acme-reads); mint a token for it with:\n\n"
+        "acme/reports gets read-only access with cards and emails masked (grant acme-reads;\n"
+        "try select * from customers); mint a token for it with:\n\n"
         f"  {mint_cmd}\n\n"
         "Ctrl-C stops the gateway and removes the demo cluster.\n",
         flush=True,
