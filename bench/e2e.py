@@ -247,12 +247,17 @@ def start_gateway(
     max_conn: int,
     log_level: str,
     guardrails: list[str],
+    masking_detectors: Sequence[str] = (),
+    name: str = "ostiary",
 ) -> Service:
-    tls = make_tls_material(work / "gateway-tls")
+    """The gateway; with ``masking_detectors``, one masking rule (``pii``, redact) with those
+    detectors is attached to the connection, so it masks every session's results."""
+    suffix = "" if name == "ostiary" else "-" + re.sub(r"[^a-z0-9]+", "-", name)
+    tls = make_tls_material(work / f"gateway-tls{suffix}")
     port = free_port()
     cfg: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": port, "backlog": 4096},
-        "data_dir": str(work / "gateway-state"),
+        "data_dir": str(work / f"gateway-state{suffix}"),
         "workers": workers,
         "tls": {"cert": str(tls.server_cert), "key": str(tls.server_key), "mode": "allow"},
         "limits": {"max_connections": max_conn},
@@ -282,9 +287,12 @@ def start_gateway(
         ],
         "shutdown": {"grace": 2},
     }
-    path = work / "ostiary.yaml"
+    if masking_detectors:
+        cfg["masking"] = [{"name": "pii", "detectors": list(masking_detectors), "strategy": "redact"}]
+        cfg["connections"][0]["masking"] = ["pii"]
+    path = work / f"ostiary{suffix}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    log = work / "ostiary.log"
+    log = work / f"ostiary{suffix}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ostiary.cli", "serve", "--config", str(path), "--log-level", log_level],
@@ -295,8 +303,8 @@ def start_gateway(
             env=clean_env(**{UPSTREAM_PASSWORD_ENV: password}),
             start_new_session=True,
         )
-    svc = Service("ostiary", proc, port, log)
-    wait_for_port(port, proc, "the gateway", log)
+    svc = Service(name, proc, port, log)
+    wait_for_port(port, proc, f"the gateway ({name})", log)
     return svc
 
 
@@ -737,6 +745,269 @@ def idle_connections(target: Target, n: int, concurrency: int, cycles: int = 1) 
     return asyncio.run(_idle_probe(target, n, concurrency, cycles))
 
 
+# -- large results with masking --------------------------------------------------------------------
+
+MASK_TABLE = "masking_orders"
+MASK_SQL = f"select * from {MASK_TABLE}"
+MASK_TARGETS = ("direct", "pgbouncer", "ostiary", "ostiary+masking")
+
+
+def _masking_corpus() -> Any:
+    """bench/micro/test_masking.py, which generates the rows (the same text as the micro benchmark)."""
+    import importlib.util
+
+    path = REPO / "bench" / "micro" / "test_masking.py"
+    spec = importlib.util.spec_from_file_location("ostiary_bench_masking", path)
+    if spec is None or spec.loader is None:
+        raise BenchError(f"cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_masking_table(target: Target, n: int, corpus: Any) -> dict[str, Any]:
+    """``n`` rows of nine columns of mixed result text (~5 % with an email, card, SSN, phone or
+    IPv4 in ``note``), loaded with COPY through ``target`` (direct)."""
+    t0 = time.monotonic()
+    with psycopg.connect(target.conninfo(), autocommit=True) as conn:
+        conn.execute(f"drop table if exists {MASK_TABLE}")
+        conn.execute(
+            f"create table {MASK_TABLE} (id bigint primary key, ref uuid, customer text, city text, "
+            "product text, qty int, price numeric(10, 2), created_at timestamptz, note text)"
+        )
+        with conn.cursor() as cur, cur.copy(f"copy {MASK_TABLE} from stdin") as copy:
+            batch: list[str] = []
+            for row in corpus.rows(n):
+                batch.append("\t".join(row))
+                if len(batch) == 10_000:
+                    copy.write(("\n".join(batch) + "\n").encode())
+                    batch.clear()
+            if batch:
+                copy.write(("\n".join(batch) + "\n").encode())
+        conn.execute(f"vacuum analyze {MASK_TABLE}")
+        size = conn.execute(f"select pg_table_size('{MASK_TABLE}')").fetchone()
+    return {
+        "rows": n,
+        "table_mb": round((size[0] if size else 0) / 1e6, 1),
+        "load_s": round(time.monotonic() - t0, 1),
+    }
+
+
+def vm_hwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmHWM for pid {pid}")
+
+
+def reset_hwm(pid: int) -> bool:
+    """Resets VmHWM to the current RSS (``echo 5 > /proc/PID/clear_refs``); False if not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def psql_select(target: Target, capture: bool) -> tuple[float, bytes | None]:
+    """``psql -X -A -t -q -c 'select * from masking_orders'`` through ``target``; stdout to /dev/null
+    (timed runs) or captured (the untimed check run). Returns (wall seconds, output or None)."""
+    cmd = ["psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", MASK_SQL]
+    if target.service is not None:
+        target.service.check_alive()
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        cmd,
+        env=target.env(),
+        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=600,
+        check=False,
+    )
+    seconds = time.monotonic() - t0
+    if proc.returncode != 0:
+        log = f"\n--- {target.name} log ---\n{tail(target.service.log)}" if target.service else ""
+        raise BenchError(
+            f"{MASK_SQL!r} through {target.name} failed (exit {proc.returncode}): "
+            f"{proc.stderr.decode(errors='replace')}{log}"
+        )
+    return seconds, proc.stdout if capture else None
+
+
+def masking_large(targets: dict[str, Target], rounds: int, expected: int) -> dict[str, Any]:
+    """One untimed check run per target (output size, masked values), then ``rounds`` interleaved
+    timed runs (direct, pgbouncer, ostiary, ostiary+masking, direct, ...), output to /dev/null."""
+    checks: dict[str, dict[str, Any]] = {}
+    for name, t in targets.items():
+        say(f"check run through {name}")
+        seconds, out = psql_select(t, capture=True)
+        assert out is not None
+        checks[name] = {
+            "output_bytes": len(out),
+            "lines": out.count(b"\n"),
+            "masked_values": out.count(b"****"),
+            "check_s": round(seconds, 2),
+        }
+        del out
+        say(f"  {checks[name]}")
+    plain = checks.get("ostiary") or checks["direct"]
+    if "ostiary+masking" in checks:
+        m = checks["ostiary+masking"]["masked_values"]
+        if m < expected * 0.9:
+            raise BenchError(f"the masking gateway masked {m} values, expected about {expected}")
+    if plain["masked_values"]:
+        say(f"WARNING: {plain['masked_values']} '****' in the unmasked output")
+    runs: list[dict[str, Any]] = []
+    for rnd in range(1, rounds + 1):
+        for name, t in targets.items():
+            pid = t.pid
+            hwm_reset = reset_hwm(pid) if pid is not None else False
+            cpu0 = cpu_seconds(pid) if pid is not None else None
+            sampler = RssSampler(pid, 0.02) if pid is not None else None
+            load = os.getloadavg()[0]
+            with sampler if sampler is not None else contextlib.nullcontext():
+                seconds, _ = psql_select(t, capture=False)
+            nbytes = checks[name]["output_bytes"]
+            r: dict[str, Any] = {
+                "target": name,
+                "round": rnd,
+                "seconds": round(seconds, 3),
+                "bytes": nbytes,
+                "mb_per_s": round(nbytes / seconds / 1e6, 1),
+                "loadavg_1m": load,
+            }
+            if pid is not None and cpu0 is not None and sampler is not None:
+                r["proxy_cpu_s"] = round(cpu_seconds(pid) - cpu0, 2)
+                r["rss_peak_sampled_mb"] = round(sampler.peak / 1024, 1)
+                r["vm_hwm_mb"] = round(vm_hwm_kib(pid) / 1024, 1)
+                r["vm_hwm_reset"] = hwm_reset
+            say(
+                f"round {rnd} {name:<16} {seconds:6.2f} s {r['mb_per_s']:7.1f} MB/s"
+                + (
+                    f"  cpu {r['proxy_cpu_s']:.2f} s  VmHWM {r['vm_hwm_mb']:.0f} MB"
+                    if "vm_hwm_mb" in r
+                    else ""
+                )
+                + f"  (load {load:.2f})"
+            )
+            runs.append(r)
+    summary = []
+    for name in targets:
+        rs = [r for r in runs if r["target"] == name]
+        secs = sorted(r["seconds"] for r in rs)
+        median = (
+            secs[len(secs) // 2] if len(secs) % 2 else (secs[len(secs) // 2 - 1] + secs[len(secs) // 2]) / 2
+        )
+        nbytes = checks[name]["output_bytes"]
+        d: dict[str, Any] = {
+            "target": name,
+            "bytes": nbytes,
+            "masked_values": checks[name]["masked_values"],
+            "median_s": round(median, 3),
+            "mb_per_s": round(nbytes / median / 1e6, 1),
+            "mb_per_s_per_round": [r["mb_per_s"] for r in rs],
+        }
+        if rs and "proxy_cpu_s" in rs[0]:
+            cpu = sum(r["proxy_cpu_s"] for r in rs) / len(rs)
+            d["proxy_cpu_s"] = round(cpu, 2)
+            d["proxy_cpu_ms_per_mb"] = round(cpu * 1e3 / (nbytes / 1e6), 2)
+            d["vm_hwm_mb"] = max(r["vm_hwm_mb"] for r in rs)
+            d["rss_peak_sampled_mb"] = max(r["rss_peak_sampled_mb"] for r in rs)
+        summary.append(d)
+    return {"checks": checks, "runs": runs, "summary": summary}
+
+
+def run_masking_large(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]:
+    """The ``--masking-large`` workload alone: a table of ``--masking-rows`` rows of mixed text,
+    ``select *`` through psql via direct, pgbouncer, the gateway and the gateway with masking."""
+    started = dt.datetime.now(dt.UTC)
+    load_start = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="ostiary-bench-masking-"))
+    if args.keep:
+        stack.callback(say, f"work directory kept: {work}")
+    else:
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+    corpus = _masking_corpus()
+    detectors = list(corpus.ALL_DETECTORS)
+    db_password = secrets.token_urlsafe(18)
+    client_password = secrets.token_urlsafe(18)
+    max_connections = 100
+    say(f"PostgreSQL: initdb in {work / 'pg'}")
+    cluster = PgCluster(
+        work / "pg",
+        tls=False,
+        auth=args.auth,
+        extra_conf={
+            "max_connections": str(max_connections),
+            "shared_buffers": "256MB",
+            "log_connections": "off",
+        },
+    )
+    stack.callback(cluster.stop)
+    cluster.start()
+    cluster.create_role(DB_USER, db_password)
+    cluster.create_database(DB, owner=DB_USER)
+    direct = Target("direct", cluster.port, DB_USER, db_password, None)
+    say(f"loading {args.masking_rows:,} rows into {MASK_TABLE}")
+    table = load_masking_table(direct, args.masking_rows, corpus)
+    say(f"  {table}")
+    targets: dict[str, Target] = {"direct": direct}
+    bouncer = start_pgbouncer(work, cluster, args.auth, 1000)
+    stack.callback(bouncer.stop)
+    targets["pgbouncer"] = Target("pgbouncer", bouncer.port, DB_USER, db_password, bouncer)
+    for name, dets in (("ostiary", []), ("ostiary+masking", detectors)):
+        gw = start_gateway(
+            work,
+            cluster,
+            db_password,
+            client_password,
+            args.workers,
+            1000,
+            args.gateway_log_level,
+            args.guardrails,
+            masking_detectors=dets,
+            name=name,
+        )
+        stack.callback(gw.stop)
+        targets[name] = Target(name, gw.port, CLIENT_USER, client_password, gw)
+        say(f"{name} listening on {gw.port} (pid {gw.pid}, workers {args.workers})")
+    machine = machine_info(cluster)
+    say(f"machine: {machine}")
+    expected = sum(1 for row in corpus.rows(args.masking_rows) if corpus.has_sensitive(row))
+    result = masking_large(targets, args.rounds, expected)
+    for t in targets.values():
+        if t.service is not None:
+            t.service.check_alive()
+    finished = dt.datetime.now(dt.UTC)
+    return {
+        "started_at": started.strftime("%Y-%m-%d %H:%M:%S"),
+        "finished_at": finished.strftime("%Y-%m-%d %H:%M:%S"),
+        "elapsed_s": round((finished - started).total_seconds(), 1),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "machine": machine,
+        "settings": {
+            "rounds": args.rounds,
+            "duration": 0,
+            "workers": args.workers,
+            "guardrails": args.guardrails,
+            "scale": 0,
+            "auth": args.auth,
+            "targets": list(targets),
+            "max_connections": max_connections,
+            "gateway_log_level": args.gateway_log_level,
+            "masking_detectors": detectors,
+            "masking_rows": args.masking_rows,
+            "postgres_bin": os.path.realpath(find_pg_bin("postgres")),
+        },
+        "pgbench": [],
+        "stream": [],
+        "idle": [],
+        "masking_large": {"table": table, "expected_sensitive_rows": expected, **result},
+    }
+
+
 # -- machine info and report -------------------------------------------------------------------------
 
 
@@ -807,9 +1078,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         "cleartext password (the gateway's only client method today), the gateway → PostgreSQL "
         f"{s['auth']}",
     ]
+    if report.get("masking_large"):  # no pgbench in this mode: what applies instead
+        lines[-2:] = [
+            f"- {s['rounds']} interleaved round(s); auth {s['auth']}, no TLS on any leg; gateway "
+            f"workers={s['workers']}; pgbouncer session pooling; clients are psql (libpq); psql → gateway "
+            "uses a cleartext password, the gateway → PostgreSQL "
+            f"{s['auth']}",
+        ]
     if report["pgbench"]:
         lines += _pgbench_section(report)
     lines += _extra_sections(report)
+    if report.get("masking_large"):
+        lines += _masking_section(report)
     return "\n".join(lines) + "\n"
 
 
@@ -840,6 +1120,41 @@ def _pgbench_section(report: dict[str, Any]) -> list[str]:
             f"| {ratio(r['tps'], bouncer['tps'] if bouncer else None)} "
             f"| {fmt(r['proxy_cpu_us_per_txn'], ',.1f')} |"
         )
+    return lines
+
+
+def _masking_section(report: dict[str, Any]) -> list[str]:
+    ml = report["masking_large"]
+    s = report["settings"]
+    rows = ml["table"]["rows"]
+    summary = ml["summary"]
+    by_t = {r["target"]: r for r in summary}
+    lines = [
+        "",
+        f"## Large result with masking: `psql -X -A -t -c '{MASK_SQL}' > /dev/null`, {rows:,} rows",
+        "",
+        f"Table of {rows:,} rows × 9 columns of mixed text ({ml['table']['table_mb']:,} MB on disk, "
+        f"{ml['expected_sensitive_rows']:,} rows with an email, card, SSN, phone or IPv4); "
+        f"{s['rounds']} interleaved rounds, median wall time; MB/s = psql output bytes / wall time "
+        "(psql holds the whole result before printing it). Masking: one rule, strategy redact, "
+        f"detectors {', '.join(s.get('masking_detectors') or [])}, on the connection. RSS: the proxy's "
+        "VmHWM (reset before each run through /proc/PID/clear_refs) and RSS sampled every 20 ms, "
+        "max over rounds.",
+        "",
+        "| target | MB out | masked values | median s | MB/s | ratio vs pgbouncer | ratio vs direct "
+        "| proxy CPU s | proxy CPU ms/MB | VmHWM MB | sampled RSS peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary:
+        lines.append(
+            f"| {r['target']} | {r['bytes'] / 1e6:,.1f} | {r['masked_values']:,} | {r['median_s']:.2f} "
+            f"| {r['mb_per_s']:,.1f} "
+            f"| {ratio(r['mb_per_s'], by_t['pgbouncer']['mb_per_s'] if 'pgbouncer' in by_t else None)} "
+            f"| {ratio(r['mb_per_s'], by_t['direct']['mb_per_s'] if 'direct' in by_t else None)} "
+            f"| {fmt(r.get('proxy_cpu_s'), '.2f')} | {fmt(r.get('proxy_cpu_ms_per_mb'), '.2f')} "
+            f"| {fmt(r.get('vm_hwm_mb'), '.1f')} | {fmt(r.get('rss_peak_sampled_mb'), '.1f')} |"
+        )
+    lines += ["", "MB/s per round: " + "; ".join(f"{r['target']} {r['mb_per_s_per_round']}" for r in summary)]
     return lines
 
 
@@ -984,14 +1299,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="guardrail packs on the gateway's grant, e.g. no-destructive-ddl,no-unbounded-writes "
         "(every statement shape is then judged)",
     )
+    p.add_argument(
+        "--masking-large",
+        action="store_true",
+        help="only the masking workload: psql 'select *' of a table of --masking-rows rows of mixed text "
+        "(~5 %% sensitive) through direct, pgbouncer, the gateway and the gateway with every built-in "
+        "detector; --rounds interleaved rounds (default 3)",
+    )
+    p.add_argument(
+        "--masking-rows", type=int, default=1_000_000, help="rows of the masking table (default 1,000,000)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where results go (default bench/results)")
     p.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, configs) for inspection"
     )
     args = p.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 2)
+    args.rounds = args.rounds or (1 if args.quick else 3 if args.masking_large else 2)
     args.duration = args.duration or (3 if args.quick else 10)
     args.idle = args.idle if args.idle is not None else (200 if args.quick else 1000)
+    if args.masking_rows < 1:
+        p.error("--masking-rows must be positive")
     if args.rounds < 1 or args.duration < 1 or args.idle < 0 or args.workers < 1 or args.idle_cycles < 1:
         p.error("--rounds, --duration, --workers and --idle-cycles must be positive, --idle not negative")
     if args.no_idle:
@@ -1184,7 +1511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, _on_signal)
     try:
         with contextlib.ExitStack() as stack:
-            report = run(args, stack)
+            report = run_masking_large(args, stack) if args.masking_large else run(args, stack)
             say("stopping services")
     except KeyboardInterrupt as e:
         say(f"interrupted ({e or 'Ctrl-C'}); everything started was stopped")
