@@ -350,11 +350,17 @@ impl MaskState {
                     new.extend_from_slice(payload);
                 }
                 new.push(0);
-                new.extend_from_slice(r.remaining());
+                if !r.is_empty() {
+                    return Err(WireError::malformed(
+                        "NotificationResponse",
+                        "bytes after the payload",
+                    ));
+                }
                 write(out, tag, &new);
                 Ok(())
             }
-            btag::COPY_DATA if self.copy_out.is_some() && masker.has_content() => {
+            // Servers send CopyData only during COPY TO (or replication); masked either way.
+            btag::COPY_DATA if masker.has_content() => {
                 self.scratch.clear();
                 if self.mask_in_text(body, true) {
                     let new = std::mem::take(&mut self.scratch);
@@ -644,10 +650,10 @@ impl MaskState {
                 let start = self.scan.len();
                 if col.class == TypeClass::Scalar && format_of(i) != 0 {
                     // A binary number or address is scanned as the text it stands for (a card
-                    // number in a bigint is still a card number); a hit makes it NULL.
+                    // number in a bigint is still a card number); other binary scalars as their
+                    // bytes. A hit makes the value NULL.
                     if !render_binary(col.oid, &body[s..e], &mut self.scan) {
-                        decided.push(Value::Keep);
-                        continue;
+                        self.scan.extend_from_slice(&body[s..e]);
                     }
                 } else {
                     self.scan.extend_from_slice(&body[s..e]);
@@ -800,6 +806,12 @@ impl MaskState {
             let code = r.u8()?;
             new.push(code);
             if code == 0 {
+                if !r.is_empty() {
+                    return Err(WireError::malformed(
+                        "ErrorResponse",
+                        "bytes after the fields",
+                    ));
+                }
                 break;
             }
             let value = r.cstr()?;
