@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build demo test test-rust test-python lint fmt bench bench-e2e fuzz clean
+.PHONY: help venv build demo test test-rust test-python lint fmt bench bench-e2e perf-gate perf-gate-full fuzz clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,12 @@ bench: build ## micro benchmarks of the core (pytest-benchmark)
 
 bench-e2e: build ## end to end: direct vs pgbouncer vs ostiary with pgbench (see bench/README.md)
 	$(PY) bench/e2e.py
+
+perf-gate: build ## ratios vs pgbouncer against bench/baseline.json; fails on a regression (~4 min)
+	$(PY) bench/perf_gate.py
+
+perf-gate-full: build ## the release-check variant of the perf gate (bench/baseline-full.json)
+	$(PY) bench/perf_gate.py --full
 
 fuzz: ## a longer run of the wire fuzzers (FUZZ_ITERS=N)
 	FUZZ_ITERS=$${FUZZ_ITERS:-2000000} cargo test -p ostiary-wire --release --test fuzz -- --nocapture

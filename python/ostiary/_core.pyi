@@ -90,6 +90,7 @@ class Engine:
         max_message: int = ...,
         max_statement: int = ...,
         event_capacity: int = 65536,
+        fault_spin_us: int = 0,
     ) -> Self: ...
     @property
     def workers(self) -> int: ...

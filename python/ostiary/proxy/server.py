@@ -102,8 +102,18 @@ class Gateway:
         self._reload_requested = trio.Event()
         self._reload_forced = False
         lim = config.limits
+        fault_spin = int(os.environ.get("OSTIARY_FAULT_SPIN_US", "0") or 0)
+        if fault_spin:
+            log.warning(
+                "fault injection: the data path burns %d us of CPU per chunk (OSTIARY_FAULT_SPIN_US); "
+                "this exists to test the perf gate, never run it in production",
+                fault_spin,
+            )
         self.engine = _core.Engine(
-            workers=config.effective_workers(), max_message=lim.max_message, max_statement=lim.max_statement
+            workers=config.effective_workers(),
+            max_message=lim.max_message,
+            max_statement=lim.max_statement,
+            fault_spin_us=fault_spin,
         )
         self.client_tls: _core.TlsServerConfig | None = None
         if config.tls is not None:

@@ -51,6 +51,8 @@ pub struct EngineConfig {
     pub workers: usize,
     pub limits: Limits,
     pub event_capacity: usize,
+    /// Fault injection for the perf gate's self-test: CPU burnt per chunk scanned (zero: none).
+    pub fault_spin: Duration,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +61,7 @@ impl Default for EngineConfig {
             workers: 1,
             limits: Limits::default(),
             event_capacity: 65_536,
+            fault_spin: Duration::ZERO,
         }
     }
 }
@@ -555,6 +558,18 @@ struct Session {
     report: bool,
     drain: Option<Vec<u8>>,
     terminate: Option<Vec<u8>>,
+    fault_spin: Duration,
+}
+
+/// Burns CPU for `d` (the perf gate's deliberate slowdown; zero in production).
+fn spin(d: Duration) {
+    if d.is_zero() {
+        return;
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < d {
+        std::hint::spin_loop();
+    }
 }
 
 fn protocol(side: &'static str) -> impl FnOnce(WireError) -> SessionError {
@@ -580,6 +595,7 @@ impl Session {
             report: spec.report,
             drain: None,
             terminate: None,
+            fault_spin: inner.config.fault_spin,
         })
     }
 
@@ -802,6 +818,7 @@ impl Session {
         raw: &mut Vec<u8>,
     ) -> Result<Option<Statement>, SessionError> {
         out.clear();
+        spin(self.fault_spin);
         let stop = self
             .relay
             .feed_frontend(data, out)
@@ -827,6 +844,7 @@ impl Session {
         raw: &mut Vec<u8>,
     ) -> Result<(), SessionError> {
         out.clear();
+        spin(self.fault_spin);
         self.relay
             .feed_backend(data, out, &mut self.events)
             .map_err(protocol("server"))?;

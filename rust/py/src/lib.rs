@@ -468,17 +468,21 @@ fn owned_fd(fd: i32, what: &str) -> PyResult<OwnedFd> {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (workers = 1, max_message = (1 << 30) - 1, max_statement = 16 * 1024 * 1024, event_capacity = 65_536))]
+    /// `fault_spin_us` burns that much CPU per chunk scanned: fault injection for the perf gate's
+    /// self-test, never for production.
+    #[pyo3(signature = (workers = 1, max_message = (1 << 30) - 1, max_statement = 16 * 1024 * 1024, event_capacity = 65_536, fault_spin_us = 0))]
     fn new(
         workers: usize,
         max_message: usize,
         max_statement: usize,
         event_capacity: usize,
+        fault_spin_us: u64,
     ) -> PyResult<Self> {
         let config = EngineConfig {
             workers,
             limits: limits(10_000, max_message, max_statement),
             event_capacity,
+            fault_spin: std::time::Duration::from_micros(fault_spin_us),
         };
         Ok(Engine {
             inner: RsEngine::new(config)
