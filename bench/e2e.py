@@ -8,8 +8,11 @@ What one run does (see bench/README.md for how to read the output):
 2. Starts pgbouncer (session pooling, auth_file, as the ``postgres`` user when run as root) and the
    gateway (``python -m ostiary.cli serve`` with a generated YAML; plaintext allowed for the bench
    clients with ``tls.mode: allow``; plain TCP upstream).
-3. Runs pgbench against the three targets interleaved (direct, pgbouncer, ostiary, direct, ... for
-   every case in every round) so that drift on a shared machine hits all three alike. For each run
+3. Runs pgbench against the targets interleaved (direct, pgbouncer, then the gateway variants:
+   ``ostiary`` with features off, ``ostiary+guard`` with a workload-identity token per connection and
+   guardrail packs judging every statement shape, ``ostiary+mask`` masking every result with every
+   built-in detector; then direct again, ... for every case in every round) so that drift on a shared
+   machine hits them all alike. For each run
    it records TPS, latency percentiles from pgbench's per-transaction logs (``-l``), and the CPU time
    the proxy process used (utime+stime of /proc/PID/stat, which sums all of a process's threads).
 4. Streams 1,000,000 rows with ``COPY ... TO STDOUT`` through each target while sampling the proxy's
@@ -63,12 +66,17 @@ try:
 
     from ostiary import __version__ as ostiary_version
     from ostiary.devcluster import ClusterError, PgCluster, find_pg_bin, free_port, make_tls_material
+    from ostiary.policy.model import DETECTORS
 except ImportError as e:  # pragma: no cover - a usage error, not a code path
     sys.exit(f"bench/e2e.py needs the dev virtualenv (make build; .venv/bin/python bench/e2e.py): {e}")
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
-TARGETS = ("direct", "pgbouncer", "ostiary")
+TARGETS = ("direct", "pgbouncer", "ostiary", "ostiary+guard", "ostiary+mask")
+# The gateway variants: features off; workload identity (a dev-issuer token per connection) and
+# guardrails (every statement shape judged by PostgreSQL's parser); masking with every detector.
+GUARD_PACKS = ["no-destructive-ddl", "no-unbounded-writes", "no-privilege-changes", "no-role-changes"]
+TOKEN_REPOSITORY = "acme/bench"
 PROXIES = ("pgbouncer", "ostiary")
 WORKLOADS = ("select-only", "tpcb", "large-result", "churn")
 MODES = ("simple", "extended")
@@ -255,9 +263,12 @@ def start_gateway(
     guardrails: list[str],
     masking_detectors: Sequence[str] = (),
     name: str = "ostiary",
+    identity: bool = False,
 ) -> Service:
     """The gateway; with ``masking_detectors``, one masking rule (``pii``, redact) with those
-    detectors is attached to the connection, so it masks every session's results."""
+    detectors is attached to the connection, so it masks every session's results. With
+    ``identity``, the grant names a workload identity of the development issuer (clients present a
+    token from ``gateway_token``) instead of the static client."""
     suffix = "" if name == "ostiary" else "-" + re.sub(r"[^a-z0-9]+", "-", name)
     tls = make_tls_material(work / f"gateway-tls{suffix}")
     port = free_port()
@@ -296,6 +307,10 @@ def start_gateway(
     if masking_detectors:
         cfg["masking"] = [{"name": "pii", "detectors": list(masking_detectors), "strategy": "redact"}]
         cfg["connections"][0]["masking"] = ["pii"]
+    if identity:
+        cfg["dev"] = {"issuer": True}
+        cfg["identities"] = [{"name": "bench-ci", "issuer": "dev", "match": {"repository": TOKEN_REPOSITORY}}]
+        cfg["grants"][0]["identities"] = ["bench-ci"]
     path = work / f"ostiary{suffix}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     log = work / f"ostiary{suffix}.log"
@@ -312,6 +327,18 @@ def start_gateway(
     svc = Service(name, proc, port, log)
     wait_for_port(port, proc, f"the gateway ({name})", log)
     return svc
+
+
+def gateway_token(work: Path, name: str) -> str:
+    """A development-issuer token (GitHub-shaped, valid two hours) for a gateway started with
+    ``identity``; every connection presents it and the gateway validates it each time."""
+    from ostiary.identity.dev import mint
+
+    suffix = "" if name == "ostiary" else "-" + re.sub(r"[^a-z0-9]+", "-", name)
+    claims: dict[str, object] = {"repository": TOKEN_REPOSITORY, "ref": "refs/heads/main"}
+    return mint(
+        work / f"gateway-state{suffix}", f"repo:{TOKEN_REPOSITORY}:ref:refs/heads/main", claims, lifetime=7200
+    )
 
 
 @dataclass
@@ -1395,7 +1422,14 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
         stack.callback(bouncer.stop)
         targets["pgbouncer"] = Target("pgbouncer", bouncer.port, DB_USER, db_password, bouncer)
         say(f"pgbouncer listening on {bouncer.port} (pid {bouncer.pid})")
-    if "ostiary" in args.targets:
+    variants = {
+        "ostiary": {"guardrails": args.guardrails},
+        "ostiary+guard": {"guardrails": GUARD_PACKS, "identity": True},
+        "ostiary+mask": {"guardrails": args.guardrails, "masking_detectors": list(DETECTORS)},
+    }
+    for name, opts in variants.items():
+        if name not in args.targets:
+            continue
         gw = start_gateway(
             work,
             cluster,
@@ -1404,11 +1438,17 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
             args.workers,
             max(10_000, args.idle + 100),
             args.gateway_log_level,
-            args.guardrails,
+            opts["guardrails"],
+            masking_detectors=opts.get("masking_detectors", ()),
+            name=name,
+            identity=bool(opts.get("identity")),
         )
         stack.callback(gw.stop)
-        targets["ostiary"] = Target("ostiary", gw.port, CLIENT_USER, client_password, gw)
-        say(f"gateway listening on {gw.port} (pid {gw.pid}, workers {args.workers})")
+        if opts.get("identity"):
+            targets[name] = Target(name, gw.port, "ci", gateway_token(work, name), gw)
+        else:
+            targets[name] = Target(name, gw.port, CLIENT_USER, client_password, gw)
+        say(f"gateway {name} listening on {gw.port} (pid {gw.pid}, workers {args.workers})")
     targets = {name: t for name, t in targets.items() if name in args.targets}
     for t in targets.values():  # fail early, with the service's log, if a target does not answer
         smoke = subprocess.run(

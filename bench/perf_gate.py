@@ -60,10 +60,14 @@ FULL = [
     "--no-idle",
     "--targets", "direct,pgbouncer,ostiary",
 ]  # fmt: skip
-# Floors of the tolerances: even a quiet spread does not make the gate tighter than this.
-MIN_TOLERANCE = {"tps": 0.08, "cpu": 0.08}
+# Floor of a tolerance: even a quiet spread does not make the gate tighter than this.
+MIN_TOLERANCE = 0.12
 # A regression of 25 % must always fail: tolerances are capped below it.
-MAX_TOLERANCE = {"tps": 0.18, "cpu": 0.18}
+MAX_TOLERANCE = 0.18
+# Metrics too noisy to gate: connection churn's throughput swings by ±30 % between runs on these
+# machines (pgbench's own SCRAM work per connection competes for the two cores); its CPU per
+# session is steady and gated.
+UNGATED = {("churn", "tps")}
 
 
 def say(msg: str) -> None:
@@ -108,7 +112,6 @@ def ratios(report: dict[str, Any]) -> dict[str, dict[str, float]]:
 def compare(measured: dict[str, dict[str, float]], baseline: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Lines of the report, and the regressions among them."""
     lines, bad = [], []
-    tol = baseline["tolerance"]
     lines.append(f"{'case':<28} {'metric':<6} {'baseline':>9} {'now':>9} {'change':>8}  limit")
     for case, base in sorted(baseline["cases"].items()):
         now = measured.get(case)
@@ -116,14 +119,15 @@ def compare(measured: dict[str, dict[str, float]], baseline: dict[str, Any]) -> 
             bad.append(f"{case}: not measured")
             continue
         for metric, b in sorted(base.items()):
+            tol = baseline["tolerance"][case][metric]
             if metric not in now:
                 bad.append(f"{case} {metric}: not measured")
                 continue
             v = now[metric]
             change = v / b - 1
             # Higher is better for throughput, lower for CPU.
-            worse = change < -tol[metric] if metric == "tps" else change > tol[metric]
-            bound = b * (1 - tol[metric]) if metric == "tps" else b * (1 + tol[metric])
+            worse = change < -tol if metric == "tps" else change > tol
+            bound = b * (1 - tol) if metric == "tps" else b * (1 + tol)
             limit = f"{'≥' if metric == 'tps' else '≤'} {bound:.3f}"
             line = f"{case:<28} {metric:<6} {b:>9.3f} {v:>9.3f} {change:>+8.1%}  {limit}"
             lines.append(line + ("  REGRESSION" if worse else ""))
@@ -133,17 +137,23 @@ def compare(measured: dict[str, dict[str, float]], baseline: dict[str, Any]) -> 
 
 
 def write_baseline(runs: list[dict[str, dict[str, float]]], variant: str, path: Path) -> dict[str, Any]:
+    """Medians of the runs, and per case and metric a tolerance of 1.5 × the largest deviation from
+    the median seen in the runs, between MIN_TOLERANCE and MAX_TOLERANCE."""
     cases: dict[str, dict[str, float]] = {}
-    spread: dict[str, float] = {"tps": 0.0, "cpu": 0.0}
+    spread: dict[str, dict[str, float]] = {}
+    tolerance: dict[str, dict[str, float]] = {}
     for case in runs[0]:
-        cases[case] = {}
         for metric in runs[0][case]:
+            if (case.split("/")[0], metric) in UNGATED:
+                continue
             values = [r[case][metric] for r in runs if metric in r.get(case, {})]
             med = statistics.median(values)
-            cases[case][metric] = round(med, 4)
             dev = max(abs(v / med - 1) for v in values)
-            spread[metric] = max(spread[metric], dev)
-    tolerance = {m: round(min(MAX_TOLERANCE[m], max(MIN_TOLERANCE[m], 1.5 * spread[m])), 3) for m in spread}
+            cases.setdefault(case, {})[metric] = round(med, 4)
+            spread.setdefault(case, {})[metric] = round(dev, 3)
+            tolerance.setdefault(case, {})[metric] = round(
+                min(MAX_TOLERANCE, max(MIN_TOLERANCE, 1.5 * dev)), 3
+            )
     git = subprocess.run(
         ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
         capture_output=True,
@@ -155,7 +165,7 @@ def write_baseline(runs: list[dict[str, dict[str, float]]], variant: str, path: 
         "written": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": git,
         "runs": len(runs),
-        "spread": {m: round(v, 3) for m, v in spread.items()},
+        "spread": spread,
         "tolerance": tolerance,
         "cases": cases,
         "per_run": runs,
@@ -172,14 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeat", type=int, default=1, help="run the measurement N times")
     p.add_argument("--write-baseline", action="store_true", help="write the medians and tolerances")
+    p.add_argument(
+        "--from-runs",
+        type=Path,
+        nargs="*",
+        help="with --write-baseline: take the runs from these files (per_run of a baseline, or logs' "
+        "JSON) instead of measuring",
+    )
     args = p.parse_args(argv)
     variant = "full" if args.full else "quick"
     path = args.baseline or (REPO / "bench" / ("baseline-full.json" if args.full else "baseline.json"))
     if os.environ.get("OSTIARY_FAULT_SPIN_US"):
         say(f"fault injection on: OSTIARY_FAULT_SPIN_US={os.environ['OSTIARY_FAULT_SPIN_US']}")
-    runs = []
+    runs: list[dict[str, dict[str, float]]] = []
+    for f in args.from_runs or []:
+        data = json.loads(f.read_text())
+        runs += data["per_run"] if isinstance(data, dict) else data
     try:
-        for i in range(args.repeat):
+        for i in range(0 if args.from_runs else args.repeat):
             if args.repeat > 1:
                 say(f"run {i + 1} of {args.repeat}")
             runs.append(measure(variant))

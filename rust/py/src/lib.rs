@@ -811,6 +811,74 @@ impl MaskSet {
     }
 }
 
+/// The relay of an established session, for benchmarks and tests of the data path's scanning from
+/// Python (the engine runs it without Python). Statements pass (no gate); `mask` as in
+/// `Engine.adopt`.
+#[pyclass(module = "ostiary._core")]
+struct Relay {
+    inner: ostiary_wire::pg::relay::SessionRelay,
+}
+
+#[pymethods]
+impl Relay {
+    #[new]
+    #[pyo3(signature = (mask = None, max_statement = 16 * 1024 * 1024))]
+    fn new(mask: Option<MaskArg>, max_statement: usize) -> Self {
+        let mut inner = ostiary_wire::pg::relay::SessionRelay::new(
+            limits(10_000, (1 << 30) - 1, max_statement),
+            Gate::AllowAll,
+            false,
+        );
+        if let Some((set, columns, names, late_names, max_oid)) = mask {
+            inner.set_masking(MaskPlan {
+                masker: Arc::new(MaskAdapter(Arc::clone(&set.borrow().inner))),
+                columns,
+                names,
+                late_names,
+                max_oid,
+            });
+        }
+        Relay { inner }
+    }
+
+    /// Client bytes in, what goes upstream out.
+    fn feed_frontend<'py>(
+        &mut self,
+        py: Python<'py>,
+        data: &[u8],
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let mut out = Vec::with_capacity(data.len());
+        self.inner.feed_frontend(data, &mut out).map_err(wire_err)?;
+        Ok(bytes(py, &out))
+    }
+
+    /// Server bytes in, what goes to the client out.
+    fn feed_backend<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let mut out = Vec::with_capacity(data.len());
+        self.inner
+            .feed_backend(data, &mut out, &mut Vec::new())
+            .map_err(wire_err)?;
+        Ok(bytes(py, &out))
+    }
+
+    /// Server bytes scanned without building a Python result (benchmarks): bytes out.
+    fn scan_backend(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<usize> {
+        let inner = &mut self.inner;
+        py.allow_threads(|| {
+            let mut out = Vec::with_capacity(data.len());
+            inner
+                .feed_backend(data, &mut out, &mut Vec::new())
+                .map(|()| out.len())
+        })
+        .map_err(wire_err)
+    }
+
+    /// Values masked so far, per rule.
+    fn masked_counts(&self) -> Vec<u64> {
+        self.inner.masked_counts().to_vec()
+    }
+}
+
 /// Checks a custom masking pattern as the engine would: None when it compiles, else why not.
 #[pyfunction]
 fn mask_pattern_problem(pattern: &str) -> Option<String> {
@@ -913,6 +981,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<MaskSet>()?;
     m.add_class::<SimpleQuery>()?;
+    m.add_class::<Relay>()?;
     m.add("MaskError", m.py().get_type::<MaskError>())?;
     m.add_function(wrap_pyfunction!(mask_pattern_problem, m)?)?;
     m.add_function(wrap_pyfunction!(error_response, m)?)?;
