@@ -250,9 +250,22 @@ def test_verdicts_are_cached_per_shape_but_not_across_constants_that_matter(
             c.execute("set search_path = secret, public")
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="search-path"):
             c.execute("select set_config('search_path', 'secret', false)")
+        # Verdicts that hold per text only are still remembered for their text: a transaction's
+        # BEGIN and COMMIT are decided once, not once per transaction.
+        c.autocommit = False
+        for _ in range(3):
+            c.execute("select v from guard_canary where id = 2")
+            c.commit()
+        # The same refusal, asked again, is answered from the cache too.
+        c.autocommit = True
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="read-only"):
+            c.execute("set default_transaction_read_only = 'off'")
     log = gw.log()
     decided = [line for line in log.splitlines() if "decided" in line and "guard_canary where id" in line]
     assert len(decided) == 1, decided
+    for text in ("BEGIN", "COMMIT", "default_transaction_read_only = 'off'"):
+        decided = [line for line in log.splitlines() if "decided" in line and text in line]
+        assert len(decided) == 1, (text, decided)
 
 
 def test_corpus_through_psql(gw: GatewayProcess, unchanged: None, subtests: pytest.Subtests) -> None:

@@ -89,15 +89,16 @@ def statement_fingerprint(text: str) -> str:
 @dataclass(frozen=True)
 class Decision:
     """``allow``; or deny with a SQLSTATE and message. ``remember`` lets the data path apply the same
-    decision to the same statement text in this session without asking again."""
+    decision again in this session without asking: True for every statement with the same key (the
+    text; in "shapes" sessions the shape, so other constants too), "text" for the same text only."""
 
     allow: bool
     code: str = "42501"
     message: str = ""
-    remember: bool = False
+    remember: bool | Literal["text"] = False
 
     @staticmethod
-    def allowed(remember: bool = True) -> Decision:
+    def allowed(remember: bool | Literal["text"] = True) -> Decision:
         return Decision(True, remember=remember)
 
     @staticmethod

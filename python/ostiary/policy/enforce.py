@@ -28,6 +28,8 @@ SQL are out of any statement check's reach), give read-only grants a reader role
 
 from __future__ import annotations
 
+from typing import Literal
+
 from ostiary import _core
 from ostiary.hooks import Consult, Decision, SessionInfo, StatementInfo
 
@@ -50,8 +52,9 @@ class PolicyHook:
                     "function-call: fast-path function calls carry no SQL to judge and are refused"
                 )
             d = policy.judge(statement.text)
-            # Remembered per shape in "shapes" sessions: only verdicts that hold for every text of it.
-            remember = d.by_shape or policy.by_text
+            # Remembered per shape in "shapes" sessions only when the verdict holds for every text of
+            # the shape; otherwise for this text (BEGIN, SET x = 1: the same text, the same verdict).
+            remember: bool | Literal["text"] = True if d.by_shape or policy.by_text else "text"
             if d.allow:
                 return Decision.allowed(remember=remember)
             return Decision(False, code="42501", message=f"{d.rule}: {d.message}", remember=remember)

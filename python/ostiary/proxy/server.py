@@ -434,7 +434,7 @@ class Gateway:
                     statement.seq,
                     statement.fingerprint,
                     "allowed" if d.allow else f"refused ({d.message})",
-                    ", remembered" if d.remember else "",
+                    {True: ", remembered", "text": ", remembered for this text"}.get(d.remember, ""),
                     statement.text[:200],
                 )
                 self.observer.statement_decided(info, statement, d)

@@ -32,7 +32,7 @@ use ostiary_wire::pg::backend::{self, ErrorFields};
 use ostiary_wire::pg::frontend;
 use ostiary_wire::pg::masking::MaskPlan;
 use ostiary_wire::pg::relay::{
-    BackendEvent, FrontendStop, Gate, RelayStats, SessionRelay, Statement, Verdict,
+    BackendEvent, FrontendStop, Gate, RelayStats, Remember, SessionRelay, Statement, Verdict,
 };
 use ostiary_wire::pg::sqlstate;
 use ostiary_wire::{Limits, WireError};
@@ -88,7 +88,7 @@ pub enum Command {
     Verdict {
         seq: u64,
         verdict: Verdict,
-        remember: bool,
+        remember: Remember,
     },
     /// End the session at its next idle point (outside a transaction, nothing owed).
     Drain { code: String, message: String },

@@ -17,7 +17,7 @@ use ostiary_wire::pg::backend::{self, Authentication, ErrorFields};
 use ostiary_wire::pg::handshake::{self, ClientEvent, UpstreamStep};
 use ostiary_wire::pg::masking::{MaskPlan, Masker};
 use ostiary_wire::pg::query::{QueryOutcome, SimpleQuery as RsSimpleQuery};
-use ostiary_wire::pg::relay::{BackendEvent, Gate, Verdict};
+use ostiary_wire::pg::relay::{BackendEvent, Gate, Remember, Verdict};
 use ostiary_wire::pg::scram::SaltedPasswordCache;
 use ostiary_wire::pg::startup::{self, StartupPacket};
 use ostiary_wire::{Limits, WireError};
@@ -564,8 +564,10 @@ impl Engine {
         self.inner.adopt(spec).map_err(CoreError::new_err)
     }
 
-    /// Answers a held statement. Returns False if the session has ended.
-    #[pyo3(signature = (session, seq, allow, code = "42501", message = "", remember = false))]
+    /// Answers a held statement. Returns False if the session has ended. `remember`: False (ask
+    /// again), True (for every statement with the same gate key: text, or shape under "shapes"),
+    /// or "text" (for this exact text only).
+    #[pyo3(signature = (session, seq, allow, code = "42501", message = "", remember = RememberArg::Flag(false)))]
     fn verdict(
         &self,
         session: u64,
@@ -573,8 +575,17 @@ impl Engine {
         allow: bool,
         code: &str,
         message: &str,
-        remember: bool,
-    ) -> bool {
+        remember: RememberArg,
+    ) -> PyResult<bool> {
+        let remember = match remember {
+            RememberArg::Flag(b) => Remember::from(b),
+            RememberArg::Word(w) if w == "text" => Remember::Text,
+            RememberArg::Word(w) => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "remember must be True, False or \"text\", not {w:?}"
+                )))
+            }
+        };
         let verdict = if allow {
             Verdict::Allow
         } else {
@@ -583,14 +594,14 @@ impl Engine {
                 message: message.into(),
             }
         };
-        self.inner.command(
+        Ok(self.inner.command(
             session,
             Command::Verdict {
                 seq,
                 verdict,
                 remember,
             },
-        )
+        ))
     }
 
     /// Ends sessions at their next idle point; `session=None` means all. Returns how many.
@@ -680,6 +691,12 @@ impl Engine {
         }
         Ok(out)
     }
+}
+
+#[derive(FromPyObject)]
+enum RememberArg {
+    Flag(bool),
+    Word(String),
 }
 
 type MaskArg<'py> = (

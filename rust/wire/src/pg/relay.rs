@@ -74,6 +74,27 @@ pub struct Statement {
     pub text: String,
 }
 
+/// Whether a verdict is remembered in the session, and for which statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remember {
+    /// Ask again next time.
+    No,
+    /// For every statement with the same gate key (the text, or the shape under `ConsultBy`).
+    Key,
+    /// For the same text only (under `ConsultBy`: a verdict that depends on the constants).
+    Text,
+}
+
+impl From<bool> for Remember {
+    fn from(b: bool) -> Self {
+        if b {
+            Remember::Key
+        } else {
+            Remember::No
+        }
+    }
+}
+
 /// The control plane's answer for a held statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -240,8 +261,8 @@ pub struct SessionRelay {
     front: Framer,
     back: Framer,
     /// The statement waiting for a verdict, its raw message, and its verdict-cache key.
-    held: Option<(Statement, Vec<u8>, (StatementKind, String))>,
-    verdicts: HashMap<(StatementKind, String), Verdict>,
+    held: Option<(Statement, Vec<u8>, VerdictKey)>,
+    verdicts: HashMap<VerdictKey, Verdict>,
     verdict_bytes: usize,
     next_seq: u64,
     /// Markers of denied statements in flight, with the error to show instead of theirs.
@@ -258,6 +279,10 @@ pub struct SessionRelay {
 }
 
 const DENY_MARKER: &str = "ostiary_denied_";
+
+/// A verdict-cache key: the kind, whether the string is the exact text (rather than the gate's key,
+/// a shape under `ConsultBy`), and the string.
+type VerdictKey = (StatementKind, bool, String);
 
 impl SessionRelay {
     pub fn new(limits: Limits, gate: Gate, report: bool) -> Self {
@@ -452,12 +477,15 @@ impl SessionRelay {
                 return Ok(None);
             }
         }
-        let key = match self.gate {
-            Gate::ConsultBy(key_of) => key_of(&statement.text),
-            _ => statement.text.clone(),
+        let (key, exact) = match self.gate {
+            Gate::ConsultBy(key_of) => {
+                let exact = (kind, true, statement.text.clone());
+                (key_of(&statement.text), self.verdicts.get(&exact).cloned())
+            }
+            _ => (statement.text.clone(), None),
         };
-        let key = (kind, key);
-        match self.verdicts.get(&key).cloned() {
+        let key = (kind, false, key);
+        match exact.or_else(|| self.verdicts.get(&key).cloned()) {
             Some(v) => {
                 self.apply(&statement, raw, &v, out)?;
                 Ok(None)
@@ -470,12 +498,12 @@ impl SessionRelay {
     }
 
     /// Applies the control plane's verdict to the held statement, appending what goes upstream to
-    /// `out`. With `remember`, the verdict is cached for the same kind and text in this session.
+    /// `out`, and caches it in this session as `remember` says (a bool means `Key` or `No`).
     pub fn resolve(
         &mut self,
         seq: u64,
         verdict: Verdict,
-        remember: bool,
+        remember: impl Into<Remember>,
         out: &mut Vec<u8>,
     ) -> Result<(), WireError> {
         let Some((statement, raw, key)) = self.held.take() else {
@@ -489,8 +517,15 @@ impl SessionRelay {
                 format!("verdict for statement {seq}, but {got} is held"),
             ));
         }
-        if remember {
-            let size = key.1.len();
+        let key = match remember.into() {
+            Remember::No => None,
+            Remember::Key => Some(key),
+            // Without shapes, the gate's key is the text already.
+            Remember::Text if !matches!(self.gate, Gate::ConsultBy(_)) => Some(key),
+            Remember::Text => Some((key.0, true, statement.text.clone())),
+        };
+        if let Some(key) = key {
+            let size = key.2.len();
             if self.verdicts.len() >= VERDICT_CACHE_ENTRIES
                 || self.verdict_bytes + size > VERDICT_CACHE_BYTES
             {
@@ -736,6 +771,42 @@ mod tests {
             assert_eq!(out, whole, "chunk size {chunk}");
         }
         assert_eq!(whole, input);
+    }
+
+    #[test]
+    fn verdicts_remembered_per_text_under_shapes_hold_for_that_text_only() {
+        fn shape(t: &str) -> String {
+            t.chars().filter(|c| !c.is_ascii_digit()).collect()
+        }
+        let mut r = SessionRelay::new(Limits::default(), Gate::ConsultBy(shape), false);
+        let mut out = Vec::new();
+        let hold = |r: &mut SessionRelay, q: &str, out: &mut Vec<u8>| match r
+            .feed_frontend(&frontend::query(q), out)
+            .unwrap()
+        {
+            FrontendStop::Hold { statement, .. } => Some(statement.seq),
+            FrontendStop::Consumed => None,
+        };
+        let seq = hold(&mut r, "set x = 1", &mut out).expect("first time: held");
+        r.resolve(seq, Verdict::Allow, Remember::Text, &mut out)
+            .unwrap();
+        assert_eq!(
+            hold(&mut r, "set x = 1", &mut out),
+            None,
+            "same text: remembered"
+        );
+        let seq = hold(&mut r, "set x = 2", &mut out).expect("same shape, other text: asked");
+        r.resolve(seq, Verdict::Allow, Remember::Key, &mut out)
+            .unwrap();
+        assert_eq!(
+            hold(&mut r, "set x = 3", &mut out),
+            None,
+            "remembered per shape"
+        );
+        let seq = hold(&mut r, "begin", &mut out).expect("held");
+        r.resolve(seq, Verdict::Allow, Remember::No, &mut out)
+            .unwrap();
+        assert!(hold(&mut r, "begin", &mut out).is_some(), "not remembered");
     }
 
     #[test]
