@@ -81,6 +81,7 @@ def test_rule_problems() -> None:
     assert [f for f, _ in rule_problems(MaskingRule(name="x", pattern="(?=a)b"))] == ["pattern"]
     assert [f for f, _ in rule_problems(MaskingRule(name="x", pattern="a?"))] == ["pattern"]
     assert [f for f, _ in rule_problems(MaskingRule(name="x", columns=["a..b"]))] == ["columns"]
+    assert [f for f, _ in rule_problems(MaskingRule(name="x", columns=["card_[0-9]"]))] == ["columns"]
     assert [f for f, _ in rule_problems(MaskingRule(name="x", detectors=["card"], mask_char="\\"))] == [
         "mask_char"
     ]

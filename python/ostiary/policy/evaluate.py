@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import re2
 
 from ostiary.identity import Identity, printable
+from ostiary.policy.globs import glob_to_re2
 from ostiary.policy.masking import SessionMasking, compile_rules
 from ostiary.policy.model import (
     READ_ONLY_DENIED_EFFECTS,
@@ -55,31 +56,6 @@ PENDING_FIELDS = ("approvals",)
 def policy_version(raw: bytes) -> str:
     """The version of a policy: sha256 of the files' names and bytes, shown in logs and audit."""
     return hashlib.sha256(raw).hexdigest()
-
-
-def glob_to_re2(pattern: str) -> str:
-    """An RE2 pattern for a glob: ``*`` any characters (``/`` included), ``?`` one, ``[...]`` and
-    ``[!...]`` a class; everything else literal. Used with full-match semantics."""
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "*":
-            out.append(".*")
-        elif c == "?":
-            out.append(".")
-        elif (
-            c == "["
-            and (end := pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)) > 0
-        ):
-            body = pattern[i + 1 : end]
-            negate = body.startswith("!")
-            body = body[1:] if negate else body
-            out.append("[" + ("^" if negate else "") + body.replace("\\", "\\\\") + "]")
-            i = end
-        else:
-            out.append(re2.escape(c))
-        i += 1
-    return "".join(out)
 
 
 def _values_pattern(values: list[str]) -> str:

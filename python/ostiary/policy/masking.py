@@ -20,6 +20,7 @@ from typing import Any
 import re2
 
 from ostiary import _core
+from ostiary.policy.globs import glob_to_re2
 from ostiary.policy.model import MaskingRule
 
 # Relations whose columns can appear in results: tables, partitioned tables, views, materialized
@@ -43,9 +44,8 @@ def _glob_posix(glob: str) -> str:
 
 
 def _glob_re2(glob: str) -> Any:
-    return re2.compile(
-        "(?i)" + "".join(".*" if c == "*" else "." if c == "?" else re2.escape(c) for c in glob)
-    )
+    # Column globs take * and ? only (rule_problems), as the data path's name matching does.
+    return re2.compile("(?i)" + glob_to_re2(glob))
 
 
 # What Engine.adopt(mask=...) takes.
@@ -75,6 +75,8 @@ def column_glob_problem(text: str) -> str | None:
     parts = text.split(".")
     if not text or any(not p for p in parts) or len(parts) > 3:
         return "a column glob is column, table.column or schema.table.column"
+    if "[" in text or "]" in text:
+        return "column globs take * and ? (no [...] classes)"
     return None
 
 
