@@ -5,8 +5,8 @@ their speed drifts, but pgbouncer and the gateway drift together when they are i
 
 What it measures (the quick variant, a few minutes; ``--full`` for release checks):
 
-* pgbench -S with 8 clients, simple and extended protocol, and connection churn (pgbench -C -S, a new
-  authenticated session per transaction), through pgbouncer and the gateway, interleaved;
+* pgbench -S with 8 clients, simple and extended protocol, through pgbouncer and the gateway,
+  interleaved (connection churn is too sensitive to the machine's load to gate; see UNGATED);
 * per case, two ratios against pgbouncer: throughput (``tps``: the gateway's TPS / pgbouncer's, the
   median of the per-round ratios) and CPU (``cpu``: the gateway process's CPU per transaction /
   pgbouncer's, over all rounds). CPU is the steadier figure and the one a slower data path moves
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 BASELINE = REPO / "bench" / "baseline.json"
 
 QUICK = [
-    "--workloads", "select-only,churn",
+    "--workloads", "select-only",
     "--modes", "simple,extended",
     "--clients", "8",
     "--rounds", "3",
@@ -50,7 +50,7 @@ QUICK = [
     "--targets", "direct,pgbouncer,ostiary",
 ]  # fmt: skip
 FULL = [
-    "--workloads", "select-only,tpcb,churn",
+    "--workloads", "select-only,tpcb",
     "--modes", "simple,extended",
     "--clients", "1,8,32",
     "--rounds", "4",
@@ -65,9 +65,11 @@ MIN_TOLERANCE = 0.12
 # A regression of 25 % must always fail: tolerances are capped below it.
 MAX_TOLERANCE = 0.18
 # Metrics too noisy to gate: connection churn's throughput swings by ±30 % between runs on these
-# machines (pgbench's own SCRAM work per connection competes for the two cores); its CPU per
-# session is steady and gated.
-UNGATED = {("churn", "tps")}
+# machines (pgbench's own SCRAM work per connection competes for the two cores), and its CPU per
+# session, steady within 6 % on a quiet machine, rose 16 % under a load average of 4 on unchanged
+# code (the Python startup path suffers more from contention than pgbouncer does). Churn is reported
+# by bench/e2e.py, not gated.
+UNGATED = {("churn", "tps"), ("churn", "cpu")}
 
 
 def say(msg: str) -> None:
