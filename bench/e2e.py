@@ -955,6 +955,28 @@ def masking_large(targets: dict[str, Target], rounds: int, expected: int) -> dic
     return {"checks": checks, "runs": runs, "summary": summary}
 
 
+def start_cluster(
+    work: Path, auth: str, max_connections: int, db_password: str, stack: contextlib.ExitStack
+) -> tuple[PgCluster, Target]:
+    """The throwaway PostgreSQL of a run (stopped with ``stack``), its role and database ``bench``."""
+    say(f"PostgreSQL: initdb in {work / 'pg'} (max_connections {max_connections})")
+    cluster = PgCluster(
+        work / "pg",
+        tls=False,
+        auth=auth,
+        extra_conf={
+            "max_connections": str(max_connections),
+            "shared_buffers": "256MB",
+            "log_connections": "off",
+        },
+    )
+    stack.callback(cluster.stop)
+    cluster.start()
+    cluster.create_role(DB_USER, db_password)
+    cluster.create_database(DB, owner=DB_USER)
+    return cluster, Target("direct", cluster.port, DB_USER, db_password, None)
+
+
 def run_masking_large(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]:
     """The ``--masking-large`` workload alone: a table of ``--masking-rows`` rows of mixed text,
     ``select *`` through psql via direct, pgbouncer, the gateway and the gateway with masking."""
@@ -970,22 +992,7 @@ def run_masking_large(args: argparse.Namespace, stack: contextlib.ExitStack) -> 
     db_password = secrets.token_urlsafe(18)
     client_password = secrets.token_urlsafe(18)
     max_connections = 100
-    say(f"PostgreSQL: initdb in {work / 'pg'}")
-    cluster = PgCluster(
-        work / "pg",
-        tls=False,
-        auth=args.auth,
-        extra_conf={
-            "max_connections": str(max_connections),
-            "shared_buffers": "256MB",
-            "log_connections": "off",
-        },
-    )
-    stack.callback(cluster.stop)
-    cluster.start()
-    cluster.create_role(DB_USER, db_password)
-    cluster.create_database(DB, owner=DB_USER)
-    direct = Target("direct", cluster.port, DB_USER, db_password, None)
+    cluster, direct = start_cluster(work, args.auth, max_connections, db_password, stack)
     say(f"loading {args.masking_rows:,} rows into {MASK_TABLE}")
     table = load_masking_table(direct, args.masking_rows, corpus)
     say(f"  {table}")
@@ -1389,22 +1396,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
     db_password = secrets.token_urlsafe(18)
     client_password = secrets.token_urlsafe(18)
     max_connections = max(300, args.idle + 150)
-    say(f"PostgreSQL: initdb in {work / 'pg'} (max_connections {max_connections})")
-    cluster = PgCluster(
-        work / "pg",
-        tls=False,
-        auth=args.auth,
-        extra_conf={
-            "max_connections": str(max_connections),
-            "shared_buffers": "256MB",
-            "log_connections": "off",
-        },
-    )
-    stack.callback(cluster.stop)
-    cluster.start()
-    cluster.create_role(DB_USER, db_password)
-    cluster.create_database(DB, owner=DB_USER)
-    direct = Target("direct", cluster.port, DB_USER, db_password, None)
+    cluster, direct = start_cluster(work, args.auth, max_connections, db_password, stack)
     say(f"pgbench -i -s {args.scale}")
     init = subprocess.run(
         ["pgbench", "-i", "-q", "-s", str(args.scale)],

@@ -3,6 +3,7 @@ from typing import Any, Literal, Self, final
 
 __version__: str
 __all__ = [
+    "MASK_DETECTORS",
     "ClientHandshake",
     "CoreError",
     "Engine",
@@ -142,6 +143,8 @@ def analyze_sql(sql: str) -> list[dict[str, Any]]: ...
 def statement_shape(sql: str) -> str: ...
 
 class MaskError(CoreError): ...
+
+MASK_DETECTORS: list[str]
 
 @final
 class MaskSet:
