@@ -118,6 +118,53 @@ class Shutdown(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     close_idle: bool = False
 
 
+class AuditRecordings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Session recordings: each session's statements and what its client received (after masking),
+    at most ``max_rows`` rows per statement and ``max_field`` bytes per value, in
+    ``<data_dir>/recordings``."""
+
+    enabled: bool = True
+    max_rows: int = 100
+    max_field: int = 1024
+
+
+class Audit(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The tamper-evident audit trail. Every record carries the SHA-256 of the one before it (one
+    chain per gateway, the *writer*), and the writer signs a checkpoint of its chain with Ed25519
+    every ``checkpoint_interval`` seconds (key: ``signing_key_file``, else
+    ``<data_dir>/audit/signing.key``).
+
+    ``mode: async`` writes records in batches off the data path; a crash loses at most the records
+    of the last ``flush_interval`` seconds. ``mode: sync`` writes each statement's record durably
+    before the statement is sent to the server (its result can only follow). ``store: sqlite`` keeps
+    the trail in ``path`` (default ``<data_dir>/audit.db``); ``store: postgres`` in the database of
+    ``dsn``/``dsn_env``/``dsn_file``, shared by a fleet. When the store cannot be written,
+    ``on_failure: refuse`` refuses new statements and logins until it can again; ``spool`` keeps
+    writing to ``<data_dir>/audit/spool`` and replays into the store when it returns. ``statements``
+    records the statement text, its fingerprint (shape with constants replaced) or neither, at most
+    ``max_text`` bytes of it. ``retention_days`` purges older records (the purge is signed, the rest
+    of the chain still verifies)."""
+
+    enabled: bool = True
+    mode: Literal["async", "sync"] = "async"
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    path: str | None = None
+    dsn: str | None = None
+    dsn_env: str | None = None
+    dsn_file: str | None = None
+    statements: Literal["text", "fingerprint", "none"] = "text"
+    max_text: int = 4096
+    flush_interval: float = 0.2
+    checkpoint_interval: float = 10.0
+    on_failure: Literal["refuse", "spool"] = "refuse"
+    max_pending: int = 200_000
+    sync_timeout: float = 10.0
+    retention_days: float | None = None
+    signing_key_file: str | None = None
+    writer_name: str | None = None
+    recordings: AuditRecordings = msgspec.field(default_factory=AuditRecordings)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole file: the gateway process (listen ... shutdown, read at start) and the policy
     (issuers ... approvals, swapped atomically on reload)."""
@@ -129,6 +176,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tls: ClientTls | None = None
     limits: Limits = msgspec.field(default_factory=Limits)
     shutdown: Shutdown = msgspec.field(default_factory=Shutdown)
+    audit: Audit = msgspec.field(default_factory=Audit)
     dev: Dev = msgspec.field(default_factory=Dev)
     issuers: list[Issuer] = msgspec.field(default_factory=list)
     clients: list[Client] = msgspec.field(default_factory=list)
@@ -163,7 +211,16 @@ LIST_SECTIONS = (
     "approvals",
 )
 # Keys read only when the gateway starts; a reload that changes them reports that a restart is needed.
-PROCESS_SECTIONS = ("listen", "data_dir", "masking_key_file", "workers", "tls", "limits", "shutdown")
+PROCESS_SECTIONS = (
+    "listen",
+    "data_dir",
+    "masking_key_file",
+    "workers",
+    "tls",
+    "limits",
+    "shutdown",
+    "audit",
+)
 
 SECRET_SOURCES = ("password", "password_env", "password_file", "password_ref")
 
@@ -200,6 +257,26 @@ def resolve_secret(obj: Credential | Client) -> str:
     raise KeyError("no password source")
 
 
+def audit_problems(a: Audit) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if a.store == "postgres" and sum(x is not None for x in (a.dsn, a.dsn_env, a.dsn_file)) != 1:
+        problems.append(("audit.store", "store: postgres needs exactly one of dsn, dsn_env, dsn_file"))
+    if a.store == "sqlite" and any(x is not None for x in (a.dsn, a.dsn_env, a.dsn_file)):
+        problems.append(("audit.dsn", "dsn, dsn_env and dsn_file are for store: postgres"))
+    for name in ("flush_interval", "checkpoint_interval", "sync_timeout"):
+        if getattr(a, name) <= 0:
+            problems.append((f"audit.{name}", "must be positive"))
+    if a.max_text < 64:
+        problems.append(("audit.max_text", "must be at least 64 bytes"))
+    if a.max_pending < 1000:
+        problems.append(("audit.max_pending", "must be at least 1000 records"))
+    if a.retention_days is not None and a.retention_days <= 0:
+        problems.append(("audit.retention_days", "must be positive (leave it out to keep everything)"))
+    if a.recordings.max_rows < 0 or a.recordings.max_field < 16:
+        problems.append(("audit.recordings", "max_rows must be >= 0 and max_field >= 16"))
+    return problems
+
+
 def _check(cfg: Config, base: Path) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     if not 0 <= cfg.listen.port <= 65535:
@@ -211,6 +288,7 @@ def _check(cfg: Config, base: Path) -> list[tuple[str, str]]:
             value = getattr(cfg.tls, field)
             if value is not None and not (base / value).is_file():
                 problems.append((f"tls.{field}", f"file {value} does not exist"))
+    problems += audit_problems(cfg.audit)
     lim = cfg.limits
     if lim.max_statement > lim.max_message:
         problems.append(("limits.max_statement", "cannot exceed limits.max_message"))
@@ -230,6 +308,9 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
 
     cfg.data_dir = str(fix(cfg.data_dir))
     cfg.masking_key_file = fix(cfg.masking_key_file)
+    cfg.audit.path = fix(cfg.audit.path)
+    cfg.audit.dsn_file = fix(cfg.audit.dsn_file)
+    cfg.audit.signing_key_file = fix(cfg.audit.signing_key_file)
     if cfg.tls is not None:
         cfg.tls.cert = str(fix(cfg.tls.cert))
         cfg.tls.key = str(fix(cfg.tls.key))

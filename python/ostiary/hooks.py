@@ -64,6 +64,9 @@ class AuthAttempt:
     grant: str = ""
     chain: tuple[str, ...] = ()
     policy_version: str = ""
+    # The first 32 hex digits of the SHA-256 of the token presented (never the token; empty for
+    # static passwords and certificates).
+    credential_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,14 +99,16 @@ class Decision:
     code: str = "42501"
     message: str = ""
     remember: bool | Literal["text"] = False
+    # What decided it (a guardrail, the grant's access ...), for the audit trail.
+    rule: str = ""
 
     @staticmethod
     def allowed(remember: bool | Literal["text"] = True) -> Decision:
         return Decision(True, remember=remember)
 
     @staticmethod
-    def denied(message: str, code: str = "42501") -> Decision:
-        return Decision(False, code=code, message=message)
+    def denied(message: str, code: str = "42501", rule: str = "") -> Decision:
+        return Decision(False, code=code, message=message, rule=rule)
 
 
 # Which statements of a session reach ``StatementHook.decide``: none, every one (verdicts can be

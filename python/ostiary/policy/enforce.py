@@ -49,7 +49,8 @@ class PolicyHook:
         if policy is not None and policy.guarded:
             if statement.kind == "function_call":
                 return Decision.denied(
-                    "function-call: fast-path function calls carry no SQL to judge and are refused"
+                    "function-call: fast-path function calls carry no SQL to judge and are refused",
+                    rule="function-call",
                 )
             d = policy.judge(statement.text)
             # Remembered per shape in "shapes" sessions only when the verdict holds for every text of
@@ -57,16 +58,21 @@ class PolicyHook:
             remember: bool | Literal["text"] = True if d.by_shape or policy.by_text else "text"
             if d.allow:
                 return Decision.allowed(remember=remember)
-            return Decision(False, code="42501", message=f"{d.rule}: {d.message}", remember=remember)
+            return Decision(
+                False, code="42501", message=f"{d.rule}: {d.message}", remember=remember, rule=d.rule
+            )
         if policy is not None and policy.masking is not None:
             d = policy.copy_check(statement.text)
             if not d.allow:
-                return Decision(False, code="42501", message=f"{d.rule}: {d.message}", remember=True)
+                return Decision(
+                    False, code="42501", message=f"{d.rule}: {d.message}", remember=True, rule=d.rule
+                )
             if session.access != "read-only":
                 return Decision.allowed(remember=True)
         if _core.may_leave_read_only(statement.text):
             return Decision.denied(
                 f"grant {session.grant} is read-only: statements that could turn read-only mode off "
-                "(READ WRITE, transaction_read_only, set_config, DO, dblink, U&) are refused"
+                "(READ WRITE, transaction_read_only, set_config, DO, dblink, U&) are refused",
+                rule="read-only",
             )
         return Decision.allowed(remember=True)

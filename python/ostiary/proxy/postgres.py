@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ostiary import _core
+from ostiary.audit.log import token_id
 from ostiary.config import resolve_secret
 from ostiary.errors import AuthenticationFailed, UpstreamUnavailable
 from ostiary.hooks import AuthAttempt, SessionInfo, peer_ip
@@ -166,6 +167,7 @@ class PostgresStartup:
         self.connection = ""
         self.identity: Identity | None = None
         self.chain: tuple[str, ...] = ()
+        self.credential_id = ""
         self.policy: CompiledPolicy = gw.policy
 
     def _report(self, outcome: str, code: str = "", reason: str = "", grant: str = "") -> None:
@@ -185,6 +187,7 @@ class PostgresStartup:
                 grant=grant,
                 chain=self.chain,
                 policy_version=self.policy.version,
+                credential_id=self.credential_id,
             )
         )
 
@@ -243,6 +246,7 @@ class PostgresStartup:
         identity, conn, grant = admitted
         if self.gw.draining:
             raise Refusal("57P03", "the gateway is shutting down")
+
         upstream, ready, upstream_prefix = await _connect_upstream(self.gw, conn, self.params, grant)
         try:
             await self._welcome(identity, conn, grant, upstream, ready, upstream_prefix)
@@ -269,6 +273,9 @@ class PostgresStartup:
             ev = await self._next_event()
             secret = ev[1]
             assert ev[0] == "password" and isinstance(secret, bytes)
+            if secret.count(b".") == 2 and len(secret) > 32:
+                # Shaped like a JWT: the trail keeps its hash, never a static password's.
+                self.credential_id = token_id(secret)
             identity = await auth.by_password(hello, secret)
             self.method = identity.method
         self.identity = identity
@@ -316,6 +323,11 @@ class PostgresStartup:
                 self.params = {str(k).lower(): str(v) for k, v in params}
                 conn = self._check_startup()
                 identity = await self._authenticate(conn)
+                if self.gw.audit is not None and not self.gw.audit.accepting:
+                    raise AuthenticationFailed(
+                        "57P03",
+                        "the gateway's audit trail is unavailable; sessions are refused until it is back",
+                    )
                 grant = self._admit(identity, conn)
                 return identity, conn, grant
             else:
@@ -440,6 +452,7 @@ class PostgresStartup:
                 consult=gw.statement_hook.consult(info),
                 report=gw.observer.report,
                 mask=mask,
+                audit=gw.audit_spec,
             )
         except BaseException:
             gw.forget_session(session_id)

@@ -33,6 +33,7 @@ import trio
 
 from ostiary import _core
 from ostiary import config as configmod
+from ostiary.audit.log import AuditEvents, AuditLog
 from ostiary.config import Config
 from ostiary.errors import ConfigError
 from ostiary.hooks import AuthAttempt, NoObserver, SessionInfo, SessionObserver, StatementHook, StatementInfo
@@ -115,12 +116,24 @@ class Gateway:
             max_statement=lim.max_statement,
             fault_spin_us=fault_spin,
         )
+        self._ids = itertools.count(1)
+        self.sessions: dict[int, SessionInfo] = {}
+        # The audit trail (None when ``audit.enabled`` is false). Opening it fails the start when
+        # its store cannot be opened: a gateway that cannot record does not serve.
+        self.audit: AuditLog | None = None
+        self.audit_events: AuditEvents | None = None
+        self.audit_spec: tuple[int, bool] | None = None
+        if config.audit.enabled:
+            self.audit = AuditLog(config)
+            self.audit.engine = self.engine
+            self.audit.sessions = self.sessions
+            self.audit_events = AuditEvents(self.audit)
+            self.audit_spec = (config.audit.max_text, config.audit.mode == "sync")
+            self.audit_events.policy(self.policy.version, config_path or "", True, "", "start")
         self.client_tls: _core.TlsServerConfig | None = None
         if config.tls is not None:
             self.client_tls = _core.TlsServerConfig(config.tls.cert, config.tls.key, config.tls.client_ca)
         self._upstream_tls: dict[str, _core.TlsClientConfig] = {}
-        self._ids = itertools.count(1)
-        self.sessions: dict[int, SessionInfo] = {}
         self._cancel: dict[tuple[int, int], CancelTarget] = {}
         self._cancel_by_session: dict[int, tuple[int, int]] = {}
         self._startups = 0
@@ -146,6 +159,8 @@ class Gateway:
         key = (cancel.process_id, cancel.secret_key)
         self._cancel[key] = cancel
         self._cancel_by_session[info.id] = key
+        if self.audit_events is not None:
+            self.audit_events.session_started(info)
         self.observer.session_started(info)
         if max_session is not None and self._background is not None:
             scope = trio.CancelScope()
@@ -156,6 +171,13 @@ class Gateway:
         with scope:
             await trio.sleep(seconds)
             log.info("session %d: reached max_session of grant %s (%g s)", info.id, info.grant, seconds)
+            if self.audit_events is not None and self.audit is not None:
+                self.audit_events.admin(
+                    "session_ended_max_duration",
+                    session=self.audit.session_ref(info.id),
+                    grant=info.grant,
+                    max_session_s=seconds,
+                )
             self.engine.terminate(
                 info.id,
                 "57P01",
@@ -194,6 +216,8 @@ class Gateway:
                 attempt.code,
                 attempt.reason,
             )
+        if self.audit_events is not None:
+            self.audit_events.authentication(attempt)
         self.observer.authentication(attempt)
 
     # -- identity and policy -----------------------------------------------------------------------
@@ -241,6 +265,8 @@ class Gateway:
             new = configmod.parse(data, path, base, marks)
         except ConfigError as e:
             log.error("policy reload rejected; version %s stays in force:\n%s", self.policy.version[:12], e)
+            if self.audit_events is not None:
+                self.audit_events.policy("", path, False, str(e), "reload")
             self.observer.policy_changed("", path, False, str(e))
             return False
         restart = [k for k in configmod.PROCESS_SECTIONS if getattr(new, k) != getattr(self.config, k)]
@@ -254,6 +280,9 @@ class Gateway:
         self.policy = CompiledPolicy(new, version, self.mask_key)
         self._upstream_tls.clear()
         log.info("policy version %s applied (was %s)", version[:12], old.version[:12])
+        if self.audit_events is not None:
+            detail = f"was {old.version}" + (f"; needs a restart: {', '.join(restart)}" if restart else "")
+            self.audit_events.policy(version, path, True, detail, "reload")
         self.observer.policy_changed(version, path, True, "")
         self._recheck_sessions(old)
         return True
@@ -274,6 +303,10 @@ class Gateway:
             else:
                 continue
             log.info("session %d: %s", info.id, why)
+            if self.audit_events is not None and self.audit is not None:
+                self.audit_events.admin(
+                    "session_ended_by_policy", session=self.audit.session_ref(info.id), reason=why
+                )
             self.engine.terminate(info.id, "28000", f"terminating connection: {why}")
 
     async def _watch_policy(self) -> None:
@@ -387,6 +420,10 @@ class Gateway:
 
     def _dispatch(self, ev: tuple[Any, ...], spawn: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
         kind, session = ev[0], ev[1]
+        if kind == "audit":
+            if self.audit is not None:
+                self.audit.engine_batch(session, ev[2], ev[3])
+            return
         info = self.sessions.get(session)
         if kind == "ended":
             _, _, reason, detail, stats = ev
@@ -395,6 +432,8 @@ class Gateway:
                 masking = gone.policy.masking if gone.policy is not None else None
                 stats["masked"] = dict(zip(masking.names, stats["masked"], strict=True)) if masking else {}
                 gone.stats = stats
+                if self.audit_events is not None:
+                    self.audit_events.session_ended(gone, reason, detail, {})
                 self.observer.session_ended(gone, reason, detail)
                 log.info(
                     "session %d ended: %s%s (%.1f s, %d statements, %d rows%s)",
@@ -426,7 +465,9 @@ class Gateway:
                         "the gateway could not decide on this statement",
                     )
                     return
-                self.engine.verdict(session, statement.seq, d.allow, d.code, d.message, d.remember)
+                self.engine.verdict(
+                    session, statement.seq, d.allow, d.code, d.message, d.remember, rule=d.rule
+                )
                 log.log(
                     logging.DEBUG if d.allow else logging.INFO,
                     "session %d: statement %d (fingerprint %s) decided: %s%s: %s",
@@ -454,6 +495,8 @@ class Gateway:
 
     def stop(self) -> None:
         """Begins a graceful shutdown (idempotent)."""
+        if not self.draining and self.audit_events is not None:
+            self.audit_events.admin("shutdown", sessions=self.engine.session_count())
         self.draining = True
         self._stop.set()
 
@@ -481,6 +524,8 @@ class Gateway:
                 self._background.start_soon(self._run_cache, issuer)
             nursery.start_soon(self._events)
             nursery.start_soon(self._watch_policy)
+            if self.audit is not None:
+                await nursery.start(self.audit.run)
             if handle_signals:
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._hangups)
@@ -497,6 +542,8 @@ class Gateway:
             # Let the final "ended" events be seen, then stop the event loop.
             await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
+        if self.audit is not None:
+            await self.audit.close()
 
 
 async def _background_nursery(task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:

@@ -26,8 +26,9 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ostiary_wire::pg::audit::{AuditEntry, AuditTrack};
 use ostiary_wire::pg::backend::{self, ErrorFields};
 use ostiary_wire::pg::frontend;
 use ostiary_wire::pg::masking::MaskPlan;
@@ -53,6 +54,9 @@ pub struct EngineConfig {
     pub event_capacity: usize,
     /// Fault injection for the perf gate's self-test: CPU burnt per chunk scanned (zero: none).
     pub fault_spin: Duration,
+    /// How long audit entries may wait in a worker before they are handed to the control plane
+    /// (a worker also hands them over once it holds `AUDIT_BATCH`).
+    pub audit_flush: Duration,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +66,7 @@ impl Default for EngineConfig {
             limits: Limits::default(),
             event_capacity: 65_536,
             fault_spin: Duration::ZERO,
+            audit_flush: Duration::from_millis(20),
         }
     }
 }
@@ -81,7 +86,21 @@ pub struct SessionSpec {
     pub report: bool,
     /// Masking of what the server sends, if the session's rules ask for it.
     pub mask: Option<MaskPlan>,
+    /// Statement entries for the audit trail, if it is on.
+    pub audit: Option<AuditSpec>,
 }
+
+#[derive(Debug, Clone, Copy)]
+pub struct AuditSpec {
+    /// Bytes of statement text and parameters kept per entry.
+    pub max_text: usize,
+    /// Sync mode: what the client sends is held until the control plane reports the entries of
+    /// its statements durable (`Command::AuditDurable`).
+    pub write_ahead: bool,
+}
+
+/// Audit entries a worker gathers before handing them over without waiting for `audit_flush`.
+pub const AUDIT_BATCH: usize = 512;
 
 #[derive(Debug, Clone)]
 pub enum Command {
@@ -94,6 +113,13 @@ pub enum Command {
     Drain { code: String, message: String },
     /// End the session now (at the next message boundary towards the client).
     Terminate { code: String, message: String },
+    /// The audit entries handed over with `ticket` (and all before) are durable: what the client
+    /// sent with them may go to the server.
+    AuditDurable { ticket: u64 },
+    /// The audit trail could not record them: what is held is dropped and the session ends.
+    AuditFailed { code: String, message: String },
+    /// Refuse every statement from now on with this error, or stop refusing (None).
+    Refuse { refusal: Option<(String, String)> },
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +131,12 @@ pub enum Event {
     Backend {
         session: u64,
         events: Vec<BackendEvent>,
+    },
+    /// Audit entries of one or more sessions (session id, entry), in the order they were made.
+    /// `ack` names a session waiting for `Command::AuditDurable` with this ticket.
+    Audit {
+        entries: Vec<(u64, AuditEntry)>,
+        ack: Option<(u64, u64)>,
     },
     Ended {
         session: u64,
@@ -299,6 +331,23 @@ fn worker(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        if let Some(i) = inner.upgrade() {
+            let every = i.config.audit_flush;
+            let weak = inner.clone();
+            drop(i);
+            tokio::task::spawn_local(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(inner) = weak.upgrade() else { break };
+                    let entries = AUDIT_BUF.with_borrow_mut(std::mem::take);
+                    if !entries.is_empty() {
+                        inner
+                            .push_waiting(Event::Audit { entries, ack: None })
+                            .await;
+                    }
+                }
+            });
+        }
         while let Some((spec, cmds)) = rx.recv().await {
             let Some(inner) = inner.upgrade() else { break };
             tokio::task::spawn_local(async move {
@@ -382,6 +431,8 @@ struct Scratch {
 }
 
 thread_local! {
+    /// Audit entries of this worker's sessions not yet handed to the control plane.
+    static AUDIT_BUF: RefCell<Vec<(u64, AuditEntry)>> = const { RefCell::new(Vec::new()) };
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
         read: vec![0u8; READ_BUF],
         plain: Vec::with_capacity(READ_BUF),
@@ -559,6 +610,18 @@ struct Session {
     drain: Option<Vec<u8>>,
     terminate: Option<Vec<u8>>,
     fault_spin: Duration,
+    audit: bool,
+    write_ahead: bool,
+    /// Sync audit: the last ticket handed over, and what waits for it to be durable.
+    ticket: u64,
+    stash: Vec<u8>,
+    waiting: bool,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Burns CPU for `d` (the perf gate's deliberate slowdown; zero in production).
@@ -587,8 +650,16 @@ impl Session {
                 if let Some(plan) = spec.mask {
                     relay.set_masking(plan);
                 }
+                if let Some(a) = spec.audit {
+                    relay.set_audit(AuditTrack::new(a.max_text, a.write_ahead));
+                }
                 relay
             },
+            audit: spec.audit.is_some(),
+            write_ahead: spec.audit.is_some_and(|a| a.write_ahead),
+            ticket: 0,
+            stash: Vec::new(),
+            waiting: false,
             pending: spec.client_prefix,
             upstream_prefix: spec.upstream_prefix,
             events: Vec::new(),
@@ -633,6 +704,20 @@ impl Session {
         }
         self.upstream.close().await;
         self.client.close().await;
+        if let Some(a) = self.relay.audit_mut() {
+            a.set_now(now_us());
+            a.finish();
+            let mine = a.take().into_iter().map(|e| (self.id, e));
+            let entries = AUDIT_BUF.with_borrow_mut(|b| {
+                b.extend(mine);
+                std::mem::take(b)
+            });
+            if !entries.is_empty() {
+                inner
+                    .push_waiting(Event::Audit { entries, ack: None })
+                    .await;
+            }
+        }
         (
             reason,
             detail,
@@ -655,7 +740,7 @@ impl Session {
         let (cfd, ufd) = (self.client.tcp.clone(), self.upstream.tcp.clone());
         let mut upstream_first = false;
         loop {
-            if !self.pending.is_empty() && !self.relay.is_holding() {
+            if !self.pending.is_empty() && !self.relay.is_holding() && !self.waiting {
                 let pending = std::mem::take(&mut self.pending);
                 let hold = SCRATCH
                     .with_borrow_mut(|s| self.scan_frontend(&pending, &mut s.out, &mut s.raw))?;
@@ -669,7 +754,8 @@ impl Session {
                 self.client.send(&bytes).await?;
                 return Ok(("terminated", String::new()));
             }
-            if self.drain.is_some() && self.relay.idle() && self.pending.is_empty() {
+            if self.drain.is_some() && self.relay.idle() && self.pending.is_empty() && !self.waiting
+            {
                 let bytes = self.drain.take().unwrap_or_default();
                 self.client.send(&bytes).await?;
                 return Ok(("drained", String::new()));
@@ -677,7 +763,7 @@ impl Session {
             if self.terminate.is_some() && deadline.is_none() {
                 deadline = Some(Box::pin(tokio::time::sleep(TERMINATE_GRACE)));
             }
-            let holding = self.relay.is_holding();
+            let holding = self.relay.is_holding() || self.waiting;
             // Alternate which side is looked at first so neither can starve the other.
             upstream_first = !upstream_first;
             // One hand-written poll instead of `select!`: readiness is polled in place (no waiter
@@ -719,7 +805,7 @@ impl Session {
             })
             .await?;
             match wake {
-                Wake::Command(Some(c)) => self.on_command(c).await?,
+                Wake::Command(Some(c)) => self.on_command(c, inner).await?,
                 Wake::Command(None) => return Ok(("terminated", "engine stopped".into())),
                 Wake::Client(mut ready) => {
                     let (outcome, hold, drained) = self.on_client_readable()?;
@@ -819,11 +905,14 @@ impl Session {
     ) -> Result<Option<Statement>, SessionError> {
         out.clear();
         spin(self.fault_spin);
+        if self.audit {
+            self.relay.set_now(now_us());
+        }
         let stop = self
             .relay
             .feed_frontend(data, out)
             .map_err(protocol("client"))?;
-        self.upstream.write_now(out, raw)?;
+        self.to_upstream(out, raw)?;
         Ok(match stop {
             FrontendStop::Consumed => None,
             FrontendStop::Hold {
@@ -845,10 +934,52 @@ impl Session {
     ) -> Result<(), SessionError> {
         out.clear();
         spin(self.fault_spin);
+        if self.audit {
+            self.relay.set_now(now_us());
+        }
         self.relay
             .feed_backend(data, out, &mut self.events)
             .map_err(protocol("server"))?;
         self.client.write_now(out, raw)
+    }
+
+    /// Writes what goes to the server, unless the sync audit trail must first make the entries of
+    /// these statements durable: then it waits in `stash` (in order) for `AuditDurable`.
+    fn to_upstream(&mut self, out: &[u8], raw: &mut Vec<u8>) -> Result<(), SessionError> {
+        let starts = self.relay.audit().map_or(0, |a| a.starts());
+        if self.write_ahead && (self.waiting || starts > 0) {
+            self.stash.extend_from_slice(out);
+            self.waiting = true;
+            return Ok(());
+        }
+        self.upstream.write_now(out, raw)
+    }
+
+    /// Hands the session's new audit entries to its worker's batch; with write-ahead entries (or a
+    /// full batch) the batch goes to the control plane now, with a ticket when this session waits.
+    async fn flush_audit(&mut self, inner: &Inner) {
+        let Some(a) = self.relay.audit_mut() else {
+            return;
+        };
+        if !a.has_entries() {
+            return;
+        }
+        let starts = a.starts() > 0;
+        let mine = a.take().into_iter().map(|e| (self.id, e));
+        let (entries, ack) = AUDIT_BUF.with_borrow_mut(|b| {
+            b.extend(mine);
+            if self.write_ahead && starts {
+                self.ticket += 1;
+                (std::mem::take(b), Some((self.id, self.ticket)))
+            } else if b.len() >= AUDIT_BATCH {
+                (std::mem::take(b), None)
+            } else {
+                (Vec::new(), None)
+            }
+        });
+        if !entries.is_empty() {
+            inner.push_waiting(Event::Audit { entries, ack }).await;
+        }
     }
 
     async fn after_frontend(
@@ -858,6 +989,9 @@ impl Session {
     ) -> Result<(), SessionError> {
         self.client.flush().await?;
         self.upstream.flush().await?;
+        if self.audit {
+            self.flush_audit(inner).await;
+        }
         if let Some(statement) = hold {
             inner
                 .push_waiting(Event::Statement {
@@ -872,6 +1006,9 @@ impl Session {
     async fn after_backend(&mut self, inner: &Inner) -> Result<(), SessionError> {
         self.upstream.flush().await?;
         self.client.flush().await?;
+        if self.audit {
+            self.flush_audit(inner).await;
+        }
         if self.report && !self.events.is_empty() {
             let events = std::mem::take(&mut self.events);
             inner
@@ -884,22 +1021,44 @@ impl Session {
         Ok(())
     }
 
-    async fn on_command(&mut self, cmd: Command) -> Result<(), SessionError> {
+    async fn on_command(&mut self, cmd: Command, inner: &Inner) -> Result<(), SessionError> {
         match cmd {
             Command::Verdict {
                 seq,
                 verdict,
                 remember,
             } => {
+                if self.audit {
+                    self.relay.set_now(now_us());
+                }
                 SCRATCH.with_borrow_mut(|s| {
                     s.out.clear();
                     self.relay
                         .resolve(seq, verdict, remember, &mut s.out)
                         .map_err(protocol("control plane"))?;
-                    self.upstream.write_now(&s.out, &mut s.raw)
+                    let out = std::mem::take(&mut s.out);
+                    let r = self.to_upstream(&out, &mut s.raw);
+                    s.out = out;
+                    r
                 })?;
                 self.upstream.flush().await?;
+                if self.audit {
+                    self.flush_audit(inner).await;
+                }
             }
+            Command::AuditDurable { ticket } => {
+                if self.waiting && ticket >= self.ticket {
+                    self.waiting = false;
+                    let stash = std::mem::take(&mut self.stash);
+                    SCRATCH.with_borrow_mut(|s| self.upstream.write_now(&stash, &mut s.raw))?;
+                    self.upstream.flush().await?;
+                }
+            }
+            Command::AuditFailed { code, message } => {
+                self.stash.clear();
+                self.terminate = Some(ErrorFields::new("FATAL", &code, &message).encode_error());
+            }
+            Command::Refuse { refusal } => self.relay.set_refusal(refusal),
             Command::Drain { code, message } => {
                 self.drain = Some(backend::error_response("FATAL", &code, &message));
             }

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use ostiary_mask::{MaskSet as RsMaskSet, Outcome, RuleSpec, Strategy};
 
-use ostiary_proxy::engine::{Command, Engine as RsEngine, EngineConfig, Event, SessionSpec};
+use ostiary_proxy::engine::{
+    AuditSpec, Command, Engine as RsEngine, EngineConfig, Event, SessionSpec,
+};
 use ostiary_proxy::tls::{self, TlsLayer};
 use ostiary_wire::pg::backend::{self, Authentication, ErrorFields};
 use ostiary_wire::pg::handshake::{self, ClientEvent, UpstreamStep};
@@ -470,19 +472,22 @@ impl Engine {
     #[new]
     /// `fault_spin_us` burns that much CPU per chunk scanned: fault injection for the perf gate's
     /// self-test, never for production.
-    #[pyo3(signature = (workers = 1, max_message = (1 << 30) - 1, max_statement = 16 * 1024 * 1024, event_capacity = 65_536, fault_spin_us = 0))]
+    /// `audit_flush_ms`: how long audit entries may wait in a worker before they are handed over.
+    #[pyo3(signature = (workers = 1, max_message = (1 << 30) - 1, max_statement = 16 * 1024 * 1024, event_capacity = 65_536, fault_spin_us = 0, audit_flush_ms = 20))]
     fn new(
         workers: usize,
         max_message: usize,
         max_statement: usize,
         event_capacity: usize,
         fault_spin_us: u64,
+        audit_flush_ms: u64,
     ) -> PyResult<Self> {
         let config = EngineConfig {
             workers,
             limits: limits(10_000, max_message, max_statement),
             event_capacity,
             fault_spin: std::time::Duration::from_micros(fault_spin_us),
+            audit_flush: std::time::Duration::from_millis(audit_flush_ms.max(1)),
         };
         Ok(Engine {
             inner: RsEngine::new(config)
@@ -507,7 +512,8 @@ impl Engine {
     /// (only statements that mention COPY), or "read-only-escapes+copy".
     /// `mask`: None, or (MaskSet, {(table oid, attnum): rule}, [(name glob, rule)],
     /// [(late name glob, rule)], max oid) from `ostiary.policy.masking`.
-    #[pyo3(signature = (session, client_fd, client_tls, client_prefix, upstream_fd, upstream_tls, upstream_prefix, consult = "never", report = false, mask = None))]
+    /// `audit`: None, or (max_text, write_ahead): the session's statements become "audit" events.
+    #[pyo3(signature = (session, client_fd, client_tls, client_prefix, upstream_fd, upstream_tls, upstream_prefix, consult = "never", report = false, mask = None, audit = None))]
     #[allow(clippy::too_many_arguments)]
     fn adopt(
         &self,
@@ -521,6 +527,7 @@ impl Engine {
         consult: &str,
         report: bool,
         mask: Option<MaskArg>,
+        audit: Option<(usize, bool)>,
     ) -> PyResult<()> {
         // Own the descriptors first: whatever fails below then closes them (the caller has given
         // them up), so a client is never left waiting on a socket nobody holds.
@@ -560,14 +567,19 @@ impl Engine {
                 late_names,
                 max_oid,
             }),
+            audit: audit.map(|(max_text, write_ahead)| AuditSpec {
+                max_text,
+                write_ahead,
+            }),
         };
         self.inner.adopt(spec).map_err(CoreError::new_err)
     }
 
     /// Answers a held statement. Returns False if the session has ended. `remember`: False (ask
     /// again), True (for every statement with the same gate key: text, or shape under "shapes"),
-    /// or "text" (for this exact text only).
-    #[pyo3(signature = (session, seq, allow, code = "42501", message = "", remember = RememberArg::Flag(false)))]
+    /// or "text" (for this exact text only). `rule` names what denied it (for the audit trail).
+    #[pyo3(signature = (session, seq, allow, code = "42501", message = "", remember = RememberArg::Flag(false), rule = ""))]
+    #[allow(clippy::too_many_arguments)]
     fn verdict(
         &self,
         session: u64,
@@ -576,6 +588,7 @@ impl Engine {
         code: &str,
         message: &str,
         remember: RememberArg,
+        rule: &str,
     ) -> PyResult<bool> {
         let remember = match remember {
             RememberArg::Flag(b) => Remember::from(b),
@@ -592,6 +605,7 @@ impl Engine {
             Verdict::Deny {
                 code: code.into(),
                 message: message.into(),
+                rule: rule.into(),
             }
         };
         Ok(self.inner.command(
@@ -634,9 +648,39 @@ impl Engine {
         self.inner.session_count()
     }
 
+    /// Sync audit: the entries handed over with `ticket` are durable; the session may go on.
+    fn audit_durable(&self, session: u64, ticket: u64) -> bool {
+        self.inner
+            .command(session, Command::AuditDurable { ticket })
+    }
+
+    /// Sync audit: the entries could not be recorded; the held statements are dropped and the
+    /// session ends with this FATAL error.
+    fn audit_failed(&self, session: u64, code: &str, message: &str) -> bool {
+        self.inner.command(
+            session,
+            Command::AuditFailed {
+                code: code.into(),
+                message: message.into(),
+            },
+        )
+    }
+
+    /// Refuses every statement of every session with this error (`code=None`: stop refusing).
+    /// Returns how many sessions were told.
+    #[pyo3(signature = (code = None, message = ""))]
+    fn refuse_statements(&self, code: Option<&str>, message: &str) -> usize {
+        let refusal = code.map(|c| (c.to_owned(), message.to_owned()));
+        self.inner.broadcast(Command::Refuse { refusal })
+    }
+
     /// Waiting events as tuples: ("statement", session, seq, kind, name, text),
     /// ("complete", session, tag, rows, bytes), ("error", session, code, message, denied),
-    /// ("ready", session, status), ("ended", session, reason, detail, stats dict).
+    /// ("ready", session, status), ("ended", session, reason, detail, stats dict),
+    /// ("audit", ack session or 0, ack ticket or 0, [entry, ...]) with each entry
+    /// (session, seq, phase, kind, (name, text, truncated, params), denied (code, message, rule) or
+    /// None, (started_us, ended_us), (rows, bytes, tag, commands), outcome, error (code, message) or
+    /// None).
     #[pyo3(signature = (max = 4096))]
     fn poll_events<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         let mut out = Vec::new();
@@ -670,6 +714,28 @@ impl Engine {
                             }
                         });
                     }
+                }
+                Event::Audit { entries, ack } => {
+                    let list = pyo3::types::PyList::empty(py);
+                    for (session, e) in entries {
+                        list.append(
+                            (
+                                session,
+                                e.seq,
+                                e.phase.as_str(),
+                                e.kind.as_str(),
+                                (e.name, e.text, e.truncated, e.params),
+                                e.denied,
+                                (e.started_us, e.ended_us),
+                                (e.rows, e.bytes, e.tag, e.commands),
+                                e.outcome.as_str(),
+                                e.error,
+                            )
+                                .into_pyobject(py)?,
+                        )?;
+                    }
+                    let (s, t) = ack.unwrap_or((0, 0));
+                    out.push(("audit", s, t, list).into_pyobject(py)?);
                 }
                 Event::Ended {
                     session,

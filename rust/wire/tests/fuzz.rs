@@ -218,6 +218,7 @@ fn fuzz_frontend_relay() {
                 Verdict::Deny {
                     code: "42501".into(),
                     message: "no".into(),
+                    rule: String::new(),
                 }
             };
             consult

@@ -5,6 +5,7 @@
 //! names them; `scram` is the SCRAM-SHA-256 client; `handshake` the two startup machines (the
 //! client-facing one and the upstream one); `relay` the streaming scanner of established sessions.
 
+pub mod audit;
 pub mod backend;
 pub mod codec;
 pub mod frontend;

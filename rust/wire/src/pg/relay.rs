@@ -22,6 +22,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use super::audit::AuditTrack;
 use super::backend::{self, tag as btag, ErrorFields};
 use super::frontend::{self, tag as ftag};
 use super::masking::{MaskPlan, MaskState};
@@ -99,7 +100,12 @@ impl From<bool> for Remember {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
-    Deny { code: String, message: String },
+    /// Refused with a SQLSTATE and message; `rule` names what refused it (for the audit trail).
+    Deny {
+        code: String,
+        message: String,
+        rule: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +150,16 @@ pub struct RelayStats {
 enum Body {
     Stream,
     Capture(Vec<u8>),
+    /// Streamed, keeping the first `.1` bytes (for the audit trail).
+    Prefix(Vec<u8>, usize),
+}
+
+/// A message body the framer finished.
+enum Done {
+    /// Streamed to the output (with the prefix kept, if one was asked for).
+    Streamed(Option<Vec<u8>>),
+    /// Held whole; the caller decides what goes out.
+    Captured(Vec<u8>),
 }
 
 /// Message framing of one direction; see the module comment.
@@ -208,29 +224,35 @@ impl Framer {
         Ok(Some((self.tag(), self.body_len(limit, what)?)))
     }
 
-    /// Starts the body: streamed (the header goes to `out` now) or captured.
-    fn begin_body(&mut self, len: usize, capture: bool, out: &mut Vec<u8>) {
+    /// Starts the body: streamed (the header goes to `out` now, and with `prefix > 0` that many
+    /// bytes of the body are also kept) or captured.
+    fn begin_body(&mut self, len: usize, capture: bool, prefix: usize, out: &mut Vec<u8>) {
         if capture {
             self.body = Some(Body::Capture(Vec::with_capacity(len)));
         } else {
             out.extend_from_slice(&self.hdr);
-            self.body = Some(Body::Stream);
+            self.body = Some(if prefix > 0 {
+                Body::Prefix(Vec::with_capacity(prefix.min(len)), prefix)
+            } else {
+                Body::Stream
+            });
         }
         self.remaining = len;
     }
 
     /// Moves body bytes from `input[*pos..]` to `out` or the capture. When the message is complete,
     /// returns `Some(captured body or None)` and resets for the next header.
-    fn read_body(
-        &mut self,
-        input: &[u8],
-        pos: &mut usize,
-        out: &mut Vec<u8>,
-    ) -> Option<Option<Vec<u8>>> {
+    fn read_body(&mut self, input: &[u8], pos: &mut usize, out: &mut Vec<u8>) -> Option<Done> {
         let take = self.remaining.min(input.len() - *pos);
+        let chunk = &input[*pos..*pos + take];
         match self.body.as_mut().expect("in a body") {
-            Body::Stream => out.extend_from_slice(&input[*pos..*pos + take]),
-            Body::Capture(buf) => buf.extend_from_slice(&input[*pos..*pos + take]),
+            Body::Stream => out.extend_from_slice(chunk),
+            Body::Capture(buf) => buf.extend_from_slice(chunk),
+            Body::Prefix(buf, cap) => {
+                out.extend_from_slice(chunk);
+                let keep = (*cap - buf.len()).min(chunk.len());
+                buf.extend_from_slice(&chunk[..keep]);
+            }
         }
         *pos += take;
         self.remaining -= take;
@@ -239,8 +261,9 @@ impl Framer {
         }
         self.hdr_len = 0;
         match self.body.take() {
-            Some(Body::Capture(buf)) => Some(Some(buf)),
-            _ => Some(None),
+            Some(Body::Capture(buf)) => Some(Done::Captured(buf)),
+            Some(Body::Prefix(buf, _)) => Some(Done::Streamed(Some(buf))),
+            _ => Some(Done::Streamed(None)),
         }
     }
 
@@ -275,6 +298,10 @@ pub struct SessionRelay {
     in_flight: u64,
     last_status: u8,
     mask: Option<MaskState>,
+    audit: Option<AuditTrack>,
+    /// While set, every statement is refused with this SQLSTATE and message (the audit trail
+    /// cannot record it).
+    refusal: Option<(String, String)>,
     pub stats: RelayStats,
 }
 
@@ -303,8 +330,36 @@ impl SessionRelay {
             in_flight: 0,
             last_status: b'I',
             mask: None,
+            audit: None,
+            refusal: None,
             stats: RelayStats::default(),
         }
+    }
+
+    /// Follows statements for the audit trail from now on (call before the first byte is fed).
+    pub fn set_audit(&mut self, track: AuditTrack) {
+        self.audit = Some(track);
+    }
+
+    pub fn audit(&self) -> Option<&AuditTrack> {
+        self.audit.as_ref()
+    }
+
+    pub fn audit_mut(&mut self) -> Option<&mut AuditTrack> {
+        self.audit.as_mut()
+    }
+
+    /// The clock of the audit trail's entries, in microseconds (set before each feed).
+    pub fn set_now(&mut self, now_us: u64) {
+        if let Some(a) = self.audit.as_mut() {
+            a.set_now(now_us);
+        }
+    }
+
+    /// Refuses every statement from now on with this error (None: stop refusing). Statements are
+    /// then captured whole, so the session's gate applies `limits.max_statement` to them.
+    pub fn set_refusal(&mut self, refusal: Option<(String, String)>) {
+        self.refusal = refusal;
     }
 
     /// Masks what the server sends from now on (call before the first byte is fed).
@@ -349,7 +404,7 @@ impl SessionRelay {
     }
 
     fn gated(&self, tag: u8) -> bool {
-        !matches!(self.gate, Gate::AllowAll)
+        (!matches!(self.gate, Gate::AllowAll) || self.refusal.is_some())
             && matches!(tag, ftag::QUERY | ftag::PARSE | ftag::FUNCTION_CALL)
     }
 
@@ -389,21 +444,25 @@ impl SessionRelay {
                         limit: self.limits.max_statement,
                     });
                 }
-                self.front.begin_body(len, capture, out);
+                let prefix = self.audit.as_ref().map_or(0, |a| a.wants_front(tag));
+                self.front.begin_body(len, capture, prefix, out);
             }
             let tag = self.front.tag();
             match self.front.read_body(input, &mut pos, out) {
                 None => {}
-                Some(Some(buf)) if !self.gated(tag) => {
+                Some(Done::Captured(buf)) if !self.gated(tag) => {
                     // Held whole only for masking, which follows it.
                     let raw = Framer::raw(tag, &buf);
                     if let Some(m) = self.mask.as_mut() {
                         m.track_front(&raw)?;
                     }
+                    if let Some(a) = self.audit.as_mut() {
+                        a.front(tag, &buf, None)?;
+                    }
                     out.extend_from_slice(&raw);
                     self.on_streamed_front(tag);
                 }
-                Some(Some(buf)) => {
+                Some(Done::Captured(buf)) => {
                     if let Some(statement) = self.on_statement(tag, buf, out)? {
                         self.stats.frontend_bytes += pos as u64;
                         return Ok(FrontendStop::Hold {
@@ -412,7 +471,12 @@ impl SessionRelay {
                         });
                     }
                 }
-                Some(None) => self.on_streamed_front(tag),
+                Some(Done::Streamed(prefix)) => {
+                    if let (Some(a), Some(prefix)) = (self.audit.as_mut(), prefix) {
+                        a.front(tag, &prefix, None)?;
+                    }
+                    self.on_streamed_front(tag)
+                }
             }
         }
         self.stats.frontend_bytes += input.len() as u64;
@@ -471,6 +535,19 @@ impl SessionRelay {
             text,
         };
         let raw = Framer::raw(tag, &body);
+        if let Some((code, message)) = &self.refusal {
+            let v = Verdict::Deny {
+                code: code.clone(),
+                message: message.clone(),
+                rule: "audit".into(),
+            };
+            self.apply(&statement, raw, &v, out)?;
+            return Ok(None);
+        }
+        if matches!(self.gate, Gate::AllowAll) {
+            self.apply(&statement, raw, &Verdict::Allow, out)?;
+            return Ok(None);
+        }
         if let Gate::ConsultIf(flags) = self.gate {
             if !flags(&statement.text) {
                 self.apply(&statement, raw, &Verdict::Allow, out)?;
@@ -547,6 +624,9 @@ impl SessionRelay {
         verdict: &Verdict,
         out: &mut Vec<u8>,
     ) -> Result<(), WireError> {
+        if let Some(a) = self.audit.as_mut() {
+            a.front(raw[0], &raw[5..], Some(verdict))?;
+        }
         match verdict {
             Verdict::Allow => {
                 if let Some(m) = self.mask.as_mut() {
@@ -554,7 +634,7 @@ impl SessionRelay {
                 }
                 out.extend_from_slice(&raw)
             }
-            Verdict::Deny { code, message } => {
+            Verdict::Deny { code, message, .. } => {
                 self.stats.denied += 1;
                 let marker = format!("{DENY_MARKER}{}", statement.seq);
                 let replacement = match statement.kind {
@@ -578,7 +658,7 @@ impl SessionRelay {
     }
 
     fn wants_capture_back(&self, tag: u8) -> bool {
-        if self.mask.is_some() {
+        if self.mask.is_some() || (self.audit.is_some() && AuditTrack::wants_back(tag)) {
             return true;
         }
         match tag {
@@ -632,10 +712,10 @@ impl SessionRelay {
                     self.on_backend_message(tag, body, out, events)?;
                     continue;
                 }
-                self.back.begin_body(len, capture, out);
+                self.back.begin_body(len, capture, 0, out);
             }
             let tag = self.back.tag();
-            if let Some(Some(buf)) = self.back.read_body(input, &mut pos, out) {
+            if let Some(Done::Captured(buf)) = self.back.read_body(input, &mut pos, out) {
                 self.on_backend_message(tag, &buf, out, events)?;
             }
         }
@@ -649,6 +729,16 @@ impl SessionRelay {
         out: &mut Vec<u8>,
         events: &mut Vec<BackendEvent>,
     ) -> Result<(), WireError> {
+        if let Some(a) = self.audit.as_mut() {
+            if tag != btag::ERROR_RESPONSE {
+                a.back(
+                    tag,
+                    body,
+                    self.rows_since_complete,
+                    self.bytes_since_complete,
+                )?;
+            }
+        }
         match tag {
             btag::ERROR_RESPONSE => {
                 let fields = ErrorFields::decode(body)?;
@@ -668,6 +758,9 @@ impl SessionRelay {
                     if let Some(m) = self.mask.as_mut() {
                         m.track_back(tag, body)?;
                     }
+                    if let Some(a) = self.audit.as_mut() {
+                        a.back(tag, &err[5..], self.rows_since_complete, 0)?;
+                    }
                     if self.report {
                         let shown = ErrorFields::decode(&err[5..])?;
                         events.push(BackendEvent::Error {
@@ -678,6 +771,14 @@ impl SessionRelay {
                     }
                     out.extend_from_slice(&err);
                     return Ok(());
+                }
+                if let Some(a) = self.audit.as_mut() {
+                    a.back(
+                        tag,
+                        body,
+                        self.rows_since_complete,
+                        self.bytes_since_complete,
+                    )?;
                 }
                 if self.report {
                     events.push(BackendEvent::Error {
@@ -986,6 +1087,7 @@ mod tests {
             Verdict::Deny {
                 code: "42501".into(),
                 message: "blocked by rule x".into(),
+                rule: "x".into(),
             },
             false,
             &mut out,

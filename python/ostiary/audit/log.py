@@ -1,0 +1,648 @@
+"""The gateway's audit writer: seals records into its chain, writes them in batches off the data
+path, signs checkpoints, and fails closed.
+
+Theory of operation. Records are sealed (numbered and hashed into the chain) the moment the control
+plane learns of them, in one Trio thread, so the chain's order is the order of events. The data path
+hands statement entries over in batches (per worker, at most every ``audit_flush`` milliseconds or
+512 entries). Sealed records wait in ``pending`` until the flusher writes them, in one transaction,
+in a worker thread: every ``flush_interval`` seconds, or at once when a sync-mode session waits for
+them. In sync mode the data path holds what a client sent until its statements' records are
+durable (``engine.audit_durable``); nothing reaches the server unrecorded.
+
+When the store cannot be written, records stay in memory in order (never dropped: the chain needs
+them), and ``on_failure`` decides: ``refuse`` refuses every statement and login until a retry
+succeeds, and ends sync sessions whose records wait; ``spool`` appends each batch to a local spool
+file (fsync'd, so sync sessions go on) and replays it into the store, in order, when it returns. If
+the store stays down beyond ``max_pending`` records, sessions are ended and further records are
+counted, not kept; the count is recorded once the store is back.
+
+Checkpoints cover only records confirmed in the store; each is signed, stored, and also written to
+``<data_dir>/audit/head-<writer>.json`` (the newest), which ``audit verify`` compares with the store.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from ostiary import __version__
+from ostiary.audit import keys as keysmod
+from ostiary.audit.records import Chain, Sealed
+from ostiary.audit.store import AuditStore, PostgresStore, SqliteStore, StoreError
+
+if TYPE_CHECKING:
+    from ostiary import _core
+    from ostiary.config import Config
+    from ostiary.hooks import SessionInfo
+
+log = logging.getLogger("ostiary.audit")
+
+UNAVAILABLE_CODE = "58030"
+UNAVAILABLE = (
+    "the gateway's audit trail cannot record statements right now, so they are refused; "
+    "try again when it is back"
+)
+
+
+def open_store(config: Config) -> AuditStore:
+    a = config.audit
+    if a.store == "postgres":
+        if a.dsn is not None:
+            dsn = a.dsn
+        elif a.dsn_env is not None:
+            dsn = os.environ.get(a.dsn_env, "")
+            if not dsn:
+                raise StoreError(f"audit.dsn_env: environment variable {a.dsn_env} is not set")
+        else:
+            try:
+                dsn = Path(a.dsn_file or "").read_text().strip()
+            except OSError as e:
+                raise StoreError(f"audit.dsn_file: cannot read it: {e}") from None
+        return PostgresStore(dsn)
+    return SqliteStore(a.path or Path(config.data_dir) / "audit.db")
+
+
+def audit_dir(config: Config) -> Path:
+    return Path(config.data_dir) / "audit"
+
+
+def signing_key_path(config: Config) -> Path:
+    a = config.audit
+    return Path(a.signing_key_file) if a.signing_key_file else audit_dir(config) / "signing.key"
+
+
+def claim_writer(directory: Path) -> tuple[str, Any]:
+    """A writer id of this data directory, locked for this process. Each gateway process writes
+    its own chain: the first runs as the writer of ``writer.id``, a second one sharing the data
+    directory as the writer of ``writer-2.id``, and so on; each id is kept, so a restarted gateway
+    continues its chain."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for slot in range(1, 257):
+        path = directory / ("writer.id" if slot == 1 else f"writer-{slot}.id")
+        f = open(path, "a+")  # noqa: SIM115 - kept open for the lock's lifetime
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        f.seek(0)
+        writer = f.read().strip()
+        if not writer:
+            writer = secrets.token_hex(8)
+            f.seek(0)
+            f.truncate()
+            f.write(writer + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return writer, f
+    raise StoreError(f"more than 256 gateway processes share the data directory {directory.parent}")
+
+
+def head_path(config: Config, writer: str) -> Path:
+    return audit_dir(config) / f"head-{writer}.json"
+
+
+class Spool:
+    """Sealed batches appended to a local file while the store is down (one JSON line per record)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, rows: Iterable[Sealed]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = b"".join(msgspec.json.encode(r) + b"\n" for r in rows)
+        with open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[Sealed]:
+        try:
+            lines = self.path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(msgspec.json.decode(line, type=Sealed))
+            except msgspec.DecodeError:
+                # A torn last line (crash while appending): its batch was never acknowledged.
+                break
+        return out
+
+    def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class AuditLog:
+    def __init__(self, config: Config, store: AuditStore | None = None) -> None:
+        a = config.audit
+        self.config = config
+        self.cfg = a
+        self.store = store if store is not None else open_store(config)
+        self.writer, self._lock_file = claim_writer(audit_dir(config))
+        self.name = a.writer_name or socket.gethostname()
+        self.key = keysmod.load_or_create_signing_key(signing_key_path(config))
+        self.public = self.key.public_key()
+        self.key_id = keysmod.key_id(self.public)
+        self.store.register_key(self.writer, self.name, self.key_id, keysmod.public_pem(self.public))
+        head = self.store.head(self.writer)
+        self.spool = Spool(audit_dir(config) / "spool" / f"{self.writer}.jsonl")
+        spooled = self.spool.read()
+        if spooled and (head is None or spooled[-1].seq > head[0]):
+            # The last run spooled records the store never got: they continue the chain.
+            self._replay_spool_now(spooled, head)
+            head = self.store.head(self.writer)
+        self.chain = Chain(self.writer, *head) if head else Chain(self.writer)
+        self.stored = head or (0, "")
+        self.run_id = secrets.token_hex(4)
+        self.pending: list[Sealed] = []
+        self.waiters: list[tuple[int, int, int, float]] = []  # (seq, session, ticket, since)
+        self.healthy = True
+        self.spooling = False
+        self.dropped = 0
+        self.engine: _core.Engine | None = None
+        self.sessions: dict[int, SessionInfo] = {}
+        self._wake = trio.Event()
+        self._flush_lock = trio.Lock()
+        self._checkpointed = self.stored[0]
+        self._last_purge_check = 0.0
+        self._closed = False
+        self.head_file = head_path(config, self.writer)
+        self._check_head_file(head)
+        self.append(
+            "writer_start",
+            data={
+                "name": self.name,
+                "pid": os.getpid(),
+                "version": __version__,
+                "key_id": self.key_id,
+                "store": self.store.description,
+                "mode": a.mode,
+                "run": self.run_id,
+            },
+        )
+
+    # -- sealing ----------------------------------------------------------------------------------
+
+    def session_ref(self, session: int) -> str:
+        return f"{self.run_id}-{session}"
+
+    @property
+    def accepting(self) -> bool:
+        """False while statements and logins must be refused (store down, ``on_failure: refuse``)."""
+        return self.healthy or self.spooling
+
+    def append(
+        self,
+        kind: str,
+        *,
+        ts: int | None = None,
+        session: str = "",
+        identity: str = "",
+        connection: str = "",
+        verdict: str = "",
+        rule: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> Sealed | None:
+        if len(self.pending) >= self.cfg.max_pending:
+            self.dropped += 1
+            return None
+        rec = self.chain.seal(
+            kind,
+            ts if ts is not None else now_us(),
+            session=session,
+            identity=identity,
+            connection=connection,
+            verdict=verdict,
+            rule=rule,
+            data=data,
+        )
+        self.pending.append(rec)
+        if len(self.pending) >= 1000:
+            self._wake.set()
+        return rec
+
+    def engine_batch(self, ack_session: int, ticket: int, entries: list[tuple[Any, ...]]) -> None:
+        """Seals the statement entries of an ``("audit", ...)`` engine event. With ``ack_session``,
+        that session waits until these records are durable."""
+        mode = self.cfg.statements
+        from ostiary.hooks import statement_fingerprint
+
+        sessions = self.sessions
+        for session, seq, phase, kind, stmt, denied, times, counts, outcome, error in entries:
+            info = sessions.get(session)
+            name, text, truncated, params = stmt
+            started, ended = times
+            data: dict[str, Any] = {"seq": seq, "type": kind, "name": name}
+            if phase != "result":
+                if mode == "text":
+                    data["text"] = text
+                    data["truncated"] = truncated
+                    if params:
+                        data["params"] = params
+                else:
+                    data["fingerprint"] = statement_fingerprint(text) if text else ""
+                    if mode == "fingerprint" and text:
+                        data["shape"] = _shape(text)
+            if denied is not None:
+                data["denied"] = {"code": denied[0], "message": denied[1]}
+            if phase != "start":
+                rows, nbytes, tag, commands = counts
+                data.update(
+                    outcome=outcome,
+                    duration_us=max(0, ended - started),
+                    rows=rows,
+                    bytes=nbytes,
+                    tag=tag,
+                )
+                if commands > 1:
+                    data["commands"] = commands
+                if error is not None:
+                    data["error"] = {"code": error[0], "message": error[1]}
+            self.append(
+                "result" if phase == "result" else "statement",
+                ts=ended if phase == "result" else started,
+                session=self.session_ref(session),
+                identity=info.identity.name if info is not None else "",
+                connection=info.connection if info is not None else "",
+                verdict="deny" if denied is not None else "allow",
+                rule=denied[2] if denied is not None else (info.grant if info is not None else ""),
+                data=data,
+            )
+        if ack_session:
+            self.waiters.append((self.chain.seq, ack_session, ticket, time.monotonic()))
+            self._wake.set()
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The flusher and the checkpoint timer; cancelled at shutdown (call ``close`` after)."""
+        task_status.started()
+        next_checkpoint = trio.current_time() + self.cfg.checkpoint_interval
+        while True:
+            timeout = self.cfg.flush_interval if self.healthy else 1.0
+            with trio.move_on_after(timeout):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            await self.flush()
+            self._expire_waiters()
+            if trio.current_time() >= next_checkpoint:
+                next_checkpoint = trio.current_time() + self.cfg.checkpoint_interval
+                await self.checkpoint()
+                await self.retention()
+
+    async def flush(self) -> None:
+        async with self._flush_lock:
+            if self.spooling:
+                await self._try_unspool()
+            if not self.pending:
+                return
+            batch, self.pending = self.pending, []
+            try:
+                if self.spooling:
+                    raise StoreError("the spool is still being replayed")
+                await trio.to_thread.run_sync(self.store.append, batch)
+            except StoreError as e:
+                await self._failed(batch, e)
+                return
+            self.stored = (batch[-1].seq, batch[-1].hash)
+            self._durable(batch[-1].seq)
+            if not self.healthy:
+                self._recovered()
+
+    def _durable(self, seq: int) -> None:
+        if self.engine is None:
+            self.waiters = [w for w in self.waiters if w[0] > seq]
+            return
+        keep = []
+        for w in self.waiters:
+            if w[0] <= seq:
+                self.engine.audit_durable(w[1], w[2])
+            else:
+                keep.append(w)
+        self.waiters = keep
+
+    def _expire_waiters(self) -> None:
+        if not self.waiters or self.engine is None:
+            return
+        limit = time.monotonic() - self.cfg.sync_timeout
+        keep = []
+        for w in self.waiters:
+            if w[3] < limit:
+                self.engine.audit_failed(
+                    w[1],
+                    UNAVAILABLE_CODE,
+                    "terminating connection: the audit trail did not record "
+                    f"this session's statements within {self.cfg.sync_timeout:g} s; they were not run",
+                )
+            else:
+                keep.append(w)
+        self.waiters = keep
+
+    async def _failed(self, batch: list[Sealed], err: StoreError) -> None:
+        if self.cfg.on_failure == "spool":
+            try:
+                await trio.to_thread.run_sync(self.spool.append, batch)
+            except OSError as e:
+                log.error("audit store down (%s) and the spool cannot be written either: %s", err, e)
+            else:
+                if not self.spooling:
+                    log.error("audit store unavailable (%s); spooling records to %s", err, self.spool.path)
+                self.spooling = True
+                self.healthy = False
+                self._durable(batch[-1].seq)
+                return
+        self.pending = batch + self.pending
+        if self.healthy:
+            log.error("audit store unavailable: %s; refusing statements and logins until it is back", err)
+            self.healthy = False
+            if self.engine is not None:
+                self.engine.refuse_statements(UNAVAILABLE_CODE, UNAVAILABLE)
+        # Sync sessions whose records wait: their statements are not run.
+        if self.engine is not None:
+            for w in self.waiters:
+                self.engine.audit_failed(
+                    w[1],
+                    UNAVAILABLE_CODE,
+                    "terminating connection: the audit trail cannot record this "
+                    "session's statements, so they were not run",
+                )
+        self.waiters = []
+        if len(self.pending) >= self.cfg.max_pending and self.engine is not None:
+            self.engine.terminate(None, UNAVAILABLE_CODE, "terminating connection: " + UNAVAILABLE)
+
+    def _recovered(self) -> None:
+        log.warning("audit store is back: %s", self.store.description)
+        self.healthy = True
+        if self.engine is not None:
+            self.engine.refuse_statements(None)
+        if self.dropped:
+            n, self.dropped = self.dropped, 0
+            self.append(
+                "admin",
+                data={
+                    "action": "records_lost",
+                    "count": n,
+                    "reason": "the audit store was down beyond max_pending records",
+                },
+            )
+
+    async def _try_unspool(self) -> None:
+        rows = await trio.to_thread.run_sync(self.spool.read)
+        try:
+            await trio.to_thread.run_sync(self._replay, rows)
+        except StoreError:
+            return
+        await trio.to_thread.run_sync(self.spool.clear)
+        if rows:
+            self.stored = (rows[-1].seq, rows[-1].hash)
+        self.spooling = False
+        log.warning(
+            "audit store is back: replayed %d spooled record(s) into %s", len(rows), self.store.description
+        )
+        self.healthy = True
+
+    def _replay(self, rows: list[Sealed]) -> None:
+        head = self.store.head(self.writer)
+        done = head[0] if head else 0
+        todo = [r for r in rows if r.seq > done]
+        for i in range(0, len(todo), 5000):
+            self.store.append(todo[i : i + 5000])
+
+    def _replay_spool_now(self, rows: list[Sealed], head: tuple[int, str] | None) -> None:
+        self._replay(rows)
+        self.spool.clear()
+        log.warning("replayed %d record(s) spooled by the previous run", len(rows))
+
+    # -- checkpoints and retention ------------------------------------------------------------------
+
+    def _check_head_file(self, head: tuple[int, str] | None) -> None:
+        try:
+            signed = msgspec.json.decode(self.head_file.read_bytes(), type=keysmod.SignedCheckpoint)
+        except (FileNotFoundError, msgspec.DecodeError):
+            return
+        if head is None or signed.checkpoint.seq > head[0]:
+            log.error(
+                "the audit store holds this writer's chain up to seq %s but its last signed checkpoint "
+                "covers seq %d: records were removed from the store",
+                head[0] if head else 0,
+                signed.checkpoint.seq,
+            )
+            self.append(
+                "admin",
+                data={
+                    "action": "store_behind_checkpoint",
+                    "store_seq": head[0] if head else 0,
+                    "checkpoint_seq": signed.checkpoint.seq,
+                },
+            )
+
+    async def checkpoint(self, purged: tuple[int, str] | None = None) -> keysmod.SignedCheckpoint | None:
+        seq, h = self.stored
+        if seq == 0 or (seq == self._checkpointed and purged is None):
+            return None
+        cp = keysmod.Checkpoint(
+            writer=self.writer,
+            seq=seq,
+            hash=h,
+            ts=now_us(),
+            key_id=self.key_id,
+            purged_through=purged[0] if purged else 0,
+            purged_hash=purged[1] if purged else "",
+        )
+        signed = keysmod.sign(self.key, cp)
+        try:
+            await trio.to_thread.run_sync(self.store.add_checkpoint, signed)
+        except StoreError as e:
+            log.warning("audit checkpoint not written: %s", e)
+            return None
+        self._checkpointed = seq
+        tmp = self.head_file.with_suffix(".tmp")
+        data = msgspec.json.encode(signed)
+
+        def write() -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.head_file)
+
+        await trio.to_thread.run_sync(write)
+        return signed
+
+    async def retention(self, force: bool = False) -> int:
+        days = self.cfg.retention_days
+        if days is None:
+            return 0
+        if not force and time.monotonic() - self._last_purge_check < 3600:
+            return 0
+        self._last_purge_check = time.monotonic()
+        cutoff = now_us() - int(days * 86400 * 1_000_000)
+        return await self.purge_before(cutoff)
+
+    async def purge_before(self, cutoff_us: int) -> int:
+        """Removes this writer's records older than ``cutoff_us``, after signing a checkpoint that
+        names the last removed record, so the rest of the chain still verifies."""
+        await self.flush()
+        through = await trio.to_thread.run_sync(self.store.last_seq_before, self.writer, cutoff_us)
+        # Keep at least the newest stored record: the chain needs an anchor.
+        through = min(through, self.stored[0] - 1)
+        if through <= 0:
+            return 0
+        rec = await trio.to_thread.run_sync(self.store.record_at, self.writer, through)
+        if rec is None:
+            return 0  # purged already
+        signed = await self.checkpoint(purged=(through, rec.hash))
+        if signed is None:
+            return 0
+        n = await trio.to_thread.run_sync(self.store.purge, self.writer, through)
+        self.append("purge", data={"through_seq": through, "before_us": cutoff_us, "records": n})
+        log.info("audit retention: purged %d record(s) up to seq %d", n, through)
+        return n
+
+    async def close(self) -> None:
+        """Final flush and checkpoint (shutdown)."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.move_on_after(10):
+            await self.flush()
+            await self.checkpoint()
+        with contextlib.suppress(Exception):
+            self.store.close()
+        self._lock_file.close()
+
+
+def _shape(text: str) -> str:
+    from ostiary import _core
+
+    try:
+        return _core.statement_shape(text)
+    except Exception:
+        return ""
+
+
+def token_id(secret: bytes) -> str:
+    """What the trail keeps of a token: the first 32 hex digits of its SHA-256 (never the token)."""
+    import hashlib
+
+    return hashlib.sha256(secret).hexdigest()[:32]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class AuditEvents:
+    """What the control plane records besides statements: logins, sessions, policy versions and
+    administrative actions. Methods of ``AuditLog`` by composition, kept apart for reading."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+
+    def authentication(self, attempt: Any) -> None:
+        ident = attempt.identity
+        data: dict[str, Any] = {
+            "peer": attempt.peer,
+            "user": attempt.user,
+            "method": attempt.method,
+            "policy_version": attempt.policy_version,
+        }
+        if ident is not None:
+            data["issuer"] = ident.issuer
+            data["subject"] = ident.name
+            jti = ident.attributes.get("jti")
+            if jti:
+                data["jti"] = jti
+        if attempt.credential_id:
+            data["token_sha256"] = attempt.credential_id
+        if attempt.outcome != "allowed":
+            data["code"] = attempt.code
+            data["reason"] = attempt.reason
+            if attempt.chain:
+                data["chain"] = list(attempt.chain)
+        self.audit.append(
+            "auth",
+            ts=int(attempt.time * 1_000_000),
+            identity=ident.name if ident is not None else "",
+            connection=attempt.connection,
+            verdict="allow" if attempt.outcome == "allowed" else "deny",
+            rule=attempt.grant,
+            data=data,
+        )
+
+    def session_started(self, info: SessionInfo) -> None:
+        data: dict[str, Any] = {
+            "peer": info.peer,
+            "issuer": info.identity.issuer,
+            "access": info.access,
+            "upstream_user": info.upstream_user,
+            "upstream_pid": info.upstream_process_id,
+            "policy_version": info.policy_version,
+            "tls": list(info.client_tls) if info.client_tls else None,
+        }
+        self.audit.append(
+            "session_start",
+            ts=int(info.started * 1_000_000),
+            session=self.audit.session_ref(info.id),
+            identity=info.identity.name,
+            connection=info.connection,
+            verdict="allow",
+            rule=info.grant,
+            data=data,
+        )
+
+    def session_ended(self, info: SessionInfo, reason: str, detail: str, extra: dict[str, Any]) -> None:
+        s = info.stats
+        data: dict[str, Any] = {
+            "reason": reason,
+            "duration_s": round(time.time() - info.started, 6),
+            "bytes_from_client": s.get("frontend_bytes", 0),
+            "bytes_to_client": s.get("backend_bytes", 0),
+            "statements": s.get("statements", 0),
+            "rows": s.get("rows", 0),
+            "denied": s.get("denied", 0),
+            "masked": {k: v for k, v in s.get("masked", {}).items() if v},
+            **extra,
+        }
+        if detail:
+            data["detail"] = detail
+        self.audit.append(
+            "session_end",
+            session=self.audit.session_ref(info.id),
+            identity=info.identity.name,
+            connection=info.connection,
+            rule=info.grant,
+            data=data,
+        )
+
+    def policy(self, version: str, source: str, applied: bool, detail: str, how: str) -> None:
+        self.audit.append(
+            "policy",
+            verdict="applied" if applied else "rejected",
+            data={"version": version, "source": source, "how": how, **({"detail": detail} if detail else {})},
+        )
+
+    def admin(self, action: str, **data: Any) -> None:
+        self.audit.append("admin", data={"action": action, **data})

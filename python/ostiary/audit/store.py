@@ -1,0 +1,484 @@
+"""Where audit records live: SQLite in the data directory (default) or PostgreSQL for fleets.
+
+Both stores hold the same tables: ``audit_records`` (one row per record: the store's insertion
+``id``, the header copies that searches use, the hashed ``body`` and its ``hash``),
+``audit_checkpoints`` (signed checkpoints) and ``audit_keys`` (each writer's public keys, for
+convenience: an auditor verifies with keys exported out of band, ``ostiary audit export-key``).
+Calls are blocking; the gateway runs them in a worker thread. A store is used by one thread at a
+time (a lock serialises calls).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ostiary.audit.keys import Checkpoint, SignedCheckpoint
+from ostiary.audit.records import Sealed
+
+COLUMNS = "id, writer, seq, ts, kind, session, identity, connection, verdict, rule, body, hash"
+
+
+class StoreError(Exception):
+    """The audit store cannot be read or written (it is down, full, or not an audit store)."""
+
+
+@dataclass
+class SearchFilter:
+    identity: str | None = None
+    connection: str | None = None
+    session: str | None = None
+    kind: str | None = None
+    verdict: str | None = None
+    rule: str | None = None
+    text: str | None = None  # substring of the body (statement text, messages ...)
+    since: int | None = None  # µs since the epoch
+    until: int | None = None
+    limit: int = 100
+
+
+class AuditStore(Protocol):
+    description: str
+
+    def close(self) -> None: ...
+    def register_key(self, writer: str, name: str, key_id: str, public_pem: str) -> None: ...
+    def keys(self) -> dict[str, dict[str, str]]: ...
+    def head(self, writer: str) -> tuple[int, str] | None: ...
+    def append(self, rows: Sequence[Sealed]) -> None: ...
+    def add_checkpoint(self, cp: SignedCheckpoint) -> None: ...
+    def checkpoints(self, writer: str | None = None) -> list[SignedCheckpoint]: ...
+    def writers(self) -> list[str]: ...
+    def chain(self, writer: str) -> Iterator[Sealed]: ...
+    def read_after(self, after_id: int, limit: int) -> list[Sealed]: ...
+    def search(self, f: SearchFilter) -> list[Sealed]: ...
+    def record_at(self, writer: str, seq: int) -> Sealed | None: ...
+    def last_seq_before(self, writer: str, ts: int) -> int: ...
+    def purge(self, writer: str, through_seq: int) -> int: ...
+
+
+def _sealed(row: Sequence[Any]) -> Sealed:
+    rid, writer, seq, ts, kind, session, identity, connection, verdict, rule, body, h = row
+    return Sealed(writer, seq, ts, kind, session, identity, connection, verdict, rule, bytes(body), h, id=rid)
+
+
+def _signed(row: Sequence[Any]) -> SignedCheckpoint:
+    writer, seq, h, ts, key_id, purged_through, purged_hash, signature = row
+    return SignedCheckpoint(
+        checkpoint=Checkpoint(
+            writer=writer,
+            seq=seq,
+            hash=h,
+            ts=ts,
+            key_id=key_id,
+            purged_through=purged_through,
+            purged_hash=purged_hash,
+        ),
+        signature=signature,
+    )
+
+
+def _where(f: SearchFilter, ph: str, like: str) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    for col in ("identity", "connection", "session", "kind", "verdict", "rule"):
+        v = getattr(f, col)
+        if v is not None:
+            clauses.append(f"{col} = {ph}")
+            args.append(v)
+    if f.since is not None:
+        clauses.append(f"ts >= {ph}")
+        args.append(f.since)
+    if f.until is not None:
+        clauses.append(f"ts < {ph}")
+        args.append(f.until)
+    if f.text is not None:
+        clauses.append(like.format(ph=ph))
+        args.append(f.text)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_records (
+    id INTEGER PRIMARY KEY,
+    writer TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    session TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    connection TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    body BLOB NOT NULL,
+    hash TEXT NOT NULL,
+    UNIQUE (writer, seq)
+);
+CREATE INDEX IF NOT EXISTS audit_records_ts ON audit_records (ts);
+CREATE INDEX IF NOT EXISTS audit_records_identity ON audit_records (identity, ts);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    id INTEGER PRIMARY KEY,
+    writer TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    purged_through INTEGER NOT NULL,
+    purged_hash TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_keys (
+    writer TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    public_pem TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    PRIMARY KEY (writer, key_id)
+);
+"""
+
+CP_COLUMNS = "writer, seq, hash, ts, key_id, purged_through, purged_hash, signature"
+
+
+class SqliteStore:
+    """The default store: one SQLite file, WAL, ``synchronous=FULL`` (a committed batch survives a
+    power cut)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.description = f"sqlite:{self.path}"
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(SQLITE_SCHEMA)
+        except (sqlite3.Error, OSError) as e:
+            raise StoreError(f"cannot open the audit store {self.path}: {e}") from None
+
+    def _run(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"audit store {self.path}: {e}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def register_key(self, writer: str, name: str, key_id: str, public_pem: str) -> None:
+        self._run(
+            "INSERT OR IGNORE INTO audit_keys VALUES (?, ?, ?, ?, ?)",
+            (writer, key_id, name, public_pem, int(time.time())),
+        )
+
+    def keys(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for writer, kid, pem in self._run("SELECT writer, key_id, public_pem FROM audit_keys"):
+            out.setdefault(writer, {})[kid] = pem
+        return out
+
+    def head(self, writer: str) -> tuple[int, str] | None:
+        rows = self._run(
+            "SELECT seq, hash FROM audit_records WHERE writer = ? ORDER BY seq DESC LIMIT 1", (writer,)
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def append(self, rows: Sequence[Sealed]) -> None:
+        if not rows:
+            return
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(
+                        "INSERT INTO audit_records (writer, seq, ts, kind, session, identity, connection, "
+                        "verdict, rule, body, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [r.row() for r in rows],
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise StoreError(f"audit store {self.path}: {e}") from None
+
+    def add_checkpoint(self, cp: SignedCheckpoint) -> None:
+        c = cp.checkpoint
+        self._run(
+            f"INSERT INTO audit_checkpoints ({CP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (c.writer, c.seq, c.hash, c.ts, c.key_id, c.purged_through, c.purged_hash, cp.signature),
+        )
+
+    def checkpoints(self, writer: str | None = None) -> list[SignedCheckpoint]:
+        if writer is None:
+            rows = self._run(f"SELECT {CP_COLUMNS} FROM audit_checkpoints ORDER BY id")
+        else:
+            rows = self._run(
+                f"SELECT {CP_COLUMNS} FROM audit_checkpoints WHERE writer = ? ORDER BY id", (writer,)
+            )
+        return [_signed(r) for r in rows]
+
+    def writers(self) -> list[str]:
+        rows = self._run(
+            "SELECT writer FROM audit_records UNION SELECT writer FROM audit_checkpoints "
+            "UNION SELECT writer FROM audit_keys"
+        )
+        return sorted(r[0] for r in rows)
+
+    def chain(self, writer: str) -> Iterator[Sealed]:
+        after = -1
+        while True:
+            rows = self._run(
+                f"SELECT {COLUMNS} FROM audit_records WHERE writer = ? AND seq > ? ORDER BY seq LIMIT 5000",
+                (writer, after),
+            )
+            if not rows:
+                return
+            for r in rows:
+                yield _sealed(r)
+            after = rows[-1][2]
+
+    def read_after(self, after_id: int, limit: int) -> list[Sealed]:
+        rows = self._run(
+            f"SELECT {COLUMNS} FROM audit_records WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+        )
+        return [_sealed(r) for r in rows]
+
+    def search(self, f: SearchFilter) -> list[Sealed]:
+        where, args = _where(f, "?", "instr(CAST(body AS TEXT), {ph}) > 0")
+        rows = self._run(
+            f"SELECT {COLUMNS} FROM audit_records{where} ORDER BY ts DESC, id DESC LIMIT ?",
+            [*args, f.limit],
+        )
+        return [_sealed(r) for r in rows]
+
+    def record_at(self, writer: str, seq: int) -> Sealed | None:
+        rows = self._run(f"SELECT {COLUMNS} FROM audit_records WHERE writer = ? AND seq = ?", (writer, seq))
+        return _sealed(rows[0]) if rows else None
+
+    def last_seq_before(self, writer: str, ts: int) -> int:
+        rows = self._run("SELECT max(seq) FROM audit_records WHERE writer = ? AND ts < ?", (writer, ts))
+        return int(rows[0][0] or 0)
+
+    def purge(self, writer: str, through_seq: int) -> int:
+        with self._lock:
+            try:
+                cur = self._db.execute(
+                    "DELETE FROM audit_records WHERE writer = ? AND seq <= ?", (writer, through_seq)
+                )
+                return cur.rowcount
+            except sqlite3.Error as e:
+                raise StoreError(f"audit store {self.path}: {e}") from None
+
+
+PG_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS audit_records (
+        id BIGSERIAL PRIMARY KEY,
+        writer TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        ts BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        session TEXT NOT NULL,
+        identity TEXT NOT NULL,
+        connection TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        body BYTEA NOT NULL,
+        hash TEXT NOT NULL,
+        UNIQUE (writer, seq))""",
+    "CREATE INDEX IF NOT EXISTS audit_records_ts ON audit_records (ts)",
+    "CREATE INDEX IF NOT EXISTS audit_records_identity ON audit_records (identity, ts)",
+    """CREATE TABLE IF NOT EXISTS audit_checkpoints (
+        id BIGSERIAL PRIMARY KEY,
+        writer TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        hash TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        key_id TEXT NOT NULL,
+        purged_through BIGINT NOT NULL,
+        purged_hash TEXT NOT NULL,
+        signature TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS audit_keys (
+        writer TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        public_pem TEXT NOT NULL,
+        created BIGINT NOT NULL,
+        PRIMARY KEY (writer, key_id))""",
+]
+
+
+class PostgresStore:
+    """A PostgreSQL database shared by a fleet: each gateway writes its own chain; ``id`` orders
+    every record of the fleet for exporters. Needs psycopg (``pip install 'psycopg[binary]'``).
+    A lost connection is reopened on the next call."""
+
+    def __init__(self, dsn: str) -> None:
+        try:
+            import psycopg
+        except ImportError:
+            raise StoreError("audit store: postgres needs psycopg: pip install 'psycopg[binary]'") from None
+        self._psycopg = psycopg
+        self._dsn = dsn
+        self.description = "postgres:" + _redact_dsn(dsn)
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        with self._lock:
+            conn = self._connect()
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(7304126551)")
+                    for stmt in PG_SCHEMA:
+                        conn.execute(stmt)
+            except psycopg.Error as e:
+                self._drop()
+                raise StoreError(f"audit store {self.description}: {e}") from None
+
+    def _connect(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            try:
+                self._conn = self._psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
+            except self._psycopg.Error as e:
+                raise StoreError(f"cannot reach the audit store {self.description}: {e}") from None
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def _run(self, sql: str, args: Sequence[Any] = (), fetch: bool = True) -> list[Any]:
+        with self._lock:
+            conn = self._connect()
+            try:
+                cur = conn.execute(sql, args)
+                return cur.fetchall() if fetch else []
+            except self._psycopg.Error as e:
+                self._drop()
+                raise StoreError(f"audit store {self.description}: {e}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def register_key(self, writer: str, name: str, key_id: str, public_pem: str) -> None:
+        self._run(
+            "INSERT INTO audit_keys VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (writer, key_id, name, public_pem, int(time.time())),
+            fetch=False,
+        )
+
+    def keys(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for writer, kid, pem in self._run("SELECT writer, key_id, public_pem FROM audit_keys"):
+            out.setdefault(writer, {})[kid] = pem
+        return out
+
+    def head(self, writer: str) -> tuple[int, str] | None:
+        rows = self._run(
+            "SELECT seq, hash FROM audit_records WHERE writer = %s ORDER BY seq DESC LIMIT 1", (writer,)
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def append(self, rows: Sequence[Sealed]) -> None:
+        if not rows:
+            return
+        with self._lock:
+            conn = self._connect()
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO audit_records (writer, seq, ts, kind, session, identity, connection, "
+                        "verdict, rule, body, hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        [r.row() for r in rows],
+                    )
+            except self._psycopg.Error as e:
+                self._drop()
+                raise StoreError(f"audit store {self.description}: {e}") from None
+
+    def add_checkpoint(self, cp: SignedCheckpoint) -> None:
+        c = cp.checkpoint
+        self._run(
+            f"INSERT INTO audit_checkpoints ({CP_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (c.writer, c.seq, c.hash, c.ts, c.key_id, c.purged_through, c.purged_hash, cp.signature),
+            fetch=False,
+        )
+
+    def checkpoints(self, writer: str | None = None) -> list[SignedCheckpoint]:
+        if writer is None:
+            rows = self._run(f"SELECT {CP_COLUMNS} FROM audit_checkpoints ORDER BY id")
+        else:
+            rows = self._run(
+                f"SELECT {CP_COLUMNS} FROM audit_checkpoints WHERE writer = %s ORDER BY id", (writer,)
+            )
+        return [_signed(r) for r in rows]
+
+    def writers(self) -> list[str]:
+        rows = self._run(
+            "SELECT writer FROM audit_records UNION SELECT writer FROM audit_checkpoints "
+            "UNION SELECT writer FROM audit_keys"
+        )
+        return sorted(r[0] for r in rows)
+
+    def chain(self, writer: str) -> Iterator[Sealed]:
+        after = -1
+        while True:
+            rows = self._run(
+                f"SELECT {COLUMNS} FROM audit_records WHERE writer = %s AND seq > %s ORDER BY seq LIMIT 5000",
+                (writer, after),
+            )
+            if not rows:
+                return
+            for r in rows:
+                yield _sealed(r)
+            after = rows[-1][2]
+
+    def read_after(self, after_id: int, limit: int) -> list[Sealed]:
+        rows = self._run(
+            f"SELECT {COLUMNS} FROM audit_records WHERE id > %s ORDER BY id LIMIT %s", (after_id, limit)
+        )
+        return [_sealed(r) for r in rows]
+
+    def search(self, f: SearchFilter) -> list[Sealed]:
+        where, args = _where(f, "%s", "position(convert_to({ph}, 'UTF8') in body) > 0")
+        rows = self._run(
+            f"SELECT {COLUMNS} FROM audit_records{where} ORDER BY ts DESC, id DESC LIMIT %s",
+            [*args, f.limit],
+        )
+        return [_sealed(r) for r in rows]
+
+    def record_at(self, writer: str, seq: int) -> Sealed | None:
+        rows = self._run(f"SELECT {COLUMNS} FROM audit_records WHERE writer = %s AND seq = %s", (writer, seq))
+        return _sealed(rows[0]) if rows else None
+
+    def last_seq_before(self, writer: str, ts: int) -> int:
+        rows = self._run("SELECT max(seq) FROM audit_records WHERE writer = %s AND ts < %s", (writer, ts))
+        return int(rows[0][0] or 0)
+
+    def purge(self, writer: str, through_seq: int) -> int:
+        with self._lock:
+            conn = self._connect()
+            try:
+                cur = conn.execute(
+                    "DELETE FROM audit_records WHERE writer = %s AND seq <= %s", (writer, through_seq)
+                )
+                return int(cur.rowcount)
+            except self._psycopg.Error as e:
+                self._drop()
+                raise StoreError(f"audit store {self.description}: {e}") from None
+
+
+def _redact_dsn(dsn: str) -> str:
+    import re
+
+    return re.sub(r"(password=)\S+", r"\1***", re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", dsn))
