@@ -10,6 +10,7 @@ __all__ = [
     "MaskError",
     "MaskSet",
     "ProtocolError",
+    "Recorder",
     "Relay",
     "SimpleQuery",
     "SqlError",
