@@ -191,12 +191,19 @@ def _read_header(f: BinaryIO, path: Path) -> RecordingHeader:
         raise RecordingError(f"{path}: malformed header at offset 12: {e}") from None
 
 
+BLOCK_CUT = 0
+
+
 def _blocks(f: BinaryIO, path: Path, *, payloads: bool) -> Iterator[tuple[int, int, bytes | None]]:
-    """(offset, type, payload or None) of each complete block; stops at a cut block."""
+    """(offset, type, payload or None) of each complete block; a block cut short by the end of the
+    file ends the iteration with ``(offset, BLOCK_CUT, None)``."""
     while True:
         offset = f.tell()
         head = f.read(5)
+        if not head:
+            return
         if len(head) < 5:
+            yield offset, BLOCK_CUT, None
             return
         kind, length = struct.unpack("!BI", head)
         if kind not in (BLOCK_DATA, BLOCK_TRAILER) or length > MAX_BLOCK:
@@ -204,12 +211,14 @@ def _blocks(f: BinaryIO, path: Path, *, payloads: bool) -> Iterator[tuple[int, i
         if payloads or kind == BLOCK_TRAILER:
             payload = f.read(length)
             if len(payload) < length:
+                yield offset, BLOCK_CUT, None
                 return
             yield offset, kind, payload
         else:
             here = f.tell()
             end = f.seek(0, os.SEEK_END)
             if here + length > end:
+                yield offset, BLOCK_CUT, None
                 return
             f.seek(here + length)
             yield offset, kind, None
@@ -231,7 +240,9 @@ class Recording:
             _read_header(f, self.path)
             complete = True
             for offset, kind, payload in _blocks(f, self.path, payloads=True):
-                assert payload is not None
+                if payload is None:
+                    complete = False
+                    break
                 if kind == BLOCK_TRAILER:
                     try:
                         self.trailer = msgspec.msgpack.decode(payload, type=Trailer)
@@ -239,6 +250,8 @@ class Recording:
                         raise RecordingError(
                             f"{self.path}: malformed trailer at offset {offset}: {e}"
                         ) from None
+                    if f.read(1):
+                        raise RecordingError(f"{self.path}: bytes after the trailer at offset {f.tell() - 1}")
                     break
                 try:
                     frames = zlib.decompress(payload)
@@ -250,8 +263,6 @@ class Recording:
                     yield from decoder.feed(frames)
                 except RecordingError as e:
                     raise RecordingError(f"{self.path}: block at offset {offset}: {e}") from None
-            else:
-                complete = f.read(1) == b""
             self.cut = not complete or not decoder.close()
 
 
