@@ -193,7 +193,8 @@ impl Recorder {
         self.feed(Dir::Backend, data, now_us)
     }
 
-    /// Drains the frames recorded so far (whole frames only).
+    /// Drains the frames recorded so far (whole frames only). Call it once `buffered()` passes
+    /// about half of `max_buffer` (or per chunk): rows that do not fit are omitted, not waited for.
     pub fn take(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.out)
     }
