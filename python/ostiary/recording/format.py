@@ -355,12 +355,12 @@ class Decoder:
         events: list[AnyEvent] = []
         pos = 0
         while pos < len(buf):
-            frame = _split(buf, pos)
-            if frame is None:
-                break
-            kind, delta, tag, body, end = frame
             at = self.offset + pos
             try:
+                frame = _split(buf, pos)
+                if frame is None:
+                    break
+                kind, delta, tag, body, end = frame
                 event = self._event(kind, self.at_us + delta, tag, body)
             except (ValueError, struct.error) as e:
                 raise RecordingError(f"malformed frame at offset {at}: {e}") from None
@@ -580,13 +580,13 @@ def _split(buf: bytes, pos: int) -> tuple[int, int, int, bytes, int] | None:
         if not b & 0x80:
             break
         if shift > 63:
-            raise RecordingError(f"malformed frame at offset {pos}: timestamp varint too long")
+            raise ValueError("timestamp varint too long")
     if i + 5 > n:
         return None
     tag = buf[i]
     (length,) = struct.unpack_from("!I", buf, i + 1)
     if length < 4:
-        raise RecordingError(f"malformed frame at offset {pos}: length {length}")
+        raise ValueError(f"length {length}")
     end = i + 1 + length
     if end > n:
         return None
