@@ -334,6 +334,16 @@ def _core_frames() -> bytes:
     return r.take()
 
 
+def test_a_malformed_message_is_an_event_not_a_broken_file() -> None:
+    r = _core.Recorder()
+    r.frontend(b"Q\x00\x00\x00\x08abcd", 1)  # no NUL terminator: PostgreSQL refuses it too
+    r.frontend(b"Q\x00\x00\x00\x0dselect 1\x00", 2)
+    events = list(fmt.decode(r.take()))
+    assert isinstance(events[1], fmt.Undecodable) and events[1].sender == "client"
+    assert "Query" in events[1].reason
+    assert isinstance(events[2], fmt.Query) and events[2].text == "select 1"
+
+
 def test_recorder_reports_malformed_input() -> None:
     r = _core.Recorder()
     with pytest.raises(_core.ProtocolError):

@@ -10,7 +10,9 @@ text: text-format values decoded as UTF-8, binary-format values (and text that i
 ``\\x`` and hex, as psql shows bytea. The format of a DataRow's columns is the one of the last
 RowDescription. Messages the recorder cut (``X`` with field -1) are decoded as far as they go.
 
-Errors: a frame that does not decode raises ``RecordingError`` naming its offset. A stream cut in
+Errors: a frame that does not decode raises ``RecordingError`` naming its offset; a well-framed
+client or server message whose body does not decode (a peer sent it malformed, and the recorder keeps
+messages as sent) is an ``Undecodable`` event. A stream cut in
 the middle of its last frame (a crash while writing) is not an error when ``final`` is false: the
 decoder keeps the incomplete tail and ``Decoder.close()`` reports it as cut.
 """
@@ -208,6 +210,13 @@ class FunctionResult(Event, tag="function_result"):
     value: str | None
 
 
+class Undecodable(Event, tag="undecodable"):
+    """A message recorded as it was sent, which does not decode (the peer sent it malformed)."""
+
+    sender: str
+    reason: str
+
+
 AnyEvent = (
     Header
     | RowsOmitted
@@ -237,6 +246,7 @@ AnyEvent = (
     | Notification
     | PortalSuspended
     | FunctionResult
+    | Undecodable
 )
 
 # Error and notice field codes, as the protocol documentation names them.
@@ -333,6 +343,12 @@ class _Body:
         return out
 
 
+class _BadMessage(ValueError):
+    def __init__(self, sender: str, reason: object) -> None:
+        super().__init__(str(reason))
+        self.sender = sender
+
+
 class Decoder:
     """Decodes a frame stream fed in pieces (the blocks of a recording file).
 
@@ -361,7 +377,11 @@ class Decoder:
                 if frame is None:
                     break
                 kind, delta, tag, body, end = frame
-                event = self._event(kind, self.at_us + delta, tag, body)
+                try:
+                    event = self._event(kind, self.at_us + delta, tag, body)
+                except _BadMessage as e:
+                    # A malformed message was recorded as sent: an event, not a broken file.
+                    event = Undecodable(at_us=self.at_us + delta, sender=e.sender, reason=str(e))
             except (ValueError, struct.error) as e:
                 raise RecordingError(f"malformed frame at offset {at}: {e}") from None
             self.at_us += delta
@@ -387,11 +407,18 @@ class Decoder:
             if truncated:
                 raise ValueError("a truncation marker before a recorder frame")
             return self._recorder(at, tag, body)
-        if kind == ord("F"):
-            return self._frontend(at, tag, _Body(body, _name(tag, True), lenient), truncated)
-        if kind == ord("B"):
-            return self._backend(at, tag, _Body(body, _name(tag, False), lenient), truncated)
-        raise ValueError(f"unknown frame kind {kind:#04x}")
+        if kind not in (ord("F"), ord("B")):
+            raise ValueError(f"unknown frame kind {kind:#04x}")
+        frontend = kind == ord("F")
+        name = _name(tag, frontend)
+        try:
+            if frontend:
+                return self._frontend(at, tag, _Body(body, name, lenient), truncated)
+            return self._backend(at, tag, _Body(body, name, lenient), truncated)
+        except (ValueError, struct.error) as e:
+            raise _BadMessage(
+                "client" if frontend else "server", f"{name}: {e}" if name not in str(e) else e
+            ) from None
 
     def _recorder(self, at: int, tag: int, body: bytes) -> AnyEvent | None:
         r = _Body(body, "recorder frame", False)
@@ -635,5 +662,6 @@ __all__ = [
     "Stopped",
     "Sync",
     "Terminate",
+    "Undecodable",
     "decode",
 ]

@@ -218,6 +218,8 @@ class Renderer:
             )
         elif isinstance(ev, f.FramesLost):
             self._err([f"(frames lost from the recording: {ev.count})"])
+        elif isinstance(ev, f.Undecodable):
+            self._err([f"(undecodable message from the {ev.sender}: {ev.reason})"])
         elif isinstance(ev, f.Stopped):
             self._err([f"(recording stopped: {ev.reason})"])
 
