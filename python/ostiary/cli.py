@@ -5,7 +5,8 @@ front of a throwaway PostgreSQL cluster; ``ostiary policy check FILE`` validates
 directory) and prints every problem; ``ostiary policy explain`` prints the decision for given claims
 and the rules behind it; ``ostiary policy diff OLD NEW`` shows who gains or loses access;
 ``ostiary config schema`` prints the JSON Schema; ``ostiary token mint --dev`` signs a development
-token. Exit codes: 0 success, 1 runtime failure (or an ``--expect`` not met), 2 bad usage or policy.
+token; ``ostiary sessions list`` and ``ostiary sessions replay ID`` show session recordings. Exit
+codes: 0 success, 1 runtime failure (or an ``--expect`` not met), 2 bad usage or policy.
 """
 
 from __future__ import annotations
@@ -215,6 +216,95 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.data_dir, args.port)
 
 
+def _data_dir(args: argparse.Namespace) -> str:
+    """``--data-dir``, else the ``data_dir`` of ``--config``, else the configuration's default."""
+    if args.data_dir is not None:
+        return str(args.data_dir)
+    if args.config:
+        return _load_or_exit(args.config).data_dir
+    import msgspec
+
+    default = next(f.default for f in msgspec.structs.fields(Config) if f.name == "data_dir")
+    return str(default)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def _sessions_list(args: argparse.Namespace) -> int:
+    from ostiary.recording.format import Column
+    from ostiary.recording.render import aligned_table
+    from ostiary.recording.store import list_recordings
+
+    since = None
+    if args.since:
+        try:
+            since = dt.datetime.fromisoformat(args.since)
+        except ValueError:
+            print(f"--since takes an ISO date or time, not {args.since!r}", file=sys.stderr)
+            return 2
+    infos = list_recordings(_data_dir(args), since=since, identity=args.identity, limit=args.limit)
+    if args.json:
+        for info in infos:
+            h, t = info.header, info.trailer
+            duration = info.duration
+            print(
+                json.dumps(
+                    {
+                        "session_ref": h.session_ref,
+                        "started": h.started.isoformat(),
+                        "identity": h.identity,
+                        "connection": h.connection,
+                        "grant": h.grant,
+                        "peer": h.peer,
+                        "statements": None if t is None else t.statements,
+                        "duration_s": None if duration is None else duration.total_seconds(),
+                        "ended_reason": None if t is None else t.ended_reason,
+                        "path": info.path,
+                    }
+                )
+            )
+        return 0
+    names = ["session_ref", "started", "identity", "connection", "grant", "statements", "duration"]
+    rows = []
+    for info in infos:
+        h, t = info.header, info.trailer
+        duration = info.duration
+        rows.append(
+            [
+                h.session_ref,
+                h.started.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S+00"),
+                h.identity,
+                h.connection,
+                h.grant,
+                "" if t is None else str(t.statements),
+                "" if duration is None else _duration(duration.total_seconds()),
+            ]
+        )
+    right = [False] * 5 + [True, True]
+    print("\n".join(aligned_table([Column(n, 25) for n in names], rows, right=right)))
+    return 0
+
+
+def _sessions_replay(args: argparse.Namespace) -> int:
+    from ostiary.errors import RecordingError
+    from ostiary.recording.render import replay
+    from ostiary.recording.store import find_recording
+
+    try:
+        path = find_recording(_data_dir(args), args.id)
+        replay(path, realtime=args.realtime, speed=args.speed, json=args.json)
+    except (RecordingError, ValueError) as e:
+        print(f"ostiary sessions replay: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ostiary", description="Access gateway for machines.")
     parser.add_argument("--version", action="version", version=f"ostiary {__version__}")
@@ -277,6 +367,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=6432)
     demo.add_argument("--log-level", default="info")
     demo.set_defaults(func=_demo)
+
+    sessions = sub.add_parser("sessions", help="list and replay session recordings")
+    sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)
+    slist = sessions_sub.add_parser("list", help="recorded sessions, newest first")
+    slist.add_argument("--since", help="ISO date or time: sessions started at or after it")
+    slist.add_argument("--identity", help="only this identity's sessions")
+    slist.add_argument("--limit", type=int, default=100)
+    slist.add_argument("--json", action="store_true", help="one JSON object per line")
+    slist.set_defaults(func=_sessions_list)
+    sreplay = sessions_sub.add_parser("replay", help="show a session as its client saw it")
+    sreplay.add_argument("id", metavar="ID", help="the session ref (or a .rec file)")
+    sreplay.add_argument("--realtime", action="store_true", help="wait between events as recorded")
+    sreplay.add_argument("--speed", type=float, default=1.0, help="with --realtime: this many times faster")
+    sreplay.add_argument("--json", action="store_true", help="one JSON object per event")
+    sreplay.set_defaults(func=_sessions_replay)
+    for p in (slist, sreplay):
+        p.add_argument("--config", help="take data_dir from this configuration file")
+        p.add_argument("--data-dir", help="the data directory (default: the configuration's, .ostiary)")
 
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -56,12 +56,18 @@ class UpstreamUnavailable(OstiaryError):
     """The gateway could not reach or log in to the upstream server."""
 
 
+class RecordingError(OstiaryError):
+    """A session recording cannot be read: not a recording, an unknown format version, or a frame
+    or block that does not decode. The message names the file and the offset."""
+
+
 __all__ = [
     "AuthenticationFailed",
     "ConfigError",
     "CoreError",
     "OstiaryError",
     "ProtocolError",
+    "RecordingError",
     "SqlError",
     "TlsError",
     "UpstreamAuthError",

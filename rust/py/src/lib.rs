@@ -962,6 +962,48 @@ impl Relay {
     }
 }
 
+// --- Session recording (ostiary_wire::pg::recording) ---------------------------------------
+
+/// The session recorder (see ostiary_wire::pg::recording for the frame format and the caps): fed
+/// the plaintext bytes each way after the startup phase, one call per chunk; `take()` drains the
+/// frames. Raises ProtocolError once on malformed input, after which it records nothing.
+#[pyclass(module = "ostiary._core")]
+struct Recorder {
+    inner: ostiary_wire::pg::recording::Recorder,
+}
+
+#[pymethods]
+impl Recorder {
+    #[new]
+    #[pyo3(signature = (max_rows = 1000, max_field = 4096, max_buffer = 1 << 20))]
+    fn new(max_rows: u64, max_field: usize, max_buffer: usize) -> Self {
+        Recorder {
+            inner: ostiary_wire::pg::recording::Recorder::new(max_rows, max_field, max_buffer),
+        }
+    }
+
+    /// Bytes the client sent, at `now_us` (the caller's clock, microseconds).
+    fn frontend(&mut self, data: &[u8], now_us: u64) -> PyResult<()> {
+        self.inner.frontend(data, now_us).map_err(wire_err)
+    }
+
+    /// Bytes the gateway sent to the client, at `now_us`.
+    fn backend(&mut self, data: &[u8], now_us: u64) -> PyResult<()> {
+        self.inner.backend(data, now_us).map_err(wire_err)
+    }
+
+    fn take<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        bytes(py, &self.inner.take())
+    }
+
+    #[getter]
+    fn buffered(&self) -> usize {
+        self.inner.buffered()
+    }
+}
+
+// --- end of session recording ----------------------------------------------------------------
+
 /// Checks a custom masking pattern as the engine would: None when it compiles, else why not.
 #[pyfunction]
 fn mask_pattern_problem(pattern: &str) -> Option<String> {
@@ -1065,6 +1107,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<MaskSet>()?;
     m.add_class::<SimpleQuery>()?;
     m.add_class::<Relay>()?;
+    m.add_class::<Recorder>()?;
     m.add("MaskError", m.py().get_type::<MaskError>())?;
     m.add("MASK_DETECTORS", ostiary_mask::detectors::BUILTINS.to_vec())?;
     m.add_function(wrap_pyfunction!(mask_pattern_problem, m)?)?;

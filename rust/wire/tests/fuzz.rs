@@ -2,13 +2,15 @@
 //! this project's machines do not have). A small xorshift generator mutates a corpus of valid
 //! messages (bit flips, byte changes, length-field rewrites, truncation, splices, random chunking)
 //! and feeds the result to every decoder. Properties: nothing panics; the relay in AllowAll mode
-//! either errors or passes exactly the bytes it was given; feeding in chunks and whole agree.
+//! either errors or passes exactly the bytes it was given; feeding in chunks and whole agree; the
+//! session recorder gives the same frames and outcome whole and chunked, within its buffer bound.
 //! `FUZZ_ITERS` sets the iteration count (default: a smoke run for `make test`; `make fuzz` runs
 //! millions) and `FUZZ_SEED` the seed.
 
 use ostiary_wire::pg::backend::{self, Authentication, ErrorFields};
 use ostiary_wire::pg::frontend;
 use ostiary_wire::pg::handshake::{ClientHandshake, UpstreamHandshake, UpstreamStep};
+use ostiary_wire::pg::recording::Recorder;
 use ostiary_wire::pg::relay::{FrontendStop, Gate, SessionRelay, Verdict};
 use ostiary_wire::pg::startup::{self, StartupPacket};
 use ostiary_wire::Limits;
@@ -459,5 +461,47 @@ fn fuzz_masking_relay() {
                 rest = &rest[used..];
             }
         }
+    }
+}
+
+#[test]
+fn fuzz_recorder() {
+    let front = frontend_corpus();
+    let back = backend_corpus();
+    let mut rng = Rng(seed() ^ 0x5eed_2ec0);
+    for _ in 0..iterations() {
+        let backend = rng.below(2) == 0;
+        let input = mutate(&mut rng, if backend { &back } else { &front });
+        let (max_rows, max_field, max_buffer) =
+            (rng.below(4) as u64, rng.below(8), 64 + rng.below(512));
+        let feed = |r: &mut Recorder, data: &[u8]| {
+            if backend {
+                r.backend(data, 5)
+            } else {
+                r.frontend(data, 5)
+            }
+        };
+        let mut whole = Recorder::new(max_rows, max_field, max_buffer);
+        let r_whole = feed(&mut whole, &input);
+        let mut chunked = Recorder::new(max_rows, max_field, max_buffer);
+        let mut r_chunked = Ok(());
+        for c in chunks(&mut rng, &input) {
+            r_chunked = feed(&mut chunked, c);
+            if r_chunked.is_err() {
+                break;
+            }
+            // Only the stopped frame (an error's text) may exceed the bound.
+            assert!(chunked.buffered() <= 2 * max_buffer + 64);
+        }
+        assert_eq!(
+            r_whole.is_ok(),
+            r_chunked.is_ok(),
+            "chunking changed the outcome for {input:?}"
+        );
+        assert_eq!(
+            whole.take(),
+            chunked.take(),
+            "chunking changed the frames for {input:?}"
+        );
     }
 }

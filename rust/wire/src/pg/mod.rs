@@ -3,7 +3,8 @@
 //! Layout: `codec` holds the byte-level readers and the message builder; `startup`, `frontend` and
 //! `backend` hold the messages of each phase and direction, named as the protocol documentation
 //! names them; `scram` is the SCRAM-SHA-256 client; `handshake` the two startup machines (the
-//! client-facing one and the upstream one); `relay` the streaming scanner of established sessions.
+//! client-facing one and the upstream one); `relay` the streaming scanner of established sessions;
+//! `recording` the session recorder (what the client sent and received, capped, as frames).
 
 pub mod audit;
 pub mod backend;
@@ -12,6 +13,7 @@ pub mod frontend;
 pub mod handshake;
 pub mod masking;
 pub mod query;
+pub mod recording;
 pub mod relay;
 pub mod scram;
 pub mod startup;
