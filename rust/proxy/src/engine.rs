@@ -912,7 +912,7 @@ impl Session {
             .relay
             .feed_frontend(data, out)
             .map_err(protocol("client"))?;
-        self.to_upstream(out, raw)?;
+        self.send_upstream(out, raw)?;
         Ok(match stop {
             FrontendStop::Consumed => None,
             FrontendStop::Hold {
@@ -945,7 +945,7 @@ impl Session {
 
     /// Writes what goes to the server, unless the sync audit trail must first make the entries of
     /// these statements durable: then it waits in `stash` (in order) for `AuditDurable`.
-    fn to_upstream(&mut self, out: &[u8], raw: &mut Vec<u8>) -> Result<(), SessionError> {
+    fn send_upstream(&mut self, out: &[u8], raw: &mut Vec<u8>) -> Result<(), SessionError> {
         let starts = self.relay.audit().map_or(0, |a| a.starts());
         if self.write_ahead && (self.waiting || starts > 0) {
             self.stash.extend_from_slice(out);
@@ -1037,7 +1037,7 @@ impl Session {
                         .resolve(seq, verdict, remember, &mut s.out)
                         .map_err(protocol("control plane"))?;
                     let out = std::mem::take(&mut s.out);
-                    let r = self.to_upstream(&out, &mut s.raw);
+                    let r = self.send_upstream(&out, &mut s.raw);
                     s.out = out;
                     r
                 })?;
