@@ -116,6 +116,7 @@ class Engine:
         mask: tuple[MaskSet, dict[tuple[int, int], int], list[tuple[str, int]], list[tuple[str, int]], int]
         | None = None,
         audit: tuple[int, bool] | None = None,
+        record: tuple[int, int, int] | None = None,
     ) -> None: ...
     def verdict(
         self,

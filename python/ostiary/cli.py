@@ -368,6 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--log-level", default="info")
     demo.set_defaults(func=_demo)
 
+    from ostiary.audit.cli import add_audit_parser
+
+    add_audit_parser(sub)
+
     sessions = sub.add_parser("sessions", help="list and replay session recordings")
     sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)
     slist = sessions_sub.add_parser("list", help="recorded sessions, newest first")

@@ -592,8 +592,9 @@ class AuditEvents:
             data=data,
         )
 
-    def session_started(self, info: SessionInfo) -> None:
+    def session_started(self, info: SessionInfo, recording: str = "") -> None:
         data: dict[str, Any] = {
+            "recording": recording,
             "peer": info.peer,
             "issuer": info.identity.issuer,
             "access": info.access,

@@ -453,6 +453,7 @@ class PostgresStartup:
                 report=gw.observer.report,
                 mask=mask,
                 audit=gw.audit_spec,
+                record=gw.record_spec,
             )
         except BaseException:
             gw.forget_session(session_id)

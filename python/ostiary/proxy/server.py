@@ -47,6 +47,7 @@ from ostiary.policy.evaluate import CompiledPolicy, policy_version
 from ostiary.policy.model import Connection
 from ostiary.proxy.channel import Channel, open_tcp
 from ostiary.proxy.postgres import CancelTarget, PostgresStartup, fatal
+from ostiary.recording.live import LiveRecordings
 
 log = logging.getLogger("ostiary.server")
 
@@ -123,6 +124,12 @@ class Gateway:
         self.audit: AuditLog | None = None
         self.audit_events: AuditEvents | None = None
         self.audit_spec: tuple[int, bool] | None = None
+        self.recordings: LiveRecordings | None = None
+        self.record_spec: tuple[int, int, int] | None = None
+        if config.audit.enabled and config.audit.recordings.enabled:
+            r = config.audit.recordings
+            self.recordings = LiveRecordings(config.data_dir)
+            self.record_spec = (r.max_rows, r.max_field, 1 << 20)
         if config.audit.enabled:
             self.audit = AuditLog(config)
             self.audit.engine = self.engine
@@ -159,8 +166,11 @@ class Gateway:
         key = (cancel.process_id, cancel.secret_key)
         self._cancel[key] = cancel
         self._cancel_by_session[info.id] = key
+        recording = ""
+        if self.recordings is not None and self.audit is not None:
+            recording = self.recordings.start(info, self.audit.session_ref(info.id))
         if self.audit_events is not None:
-            self.audit_events.session_started(info)
+            self.audit_events.session_started(info, recording)
         self.observer.session_started(info)
         if max_session is not None and self._background is not None:
             scope = trio.CancelScope()
@@ -424,6 +434,10 @@ class Gateway:
             if self.audit is not None:
                 self.audit.engine_batch(session, ev[2], ev[3])
             return
+        if kind == "recording":
+            if self.recordings is not None:
+                self.recordings.frames(session, ev[2])
+            return
         info = self.sessions.get(session)
         if kind == "ended":
             _, _, reason, detail, stats = ev
@@ -432,8 +446,9 @@ class Gateway:
                 masking = gone.policy.masking if gone.policy is not None else None
                 stats["masked"] = dict(zip(masking.names, stats["masked"], strict=True)) if masking else {}
                 gone.stats = stats
+                extra = self.recordings.end(session, reason) if self.recordings is not None else {}
                 if self.audit_events is not None:
-                    self.audit_events.session_ended(gone, reason, detail, {})
+                    self.audit_events.session_ended(gone, reason, detail, extra)
                 self.observer.session_ended(gone, reason, detail)
                 log.info(
                     "session %d ended: %s%s (%.1f s, %d statements, %d rows%s)",
@@ -526,6 +541,8 @@ class Gateway:
             nursery.start_soon(self._watch_policy)
             if self.audit is not None:
                 await nursery.start(self.audit.run)
+            if self.recordings is not None:
+                await nursery.start(self.recordings.run)
             if handle_signals:
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._hangups)
@@ -542,6 +559,8 @@ class Gateway:
             # Let the final "ended" events be seen, then stop the event loop.
             await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
+        if self.recordings is not None:
+            await self.recordings.close()
         if self.audit is not None:
             await self.audit.close()
 

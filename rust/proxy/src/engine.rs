@@ -32,6 +32,7 @@ use ostiary_wire::pg::audit::{AuditEntry, AuditTrack};
 use ostiary_wire::pg::backend::{self, ErrorFields};
 use ostiary_wire::pg::frontend;
 use ostiary_wire::pg::masking::MaskPlan;
+use ostiary_wire::pg::recording::Recorder;
 use ostiary_wire::pg::relay::{
     BackendEvent, FrontendStop, Gate, RelayStats, Remember, SessionRelay, Statement, Verdict,
 };
@@ -88,7 +89,20 @@ pub struct SessionSpec {
     pub mask: Option<MaskPlan>,
     /// Statement entries for the audit trail, if it is on.
     pub audit: Option<AuditSpec>,
+    /// The session's recording (what the client sent and received), if it is on.
+    pub record: Option<RecordSpec>,
 }
+
+#[derive(Debug, Clone, Copy)]
+pub struct RecordSpec {
+    pub max_rows: u64,
+    pub max_field: usize,
+    /// Frames a session holds before it hands them over (it also does once a second).
+    pub max_buffer: usize,
+}
+
+/// How often a recorded session hands its frames over at least (a crash loses at most this).
+const RECORDING_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 pub struct AuditSpec {
@@ -137,6 +151,11 @@ pub enum Event {
     Audit {
         entries: Vec<(u64, AuditEntry)>,
         ack: Option<(u64, u64)>,
+    },
+    /// Recording frames of one session (`ostiary_wire::pg::recording`), in order.
+    Recording {
+        session: u64,
+        frames: Vec<u8>,
     },
     Ended {
         session: u64,
@@ -616,6 +635,7 @@ struct Session {
     ticket: u64,
     stash: Vec<u8>,
     waiting: bool,
+    recorder: Option<(Recorder, usize, std::time::Instant)>,
 }
 
 fn now_us() -> u64 {
@@ -660,6 +680,13 @@ impl Session {
             ticket: 0,
             stash: Vec::new(),
             waiting: false,
+            recorder: spec.record.map(|r| {
+                (
+                    Recorder::new(r.max_rows, r.max_field, r.max_buffer),
+                    r.max_buffer / 2,
+                    std::time::Instant::now(),
+                )
+            }),
             pending: spec.client_prefix,
             upstream_prefix: spec.upstream_prefix,
             events: Vec::new(),
@@ -704,6 +731,17 @@ impl Session {
         }
         self.upstream.close().await;
         self.client.close().await;
+        if let Some((rec, _, _)) = self.recorder.as_mut() {
+            let frames = rec.take();
+            if !frames.is_empty() {
+                inner
+                    .push_waiting(Event::Recording {
+                        session: self.id,
+                        frames,
+                    })
+                    .await;
+            }
+        }
         if let Some(a) = self.relay.audit_mut() {
             a.set_now(now_us());
             a.finish();
@@ -912,6 +950,16 @@ impl Session {
             .relay
             .feed_frontend(data, out)
             .map_err(protocol("client"))?;
+        if let Some((rec, _, _)) = self.recorder.as_mut() {
+            // Only what was consumed: held bytes are scanned (and recorded) again later.
+            let used = match &stop {
+                FrontendStop::Consumed => data,
+                FrontendStop::Hold { consumed, .. } => &data[..*consumed],
+            };
+            // A recorder that meets bytes it cannot frame stops recording (and says so in its
+            // frames); the relay, which checks the same bytes, decides about the session.
+            let _ = rec.frontend(used, now_us());
+        }
         self.send_upstream(out, raw)?;
         Ok(match stop {
             FrontendStop::Consumed => None,
@@ -940,6 +988,9 @@ impl Session {
         self.relay
             .feed_backend(data, out, &mut self.events)
             .map_err(protocol("server"))?;
+        if let Some((rec, _, _)) = self.recorder.as_mut() {
+            let _ = rec.backend(out, now_us());
+        }
         self.client.write_now(out, raw)
     }
 
@@ -982,6 +1033,25 @@ impl Session {
         }
     }
 
+    /// Hands recording frames over once enough are buffered, or a second after the last time.
+    async fn flush_recording(&mut self, inner: &Inner) {
+        let Some((rec, half, at)) = self.recorder.as_mut() else {
+            return;
+        };
+        let n = rec.buffered();
+        if n == 0 || (n < *half && at.elapsed() < RECORDING_EVERY) {
+            return;
+        }
+        *at = std::time::Instant::now();
+        let frames = rec.take();
+        inner
+            .push_waiting(Event::Recording {
+                session: self.id,
+                frames,
+            })
+            .await;
+    }
+
     async fn after_frontend(
         &mut self,
         hold: Option<Statement>,
@@ -989,6 +1059,7 @@ impl Session {
     ) -> Result<(), SessionError> {
         self.client.flush().await?;
         self.upstream.flush().await?;
+        self.flush_recording(inner).await;
         if self.audit {
             self.flush_audit(inner).await;
         }
@@ -1006,6 +1077,7 @@ impl Session {
     async fn after_backend(&mut self, inner: &Inner) -> Result<(), SessionError> {
         self.upstream.flush().await?;
         self.client.flush().await?;
+        self.flush_recording(inner).await;
         if self.audit {
             self.flush_audit(inner).await;
         }

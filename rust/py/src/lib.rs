@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use ostiary_mask::{MaskSet as RsMaskSet, Outcome, RuleSpec, Strategy};
 
 use ostiary_proxy::engine::{
-    AuditSpec, Command, Engine as RsEngine, EngineConfig, Event, SessionSpec,
+    AuditSpec, Command, Engine as RsEngine, EngineConfig, Event, RecordSpec, SessionSpec,
 };
 use ostiary_proxy::tls::{self, TlsLayer};
 use ostiary_wire::pg::backend::{self, Authentication, ErrorFields};
@@ -513,7 +513,8 @@ impl Engine {
     /// `mask`: None, or (MaskSet, {(table oid, attnum): rule}, [(name glob, rule)],
     /// [(late name glob, rule)], max oid) from `ostiary.policy.masking`.
     /// `audit`: None, or (max_text, write_ahead): the session's statements become "audit" events.
-    #[pyo3(signature = (session, client_fd, client_tls, client_prefix, upstream_fd, upstream_tls, upstream_prefix, consult = "never", report = false, mask = None, audit = None))]
+    /// `record`: None, or (max_rows, max_field, max_buffer): "recording" events carry its frames.
+    #[pyo3(signature = (session, client_fd, client_tls, client_prefix, upstream_fd, upstream_tls, upstream_prefix, consult = "never", report = false, mask = None, audit = None, record = None))]
     #[allow(clippy::too_many_arguments)]
     fn adopt(
         &self,
@@ -528,6 +529,7 @@ impl Engine {
         report: bool,
         mask: Option<MaskArg>,
         audit: Option<(usize, bool)>,
+        record: Option<(u64, usize, usize)>,
     ) -> PyResult<()> {
         // Own the descriptors first: whatever fails below then closes them (the caller has given
         // them up), so a client is never left waiting on a socket nobody holds.
@@ -570,6 +572,11 @@ impl Engine {
             audit: audit.map(|(max_text, write_ahead)| AuditSpec {
                 max_text,
                 write_ahead,
+            }),
+            record: record.map(|(max_rows, max_field, max_buffer)| RecordSpec {
+                max_rows,
+                max_field,
+                max_buffer,
             }),
         };
         self.inner.adopt(spec).map_err(CoreError::new_err)
@@ -680,7 +687,7 @@ impl Engine {
     /// ("audit", ack session or 0, ack ticket or 0, [entry, ...]) with each entry
     /// (session, seq, phase, kind, (name, text, truncated, params), denied (code, message, rule) or
     /// None, (started_us, ended_us), (rows, bytes, tag, commands), outcome, error (code, message) or
-    /// None).
+    /// None), ("recording", session, frames).
     #[pyo3(signature = (max = 4096))]
     fn poll_events<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         let mut out = Vec::new();
@@ -736,6 +743,11 @@ impl Engine {
                     }
                     let (s, t) = ack.unwrap_or((0, 0));
                     out.push(("audit", s, t, list).into_pyobject(py)?);
+                }
+                Event::Recording { session, frames } => {
+                    out.push(
+                        ("recording", session, PyBytes::new(py, &frames)).into_pyobject(py)?,
+                    );
                 }
                 Event::Ended {
                     session,
