@@ -326,6 +326,7 @@ class AuditLog:
             except StoreError as e:
                 await self._failed(batch, e)
                 return
+            log.debug("audit: %d record(s) written, through seq %d", len(batch), batch[-1].seq)
             self.stored = (batch[-1].seq, batch[-1].hash)
             self._durable(batch[-1].seq)
             if not self.healthy:
