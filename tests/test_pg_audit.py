@@ -38,7 +38,9 @@ def audit_config(pg: PgCluster, tls: TlsMaterial, tmp: Path, **audit: Any) -> di
     cfg["clients"] = [{"user": OPS, "password": "ops-pw"}]
     cfg["masking"] = [{"name": "pii", "detectors": ["email"]}]
     cfg["connections"][0]["masking"] = ["pii"]
-    cfg["guardrails"] = [{"name": "no-secrets", "match": {"relations": ["secret.*"]}, "message": "off limits"}]
+    cfg["guardrails"] = [
+        {"name": "no-secrets", "match": {"relations": ["secret.*"]}, "message": "off limits"}
+    ]
     cfg["grants"] = [
         {
             "name": "ops-writes",
@@ -76,7 +78,8 @@ def ops_env(gw: GatewayProcess) -> dict[str, Any]:
 def tables(pg: PgCluster) -> None:
     pg.execute(
         "create table if not exists audit_people(id int primary key, email text);"
-        "truncate audit_people; insert into audit_people values (1, 'ann@example.com'), (2, 'bob@example.com');"
+        "truncate audit_people;"
+        "insert into audit_people values (1, 'ann@example.com'), (2, 'bob@example.com');"
         "create schema if not exists secret; create table if not exists secret.keys(k text);",
         dbname="app",
         user="app",
@@ -107,7 +110,7 @@ def test_every_record_type_is_written_by_real_sessions_and_verifies(
         text=True,
         timeout=60,
     )
-    assert "ann@example.com" not in shown.stdout and "[email]" in shown.stdout or "***" in shown.stdout
+    assert "(2 rows)" in shown.stdout and "ann@example.com" not in shown.stdout  # masked
     with psycopg.connect(gw.dsn(user=OPS, password="ops-pw")) as conn:
         conn.execute("select %s::int + %s::int as sum", (40, 2), prepare=True)
         conn.execute("select %s::text", ("secret-param",), prepare=True)
@@ -237,7 +240,8 @@ def test_tampering_is_caught_and_named(
         if name == "truncate":
             assert "truncated" in r.stdout, r.stdout
         else:
-            assert f"record seq {mid[1]}" in r.stdout or f"record seq {mid[1] + 1}" in r.stdout, (name, r.stdout)
+            named = (f"record seq {mid[1]} ", f"record seq {mid[1] + 1} ")
+            assert any(n in r.stdout for n in named), (name, r.stdout)
 
     # Insert: a well-formed record of its own, slipped between two others.
     copy = tmp_path / "insert.db"
@@ -305,11 +309,18 @@ def test_crash_under_pgbench_load_leaves_a_verifiable_chain(
     gw = gateway_factory(config=cfg)
     env = gw.env(user=OPS, password="ops-pw")
     init = subprocess.run(
-        ["pgbench", "-i", "-q", "-s", "1", "--no-vacuum"], env=env, capture_output=True, text=True, timeout=120
+        ["pgbench", "-i", "-q", "-s", "1", "--no-vacuum"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert init.returncode == 0, init.stderr
     bench = subprocess.Popen(
-        ["pgbench", "-S", "-c", "4", "-T", "30", "-n"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        ["pgbench", "-S", "-c", "4", "-T", "30", "-n"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     stop = threading.Event()
     acked: list[tuple[str, float]] = []
