@@ -745,9 +745,7 @@ impl Engine {
                     out.push(("audit", s, t, list).into_pyobject(py)?);
                 }
                 Event::Recording { session, frames } => {
-                    out.push(
-                        ("recording", session, PyBytes::new(py, &frames)).into_pyobject(py)?,
-                    );
+                    out.push(("recording", session, PyBytes::new(py, &frames)).into_pyobject(py)?);
                 }
                 Event::Ended {
                     session,

@@ -678,7 +678,6 @@ impl SessionRelay {
         events: &mut Vec<BackendEvent>,
     ) -> Result<(), WireError> {
         self.stats.backend_bytes += input.len() as u64;
-        self.bytes_since_complete += input.len() as u64;
         let mut pos = 0;
         while pos < input.len() {
             if self.back.body.is_none() {
@@ -691,6 +690,9 @@ impl SessionRelay {
                 else {
                     break;
                 };
+                // Counted per message (header and body), so the count does not depend on how
+                // the bytes were chunked.
+                self.bytes_since_complete += 5 + len as u64;
                 if tag == btag::DATA_ROW {
                     self.rows_since_complete += 1;
                 }
