@@ -514,7 +514,7 @@ fn fuzz_audit_relay() {
     use ostiary_wire::pg::audit::AuditTrack;
     let front = frontend_corpus();
     let back = backend_corpus();
-    let mut rng = Rng(seed() ^ 0x0a0d_17);
+    let mut rng = Rng(seed() ^ 0x000a_0d17);
     for _ in 0..iterations() {
         let f = mutate(&mut rng, &front);
         let b = mutate(&mut rng, &back);
