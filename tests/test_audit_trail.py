@@ -1,0 +1,174 @@
+"""The audit trail below the gateway: chains, stores, verification, checkpoints, retention, the
+spool and the configuration checks. (End to end with real sessions: test_pg_audit.py.)"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from ostiary.audit import keys as keysmod
+from ostiary.audit.log import AuditLog, Spool, claim_writer, now_us
+from ostiary.audit.records import GENESIS, Chain, decode
+from ostiary.audit.store import SearchFilter, SqliteStore
+from ostiary.audit.verify import verify
+from ostiary.config import Audit, Config, audit_problems
+
+
+def config(tmp: Path, **audit: Any) -> Config:
+    return msgspec.convert({"data_dir": str(tmp / "state"), "audit": audit}, Config)
+
+
+def test_chain_links_and_verifies(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "a.db")
+    chain = Chain("w1")
+    rows = [chain.seal("admin", i, data={"n": i}) for i in range(10)]
+    assert decode(rows[0].body).prev == GENESIS
+    assert decode(rows[5].body).prev == rows[4].hash
+    store.append(rows)
+    key = keysmod.load_or_create_signing_key(tmp_path / "k")
+    cp = keysmod.sign(
+        key,
+        keysmod.Checkpoint(
+            writer="w1", seq=10, hash=rows[-1].hash, ts=1, key_id=keysmod.key_id(key.public_key())
+        ),
+    )
+    store.add_checkpoint(cp)
+    rep = verify(store, [key.public_key()])
+    assert rep.ok and rep.writers[0].records == 10 and rep.writers[0].signed_through == 10
+    # Without the auditor's key, the store's own keys (none registered here) cannot vouch for it.
+    assert not verify(store).ok
+
+
+def test_store_search_and_read_after(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "a.db")
+    chain = Chain("w1")
+    store.append(
+        [
+            chain.seal("auth", 100, identity="ci", verdict="deny", data={"reason": "expired token"}),
+            chain.seal("statement", 200, identity="ci", connection="app", data={"text": "select 42"}),
+            chain.seal("statement", 300, identity="bot", connection="app", data={"text": "select 43"}),
+        ]
+    )
+    assert [r.seq for r in store.search(SearchFilter(identity="ci"))] == [2, 1]
+    assert [r.seq for r in store.search(SearchFilter(text="select 4"))] == [3, 2]
+    assert [r.seq for r in store.search(SearchFilter(since=150, until=300))] == [2]
+    assert [r.seq for r in store.search(SearchFilter(verdict="deny", kind="auth"))] == [1]
+    assert [r.seq for r in store.search(SearchFilter(limit=1))] == [3]
+    first = store.read_after(0, 2)
+    assert [r.seq for r in first] == [1, 2]
+    assert [r.seq for r in store.read_after(first[-1].id, 10)] == [3]
+    assert first[0].as_dict()["data"] == {"reason": "expired token"}
+
+
+def test_purge_removes_only_records_older_than_the_cutoff_by_sequence(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+
+    async def main() -> tuple[int, AuditLog]:
+        log = AuditLog(cfg)  # seq 1: writer_start, now
+        await log.flush()
+        cutoff = now_us()
+        for i in range(4):
+            log.append("admin", data={"new": i})
+        await log.flush()
+        n = await log.purge_before(cutoff)
+        await log.close()
+        return n, log
+
+    n, log = trio.run(main)
+    assert n == 1
+    store = SqliteStore(Path(cfg.data_dir) / "audit.db")
+    rep = verify(store, [log.public])
+    assert rep.ok, rep.first_problem()
+    w = rep.writers[0]
+    assert w.purged_through == 1 and w.first_seq == 2
+    kinds = [r.kind for r in store.chain(log.writer)]
+    assert kinds[-1] == "purge"
+    # A purge not vouched for by a signed checkpoint shows as deleted records.
+    with sqlite3.connect(Path(cfg.data_dir) / "audit.db") as c:
+        c.execute("update audit_checkpoints set purged_through = 0, purged_hash = ''")
+    bad = verify(SqliteStore(Path(cfg.data_dir) / "audit.db"), [log.public])
+    assert not bad.ok and "bad signature" in (bad.first_problem() or "")
+
+
+def test_writer_continues_its_chain_across_restarts_and_locks_its_slot(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+
+    async def run_once(close: bool = True) -> AuditLog:
+        log = AuditLog(cfg)
+        log.append("admin", data={"x": 1})
+        await log.flush()
+        if close:
+            await log.close()
+        return log
+
+    a = trio.run(run_once)
+    b = trio.run(run_once)
+    assert a.writer == b.writer and b.chain.seq == 4
+    # Two live gateways on one data directory write two chains.
+    audit_dir = Path(cfg.data_dir) / "audit"
+    w1, f1 = claim_writer(audit_dir)
+    w2, f2 = claim_writer(audit_dir)
+    assert w1 != w2 and w1 == a.writer
+    f1.close()
+    f2.close()
+    assert verify(SqliteStore(Path(cfg.data_dir) / "audit.db"), [a.public]).ok
+
+
+def test_spool_survives_a_torn_last_line(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.jsonl")
+    chain = Chain("w")
+    rows = [chain.seal("admin", i) for i in range(3)]
+    spool.append(rows)
+    with open(spool.path, "ab") as f:
+        f.write(msgspec.json.encode(chain.seal("admin", 9))[:20])
+    assert [r.seq for r in spool.read()] == [1, 2, 3]
+    spool.clear()
+    assert spool.read() == [] and not spool.exists()
+
+
+def test_spooled_records_of_a_previous_run_are_replayed_at_start(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+
+    async def first() -> AuditLog:
+        log = AuditLog(cfg)
+        await log.flush()
+        # The store went away: the next batch went to the spool (as _failed does with on_failure spool).
+        batch = [log.append("admin", data={"i": i}) for i in range(3)]
+        log.pending.clear()
+        log.spool.append([b for b in batch if b is not None])
+        log._lock_file.close()
+        return log
+
+    a = trio.run(first)
+
+    async def second() -> AuditLog:
+        log = AuditLog(cfg)
+        await log.flush()
+        await log.close()
+        return log
+
+    b = trio.run(second)
+    assert not a.spool.exists() and b.chain.seq == 5
+    assert verify(SqliteStore(Path(cfg.data_dir) / "audit.db"), [b.public]).ok
+
+
+@pytest.mark.parametrize(
+    ("audit", "problem"),
+    [
+        ({"store": "postgres"}, "store: postgres needs exactly one of dsn"),
+        ({"dsn": "host=x"}, "dsn, dsn_env and dsn_file are for store: postgres"),
+        ({"flush_interval": 0}, "audit.flush_interval"),
+        ({"max_text": 10}, "audit.max_text"),
+        ({"retention_days": -1}, "audit.retention_days"),
+        ({"max_pending": 5}, "audit.max_pending"),
+    ],
+)
+def test_audit_config_problems(audit: dict[str, Any], problem: str) -> None:
+    problems = audit_problems(msgspec.convert(audit, Audit))
+    assert any(problem in f"{path}: {msg}" for path, msg in problems), problems
+    assert audit_problems(Audit()) == []
