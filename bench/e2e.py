@@ -11,10 +11,11 @@ What one run does (see bench/README.md for how to read the output):
 3. Runs pgbench against the targets interleaved (direct, pgbouncer, then the gateway variants:
    ``ostiary`` with features off, ``ostiary+guard`` with a workload-identity token per connection and
    guardrail packs judging every statement shape, ``ostiary+mask`` masking every result with every
-   built-in detector; then direct again, ... for every case in every round) so that drift on a shared
-   machine hits them all alike. For each run
-   it records TPS, latency percentiles from pgbench's per-transaction logs (``-l``), and the CPU time
-   the proxy process used (utime+stime of /proc/PID/stat, which sums all of a process's threads).
+   built-in detector, ``ostiary+audit`` with the audit trail as shipped (SQLite, async, recordings)
+   and ``ostiary+audit-sync`` in sync mode; then direct again, ... for every case in every round)
+   so that drift on a shared machine hits them all alike. For each run it records TPS, latency
+   percentiles from pgbench's per-transaction logs (``-l``), and the CPU time the proxy process
+   used (utime+stime of /proc/PID/stat, which sums all of a process's threads).
 4. Streams 1,000,000 rows with ``COPY ... TO STDOUT`` through each target while sampling the proxy's
    RSS, and opens N idle authenticated connections to each proxy to measure memory per connection.
 5. Writes bench/results/<timestamp>.json and bench/results/latest.md and prints the tables.
@@ -72,7 +73,15 @@ except ImportError as e:  # pragma: no cover - a usage error, not a code path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
-TARGETS = ("direct", "pgbouncer", "ostiary", "ostiary+guard", "ostiary+mask")
+TARGETS = (
+    "direct",
+    "pgbouncer",
+    "ostiary",
+    "ostiary+guard",
+    "ostiary+mask",
+    "ostiary+audit",
+    "ostiary+audit-sync",
+)
 # The gateway variants: features off; workload identity (a dev-issuer token per connection) and
 # guardrails (every statement shape judged by PostgreSQL's parser); masking with every detector.
 GUARD_PACKS = ["no-destructive-ddl", "no-unbounded-writes", "no-privilege-changes", "no-role-changes"]
@@ -264,11 +273,13 @@ def start_gateway(
     masking_detectors: Sequence[str] = (),
     name: str = "ostiary",
     identity: bool = False,
+    audit: dict[str, Any] | None = None,
 ) -> Service:
     """The gateway; with ``masking_detectors``, one masking rule (``pii``, redact) with those
     detectors is attached to the connection, so it masks every session's results. With
     ``identity``, the grant names a workload identity of the development issuer (clients present a
-    token from ``gateway_token``) instead of the static client."""
+    token from ``gateway_token``) instead of the static client. ``audit`` is the audit section (off
+    unless given: the other variants measure their feature alone)."""
     suffix = "" if name == "ostiary" else "-" + re.sub(r"[^a-z0-9]+", "-", name)
     tls = make_tls_material(work / f"gateway-tls{suffix}")
     port = free_port()
@@ -303,6 +314,7 @@ def start_gateway(
             }
         ],
         "shutdown": {"grace": 2},
+        "audit": audit if audit is not None else {"enabled": False},
     }
     if masking_detectors:
         cfg["masking"] = [{"name": "pii", "detectors": list(masking_detectors), "strategy": "redact"}]
@@ -1418,6 +1430,9 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
         "ostiary": {"guardrails": args.guardrails},
         "ostiary+guard": {"guardrails": GUARD_PACKS, "identity": True},
         "ostiary+mask": {"guardrails": args.guardrails, "masking_detectors": list(DETECTORS)},
+        # The audit trail as shipped (SQLite, recordings on), asynchronous and synchronous.
+        "ostiary+audit": {"guardrails": args.guardrails, "audit": {}},
+        "ostiary+audit-sync": {"guardrails": args.guardrails, "audit": {"mode": "sync"}},
     }
     for name, opts in variants.items():
         if name not in args.targets:
@@ -1434,6 +1449,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
             masking_detectors=opts.get("masking_detectors", ()),
             name=name,
             identity=bool(opts.get("identity")),
+            audit=opts.get("audit"),  # type: ignore[arg-type]
         )
         stack.callback(gw.stop)
         if opts.get("identity"):
