@@ -24,6 +24,7 @@ import trio
 
 from ostiary import __version__
 from ostiary import config as configmod
+from ostiary.audit.export import add_export_parser
 from ostiary.config import EXAMPLE, Config, load
 from ostiary.errors import ConfigError, OstiaryError
 
@@ -385,6 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in (slist, sreplay):
         p.add_argument("--config", help="take data_dir from this configuration file")
         p.add_argument("--data-dir", help="the data directory (default: the configuration's, .ostiary)")
+
+    audit = sub.add_parser("audit", help="the audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    add_export_parser(audit_sub)
 
     args = parser.parse_args(argv)
     result: int = args.func(args)
