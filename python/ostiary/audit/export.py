@@ -213,7 +213,8 @@ class Exporter:
         rows = await self._retry(self.store.read_after, self.after, self.spec.batch)
         if not rows:
             return 0
-        todo = [r for r in rows if self.kinds is None or r.kind in self.kinds]
+        wanted = [r for r in rows if self.kinds is None or r.kind in self.kinds]
+        todo = wanted
 
         def attempt() -> None:
             nonlocal todo
@@ -225,7 +226,7 @@ class Exporter:
 
         if todo:
             await self._retry(attempt)
-        self.delivered += len([r for r in rows if self.kinds is None or r.kind in self.kinds])
+        self.delivered += len(wanted)
         await self._retry(self.cursor.save, rows[-1].id)
         self.after = rows[-1].id
         return len(rows)
