@@ -128,6 +128,42 @@ class AuditRecordings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_field: int = 1024
 
 
+class AuditExporter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Sends the audit trail to a SIEM, at least once, in store order, from a cursor kept in
+    ``<data_dir>/audit/export-<name>.cursor``. ``kind: jsonl`` appends JSON lines to ``path`` ("-" for
+    stdout); ``splunk_hec`` posts to the HEC endpoint ``url`` (…/services/collector/event) with the
+    token of ``token_env``/``token_file``; ``elastic`` posts to ``url``/_bulk into ``index`` (default
+    ``ostiary-audit``) with an API key (``token_env``/``token_file``) or ``username`` and
+    ``password_env``/``password_file``; ``syslog`` sends RFC 5424 messages, octet-counted, over
+    ``transport`` tcp or tls to ``host``:``port`` (default 514, 6514 with TLS). ``ca`` verifies an
+    HTTPS or TLS server (default: the system's CAs); with syslog, ``server_name`` overrides the name
+    checked.
+    ``format: ocsf`` sends OCSF events, ``raw`` the records as stored. At most ``batch`` records per
+    delivery; the store is polled every ``interval`` seconds; ``kinds`` keeps only those kinds. Each
+    event carries the stable id ``<writer>:<seq>`` to drop duplicates by."""
+
+    name: str
+    kind: Literal["jsonl", "splunk_hec", "elastic", "syslog"]
+    path: str | None = None
+    url: str | None = None
+    token_env: str | None = None
+    token_file: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    index: str | None = None
+    host: str | None = None
+    port: int | None = None
+    transport: Literal["tcp", "tls"] = "tcp"
+    ca: str | None = None
+    server_name: str | None = None
+    format: Literal["ocsf", "raw"] = "ocsf"
+    batch: int = 500
+    interval: float = 1.0
+    timeout: float = 10.0
+    kinds: list[str] | None = None
+
+
 class Audit(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The tamper-evident audit trail. Every record carries the SHA-256 of the one before it (one
     chain per gateway, the *writer*), and the writer signs a checkpoint of its chain with Ed25519
@@ -163,6 +199,7 @@ class Audit(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     signing_key_file: str | None = None
     writer_name: str | None = None
     recordings: AuditRecordings = msgspec.field(default_factory=AuditRecordings)
+    exporters: list[AuditExporter] = msgspec.field(default_factory=list)
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -274,6 +311,89 @@ def audit_problems(a: Audit) -> list[tuple[str, str]]:
         problems.append(("audit.retention_days", "must be positive (leave it out to keep everything)"))
     if a.recordings.max_rows < 0 or a.recordings.max_field < 16:
         problems.append(("audit.recordings", "max_rows must be >= 0 and max_field >= 16"))
+    seen: set[str] = set()
+    for i, e in enumerate(a.exporters):
+        problems += exporter_problems(e, f"audit.exporters[{i}]", seen)
+    return problems
+
+
+# The fields each exporter kind reads besides the common ones (name, kind, format, batch, ...).
+EXPORTER_FIELDS = {
+    "jsonl": ("path",),
+    "splunk_hec": ("url", "token_env", "token_file", "index", "ca"),
+    "elastic": (
+        "url",
+        "token_env",
+        "token_file",
+        "username",
+        "password_env",
+        "password_file",
+        "index",
+        "ca",
+    ),
+    "syslog": ("host", "port", "ca", "server_name"),
+}
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def exporter_problems(e: AuditExporter, path: str, seen: set[str]) -> list[tuple[str, str]]:
+    from ostiary.audit.records import KINDS
+
+    problems: list[tuple[str, str]] = []
+    if not e.name or not set(e.name) <= _NAME_CHARS or e.name[0] in ".-":
+        problems.append((f"{path}.name", "use letters, digits, '_', '.' and '-' (it names the cursor file)"))
+    elif e.name in seen:
+        problems.append((f"{path}.name", f"another exporter is named {e.name}"))
+    seen.add(e.name)
+    used = EXPORTER_FIELDS[e.kind]
+    for field in sorted({f for fields in EXPORTER_FIELDS.values() for f in fields} - set(used)):
+        if getattr(e, field) is not None:
+            problems.append((f"{path}.{field}", f"not used by kind {e.kind}"))
+    if e.kind == "jsonl" and not e.path:
+        problems.append((f"{path}.path", 'kind jsonl needs a file path (or "-" for stdout)'))
+    if e.kind in ("splunk_hec", "elastic"):
+        if not e.url or not e.url.startswith(("http://", "https://")):
+            problems.append((f"{path}.url", f"kind {e.kind} needs an http:// or https:// url"))
+        elif e.url.startswith("http://") and e.ca:
+            problems.append((f"{path}.ca", "ca is for https:// urls"))
+        tokens = sum(x is not None for x in (e.token_env, e.token_file))
+        passwords = sum(x is not None for x in (e.password_env, e.password_file))
+        if e.kind == "splunk_hec" and tokens != 1:
+            problems.append((path, "kind splunk_hec needs exactly one of token_env, token_file"))
+        if e.kind == "elastic":
+            if tokens > 1 or passwords > 1 or (tokens and (passwords or e.username is not None)):
+                problems.append(
+                    (
+                        path,
+                        "give an API key (token_env or token_file) or username with password_env "
+                        "or password_file, not both",
+                    )
+                )
+            elif (e.username is None) != (passwords == 0):
+                problems.append((path, "username needs one of password_env, password_file (and back)"))
+    if e.kind == "syslog":
+        if not e.host:
+            problems.append((f"{path}.host", "kind syslog needs a host"))
+        if e.port is not None and not 1 <= e.port <= 65535:
+            problems.append((f"{path}.port", f"{e.port} is not a TCP port (1-65535)"))
+        if e.transport == "tcp" and (e.ca or e.server_name):
+            problems.append((f"{path}.ca", "ca and server_name are for transport: tls"))
+    elif e.transport != "tcp":
+        problems.append((f"{path}.transport", "transport is for kind syslog"))
+    if not 1 <= e.batch <= 10_000:
+        problems.append((f"{path}.batch", "must be between 1 and 10000 records"))
+    for field in ("interval", "timeout"):
+        if getattr(e, field) <= 0:
+            problems.append((f"{path}.{field}", "must be positive"))
+    if e.kinds is not None:
+        unknown = [k for k in e.kinds if k not in KINDS]
+        if unknown or not e.kinds:
+            problems.append(
+                (
+                    f"{path}.kinds",
+                    f"unknown kind(s) {', '.join(unknown) or '(empty list)'}; known: {', '.join(KINDS)}",
+                )
+            )
     return problems
 
 
@@ -311,6 +431,10 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     cfg.audit.path = fix(cfg.audit.path)
     cfg.audit.dsn_file = fix(cfg.audit.dsn_file)
     cfg.audit.signing_key_file = fix(cfg.audit.signing_key_file)
+    for exp in cfg.audit.exporters:
+        if exp.path != "-":
+            exp.path = fix(exp.path)
+        exp.token_file, exp.password_file, exp.ca = fix(exp.token_file), fix(exp.password_file), fix(exp.ca)
     if cfg.tls is not None:
         cfg.tls.cert = str(fix(cfg.tls.cert))
         cfg.tls.key = str(fix(cfg.tls.key))

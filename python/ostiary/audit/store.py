@@ -397,6 +397,10 @@ class PostgresStore:
             conn = self._connect()
             try:
                 with conn.transaction(), conn.cursor() as cur:
+                    # One writer at a time across the fleet: ids are then handed out in commit
+                    # order, so an exporter that sees id N+1 committed never misses N (an id is
+                    # taken at insert, not at commit, and without this a later id could commit first).
+                    cur.execute("SELECT pg_advisory_xact_lock(7304126552)")
                     cur.executemany(
                         "INSERT INTO audit_records (writer, seq, ts, kind, session, identity, connection, "
                         "verdict, rule, body, hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",

@@ -33,6 +33,7 @@ import trio
 
 from ostiary import _core
 from ostiary import config as configmod
+from ostiary.audit.export import build_exporters
 from ostiary.audit.log import AuditEvents, AuditLog
 from ostiary.config import Config
 from ostiary.errors import ConfigError
@@ -541,6 +542,8 @@ class Gateway:
             nursery.start_soon(self._watch_policy)
             if self.audit is not None:
                 await nursery.start(self.audit.run)
+                for exp in build_exporters(self.config, self.audit.store):
+                    nursery.start_soon(exp.run)
             if self.recordings is not None:
                 await nursery.start(self.recordings.run)
             if handle_signals:
