@@ -1,0 +1,92 @@
+"""Micro benchmarks of the audit trail's control-plane costs, per record.
+
+* ``seal``: ``AuditLog.engine_batch`` on a batch of 5,000 statement entries shaped as the engine
+  hands them over (pgbench -S statements): building each record, its canonical JSON and its SHA-256
+  link. ``extra_info["us_per_record"]``.
+* ``store``: ``SqliteStore.append`` of 5,000 sealed records in one transaction (WAL, synchronous
+  FULL, the trail's indexes), on the machine's disk (a temporary directory).
+* ``verify``: ``ostiary audit verify``'s work per record (hash, decode, link, column checks).
+
+Together seal + store are the Python side of an asynchronous audit record; the data path's side
+(following the statement, the batch) is in the end-to-end figures (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import msgspec
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from ostiary.audit.log import AuditLog
+from ostiary.audit.store import SqliteStore
+from ostiary.audit.verify import verify
+from ostiary.config import Config
+
+N = 5000
+
+
+def entries(n: int, start: int = 0) -> list[tuple[Any, ...]]:
+    t = 1_700_000_000_000_000
+    return [
+        (
+            1,
+            i,
+            "complete",
+            "query",
+            ("", f"SELECT abalance FROM pgbench_accounts WHERE aid = {i};", False, []),
+            None,
+            (t + i, t + i + 40),
+            (1, 90, "SELECT 1", 1),
+            "ok",
+            None,
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def new_log() -> AuditLog:
+    d = tempfile.mkdtemp(prefix="ostiary-bench-audit-")
+    return AuditLog(msgspec.convert({"data_dir": d}, Config))
+
+
+def test_seal(benchmark: BenchmarkFixture) -> None:
+    log = new_log()
+    batch = entries(N)
+
+    def run() -> None:
+        log.engine_batch(0, 0, batch)
+        log.pending.clear()
+
+    benchmark.pedantic(run, rounds=10, iterations=1)
+    benchmark.extra_info["us_per_record"] = round(benchmark.stats.stats.mean / N * 1e6, 2)
+
+
+def test_store(benchmark: BenchmarkFixture) -> None:
+    log = new_log()
+    store: SqliteStore = log.store  # type: ignore[assignment]
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        log.engine_batch(0, 0, entries(N))
+        rows = list(log.pending)
+        log.pending.clear()
+        return (rows,), {}
+
+    benchmark.pedantic(store.append, setup=setup, rounds=10, iterations=1)
+    benchmark.extra_info["us_per_record"] = round(benchmark.stats.stats.mean / N * 1e6, 2)
+
+
+def test_verify(benchmark: BenchmarkFixture) -> None:
+    log = new_log()
+    for k in range(4):
+        log.engine_batch(0, 0, entries(N, k * N))
+        log.store.append(log.pending)
+        log.pending.clear()
+    store = log.store
+
+    def run() -> None:
+        assert verify(store, [log.public]).ok
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.extra_info["us_per_record"] = round(benchmark.stats.stats.mean / (4 * N + 1) * 1e6, 2)
