@@ -180,6 +180,12 @@ def policy_problems(cfg: Config, base: Path) -> list[tuple[str, str]]:
                 problems.append((f"approvals[{i}].approvers", f"unknown identity or group {who!r}"))
         if not ar.approvers:
             problems.append((f"approvals[{i}].approvers", "name at least one approver"))
+        if ar.required < 1:
+            problems.append((f"approvals[{i}].required", "must be at least 1"))
+        if ar.timeout <= 0:
+            problems.append((f"approvals[{i}].timeout", "must be positive (seconds)"))
+        if ar.grant_minutes <= 0:
+            problems.append((f"approvals[{i}].grant_minutes", "must be positive"))
 
     # Grants.
     _duplicates([g.name for g in cfg.grants], "grants", problems)

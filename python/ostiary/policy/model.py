@@ -266,10 +266,16 @@ class MaskingRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ApprovalRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Holds statements that ``match`` until ``approvers`` (identities or groups) approve, up to
-    ``timeout`` seconds, after which they are denied."""
+    """Holds statements that ``match`` until ``required`` of the ``approvers`` (identities or
+    groups, each logged in with their own token) approve, up to ``timeout`` seconds, after which
+    they are refused. The requester never approves their own request. ``scope: statement``
+    approves the one statement held (its text and parameters); ``scope: grant`` lets the requester
+    run statements this rule matches on the same connection and grant for ``grant_minutes``."""
 
     name: str
     match: StatementMatch = msgspec.field(default_factory=StatementMatch)
     approvers: list[str] = msgspec.field(default_factory=list)
+    required: int = 1
     timeout: float = 900.0
+    scope: Literal["statement", "grant"] = "statement"
+    grant_minutes: float = 60.0

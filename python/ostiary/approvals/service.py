@@ -1,0 +1,274 @@
+"""The gateway's approvals: holding a statement until people decide, and taking their decisions.
+
+Theory of operation. A statement that an approval rule of the session's grant matches is judged by
+the statement hook as usual (guardrails first: a refused statement is never put to approvers);
+``hold`` then looks for an approval that already covers it (a grant-scoped one still valid, or a
+statement-scoped one for the same text, asked ahead of time). Otherwise it creates a request in
+the store, tells the waiting client with a NoticeResponse (its id and how to approve), notifies
+the webhooks, and waits — the data path simply keeps not reading from that client, other sessions
+are unaffected — until the request is approved, denied or expires. Decisions may be taken on any
+gateway sharing the store: a waiter wakes at once for decisions taken through this gateway and
+polls the store every ``POLL`` seconds for the others. Everything is recorded in the audit trail.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ostiary.approvals.store import FINAL, ApprovalError, ApprovalStore, Request, new_id, now_us
+
+if TYPE_CHECKING:
+    from ostiary.audit.log import AuditEvents
+    from ostiary.hooks import SessionInfo
+    from ostiary.identity import Identity
+    from ostiary.policy.evaluate import CompiledPolicy
+    from ostiary.policy.model import ApprovalRule
+
+log = logging.getLogger("ostiary.approvals")
+
+POLL = 1.0
+
+Notifier = Callable[[str, Request], Awaitable[None]]
+
+
+class Approvals:
+    def __init__(
+        self,
+        store: ApprovalStore,
+        gateway: str,
+        policy: Callable[[], CompiledPolicy],
+        audit: AuditEvents | None = None,
+        approve_url: str = "",
+    ) -> None:
+        self.store = store
+        self.gateway = gateway
+        self.policy = policy
+        self.audit = audit
+        self.approve_url = approve_url
+        self.notifiers: list[Notifier] = []
+        self._changed: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args)
+
+    def _audit(self, action: str, req: Request, **extra: Any) -> None:
+        if self.audit is None:
+            return
+        self.audit.audit.append(
+            "approval",
+            session=req.session,
+            identity=extra.pop("identity", req.requester),
+            connection=req.connection,
+            verdict={"approved": "allow", "used": "allow", "denied": "deny", "expired": "deny"}.get(
+                req.state, ""
+            ),
+            rule=req.rule,
+            data={
+                "action": action,
+                "request": req.id,
+                "state": req.state,
+                "scope": req.scope,
+                "grant": req.grant,
+                "requester": req.requester,
+                "statement": req.statement,
+                "params": req.params,
+                "reason": req.reason,
+                "decision_reason": req.decision_reason,
+                **extra,
+            },
+        )
+
+    def _wake(self, rid: str) -> None:
+        ev = self._changed.pop(rid, None)
+        if ev is not None:
+            ev.set()
+
+    async def _notify(self, event: str, req: Request) -> None:
+        for n in self.notifiers:
+            try:
+                await n(event, req)
+            except Exception as e:  # a webhook never breaks a hold
+                log.warning("approval %s: notification failed: %s", req.id, e)
+                self._audit("notification_failed", req, error=str(e))
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        rule: ApprovalRule,
+        *,
+        requester: Identity,
+        connection: str,
+        grant: str,
+        statement: str,
+        params: list[str | None] | None = None,
+        session: str = "",
+        reason: str = "",
+        origin: str = "inline",
+    ) -> Request:
+        t = now_us()
+        req = Request(
+            id=new_id(),
+            created=t,
+            expires=t + int(rule.timeout * 1_000_000),
+            state="pending",
+            rule=rule.name,
+            connection=connection,
+            grant=grant,
+            requester=requester.name,
+            requester_issuer=requester.issuer,
+            session=session,
+            statement=statement,
+            params=params or [],
+            scope=rule.scope,
+            required=rule.required,
+            reason=reason,
+            origin=origin,
+            gateway=self.gateway,
+        )
+        await self._call(self.store.create, req)
+        self._audit("requested", req)
+        log.info(
+            "approval %s requested by %s on %s (rule %s): %s",
+            req.id,
+            req.requester,
+            connection,
+            rule.name,
+            statement[:200],
+        )
+        if self._nursery is not None:
+            self._nursery.start_soon(self._notify, "requested", req)
+        return req
+
+    async def usable(
+        self, rule: ApprovalRule, requester: str, connection: str, grant: str, statement: str
+    ) -> Request | None:
+        req: Request | None = await self._call(
+            self.store.find_usable, connection, grant, requester, rule.name, statement
+        )
+        if req is not None:
+            self._audit("used", req)
+        return req
+
+    async def wait(self, rid: str, deadline: float = math.inf) -> Request:
+        """Until the request is final (or ``deadline``, trio time, passes: then as it is)."""
+        while True:
+            req: Request | None = await self._call(self.store.get, rid)
+            if req is None:
+                raise ApprovalError(f"no approval request {rid}")
+            if req.state in FINAL:
+                return req
+            if now_us() >= req.expires:
+                moved = await self._call(self.store.finish, rid, "expired", "nobody decided in time")
+                if moved is not None:
+                    self._audit("expired", moved)
+                continue
+            if trio.current_time() >= deadline:
+                return req
+            ev = self._changed.setdefault(rid, trio.Event())
+            left = min(POLL, (req.expires - now_us()) / 1e6 + 0.01, deadline - trio.current_time())
+            with trio.move_on_after(max(left, 0.0)):
+                await ev.wait()
+
+    async def decide(self, rid: str, approver: Identity, approve: bool, reason: str) -> Request:
+        """An approver's vote. Raises ``ApprovalError`` with the reason when it is not theirs to give."""
+        req: Request | None = await self._call(self.store.get, rid)
+        if req is None:
+            raise ApprovalError(f"no approval request {rid}")
+        policy = self.policy()
+        rule = next((r for r in policy.config.approvals if r.name == req.rule), None)
+        if rule is None:
+            raise ApprovalError(f"request {rid}'s rule {req.rule!r} is no longer in the policy")
+        names = policy.names_of(approver)
+        if not names.intersection(rule.approvers):
+            self._audit("vote_refused", req, identity=approver.name, why="not an approver of this rule")
+            who = ", ".join(rule.approvers)
+            raise ApprovalError(f"{approver.name} is not an approver of rule {rule.name} (approvers: {who})")
+        try:
+            req = await self._call(self.store.vote, rid, approver.name, approve, reason, rule.grant_minutes)
+        except ApprovalError as e:
+            self._audit("vote_refused", req, identity=approver.name, why=str(e))
+            raise
+        self._audit(
+            "approved" if approve else "denied",
+            req,
+            identity=approver.name,
+            approver=approver.name,
+            approver_issuer=approver.issuer,
+            vote_reason=reason,
+        )
+        log.info(
+            "approval %s: %s by %s (%s)", rid, "approve" if approve else "deny", approver.name, req.state
+        )
+        self._wake(rid)
+        if req.state in FINAL and self._nursery is not None:
+            self._nursery.start_soon(self._notify, req.state, req)
+        return req
+
+    async def hold(
+        self,
+        info: SessionInfo,
+        session_ref: str,
+        rule: ApprovalRule,
+        statement: str,
+        notice: Callable[[str], None],
+    ) -> tuple[bool, str, str]:
+        """Holds one statement of a live session until it is approved. Returns (allowed, message
+        for a refusal, request id)."""
+        ident = info.identity
+        found = await self.usable(rule, ident.name, info.connection, info.grant, statement)
+        if found is not None:
+            return True, "", found.id
+        req = await self.request(
+            rule,
+            requester=ident,
+            connection=info.connection,
+            grant=info.grant,
+            statement=statement,
+            session=session_ref,
+        )
+        where = f" or at {self.approve_url}/approvals/{req.id}" if self.approve_url else ""
+        notice(
+            f"approval required: statement held as request {req.id} (rule {rule.name}, "
+            f"{rule.required} approval(s) from {', '.join(rule.approvers)}); approve with "
+            f"`ostiary approvals approve {req.id}`{where}; waiting up to {rule.timeout:g} s"
+        )
+        try:
+            final = await self.wait(req.id)
+        except BaseException:
+            # The session ended (or the gateway stops) while waiting: the request stays in the store;
+            # approved later, the same statement run again by the requester passes once.
+            with trio.CancelScope(shield=True):
+                cur = await self._call(self.store.get, req.id)
+                if cur is not None:
+                    self._audit("waiter_gone", cur)
+            raise
+        if final.state == "approved":
+            if final.scope == "statement":
+                used = await self._call(self.store.finish, req.id, "used", final.decision_reason, "approved")
+                if used is not None:
+                    self._audit("used", used)
+            return True, "", req.id
+        why = final.decision_reason or final.state
+        return False, f"approval {req.id} {final.state}: {why}", req.id
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Expires due requests (any gateway's) and runs notifications."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                try:
+                    for req in await self._call(self.store.expire_due):
+                        self._audit("expired", req)
+                        self._wake(req.id)
+                        nursery.start_soon(self._notify, "expired", req)
+                except Exception as e:
+                    log.warning("approvals: expiry sweep failed: %s", e)
+                await trio.sleep(POLL)
