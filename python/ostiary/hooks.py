@@ -19,6 +19,7 @@ from ostiary.identity import Identity
 
 if TYPE_CHECKING:
     from ostiary.policy.evaluate import SessionPolicy
+    from ostiary.policy.model import ApprovalRule
 
 
 @dataclass
@@ -101,6 +102,9 @@ class Decision:
     remember: bool | Literal["text"] = False
     # What decided it (a guardrail, the grant's access ...), for the audit trail.
     rule: str = ""
+    # Allowed by the rules, but an approval rule holds it for people to decide (see
+    # ``ostiary.approvals``); the gateway then decides, never remembering the verdict.
+    approval: ApprovalRule | None = None
 
     @staticmethod
     def allowed(remember: bool | Literal["text"] = True) -> Decision:

@@ -217,7 +217,7 @@ class Approvals:
         session_ref: str,
         rule: ApprovalRule,
         statement: str,
-        notice: Callable[[str], None],
+        notice: Callable[[str], object],
     ) -> tuple[bool, str, str]:
         """Holds one statement of a live session until it is approved. Returns (allowed, message
         for a refusal, request id)."""

@@ -133,6 +133,7 @@ class ApprovalStore:
     @classmethod
     def sqlite(cls, path: str | Path) -> ApprovalStore:
         def connect() -> Any:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             c = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             c.execute("PRAGMA journal_mode=WAL")
             c.execute("PRAGMA synchronous=FULL")

@@ -56,22 +56,30 @@ UNAVAILABLE = (
 )
 
 
-def open_store(config: Config) -> AuditStore:
+def store_dsn(config: Config) -> str:
+    """The PostgreSQL store's connection string (``dsn``, ``dsn_env`` or ``dsn_file``)."""
     a = config.audit
-    if a.store == "postgres":
-        if a.dsn is not None:
-            dsn = a.dsn
-        elif a.dsn_env is not None:
-            dsn = os.environ.get(a.dsn_env, "")
-            if not dsn:
-                raise StoreError(f"audit.dsn_env: environment variable {a.dsn_env} is not set")
-        else:
-            try:
-                dsn = Path(a.dsn_file or "").read_text().strip()
-            except OSError as e:
-                raise StoreError(f"audit.dsn_file: cannot read it: {e}") from None
-        return PostgresStore(dsn)
-    return SqliteStore(a.path or Path(config.data_dir) / "audit.db")
+    if a.dsn is not None:
+        return a.dsn
+    if a.dsn_env is not None:
+        dsn = os.environ.get(a.dsn_env, "")
+        if not dsn:
+            raise StoreError(f"audit.dsn_env: environment variable {a.dsn_env} is not set")
+        return dsn
+    try:
+        return Path(a.dsn_file or "").read_text().strip()
+    except OSError as e:
+        raise StoreError(f"audit.dsn_file: cannot read it: {e}") from None
+
+
+def sqlite_path(config: Config) -> Path:
+    return Path(config.audit.path or Path(config.data_dir) / "audit.db")
+
+
+def open_store(config: Config) -> AuditStore:
+    if config.audit.store == "postgres":
+        return PostgresStore(store_dsn(config))
+    return SqliteStore(sqlite_path(config))
 
 
 def audit_dir(config: Config) -> Path:
@@ -183,6 +191,9 @@ class AuditLog:
         self.dropped = 0
         self.engine: _core.Engine | None = None
         self.sessions: dict[int, SessionInfo] = {}
+        # Approvals that let a held statement run, by session: its next statement record with that
+        # text carries the request id.
+        self._approvals: dict[int, list[tuple[str, str]]] = {}
         self._wake = trio.Event()
         self._flush_lock = trio.Lock()
         self._checkpointed = self.stored[0]
@@ -207,6 +218,21 @@ class AuditLog:
 
     def session_ref(self, session: int) -> str:
         return f"{self.run_id}-{session}"
+
+    def note_approval(self, session: int, text: str, request: str) -> None:
+        self._approvals.setdefault(session, []).append((text, request))
+
+    def _approval_of(self, session: int, text: str) -> str:
+        refs = self._approvals.get(session)
+        if not refs:
+            return ""
+        for i, (full, rid) in enumerate(refs):
+            if full.startswith(text) or text.startswith(full):
+                del refs[i]
+                if not refs:
+                    del self._approvals[session]
+                return rid
+        return ""
 
     @property
     def accepting(self) -> bool:
@@ -267,6 +293,10 @@ class AuditLog:
                         data["shape"] = _shape(text)
             if denied is not None:
                 data["denied"] = {"code": denied[0], "message": denied[1]}
+            if phase != "result" and session in self._approvals:
+                rid = self._approval_of(session, text)
+                if rid:
+                    data["approval"] = rid
             if phase != "start":
                 rows, nbytes, tag, commands = counts
                 data.update(

@@ -57,6 +57,9 @@ class PolicyHook:
             # the shape; otherwise for this text (BEGIN, SET x = 1: the same text, the same verdict).
             remember: bool | Literal["text"] = True if d.by_shape or policy.by_text else "text"
             if d.allow:
+                rule = policy.approval_rule(statement.text)
+                if rule is not None:
+                    return Decision(True, remember=False, rule=rule.name, approval=rule)
                 return Decision.allowed(remember=remember)
             return Decision(
                 False, code="42501", message=f"{d.rule}: {d.message}", remember=remember, rule=d.rule

@@ -36,6 +36,7 @@ from ostiary.policy.masking import SessionMasking, compile_rules
 from ostiary.policy.model import (
     READ_ONLY_DENIED_EFFECTS,
     READ_ONLY_KINDS,
+    ApprovalRule,
     Grant,
     Guardrail,
     IdentityMatcher,
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 # Grant fields whose enforcement has not landed yet: a grant that uses them is refused at login.
-PENDING_FIELDS = ("approvals",)
+PENDING_FIELDS: tuple[str, ...] = ()
 
 
 def policy_version(raw: bytes) -> str:
@@ -418,12 +419,43 @@ class SessionPolicy:
         # Patterns look at the text, constants included: their verdicts hold per text only.
         self.by_text = any(r.pattern is not None for r in self.rules)
         self.masking = policy.masking(grant)
+        # Approval rules: statements they match are held for people to decide, every time (their
+        # verdicts are never remembered by the data path).
+        approvals = {a.name: a for a in policy.config.approvals}
+        self.approvals = [
+            (_Rule(Guardrail(name=a.name, action="allow", match=a.match)), a)
+            for a in (approvals[n] for n in grant.approvals if n in approvals)
+        ]
+        self.by_text = self.by_text or any(m.pattern is not None for m, _ in self.approvals)
 
     @property
     def guarded(self) -> bool:
         # A read-only grant alone is enforced by the database plus the data path's escape check.
         pack_on_writer = self.read_only_pack and not self.read_only
-        return self.kinds is not None or self.relations is not None or bool(self.rules) or pack_on_writer
+        return (
+            self.kinds is not None
+            or self.relations is not None
+            or bool(self.rules)
+            or pack_on_writer
+            or bool(self.approvals)
+        )
+
+    def approval_rule(self, text: str) -> ApprovalRule | None:
+        """The first approval rule of the grant that any statement of ``text`` matches (None for
+        text that does not parse: ``judge`` refuses that first)."""
+        if not self.approvals:
+            return None
+        from ostiary.errors import SqlError
+
+        try:
+            analyses = StatementAnalysis.of(text)
+        except SqlError:
+            return None
+        for a in analyses:
+            for matcher, rule in self.approvals:
+                if matcher.matches(a):
+                    return rule
+        return None
 
     def judge(self, text: str) -> StatementDecision:
         """Every statement of a Query or Parse text; the first refusal wins. What does not parse is

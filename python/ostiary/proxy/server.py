@@ -33,11 +33,22 @@ import trio
 
 from ostiary import _core
 from ostiary import config as configmod
+from ostiary.approvals.service import Approvals
+from ostiary.approvals.store import ApprovalError, ApprovalStore
 from ostiary.audit.export import build_exporters
 from ostiary.audit.log import AuditEvents, AuditLog
+from ostiary.audit.store import StoreError
 from ostiary.config import Config
 from ostiary.errors import ConfigError
-from ostiary.hooks import AuthAttempt, NoObserver, SessionInfo, SessionObserver, StatementHook, StatementInfo
+from ostiary.hooks import (
+    AuthAttempt,
+    Decision,
+    NoObserver,
+    SessionInfo,
+    SessionObserver,
+    StatementHook,
+    StatementInfo,
+)
 from ostiary.identity.authenticator import Authenticator
 from ostiary.identity.dev import resolved_issuers
 from ostiary.identity.issuers import ResolvedIssuer
@@ -138,6 +149,15 @@ class Gateway:
             self.audit_events = AuditEvents(self.audit)
             self.audit_spec = (config.audit.max_text, config.audit.mode == "sync")
             self.audit_events.policy(self.policy.version, config_path or "", True, "", "start")
+        # Approvals live in the audit trail's store (the fleet's PostgreSQL database, or SQLite in
+        # the data directory), so a decision taken through any gateway releases a held statement.
+        self.approvals = Approvals(
+            self._approval_store(config),
+            self.audit.writer if self.audit is not None else "",
+            lambda: self.policy,
+            self.audit_events,
+        )
+        self._deciding: dict[int, set[trio.CancelScope]] = {}
         self.client_tls: _core.TlsServerConfig | None = None
         if config.tls is not None:
             self.client_tls = _core.TlsServerConfig(config.tls.cert, config.tls.key, config.tls.client_ca)
@@ -148,6 +168,29 @@ class Gateway:
         self.draining = False
         self.listen_port: int | None = None
         self._stop = trio.Event()
+
+    @staticmethod
+    def _approval_store(config: Config) -> ApprovalStore:
+        from ostiary.audit.log import sqlite_path, store_dsn
+
+        if config.audit.enabled and config.audit.store == "postgres":
+            return ApprovalStore.postgres(store_dsn(config))
+        return ApprovalStore.sqlite(sqlite_path(config))
+
+    async def _hold_for_approval(self, info: SessionInfo, statement: StatementInfo, rule: Any) -> Decision:
+        ref = self.audit.session_ref(info.id) if self.audit is not None else str(info.id)
+        try:
+            ok, why, rid = await self.approvals.hold(
+                info, ref, rule, statement.text, lambda msg: self.engine.notice(info.id, msg)
+            )
+        except ApprovalError as e:
+            return Decision(False, message=f"approval: {e}", rule=rule.name)
+        except StoreError as e:
+            log.error("session %d: approvals unavailable: %s", info.id, e)
+            return Decision(False, message="approval: the approval store is unavailable", rule=rule.name)
+        if self.audit is not None and ok:
+            self.audit.note_approval(info.id, statement.text, rid)
+        return Decision(ok, message=why, rule=rule.name, remember=False)
 
     # -- used by the startup handler -------------------------------------------------------------
 
@@ -442,6 +485,8 @@ class Gateway:
         info = self.sessions.get(session)
         if kind == "ended":
             _, _, reason, detail, stats = ev
+            for scope in self._deciding.pop(session, set()):
+                scope.cancel()  # a statement held for approval waits no more
             gone = self.forget_session(session)
             if gone is not None:
                 masking = gone.policy.masking if gone.policy is not None else None
@@ -468,8 +513,19 @@ class Gateway:
             statement = StatementInfo(seq=ev[2], kind=ev[3], name=ev[4], text=ev[5])
 
             async def decide() -> None:
+                scope = trio.CancelScope()
+                self._deciding.setdefault(session, set()).add(scope)
+                try:
+                    with scope:
+                        await decide_in_scope()
+                finally:
+                    self._deciding.get(session, set()).discard(scope)
+
+            async def decide_in_scope() -> None:
                 try:
                     d = await self.statement_hook.decide(info, statement)
+                    if d.allow and d.approval is not None:
+                        d = await self._hold_for_approval(info, statement, d.approval)
                 except Exception:
                     # Fail closed: a hook that breaks denies.
                     log.exception("session %d: statement hook failed; denying", session)
@@ -540,6 +596,7 @@ class Gateway:
                 self._background.start_soon(self._run_cache, issuer)
             nursery.start_soon(self._events)
             nursery.start_soon(self._watch_policy)
+            await nursery.start(self.approvals.run)
             if self.audit is not None:
                 await nursery.start(self.audit.run)
                 for exp in build_exporters(self.config, self.audit.store):

@@ -134,6 +134,9 @@ pub enum Command {
     AuditFailed { code: String, message: String },
     /// Refuse every statement from now on with this error, or stop refusing (None).
     Refuse { refusal: Option<(String, String)> },
+    /// Send the client a NoticeResponse (at the next message boundary towards it), e.g. while a
+    /// statement of it is held for approval.
+    Notice { code: String, message: String },
 }
 
 #[derive(Debug, Clone)]
@@ -636,6 +639,8 @@ struct Session {
     stash: Vec<u8>,
     waiting: bool,
     recorder: Option<(Recorder, usize, std::time::Instant)>,
+    /// Gateway-made notices waiting for a message boundary towards the client.
+    notices: Vec<u8>,
 }
 
 fn now_us() -> u64 {
@@ -680,6 +685,7 @@ impl Session {
             ticket: 0,
             stash: Vec::new(),
             waiting: false,
+            notices: Vec::new(),
             recorder: spec.record.map(|r| {
                 (
                     Recorder::new(r.max_rows, r.max_field, r.max_buffer),
@@ -786,6 +792,13 @@ impl Session {
             }
             if self.relay.terminated() {
                 return Ok(("client_closed", String::new()));
+            }
+            if !self.notices.is_empty() && self.relay.backend_at_boundary() {
+                let notices = std::mem::take(&mut self.notices);
+                self.client.send(&notices).await?;
+                if let Some((rec, _, _)) = self.recorder.as_mut() {
+                    let _ = rec.backend(&notices, now_us());
+                }
             }
             if self.terminate.is_some() && self.relay.backend_at_boundary() {
                 let bytes = self.terminate.take().unwrap_or_default();
@@ -1131,6 +1144,10 @@ impl Session {
                 self.terminate = Some(ErrorFields::new("FATAL", &code, &message).encode_error());
             }
             Command::Refuse { refusal } => self.relay.set_refusal(refusal),
+            Command::Notice { code, message } => {
+                self.notices
+                    .extend(ErrorFields::new("NOTICE", &code, &message).encode_notice());
+            }
             Command::Drain { code, message } => {
                 self.drain = Some(backend::error_response("FATAL", &code, &message));
             }

@@ -673,6 +673,19 @@ impl Engine {
         )
     }
 
+    /// Sends the session's client a NoticeResponse (SQLSTATE `code`, default 00000) at the next
+    /// message boundary. False if the session has ended.
+    #[pyo3(signature = (session, message, code = "00000"))]
+    fn notice(&self, session: u64, message: &str, code: &str) -> bool {
+        self.inner.command(
+            session,
+            Command::Notice {
+                code: code.into(),
+                message: message.into(),
+            },
+        )
+    }
+
     /// Refuses every statement of every session with this error (`code=None`: stop refusing).
     /// Returns how many sessions were told.
     #[pyo3(signature = (code = None, message = ""))]

@@ -1,0 +1,267 @@
+"""Approvals end to end: a real client's statement is held inline (its session simply waits, with a
+NoticeResponse saying which request to approve), and released or refused when approvers decide —
+here through the shared store, as another gateway of the fleet would (the HTTP API and the CLI are
+tested in test_approvals_api.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from conftest import APP_PASSWORD, GatewayFactory, GatewayProcess, gateway_config
+from ostiary.approvals.store import ApprovalError, ApprovalStore, Request
+from ostiary.devcluster import PgCluster, TlsMaterial
+
+SETUP = """
+create table if not exists apr_accounts(id int primary key, v text);
+truncate apr_accounts;
+insert into apr_accounts values (1, 'a'), (2, 'b'), (3, 'c');
+"""
+
+
+@pytest.fixture(scope="module")
+def accounts(pg: PgCluster) -> None:
+    pg.execute(SETUP, dbname="app", user="app", password=APP_PASSWORD)
+
+
+def approvals_config(pg: PgCluster, tls: TlsMaterial, tmp: Path, **rule: Any) -> dict[str, Any]:
+    cfg = gateway_config(pg, tls, 0, tmp, grants=[])
+    cfg["clients"] = [{"user": u, "password": f"{u}-pw"} for u in ("ci", "alice", "bob")]
+    cfg["groups"] = [{"name": "dbas", "members": ["alice", "bob"]}]
+    cfg["approvals"] = [
+        {
+            "name": "prod-writes",
+            "match": {"kinds": ["update", "delete"]},
+            "approvers": ["dbas"],
+            "timeout": 30,
+            **rule,
+        }
+    ]
+    cfg["grants"] = [
+        {
+            "name": "ci-writes",
+            "identities": ["ci"],
+            "connection": "app",
+            "access": "read-write",
+            "approvals": ["prod-writes"],
+        },
+    ]
+    cfg["audit"] = {"flush_interval": 0.05}
+    return cfg
+
+
+def store_of(cfg: dict[str, Any]) -> ApprovalStore:
+    return ApprovalStore.sqlite(Path(cfg["data_dir"]) / "audit.db")
+
+
+def pending(store: ApprovalStore, timeout: float = 15) -> Request:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reqs = store.requests("pending")
+        if reqs:
+            return reqs[0]
+        time.sleep(0.05)
+    raise AssertionError("no pending approval request")
+
+
+class Held:
+    """Runs statements on a connection in a thread; keeps the outcome and the notices."""
+
+    def __init__(self, gw: GatewayProcess, *statements: str, autocommit: bool = True) -> None:
+        self.conn = psycopg.connect(gw.dsn(user="ci", password="ci-pw"), autocommit=autocommit)
+        self.notices: list[str] = []
+        self.conn.add_notice_handler(lambda d: self.notices.append(d.message_primary or ""))
+        self.error: Exception | None = None
+        self.rows: list[Any] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=statements, daemon=True)
+        self.thread.start()
+
+    def _run(self, *statements: str) -> None:
+        try:
+            for s in statements:
+                cur = self.conn.execute(s)
+                if cur.description:
+                    self.rows.append(cur.fetchall())
+        except Exception as e:
+            self.error = e
+        finally:
+            self.done.set()
+
+    def wait(self, timeout: float = 15) -> None:
+        assert self.done.wait(timeout), "the held statement never finished"
+
+
+def value(pg: PgCluster, id_: int) -> str:
+    with psycopg.connect(pg.dsn(dbname="app", user="app", password=APP_PASSWORD)) as c:
+        row = c.execute("select v from apr_accounts where id = %s", (id_,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_held_statement_runs_once_approved_and_is_refused_when_denied(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, accounts: None
+) -> None:
+    cfg = approvals_config(pg, gateway_tls, tmp_path)
+    gw = gateway_factory(config=cfg)
+    store = store_of(cfg)
+    held = Held(
+        gw, "update apr_accounts set v = 'approved' where id = 1", "select v from apr_accounts where id = 1"
+    )
+    req = pending(store)
+    assert not held.done.is_set() and value(pg, 1) != "approved"
+    assert req.requester == "ci" and req.rule == "prod-writes" and req.grant == "ci-writes"
+    assert req.statement == "update apr_accounts set v = 'approved' where id = 1"
+    deadline = time.monotonic() + 5
+    while not held.notices and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held.notices and req.id in held.notices[0] and "approval required" in held.notices[0]
+    # Reads need no approval, and other sessions are not held.
+    with psycopg.connect(gw.dsn(user="ci", password="ci-pw")) as other:
+        assert other.execute("select count(*) from apr_accounts").fetchone() == (3,)
+    with pytest.raises(ApprovalError, match="own request"):
+        store.vote(req.id, "ci", True, "self-service", 60)
+    store.vote(req.id, "alice", True, "ticket OPS-1", 60)
+    held.wait()
+    assert held.error is None and held.rows == [[("approved",)]]
+    assert store.get(req.id).state == "used"  # type: ignore[union-attr]
+
+    # Denied: 42501 with the reason, and the session stays usable.
+    deny = Held(gw, "delete from apr_accounts where id = 2")
+    req2 = pending(store)
+    store.vote(req2.id, "bob", False, "not during the freeze", 60)
+    deny.wait()
+    assert isinstance(deny.error, psycopg.errors.InsufficientPrivilege)
+    assert "denied by bob: not during the freeze" in str(deny.error) and req2.id in str(deny.error)
+    assert deny.conn.execute("select count(*) from apr_accounts").fetchone() == (3,)
+    deny.conn.close()
+    held.conn.close()
+    assert gw.stop() == 0
+
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ostiary.cli",
+            "audit",
+            "search",
+            "--config",
+            str(gw.config_path),
+            "--json",
+            "--limit",
+            "1000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    recs = [json.loads(x) for x in out.stdout.splitlines()]
+    actions = [(r["data"]["action"], r["data"]["request"]) for r in recs if r["kind"] == "approval"]
+    assert ("requested", req.id) in actions and ("used", req.id) in actions
+    assert ("requested", req2.id) in actions
+    stmt = [
+        r for r in recs if r["kind"] == "statement" and r["data"].get("text", "").startswith("update apr")
+    ]
+    assert stmt and stmt[0]["data"]["approval"] == req.id and stmt[0]["data"]["rows"] == 0
+    verify = subprocess.run(
+        [sys.executable, "-m", "ostiary.cli", "audit", "verify", "--config", str(gw.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verify.returncode == 0, verify.stdout
+
+
+def test_expiry_and_two_approvals(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, accounts: None
+) -> None:
+    cfg = approvals_config(pg, gateway_tls, tmp_path, timeout=1.5, required=2)
+    gw = gateway_factory(config=cfg)
+    store = store_of(cfg)
+    held = Held(gw, "update apr_accounts set v = 'late' where id = 3")
+    req = pending(store)
+    store.vote(req.id, "alice", True, "", 60)
+    held.wait(10)
+    assert isinstance(held.error, psycopg.errors.InsufficientPrivilege)
+    assert "expired" in str(held.error)
+    assert store.get(req.id).state == "expired"  # type: ignore[union-attr]
+    assert value(pg, 3) != "late"
+    held.conn.close()
+
+    cfg2 = approvals_config(pg, gateway_tls, tmp_path / "two", required=2)
+    gw2 = gateway_factory(config=cfg2)
+    store2 = store_of(cfg2)
+    held2 = Held(gw2, "update apr_accounts set v = 'two' where id = 3")
+    req2 = pending(store2)
+    store2.vote(req2.id, "alice", True, "", 60)
+    time.sleep(1.5)
+    assert not held2.done.is_set()  # one of two approvals: still held
+    with pytest.raises(ApprovalError, match="already decided"):
+        store2.vote(req2.id, "alice", True, "", 60)
+    store2.vote(req2.id, "bob", True, "", 60)
+    held2.wait()
+    assert held2.error is None and value(pg, 3) == "two"
+    held2.conn.close()
+
+
+def test_grant_scope_lets_later_statements_through_and_transactions_and_extended_protocol_hold(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, accounts: None
+) -> None:
+    cfg = approvals_config(pg, gateway_tls, tmp_path, scope="grant", grant_minutes=1)
+    gw = gateway_factory(config=cfg)
+    store = store_of(cfg)
+    # Inside a transaction block, in the extended protocol (psycopg binds the parameter).
+    conn = psycopg.connect(gw.dsn(user="ci", password="ci-pw"))
+    result: dict[str, Any] = {}
+
+    def txn() -> None:
+        try:
+            with conn.transaction():
+                conn.execute("update apr_accounts set v = %s where id = %s", ("tx", 2))
+            result["ok"] = True
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=txn, daemon=True)
+    t.start()
+    req = pending(store)
+    assert req.scope == "grant" and "$1" in req.statement
+    store.vote(req.id, "bob", True, "hotfix window", 60)
+    t.join(15)
+    assert result == {"ok": True} and value(pg, 2) == "tx"
+    # The grant-scoped approval covers the next writes of this requester without a new request.
+    start = time.monotonic()
+    conn.execute("delete from apr_accounts where id = 99")
+    conn.commit()
+    assert time.monotonic() - start < 2
+    assert [r.id for r in store.requests()] == [req.id]
+    conn.close()
+
+
+def test_a_client_that_leaves_while_held_leaves_the_request_pending(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, accounts: None
+) -> None:
+    cfg = approvals_config(pg, gateway_tls, tmp_path)
+    gw = gateway_factory(config=cfg)
+    store = store_of(cfg)
+    held = Held(gw, "update apr_accounts set v = 'gone' where id = 1")
+    req = pending(store)
+    held.conn.pgconn.finish()  # the client goes away mid-hold
+    held.wait()
+    time.sleep(0.5)
+    assert store.get(req.id).state == "pending"  # type: ignore[union-attr]
+    # Approved later, the same statement run again by the requester passes once, without a new hold.
+    store.vote(req.id, "alice", True, "", 60)
+    with psycopg.connect(gw.dsn(user="ci", password="ci-pw"), autocommit=True) as c:
+        c.execute("update apr_accounts set v = 'gone' where id = 1")
+    assert value(pg, 1) == "gone" and store.get(req.id).state == "used"  # type: ignore[union-attr]
+    assert gw.stop() == 0
