@@ -45,7 +45,7 @@ import msgspec
 import trio
 
 from ostiary.errors import ObjectStoreError, RecordingError
-from ostiary.recording.store import RecordingInfo, check_session_ref, info_from_ends, read_info
+from ostiary.recording.store import RecordingInfo, check_session_ref, info_from_ends
 
 if TYPE_CHECKING:
     from ostiary.config import ObjectStore
@@ -519,12 +519,6 @@ class Uploader:
         """Uploads one file (blocking). False when the file is gone or unreadable (nothing to
         retry); raises ``ObjectStoreError`` when the store did not take it."""
         key = object_key(self.prefix, path)
-        try:
-            read_info(path)
-        except (OSError, RecordingError) as e:
-            if not path.exists():
-                return False
-            log.error("recording %s is not a readable recording (%s); uploading it as it is", path, e)
         try:
             self.client.put_file(key, path)
         except FileNotFoundError:
