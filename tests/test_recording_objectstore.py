@@ -496,7 +496,9 @@ def test_list_remote_reads_only_the_ends_of_objects(s3: S3Server, tmp_path: Path
     client = s3.client()
     for i in range(4):
         client.put_file(f"{prefix}2024-05-17/r-{i}.rec", closed_recording(tmp_path, f"r-{i}"))
-    infos = list_remote(client, prefix, limit=3, skip={"r-0"})
+    client.put(f"{prefix}2024-05-17/junk-8.rec", b"not a recording")
+    client.put(f"{prefix}2024-05-17/empty-9.rec", b"")
+    infos = list_remote(client, prefix, limit=3, skip={"r-0"})  # junk and empty are skipped
     assert len(infos) == 3 and {i.header.session_ref for i in infos} == {"r-1", "r-2", "r-3"}
     assert list_remote(client, prefix, since=dt.datetime(2024, 5, 18, tzinfo=dt.UTC)) == []
 
@@ -524,6 +526,8 @@ def test_config_validation(tmp_path: Path) -> None:
     assert "the bucket goes in bucket" in problems({**ok, "url": "https://s3.amazonaws.com/b-1"})
     assert "ca is for https://" in problems({**ok, "url": "http://127.0.0.1:9000", "ca": "ca.pem"})
     assert "path_style: true" in problems({**ok, "bucket": "a.b.c", "path_style": False})
+    assert "file c does not exist" in problems({**ok, "ca": "c"})
+    (tmp_path / "c").write_text("")
     store_cfg = {**ok, "secret_key_file": None, "ca": "c"}
     path.write_text(yaml.safe_dump({**POLICY, "audit": {"recordings": {"object_store": store_cfg}}}))
     store = load(path).audit.recordings.object_store

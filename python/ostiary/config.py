@@ -473,6 +473,9 @@ def _check(cfg: Config, base: Path) -> list[tuple[str, str]]:
             if value is not None and not (base / value).is_file():
                 problems.append((f"tls.{field}", f"file {value} does not exist"))
     problems += audit_problems(cfg.audit)
+    store = cfg.audit.recordings.object_store
+    if store is not None and store.ca is not None and not (base / store.ca).is_file():
+        problems.append(("audit.recordings.object_store.ca", f"file {store.ca} does not exist"))
     lim = cfg.limits
     if lim.max_statement > lim.max_message:
         problems.append(("limits.max_statement", "cannot exceed limits.max_message"))

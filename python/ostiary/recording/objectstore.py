@@ -422,11 +422,17 @@ def list_remote(
 
 
 def _try_info(client: ObjectStoreClient, key: str) -> RecordingInfo | None:
+    """None for an object that is not a readable recording (or was deleted since the listing);
+    other store errors (credentials, outage) are raised."""
     try:
         return remote_info(client, key)
     except RecordingError as e:
         log.warning("skipping %s: %s", client.url_of(key), e)
-        return None
+    except ObjectStoreError as e:
+        if e.status not in (404, 416):
+            raise
+        log.warning("skipping %s: %s", client.url_of(key), e)
+    return None
 
 
 def find_remote(client: ObjectStoreClient, prefix: str, session_ref: str) -> str:
