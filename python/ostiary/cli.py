@@ -5,8 +5,9 @@ front of a throwaway PostgreSQL cluster; ``ostiary policy check FILE`` validates
 directory) and prints every problem; ``ostiary policy explain`` prints the decision for given claims
 and the rules behind it; ``ostiary policy diff OLD NEW`` shows who gains or loses access;
 ``ostiary config schema`` prints the JSON Schema; ``ostiary token mint --dev`` signs a development
-token; ``ostiary sessions list`` and ``ostiary sessions replay ID`` show session recordings. Exit
-codes: 0 success, 1 runtime failure (or an ``--expect`` not met), 2 bad usage or policy.
+token; ``ostiary sessions list`` and ``ostiary sessions replay ID`` show session recordings (local,
+or in the configuration's object store). Exit codes: 0 success, 1 runtime failure (or an
+``--expect`` not met), 2 bad usage or policy.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -26,7 +27,10 @@ from ostiary import __version__
 from ostiary import config as configmod
 from ostiary.audit.export import add_export_parser
 from ostiary.config import EXAMPLE, Config, load
-from ostiary.errors import ConfigError, OstiaryError
+from ostiary.errors import ConfigError, ObjectStoreError, OstiaryError
+
+if TYPE_CHECKING:
+    from ostiary.recording.objectstore import ObjectStoreClient
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -250,6 +254,20 @@ def _sessions_list(args: argparse.Namespace) -> int:
             print(f"--since takes an ISO date or time, not {args.since!r}", file=sys.stderr)
             return 2
     infos = list_recordings(_data_dir(args), since=since, identity=args.identity, limit=args.limit)
+    remote = _object_store(args)
+    if remote is not None:
+        from ostiary.recording.objectstore import list_remote
+
+        client, prefix = remote
+        local = {i.header.session_ref for i in infos}
+        try:
+            found = list_remote(
+                client, prefix, since=since, identity=args.identity, limit=args.limit, skip=local
+            )
+        except ObjectStoreError as e:
+            print(f"ostiary sessions list: {e}", file=sys.stderr)
+            return 1
+        infos = sorted(infos + found, key=lambda i: i.header.started, reverse=True)[: args.limit]
     if args.json:
         for info in infos:
             h, t = info.header, info.trailer
@@ -292,15 +310,46 @@ def _sessions_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _object_store(args: argparse.Namespace) -> tuple[ObjectStoreClient, str] | None:
+    """The object store of ``--config`` (its client and key prefix), if it has one."""
+    if not args.config:
+        return None
+    from ostiary.recording.objectstore import ObjectStoreClient
+
+    spec = _load_or_exit(args.config).audit.recordings.object_store
+    return None if spec is None else (ObjectStoreClient.from_config(spec), spec.prefix)
+
+
 def _sessions_replay(args: argparse.Namespace) -> int:
+    import tempfile
+
     from ostiary.errors import RecordingError
+    from ostiary.recording.objectstore import find_remote
     from ostiary.recording.render import replay
     from ostiary.recording.store import find_recording
 
-    try:
-        path = find_recording(_data_dir(args), args.id)
+    def show(path: str | Path) -> None:
         replay(path, realtime=args.realtime, speed=args.speed, json=args.json)
-    except (RecordingError, ValueError) as e:
+
+    try:
+        try:
+            if args.id.startswith("s3://"):
+                raise RecordingError(f"{args.id} is not a local recording")
+            path = find_recording(_data_dir(args), args.id)
+        except RecordingError:
+            # Not here: fetch it from the object store, when the configuration has one.
+            remote = _object_store(args)
+            if remote is None:
+                raise
+            client, prefix = remote
+            key = find_remote(client, prefix, args.id)
+            with tempfile.TemporaryDirectory(prefix="ostiary-replay-") as tmp:
+                fetched = Path(tmp) / key.rsplit("/", 1)[-1]
+                fetched.write_bytes(client.get(key))
+                show(fetched)
+            return 0
+        show(path)
+    except (RecordingError, ObjectStoreError, ValueError) as e:
         print(f"ostiary sessions replay: {e}", file=sys.stderr)
         return 1
     return 0
@@ -388,7 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sreplay.add_argument("--json", action="store_true", help="one JSON object per event")
     sreplay.set_defaults(func=_sessions_replay)
     for p in (slist, sreplay):
-        p.add_argument("--config", help="take data_dir from this configuration file")
+        p.add_argument(
+            "--config",
+            help="take data_dir from this configuration file (and its object store, if it has one)",
+        )
         p.add_argument("--data-dir", help="the data directory (default: the configuration's, .ostiary)")
 
     args = parser.parse_args(argv)

@@ -11,6 +11,8 @@ rotating a secret needs no reload. The policy sections are checked by ``ostiary.
 from __future__ import annotations
 
 import os
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,14 +120,42 @@ class Shutdown(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     close_idle: bool = False
 
 
+class ObjectStore(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An S3-compatible object store for session recordings (AWS S3, MinIO, GCS's XML API with HMAC
+    keys, ...). ``url`` is the endpoint (``https://s3.us-east-1.amazonaws.com``,
+    ``http://127.0.0.1:9000``, ``https://storage.googleapis.com``); recordings go to
+    ``<prefix><YYYY-MM-DD>/<session_ref>.rec`` in ``bucket``, signed with AWS Signature Version 4
+    for ``region``. The access key and secret key are read from ``access_key_env``/``access_key_file``
+    and ``secret_key_env``/``secret_key_file`` at each request (rotation needs no restart). ``ca``
+    verifies an https endpoint (default: the system's CAs). ``path_style`` addresses the bucket in the
+    path (``<url>/<bucket>/<key>``: MinIO and most S3-compatible stores); false puts it in the host
+    name (``<bucket>.<host>``). A recording is uploaded once its session has ended, retried until the
+    store takes it; then the local file is deleted, or kept with a ``.uploaded`` marker when
+    ``keep_local``. ``timeout`` bounds each request, in seconds."""
+
+    url: str
+    bucket: str
+    prefix: str = "recordings/"
+    region: str = "us-east-1"
+    access_key_env: str | None = None
+    access_key_file: str | None = None
+    secret_key_env: str | None = None
+    secret_key_file: str | None = None
+    ca: str | None = None
+    path_style: bool = True
+    keep_local: bool = False
+    timeout: float = 30.0
+
+
 class AuditRecordings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Session recordings: each session's statements and what its client received (after masking),
     at most ``max_rows`` rows per statement and ``max_field`` bytes per value, in
-    ``<data_dir>/recordings``."""
+    ``<data_dir>/recordings``, and with ``object_store`` uploaded there when each session ends."""
 
     enabled: bool = True
     max_rows: int = 100
     max_field: int = 1024
+    object_store: ObjectStore | None = None
 
 
 class AuditExporter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -311,9 +341,43 @@ def audit_problems(a: Audit) -> list[tuple[str, str]]:
         problems.append(("audit.retention_days", "must be positive (leave it out to keep everything)"))
     if a.recordings.max_rows < 0 or a.recordings.max_field < 16:
         problems.append(("audit.recordings", "max_rows must be >= 0 and max_field >= 16"))
+    if a.recordings.object_store is not None:
+        problems += object_store_problems(a.recordings.object_store, "audit.recordings.object_store")
     seen: set[str] = set()
     for i, e in enumerate(a.exporters):
         problems += exporter_problems(e, f"audit.exporters[{i}]", seen)
+    return problems
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def object_store_problems(o: ObjectStore, path: str) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    url = urllib.parse.urlsplit(o.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        problems.append((f"{path}.url", f"{o.url!r} is not an http:// or https:// endpoint"))
+    elif url.path not in ("", "/") or url.query or url.fragment or url.username:
+        problems.append(
+            (f"{path}.url", "give the endpoint only (scheme, host, port): the bucket goes in bucket")
+        )
+    elif url.scheme == "http" and o.ca is not None:
+        problems.append((f"{path}.ca", "ca is for https:// endpoints"))
+    if not _BUCKET.match(o.bucket) or ".." in o.bucket:
+        problems.append((f"{path}.bucket", f"{o.bucket!r} is not a bucket name (3-63 of a-z, 0-9, '.', '-')"))
+    elif not o.path_style and "." in o.bucket and url.scheme == "https":
+        problems.append(
+            (f"{path}.path_style", "a bucket name with dots needs path_style: true over https (TLS names)")
+        )
+    if o.prefix.startswith("/") or "//" in o.prefix or "\\" in o.prefix:
+        problems.append((f"{path}.prefix", "a key prefix like recordings/ (no leading '/', no '//')"))
+    if not o.region:
+        problems.append((f"{path}.region", "give the region the signature is for (us-east-1 if unsure)"))
+    for key in ("access_key", "secret_key"):
+        if (getattr(o, f"{key}_env") is None) == (getattr(o, f"{key}_file") is None):
+            problems.append((path, f"give exactly one of {key}_env, {key}_file"))
+    if o.timeout <= 0:
+        problems.append((f"{path}.timeout", "must be positive"))
     return problems
 
 
@@ -409,6 +473,9 @@ def _check(cfg: Config, base: Path) -> list[tuple[str, str]]:
             if value is not None and not (base / value).is_file():
                 problems.append((f"tls.{field}", f"file {value} does not exist"))
     problems += audit_problems(cfg.audit)
+    store = cfg.audit.recordings.object_store
+    if store is not None and store.ca is not None and not (base / store.ca).is_file():
+        problems.append(("audit.recordings.object_store.ca", f"file {store.ca} does not exist"))
     lim = cfg.limits
     if lim.max_statement > lim.max_message:
         problems.append(("limits.max_statement", "cannot exceed limits.max_message"))
@@ -431,6 +498,10 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     cfg.audit.path = fix(cfg.audit.path)
     cfg.audit.dsn_file = fix(cfg.audit.dsn_file)
     cfg.audit.signing_key_file = fix(cfg.audit.signing_key_file)
+    store = cfg.audit.recordings.object_store
+    if store is not None:
+        store.access_key_file, store.secret_key_file = fix(store.access_key_file), fix(store.secret_key_file)
+        store.ca = fix(store.ca)
     for exp in cfg.audit.exporters:
         if exp.path != "-":
             exp.path = fix(exp.path)

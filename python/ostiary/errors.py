@@ -61,10 +61,23 @@ class RecordingError(OstiaryError):
     or block that does not decode. The message names the file and the offset."""
 
 
+class ObjectStoreError(OstiaryError):
+    """An object store request failed. The message names the endpoint, bucket and key, and the
+    HTTP status with the store's error code (``NoSuchKey``, ``SignatureDoesNotMatch``, ...) or the
+    network error; never a secret. ``status`` is 0 when no HTTP answer came (connection refused,
+    timeout, TLS failure); ``code`` is "" when the answer carried none."""
+
+    def __init__(self, message: str, status: int = 0, code: str = "") -> None:
+        self.status = status
+        self.code = code
+        super().__init__(message)
+
+
 __all__ = [
     "AuthenticationFailed",
     "ConfigError",
     "CoreError",
+    "ObjectStoreError",
     "OstiaryError",
     "ProtocolError",
     "RecordingError",

@@ -60,10 +60,14 @@ from ostiary.policy.model import Connection
 from ostiary.proxy.channel import Channel, open_tcp
 from ostiary.proxy.postgres import CancelTarget, PostgresStartup, fatal
 from ostiary.recording.live import LiveRecordings
+from ostiary.recording.objectstore import ObjectStoreClient, Uploader
 
 log = logging.getLogger("ostiary.server")
 
 SHUTDOWN_MESSAGE = "terminating connection because the gateway is shutting down"
+# At shutdown, recordings still queued for the object store get this many seconds; the rest are
+# uploaded by the next start.
+UPLOAD_AT_SHUTDOWN = 10.0
 
 
 def load_mask_key(config: Config) -> bytes:
@@ -140,7 +144,11 @@ class Gateway:
         self.record_spec: tuple[int, int, int] | None = None
         if config.audit.enabled and config.audit.recordings.enabled:
             r = config.audit.recordings
-            self.recordings = LiveRecordings(config.data_dir)
+            uploader = None
+            if r.object_store is not None:
+                client = ObjectStoreClient.from_config(r.object_store)
+                uploader = Uploader(config.data_dir, client, r.object_store.prefix, r.object_store.keep_local)
+            self.recordings = LiveRecordings(config.data_dir, uploader)
             self.record_spec = (r.max_rows, r.max_field, 1 << 20)
         if config.audit.enabled:
             self.audit = AuditLog(config)
@@ -603,6 +611,8 @@ class Gateway:
                     nursery.start_soon(exp.run)
             if self.recordings is not None:
                 await nursery.start(self.recordings.run)
+                if self.recordings.uploader is not None:
+                    await nursery.start(self.recordings.uploader.run)
             if handle_signals:
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._hangups)
@@ -621,6 +631,8 @@ class Gateway:
             nursery.cancel_scope.cancel()
         if self.recordings is not None:
             await self.recordings.close()
+            if self.recordings.uploader is not None:
+                await self.recordings.uploader.flush(UPLOAD_AT_SHUTDOWN)
         if self.audit is not None:
             await self.audit.close()
 

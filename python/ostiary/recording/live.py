@@ -6,7 +6,8 @@ end, before its ``ended`` event). ``LiveRecordings`` queues them in arrival orde
 writes them (compressed blocks, in a worker thread), so the event loop never waits for a disk. The
 queue is bounded in bytes: beyond ``MAX_QUEUED`` a session's frames are dropped and its recording is
 marked incomplete (the audit trail's session_end record says so); the data path is never slowed by a
-slow disk.
+slow disk. With an ``Uploader`` (``audit.recordings.object_store``), each file is handed to it once
+closed, and the session_end record names where it will be (``recording_url``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ostiary.recording.store import RecordingHeader, RecordingWriter, recording_
 
 if TYPE_CHECKING:
     from ostiary.hooks import SessionInfo
+    from ostiary.recording.objectstore import Uploader
 
 log = logging.getLogger("ostiary.recording")
 
@@ -30,8 +32,9 @@ MAX_QUEUED = 64 * 1024 * 1024
 
 
 class LiveRecordings:
-    def __init__(self, data_dir: str | Path) -> None:
+    def __init__(self, data_dir: str | Path, uploader: Uploader | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.uploader = uploader
         self.writers: dict[int, RecordingWriter] = {}
         self.dropped: dict[int, int] = {}
         self._queue: deque[tuple[int, bytes | None, str]] = deque()
@@ -70,32 +73,45 @@ class LiveRecordings:
 
     def end(self, session: int, reason: str) -> dict[str, object]:
         """Queues the end of a session's recording; returns what its session_end record notes."""
-        if session not in self.writers:
+        writer = self.writers.get(session)
+        if writer is None:
             return {}
         self._queue.append((session, None, reason))
         self._wake.set()
+        extra: dict[str, object] = {}
+        if self.uploader is not None:
+            extra["recording_url"] = self.uploader.url_for(writer.path)
         lost = self.dropped.pop(session, 0)
-        return {"recording_incomplete_bytes": lost} if lost else {}
+        if lost:
+            extra["recording_incomplete_bytes"] = lost
+        return extra
 
-    def _write_one(self, session: int, data: bytes | None, reason: str) -> None:
+    def _write_one(self, session: int, data: bytes | None, reason: str) -> Path | None:
+        """Writes one queued item; returns the file's path when this closed it."""
         writer = self.writers.get(session)
         if writer is None:
-            return
+            return None
         try:
             if data is None:
                 del self.writers[session]
                 writer.close(reason)
-            else:
-                writer.append(data)
+                return writer.path
+            writer.append(data)
         except (OSError, ValueError) as e:
             log.error("session %d: recording write failed: %s", session, e)
+        return None
+
+    async def _write(self, session: int, data: bytes | None, reason: str) -> None:
+        closed = await trio.to_thread.run_sync(self._write_one, session, data, reason)
+        if closed is not None and self.uploader is not None:
+            self.uploader.closed(closed)
 
     async def drain(self) -> None:
         while self._queue:
             session, data, reason = self._queue.popleft()
             if data is not None:
                 self._queued -= len(data)
-            await trio.to_thread.run_sync(self._write_one, session, data, reason)
+            await self._write(session, data, reason)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -107,4 +123,4 @@ class LiveRecordings:
     async def close(self) -> None:
         await self.drain()
         for session in list(self.writers):
-            await trio.to_thread.run_sync(self._write_one, session, None, "gateway stopped")
+            await self._write(session, None, "gateway stopped")

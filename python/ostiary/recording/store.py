@@ -12,7 +12,9 @@ blocks  type:u8  length:u32be  payload[length]   repeated
 Block type ``D`` holds zlib-compressed frames of the recorder (``Recorder.take()``; whole frames
 only, so every block decodes on its own and the frame stream is the blocks' concatenation). Block
 type ``T``, the trailer, is msgpack(Trailer), written once by ``close``; nothing follows it. Files
-are created with mode 0600 in 0700 directories: they hold what the sessions read.
+are created with mode 0600 in 0700 directories: they hold what the sessions read. A writer holds an
+exclusive ``flock`` on its file until ``close``, so a reader can tell a recording still being written
+from one a crash cut short (the uploader of ``objectstore`` relies on it).
 
 Reading: ``open_recording`` gives the header and an iterator of events; a block cut short at the end
 of the file (a crash) ends the events there (``Recording.cut`` says so); a block that is complete
@@ -23,6 +25,8 @@ but does not decompress or decode raises ``RecordingError`` with the file offset
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import io
 import os
 import re
 import struct
@@ -130,6 +134,7 @@ class RecordingWriter:
         self._frame_bytes = 0
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         self._file: BinaryIO | None = os.fdopen(fd, "ab")
         encoded = msgspec.msgpack.encode(header)
         self._write(MAGIC + struct.pack("!I", len(encoded)) + encoded)
@@ -305,6 +310,31 @@ def read_info(path: str | os.PathLike[str]) -> RecordingInfo:
     return RecordingInfo(path=str(p), header=header, trailer=trailer)
 
 
+def info_from_ends(head: bytes, tail: bytes, path: str) -> RecordingInfo:
+    """Header and trailer of a recording known only by its first and last bytes (an object in a
+    store, read with two ranged GETs). ``head`` must hold the whole header (else ``RecordingError``
+    says how many bytes it needs); the trailer is the block that ends exactly at the end of
+    ``tail`` and decodes as one (None when the recording has none: cut by a crash)."""
+    if len(head) >= 12 and head[:8] == MAGIC:
+        (length,) = struct.unpack("!I", head[8:12])
+        if 12 + length > len(head) and length <= MAX_HEADER:
+            raise RecordingError(f"{path}: the header needs the first {12 + length} bytes")
+    header = _read_header(io.BytesIO(head), Path(path))
+    trailer = None
+    for i in range(len(tail) - 5, -1, -1):
+        if tail[i] != BLOCK_TRAILER:
+            continue
+        (length,) = struct.unpack_from("!I", tail, i + 1)
+        if i + 5 + length != len(tail):
+            continue
+        try:
+            trailer = msgspec.msgpack.decode(tail[i + 5 :], type=Trailer)
+        except msgspec.DecodeError:
+            continue
+        break
+    return RecordingInfo(path=path, header=header, trailer=trailer)
+
+
 def list_recordings(
     data_dir: str | os.PathLike[str],
     since: dt.datetime | None = None,
@@ -344,6 +374,7 @@ __all__ = [
     "RecordingWriter",
     "Trailer",
     "find_recording",
+    "info_from_ends",
     "list_recordings",
     "open_recording",
     "read_info",
