@@ -265,3 +265,68 @@ def test_a_client_that_leaves_while_held_leaves_the_request_pending(
         c.execute("update apr_accounts set v = 'gone' where id = 1")
     assert value(pg, 1) == "gone" and store.get(req.id).state == "used"  # type: ignore[union-attr]
     assert gw.stop() == 0
+
+
+@pytest.fixture()
+def store_cluster(tmp_path: Path) -> Any:
+    cluster = PgCluster(tmp_path / "store-pg", tls=False)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+def test_two_gateways_sharing_a_store_and_a_restart_while_pending(
+    gateway_factory: GatewayFactory,
+    pg: PgCluster,
+    gateway_tls: TlsMaterial,
+    tmp_path: Path,
+    accounts: None,
+    store_cluster: PgCluster,
+) -> None:
+    dsn = store_cluster.dsn(dbname="postgres")
+    cfgs = []
+    for i in range(2):
+        cfg = approvals_config(pg, gateway_tls, tmp_path / f"gw{i}")
+        cfg["audit"] = {"store": "postgres", "dsn": dsn, "flush_interval": 0.05}
+        cfgs.append(cfg)
+    a, b = (gateway_factory(config=c) for c in cfgs)
+    store = ApprovalStore.postgres(dsn)
+    # Held on gateway a; decided by the other gateway's store connection: a wakes on NOTIFY.
+    held = Held(a, "update apr_accounts set v = 'fleet' where id = 2")
+    req = pending(store)
+    assert req.gateway and req.state == "pending"
+    other = ApprovalStore.postgres(dsn)
+    other.vote(req.id, "alice", True, "fleet approval", 60)
+    held.wait()
+    assert held.error is None and value(pg, 2) == "fleet"
+    assert "decided through another gateway (NOTIFY)" in a.log()
+    held.conn.close()
+
+    # Restart while pending: the client is told, the request survives, approved later it runs once.
+    held = Held(b, "update apr_accounts set v = 'after restart' where id = 2")
+    req = pending(store)
+    assert b.stop() == 0
+    held.wait()
+    assert isinstance(held.error, psycopg.errors.AdminShutdown)
+    assert any(req.id in n and "stays pending" in n for n in held.notices), held.notices
+    assert store.get(req.id).state == "pending"  # type: ignore[union-attr]
+    b2 = gateway_factory(config=cfgs[1])
+    store.vote(req.id, "bob", True, "", 60)
+    with psycopg.connect(b2.dsn(user="ci", password="ci-pw"), autocommit=True) as c:
+        c.execute("update apr_accounts set v = 'after restart' where id = 2")
+    assert value(pg, 2) == "after restart" and store.get(req.id).state == "used"  # type: ignore[union-attr]
+    for gw in (a, b2):
+        assert gw.stop() == 0
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "ostiary.cli", "audit", "verify", "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout

@@ -13,14 +13,24 @@ polls the store every ``POLL`` seconds for the others. Everything is recorded in
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ostiary.approvals.store import FINAL, ApprovalError, ApprovalStore, Request, new_id, now_us
+from ostiary.approvals.store import (
+    FINAL,
+    NOTIFY_CHANNEL,
+    ApprovalError,
+    ApprovalStore,
+    Request,
+    new_id,
+    now_us,
+)
 
 if TYPE_CHECKING:
     from ostiary.audit.log import AuditEvents
@@ -53,6 +63,8 @@ class Approvals:
         self.notifiers: list[Notifier] = []
         self._changed: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
+        # Statements held right now: request id -> how to tell their client something.
+        self.holding: dict[str, Callable[[str], object]] = {}
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args)
@@ -91,11 +103,23 @@ class Approvals:
 
     async def _notify(self, event: str, req: Request) -> None:
         for n in self.notifiers:
+            name = getattr(n, "name", type(n).__name__)
             try:
                 await n(event, req)
             except Exception as e:  # a webhook never breaks a hold
-                log.warning("approval %s: notification failed: %s", req.id, e)
-                self._audit("notification_failed", req, error=str(e))
+                log.warning("approval %s: notification %s failed: %s", req.id, name, e)
+                self._audit("notification_failed", req, event=event, notifier=name, error=str(e))
+            else:
+                self._audit("notified", req, event=event, notifier=name)
+
+    def farewell(self, why: str) -> None:
+        """Tells every client waiting for an approval that its wait ends (the gateway stops); the
+        requests stay pending in the store."""
+        for rid, notice in list(self.holding.items()):
+            notice(
+                f"{why}: approval request {rid} stays pending; once it is approved, run the statement "
+                "again and it passes"
+            )
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -239,6 +263,7 @@ class Approvals:
             f"{rule.required} approval(s) from {', '.join(rule.approvers)}); approve with "
             f"`ostiary approvals approve {req.id}`{where}; waiting up to {rule.timeout:g} s"
         )
+        self.holding[req.id] = notice
         try:
             final = await self.wait(req.id)
         except BaseException:
@@ -249,6 +274,8 @@ class Approvals:
                 if cur is not None:
                     self._audit("waiter_gone", cur)
             raise
+        finally:
+            self.holding.pop(req.id, None)
         if final.state == "approved":
             if final.scope == "statement":
                 used = await self._call(self.store.finish, req.id, "used", final.decision_reason, "approved")
@@ -258,17 +285,50 @@ class Approvals:
         why = final.decision_reason or final.state
         return False, f"approval {req.id} {final.state}: {why}", req.id
 
+    def _listen(self, token: trio.lowlevel.TrioToken, stop: threading.Event) -> None:
+        """A worker thread: LISTENs for decisions announced by any gateway of the fleet and wakes
+        the waiters here at once (the store is also polled every ``POLL`` s, the fallback)."""
+        import psycopg
+
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self.store.dsn, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    while not stop.is_set():
+                        for n in conn.notifies(timeout=0.5):
+                            log.debug("approval %s: decided through another gateway (NOTIFY)", n.payload)
+                            trio.from_thread.run_sync(self._wake, n.payload, trio_token=token)
+            except Exception as e:
+                if not stop.is_set():
+                    log.debug("approvals: LISTEN connection lost (%s); polling meanwhile", e)
+                    stop.wait(1.0)
+
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Expires due requests (any gateway's) and runs notifications."""
+        """Expires due requests (any gateway's), runs notifications, and with a PostgreSQL store
+        listens for decisions taken through other gateways."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            stop = threading.Event()
+            if self.store.dsn:
+                token = trio.lowlevel.current_trio_token()
+                nursery.start_soon(
+                    functools.partial(
+                        trio.to_thread.run_sync, self._listen, token, stop, abandon_on_cancel=True
+                    )
+                )
             task_status.started()
-            while True:
-                try:
-                    for req in await self._call(self.store.expire_due):
-                        self._audit("expired", req)
-                        self._wake(req.id)
-                        nursery.start_soon(self._notify, "expired", req)
-                except Exception as e:
-                    log.warning("approvals: expiry sweep failed: %s", e)
-                await trio.sleep(POLL)
+            try:
+                await self._sweep(nursery)
+            finally:
+                stop.set()
+
+    async def _sweep(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                for req in await self._call(self.store.expire_due):
+                    self._audit("expired", req)
+                    self._wake(req.id)
+                    nursery.start_soon(self._notify, "expired", req)
+            except Exception as e:
+                log.warning("approvals: expiry sweep failed: %s", e)
+            await trio.sleep(POLL)

@@ -23,6 +23,7 @@ import msgspec
 from ostiary.audit.store import StoreError
 
 FINAL = ("approved", "denied", "expired", "used", "cancelled")
+NOTIFY_CHANNEL = "ostiary_approvals"
 
 
 class Request(msgspec.Struct, kw_only=True):
@@ -127,6 +128,7 @@ class ApprovalStore:
         self.description = description
         self._lock = threading.Lock()
         self._conn: Any = None
+        self.dsn = ""  # PostgreSQL: where decisions are announced (LISTEN/NOTIFY)
         with self._lock:
             self._with(lambda c: [c.execute(s) for s in SCHEMA])
 
@@ -154,7 +156,9 @@ class ApprovalStore:
         def connect() -> Any:
             return psycopg.connect(dsn, autocommit=True, connect_timeout=5)
 
-        return cls(connect, "format", "postgres")
+        store = cls(connect, "format", "postgres")
+        store.dsn = dsn
+        return store
 
     def _with(self, fn: Callable[[Any], Any]) -> Any:
         """Runs ``fn(conn)`` inside one transaction (lock held by the caller)."""
@@ -313,6 +317,9 @@ class ApprovalStore:
 
     def _set_state(self, c: Any, req: Request, state: str, t: int, why: str) -> None:
         req.state, req.decided, req.decision_reason = state, t, why
+        if self._pg:
+            # Gateways of the fleet LISTEN on this channel: a held statement is released at once.
+            c.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, req.id))
         c.execute(
             self._q(
                 "UPDATE approval_requests SET state = ?, decided = ?, decision_reason = ?, valid_until = ? "

@@ -588,6 +588,7 @@ class Gateway:
         with trio.move_on_after(grace):
             while self.engine.session_count() > 0 or self._startups > 0:
                 await trio.sleep(0.05)
+        self.approvals.farewell("the gateway is shutting down")
         left = self.engine.terminate(None, "57P01", SHUTDOWN_MESSAGE)
         if left:
             log.info("ended %d session(s) still open after %g s", left, grace)
