@@ -378,14 +378,20 @@ def test_several_grants_need_a_choice(tmp_path: Path) -> None:
     assert p.admit(gh("acme/shop"), "orders", user="readers-read", now=MONDAY_NOON).grant is None
 
 
-def test_grant_with_rules_not_enforceable_yet_is_refused(tmp_path: Path) -> None:
+def test_grant_with_approval_rules_is_admitted_and_its_statements_held(tmp_path: Path) -> None:
     data = base_policy()
     who = data["grants"][0]["identities"][0]
     data["approvals"] = [{"name": "deletes", "match": {"kinds": ["delete"]}, "approvers": [who]}]
     data["grants"][0]["approvals"] = ["deletes"]
     p = compiled(data, tmp_path)
     v = p.admit(gh("acme/shop"), "orders", now=MONDAY_NOON)
-    assert v.grant is None and "cannot enforce" in v.reason
+    assert v.grant is not None
+    session = p.compile_session(v.grant)
+    assert session.guarded
+    rule = session.approval_rule("select 1; delete from orders where id = 1")
+    assert rule is not None and rule.name == "deletes" and rule.scope == "statement"
+    assert session.approval_rule("select * from orders") is None
+    assert session.approval_rule("this is not sql") is None
 
 
 def test_static_client_identity(tmp_path: Path) -> None:
@@ -522,10 +528,8 @@ def test_explain_judges_statements_under_the_grant(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
-    # The grant has approval rules, which the data path does not enforce yet: the session is
-    # refused, and the statements are still explained.
-    assert out[0].startswith("DENY x on orders: grant 'readers-read' has approvals rules")
-    assert "statements under grant readers-read (once statement rules are enforced):" in out
+    # Guardrails and access first: the read-only grant refuses the delete before any approval.
+    assert out[0].startswith("ALLOW x on orders")
     assert "statement 1: ALLOW" in out
     assert "statement 2: DENY by read-only: grant readers-read is read-only (delete)" in out
     assert "statement 3: ALLOW" in out
@@ -545,3 +549,18 @@ def test_explain_judges_statements_under_the_grant(tmp_path: Path) -> None:
     )
     assert r.returncode == 0
     assert "what cannot be parsed is refused" in r.stdout
+    # On a grant that may write, a statement an approval rule matches is held.
+    data["grants"][1]["access"] = "read-write"
+    f.write_text(yaml.safe_dump(data))
+    r = run_cli(
+        "policy",
+        "explain",
+        str(f),
+        "--claims",
+        str(claims),
+        "--connection",
+        "orders",
+        "--statement",
+        "delete from orders where id = 7",
+    )
+    assert "statement 1: HOLD for approval by rule deletes (1 of" in r.stdout, r.stdout

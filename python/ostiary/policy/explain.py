@@ -121,6 +121,12 @@ def explain_statements(policy: CompiledPolicy, grant: Grant, sql: str) -> tuple[
         if a.unbounded_write:
             found.append("no WHERE")
         verdict = "ALLOW" if d.allow else f"DENY by {d.rule}: {d.message}"
+        held = next((r for m, r in session.approvals if m.matches(a)), None) if d.allow else None
+        if held is not None:
+            verdict = (
+                f"HOLD for approval by rule {held.name} ({held.required} of {', '.join(held.approvers)}, "
+                f"scope {held.scope}, up to {held.timeout:g} s)"
+            )
         lines.append(f"statement {i}: {verdict}")
         lines.append(f"  {a.text[:200]}")
         lines.append(f"  ({'; '.join(found)})")
