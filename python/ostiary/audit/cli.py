@@ -186,6 +186,12 @@ def summary(rec: dict[str, Any]) -> str:
         return f"{d.get('reason', '')}: {d.get('statements', 0)} statements, {d.get('rows', 0)} rows" + (
             f", masked {masked}" if masked else ""
         )
+    if kind == "approval":
+        who = d.get("approver") or rec.get("identity", "")
+        return (
+            f"{d.get('action', '')} {d.get('request', '')} ({d.get('state', '')}) by {who}: "
+            + str(d.get("statement", "")).replace("\n", " ")[:70]
+        )
     if kind == "policy":
         return f"{d.get('how', '')} {d.get('version', '')[:12]} {d.get('detail', '')[:60]}".strip()
     return json.dumps(d, sort_keys=True)[:100]
