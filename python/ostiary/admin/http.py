@@ -239,6 +239,8 @@ class HttpServer:
             if response is not None:
                 with trio.move_on_after(self.limits.write_timeout):
                     await stream.send_all(response.encode())
+                    if response.status >= 400 and isinstance(stream, trio.SocketStream):
+                        await self._linger(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             log.debug("admin API: connection from %s broken: %s", peer, e)
         finally:
@@ -248,6 +250,16 @@ class HttpServer:
                 await stream.aclose()
             if scope.cancelled_caught:
                 await trio.aclose_forcefully(tcp)
+
+    async def _linger(self, stream: trio.SocketStream) -> None:
+        """After an error answer, read (and drop) what the client is still sending, a bounded
+        amount for at most a second: closing with unread input would reset the connection, and
+        the client could lose the answer before reading it."""
+        await stream.send_eof()
+        left = self.limits.max_head + self.limits.max_body
+        with trio.move_on_after(1):
+            while left > 0 and (chunk := await stream.receive_some(self.limits.chunk)):
+                left -= len(chunk)
 
     async def _respond(self, stream: trio.abc.Stream, peer: str) -> Response | None:
         request: Request | None = None
