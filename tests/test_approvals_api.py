@@ -470,3 +470,88 @@ def test_admin_config_validation(tmp_path: Path) -> None:
     assert cfg.admin is not None and cfg.admin.webhooks[0].ca == str(tmp_path / "ca.pem")
     assert cfg.admin.base_url() == "http://127.0.0.1:0"
     assert "admin" in configmod.PROCESS_SECTIONS
+
+
+def test_tls(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+
+    async def echo(request: Any) -> Any:
+        from ostiary.admin.http import Response
+
+        return Response.json(200, {"path": request.path, "auth": "authorization" in request.headers})
+
+    async def main() -> None:
+        from ostiary.admin.http import HttpServer, server_ssl_context
+
+        pem = str(tmp_path / "server.pem")
+        server = HttpServer(echo, "127.0.0.1", 0, ssl_context=server_ssl_context(pem, pem))
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.run)
+            url = f"https://127.0.0.1:{port}"
+            try:
+                plain = await trio.to_thread.run_sync(raw_exchange, port, b"GET /healthz HTTP/1.1\r\n\r\n")
+            except ConnectionResetError:
+                plain = b""
+            assert not plain.startswith(b"HTTP/1.1")  # no answer in clear text
+            out = await trio.to_thread.run_sync(
+                lambda: subprocess.run(
+                    [sys.executable, "-m", "ostiary.cli", "approvals", "show", "apr-1", "--json",
+                     "--gateway", url, "--ca", str(tmp_path / "ca.pem"), "--token", "t"],
+                    capture_output=True, text=True, timeout=30,
+                )
+            )  # fmt: skip
+            assert out.returncode == 0, out
+            assert json.loads(out.stdout) == {"path": "/approvals/apr-1", "auth": True}
+            out = await trio.to_thread.run_sync(
+                lambda: subprocess.run(
+                    [sys.executable, "-m", "ostiary.cli", "approvals", "show", "apr-1",
+                     "--gateway", url, "--token", "t"],
+                    capture_output=True, text=True, timeout=30,
+                )
+            )  # fmt: skip
+            assert out.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in out.stderr, out
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_webhook_failures_raise_without_the_url(tmp_path: Path) -> None:
+    from ostiary.approvals.store import Request as ApprovalRequest
+    from ostiary.approvals.webhooks import WebhookError
+    from ostiary.config import Webhook
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    req = ApprovalRequest(
+        id="apr-1", created=0, expires=1, state="pending", rule="r", connection="c", grant="g", requester="ci"
+    )
+    cases = [
+        (f"http://127.0.0.1:{port}/secret-path", "HTTP 500"),
+        (f"http://127.0.0.1:{closed}/secret-path", "refused"),
+    ]
+    try:
+        for url, why in cases:
+            notifier = webhook_notifier(Webhook(name="ops", url=url, timeout=2), "http://gw")
+            with pytest.raises(WebhookError) as e:
+                trio.run(notifier, "requested", req)
+            assert "webhook ops" in str(e.value) and why in str(e.value) and "secret-path" not in str(e.value)
+    finally:
+        server.shutdown()

@@ -144,18 +144,24 @@ def _post(hook: Webhook, body: bytes) -> None:
         raise WebhookError(f"webhook {hook.name}: {why}") from None
 
 
+class WebhookNotifier:
+    """A notifier for ``Approvals.notifiers`` posting to one webhook; ``name`` names it in logs and
+    the audit trail (never the URL)."""
+
+    def __init__(self, hook: Webhook, base_url: str) -> None:
+        self.hook = hook
+        self.name = f"webhook {hook.name}"
+        self.base_url = base_url.rstrip("/")
+        self._build = slack_payload if hook.format == "slack" else json_payload
+        self._limiter: trio.CapacityLimiter | None = None  # made in the trio run that first notifies
+
+    async def __call__(self, event: str, req: Request) -> None:
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(CONCURRENCY)
+        body = json.dumps(self._build(event, req, self.base_url)).encode()
+        await trio.to_thread.run_sync(_post, self.hook, body, limiter=self._limiter, abandon_on_cancel=True)
+
+
 def webhook_notifier(hook: Webhook, base_url: str) -> Notifier:
-    """A notifier for ``Approvals.notifiers`` posting to ``hook``; ``base_url`` is where links
-    point (``admin.base_url()``)."""
-    base = base_url.rstrip("/")
-    build = slack_payload if hook.format == "slack" else json_payload
-
-    limiter: list[trio.CapacityLimiter] = []  # made in the trio run that first notifies
-
-    async def notify(event: str, req: Request) -> None:
-        if not limiter:
-            limiter.append(trio.CapacityLimiter(CONCURRENCY))
-        body = json.dumps(build(event, req, base)).encode()
-        await trio.to_thread.run_sync(_post, hook, body, limiter=limiter[0], abandon_on_cancel=True)
-
-    return notify
+    """The notifier of ``hook``; ``base_url`` is where links point (``admin.base_url()``)."""
+    return WebhookNotifier(hook, base_url)
