@@ -25,6 +25,7 @@ import trio
 
 from ostiary import __version__
 from ostiary import config as configmod
+from ostiary.approvals.cli import add_approvals_parser
 from ostiary.audit.export import add_export_parser
 from ostiary.config import EXAMPLE, Config, load
 from ostiary.errors import ConfigError, ObjectStoreError, OstiaryError
@@ -421,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ostiary.audit.cli import add_audit_parser
 
     add_export_parser(add_audit_parser(sub))
+    add_approvals_parser(sub)
 
     sessions = sub.add_parser("sessions", help="list and replay session recordings")
     sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)

@@ -232,6 +232,57 @@ class Audit(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     exporters: list[AuditExporter] = msgspec.field(default_factory=list)
 
 
+class AdminListen(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 6480
+
+
+class AdminTls(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The admin API's server certificate and key (PEM files)."""
+
+    cert: str
+    key: str
+
+
+class Webhook(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where approval requests and their outcomes are announced: a POST of ``format: json`` (a
+    generic payload with the request and its approve/deny URLs) or ``slack`` (an incoming-webhook
+    message with the identity, connection, statement and the approve link). The URL is taken from
+    exactly one of ``url``, ``url_env`` or ``url_file`` (Slack webhook URLs are secrets: keep them
+    out of the file). ``ca`` verifies an HTTPS receiver (default: the system's CAs); each delivery
+    gives up after ``timeout`` seconds."""
+
+    name: str
+    url: str | None = None
+    url_env: str | None = None
+    url_file: str | None = None
+    format: Literal["json", "slack"] = "json"
+    ca: str | None = None
+    timeout: float = 10.0
+
+
+class Admin(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The admin HTTP API (approvals: list, show, approve, deny, request ahead of time; a minimal
+    web page per request), on ``listen`` with ``tls`` when given. ``public_url`` is the base of the
+    links the gateway hands out (notices, webhooks); set it when clients and approvers reach the API
+    through another name (a load balancer, a wildcard listen address). ``webhooks`` are told of
+    every approval request and its outcome."""
+
+    listen: AdminListen = msgspec.field(default_factory=AdminListen)
+    tls: AdminTls | None = None
+    public_url: str | None = None
+    webhooks: list[Webhook] = msgspec.field(default_factory=list)
+
+    def base_url(self) -> str:
+        """``public_url`` without a trailing slash, else the listen address's URL."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.listen.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{self.listen.port}"
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole file: the gateway process (listen ... shutdown, read at start) and the policy
     (issuers ... approvals, swapped atomically on reload)."""
@@ -244,6 +295,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     shutdown: Shutdown = msgspec.field(default_factory=Shutdown)
     audit: Audit = msgspec.field(default_factory=Audit)
+    admin: Admin | None = None
     dev: Dev = msgspec.field(default_factory=Dev)
     issuers: list[Issuer] = msgspec.field(default_factory=list)
     clients: list[Client] = msgspec.field(default_factory=list)
@@ -287,6 +339,7 @@ PROCESS_SECTIONS = (
     "limits",
     "shutdown",
     "audit",
+    "admin",
 )
 
 SECRET_SOURCES = ("password", "password_env", "password_file", "password_ref")
@@ -461,6 +514,49 @@ def exporter_problems(e: AuditExporter, path: str, seen: set[str]) -> list[tuple
     return problems
 
 
+def admin_problems(a: Admin, base: Path) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if not 0 <= a.listen.port <= 65535:
+        problems.append(("admin.listen.port", f"{a.listen.port} is not a TCP port (0-65535)"))
+    if a.tls is not None:
+        for field in ("cert", "key"):
+            value = getattr(a.tls, field)
+            if not (base / value).is_file():
+                problems.append((f"admin.tls.{field}", f"file {value} does not exist"))
+    if a.public_url is not None:
+        u = urllib.parse.urlsplit(a.public_url)
+        if u.scheme not in ("http", "https") or not u.netloc or u.query or u.fragment:
+            problems.append(
+                (
+                    "admin.public_url",
+                    "give the base URL approvers open, like https://ostiary.example.com or "
+                    "https://gw.example.com/ostiary (no query or fragment)",
+                )
+            )
+    seen: set[str] = set()
+    for i, w in enumerate(a.webhooks):
+        p = f"admin.webhooks[{i}]"
+        if not w.name:
+            problems.append((f"{p}.name", "name the webhook (it appears in logs and the audit trail)"))
+        elif w.name in seen:
+            problems.append((f"{p}.name", f"another webhook is named {w.name}"))
+        seen.add(w.name)
+        sources = [n for n in ("url", "url_env", "url_file") if getattr(w, n) is not None]
+        if len(sources) != 1:
+            problems.append((p, "give exactly one of url, url_env, url_file"))
+        elif w.url is not None and not w.url.startswith(("http://", "https://")):
+            problems.append((f"{p}.url", "must be an http:// or https:// URL"))
+        elif w.url is not None and w.url.startswith("http://") and w.ca is not None:
+            problems.append((f"{p}.ca", "ca is for https:// urls"))
+        if w.url_file is not None and not (base / w.url_file).is_file():
+            problems.append((f"{p}.url_file", f"file {w.url_file} does not exist"))
+        if w.ca is not None and not (base / w.ca).is_file():
+            problems.append((f"{p}.ca", f"file {w.ca} does not exist"))
+        if w.timeout <= 0:
+            problems.append((f"{p}.timeout", "must be positive (seconds)"))
+    return problems
+
+
 def _check(cfg: Config, base: Path) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     if not 0 <= cfg.listen.port <= 65535:
@@ -476,6 +572,8 @@ def _check(cfg: Config, base: Path) -> list[tuple[str, str]]:
     store = cfg.audit.recordings.object_store
     if store is not None and store.ca is not None and not (base / store.ca).is_file():
         problems.append(("audit.recordings.object_store.ca", f"file {store.ca} does not exist"))
+    if cfg.admin is not None:
+        problems += admin_problems(cfg.admin, base)
     lim = cfg.limits
     if lim.max_statement > lim.max_message:
         problems.append(("limits.max_statement", "cannot exceed limits.max_message"))
@@ -510,6 +608,12 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         cfg.tls.cert = str(fix(cfg.tls.cert))
         cfg.tls.key = str(fix(cfg.tls.key))
         cfg.tls.client_ca = fix(cfg.tls.client_ca)
+    if cfg.admin is not None:
+        if cfg.admin.tls is not None:
+            cfg.admin.tls.cert = str(fix(cfg.admin.tls.cert))
+            cfg.admin.tls.key = str(fix(cfg.admin.tls.key))
+        for hook in cfg.admin.webhooks:
+            hook.ca, hook.url_file = fix(hook.ca), fix(hook.url_file)
     for conn in cfg.connections:
         t = conn.upstream.tls
         t.ca, t.cert, t.key = fix(t.ca), fix(t.cert), fix(t.key)

@@ -33,8 +33,11 @@ import trio
 
 from ostiary import _core
 from ostiary import config as configmod
+from ostiary.admin.api import AdminApi, admin_server
+from ostiary.admin.http import HttpServer
 from ostiary.approvals.service import Approvals
 from ostiary.approvals.store import ApprovalError, ApprovalStore
+from ostiary.approvals.webhooks import webhook_notifier
 from ostiary.audit.export import build_exporters
 from ostiary.audit.log import AuditEvents, AuditLog
 from ostiary.audit.store import StoreError
@@ -166,6 +169,7 @@ class Gateway:
             self.audit_events,
         )
         self._deciding: dict[int, set[trio.CancelScope]] = {}
+        self.admin_port: int | None = None
         self.client_tls: _core.TlsServerConfig | None = None
         if config.tls is not None:
             self.client_tls = _core.TlsServerConfig(config.tls.cert, config.tls.key, config.tls.client_ca)
@@ -176,6 +180,23 @@ class Gateway:
         self.draining = False
         self.listen_port: int | None = None
         self._stop = trio.Event()
+
+    def _admin(self) -> HttpServer:
+        """The admin API (approvals) and its webhooks, as ``admin`` configures them."""
+        admin = self.config.admin
+        assert admin is not None
+        base = admin.base_url()
+        self.approvals.approve_url = base
+        self.approvals.notifiers = [webhook_notifier(h, base) for h in admin.webhooks]
+        api = AdminApi(self.approvals, lambda: self.policy, self.validator.validate, base)
+        tls = admin.tls
+        return admin_server(
+            api,
+            admin.listen.host,
+            admin.listen.port,
+            cert=tls.cert if tls is not None else None,
+            key=tls.key if tls is not None else None,
+        )
 
     @staticmethod
     def _approval_store(config: Config) -> ApprovalStore:
@@ -606,6 +627,8 @@ class Gateway:
             nursery.start_soon(self._events)
             nursery.start_soon(self._watch_policy)
             await nursery.start(self.approvals.run)
+            if self.config.admin is not None:
+                self.admin_port = await nursery.start(self._admin().run)
             if self.audit is not None:
                 await nursery.start(self.audit.run)
                 for exp in build_exporters(self.config, self.audit.store):

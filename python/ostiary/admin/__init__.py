@@ -1,0 +1,1 @@
+"""The admin HTTP API and its web page: approvals for approvers and automation."""
