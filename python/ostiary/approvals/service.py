@@ -258,8 +258,10 @@ class Approvals:
             session=session_ref,
         )
         where = f" or at {self.approve_url}/approvals/{req.id}" if self.approve_url else ""
+        asked = " ".join(statement.split())
+        asked = asked if len(asked) <= 120 else asked[:117] + "..."
         notice(
-            f"approval required: statement held as request {req.id} (rule {rule.name}, "
+            f"approval required: {asked!r} held as request {req.id} (rule {rule.name}, "
             f"{rule.required} approval(s) from {', '.join(rule.approvers)}); approve with "
             f"`ostiary approvals approve {req.id}`{where}; waiting up to {rule.timeout:g} s"
         )
