@@ -234,7 +234,7 @@ def test_grant_scope_lets_later_statements_through_and_transactions_and_extended
     t = threading.Thread(target=txn, daemon=True)
     t.start()
     req = pending(store)
-    assert req.scope == "grant" and "$1" in req.statement
+    assert req.scope == "grant" and "$1" in req.statement and req.params[0] == "tx"
     store.vote(req.id, "bob", True, "hotfix window", 60)
     t.join(15)
     assert result == {"ok": True} and value(pg, 2) == "tx"
@@ -330,3 +330,50 @@ def test_two_gateways_sharing_a_store_and_a_restart_while_pending(
         timeout=60,
     )
     assert r.returncode == 0, r.stdout
+
+
+def test_extended_protocol_approvals_bind_the_parameters(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, accounts: None
+) -> None:
+    cfg = approvals_config(pg, gateway_tls, tmp_path)
+    gw = gateway_factory(config=cfg)
+    store = store_of(cfg)
+    conn = psycopg.connect(gw.dsn(user="ci", password="ci-pw"), autocommit=True)
+    notices: list[str] = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+    sql = "update apr_accounts set v = %s where id = 3"
+
+    def run(value: str, out: dict[str, Any]) -> threading.Thread:
+        def go() -> None:
+            try:
+                conn.execute(sql, (value,))
+                out["ok"] = True
+            except Exception as e:
+                out["error"] = e
+
+        t = threading.Thread(target=go, daemon=True)
+        t.start()
+        return t
+
+    first: dict[str, Any] = {}
+    t = run("bound-1", first)
+    req = pending(store)
+    assert req.statement == "update apr_accounts set v = $1 where id = 3" and req.params == ["bound-1"]
+    store.vote(req.id, "alice", True, "", 60)
+    t.join(15)
+    assert first == {"ok": True} and value(pg, 3) == "bound-1"
+    assert any("with parameters ('bound-1')" in n for n in notices), notices
+    # The same prepared statement with another value is another request.
+    second: dict[str, Any] = {}
+    t = run("bound-2", second)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not [r for r in store.requests("pending") if r.id != req.id]:
+        time.sleep(0.05)
+    req2 = store.requests("pending")[0]
+    assert req2.id != req.id and req2.params == ["bound-2"]
+    store.vote(req2.id, "bob", False, "wrong value", 60)
+    t.join(15)
+    assert isinstance(second.get("error"), psycopg.errors.InsufficientPrivilege)
+    assert value(pg, 3) == "bound-1"
+    assert conn.execute("select 1").fetchone() == (1,)
+    conn.close()

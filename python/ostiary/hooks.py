@@ -73,9 +73,10 @@ class AuthAttempt:
 @dataclass(frozen=True)
 class StatementInfo:
     seq: int
-    kind: str  # "query", "parse" or "function_call"
+    kind: str  # "query", "parse", "function_call", or "execute" (of a Parse whose executions are held)
     name: str
     text: str
+    params: tuple[str | None, ...] = ()
 
     @property
     def fingerprint(self) -> str:
@@ -105,6 +106,8 @@ class Decision:
     # Allowed by the rules, but an approval rule holds it for people to decide (see
     # ``ostiary.approvals``); the gateway then decides, never remembering the verdict.
     approval: ApprovalRule | None = None
+    # For a Parse: allow it, and put each of its executions (with their parameters) to the hook.
+    hold_executions: bool = False
 
     @staticmethod
     def allowed(remember: bool | Literal["text"] = True) -> Decision:

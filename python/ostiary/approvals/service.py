@@ -171,10 +171,16 @@ class Approvals:
         return req
 
     async def usable(
-        self, rule: ApprovalRule, requester: str, connection: str, grant: str, statement: str
+        self,
+        rule: ApprovalRule,
+        requester: str,
+        connection: str,
+        grant: str,
+        statement: str,
+        params: list[str | None] | None = None,
     ) -> Request | None:
         req: Request | None = await self._call(
-            self.store.find_usable, connection, grant, requester, rule.name, statement
+            self.store.find_usable, connection, grant, requester, rule.name, statement, params or []
         )
         if req is not None:
             self._audit("used", req)
@@ -242,11 +248,14 @@ class Approvals:
         rule: ApprovalRule,
         statement: str,
         notice: Callable[[str], object],
+        params: list[str | None] | None = None,
     ) -> tuple[bool, str, str]:
-        """Holds one statement of a live session until it is approved. Returns (allowed, message
+        """Holds one statement of a live session until it is approved (an execution of a prepared
+        statement comes with its ``params``: the approval binds them). Returns (allowed, message
         for a refusal, request id)."""
         ident = info.identity
-        found = await self.usable(rule, ident.name, info.connection, info.grant, statement)
+        params = params or []
+        found = await self.usable(rule, ident.name, info.connection, info.grant, statement, params)
         if found is not None:
             return True, "", found.id
         req = await self.request(
@@ -255,13 +264,19 @@ class Approvals:
             connection=info.connection,
             grant=info.grant,
             statement=statement,
+            params=params,
             session=session_ref,
         )
         where = f" or at {self.approve_url}/approvals/{req.id}" if self.approve_url else ""
         asked = " ".join(statement.split())
-        asked = asked if len(asked) <= 120 else asked[:117] + "..."
+        asked = repr(asked if len(asked) <= 120 else asked[:117] + "...")
+        if params:
+            shown = ", ".join(
+                "NULL" if v is None else repr(v if len(v) <= 40 else v[:37] + "...") for v in params
+            )
+            asked += f" with parameters ({shown[:200]})"
         notice(
-            f"approval required: {asked!r} held as request {req.id} (rule {rule.name}, "
+            f"approval required: {asked} held as request {req.id} (rule {rule.name}, "
             f"{rule.required} approval(s) from {', '.join(rule.approvers)}); approve with "
             f"`ostiary approvals approve {req.id}`{where}; waiting up to {rule.timeout:g} s"
         )

@@ -362,11 +362,17 @@ class ApprovalStore:
             return self._with(fn)  # type: ignore[no-any-return]
 
     def find_usable(
-        self, connection: str, grant: str, requester: str, rule: str, statement: str
+        self,
+        connection: str,
+        grant: str,
+        requester: str,
+        rule: str,
+        statement: str,
+        params: list[str | None] | None = None,
     ) -> Request | None:
         """An approval that lets this statement run now: a grant-scoped one still valid, or an
-        unused statement-scoped one for exactly this text (asked ahead of time, or approved after
-        the session that asked ended)."""
+        unused statement-scoped one for exactly this text and these parameters (asked ahead of
+        time, or approved after the session that asked ended)."""
         t = now_us()
 
         def fn(c: Any) -> Request | None:
@@ -374,10 +380,19 @@ class ApprovalStore:
                 self._q(
                     f"SELECT {COLUMNS} FROM approval_requests WHERE state = 'approved' AND connection = ? "
                     "AND grant_name = ? AND requester = ? AND rule = ? "
-                    "AND ((scope = 'grant' AND valid_until > ?) OR (scope = 'statement' AND statement = ?)) "
+                    "AND ((scope = 'grant' AND valid_until > ?) "
+                    "OR (scope = 'statement' AND statement = ? AND params = ?)) "
                     "ORDER BY decided LIMIT 1"
                 ),
-                (connection, grant, requester, rule, t, statement),
+                (
+                    connection,
+                    grant,
+                    requester,
+                    rule,
+                    t,
+                    statement,
+                    msgspec.json.encode(params or []).decode(),
+                ),
             ).fetchone()
             if row is None:
                 return None

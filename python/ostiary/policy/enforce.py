@@ -52,12 +52,21 @@ class PolicyHook:
                     "function-call: fast-path function calls carry no SQL to judge and are refused",
                     rule="function-call",
                 )
+            if statement.kind == "execute":
+                # The Parse was judged; this execution carries its parameters to the approvers.
+                rule = policy.approval_rule(statement.text)
+                if rule is None:
+                    return Decision.allowed(remember=False)
+                return Decision(True, remember=False, rule=rule.name, approval=rule)
             d = policy.judge(statement.text)
             # Remembered per shape in "shapes" sessions only when the verdict holds for every text of
             # the shape; otherwise for this text (BEGIN, SET x = 1: the same text, the same verdict).
             remember: bool | Literal["text"] = True if d.by_shape or policy.by_text else "text"
             if d.allow:
                 rule = policy.approval_rule(statement.text)
+                if rule is not None and statement.kind == "parse":
+                    # Approval binds the parameters too: each execution is held, not the Parse.
+                    return Decision(True, remember=False, rule=rule.name, hold_executions=True)
                 if rule is not None:
                     return Decision(True, remember=False, rule=rule.name, approval=rule)
                 return Decision.allowed(remember=remember)

@@ -210,7 +210,12 @@ class Gateway:
         ref = self.audit.session_ref(info.id) if self.audit is not None else str(info.id)
         try:
             ok, why, rid = await self.approvals.hold(
-                info, ref, rule, statement.text, lambda msg: self.engine.notice(info.id, msg)
+                info,
+                ref,
+                rule,
+                statement.text,
+                lambda msg: self.engine.notice(info.id, msg),
+                params=list(statement.params),
             )
         except ApprovalError as e:
             return Decision(False, message=f"approval: {e}", rule=rule.name)
@@ -539,7 +544,7 @@ class Gateway:
         if info is None:
             return
         if kind == "statement":
-            statement = StatementInfo(seq=ev[2], kind=ev[3], name=ev[4], text=ev[5])
+            statement = StatementInfo(seq=ev[2], kind=ev[3], name=ev[4], text=ev[5], params=tuple(ev[6]))
 
             async def decide() -> None:
                 scope = trio.CancelScope()
@@ -567,7 +572,14 @@ class Gateway:
                     )
                     return
                 self.engine.verdict(
-                    session, statement.seq, d.allow, d.code, d.message, d.remember, rule=d.rule
+                    session,
+                    statement.seq,
+                    d.allow,
+                    d.code,
+                    d.message,
+                    d.remember,
+                    rule=d.rule,
+                    hold_executions=d.hold_executions,
                 )
                 log.log(
                     logging.DEBUG if d.allow else logging.INFO,

@@ -585,7 +585,8 @@ impl Engine {
     /// Answers a held statement. Returns False if the session has ended. `remember`: False (ask
     /// again), True (for every statement with the same gate key: text, or shape under "shapes"),
     /// or "text" (for this exact text only). `rule` names what denied it (for the audit trail).
-    #[pyo3(signature = (session, seq, allow, code = "42501", message = "", remember = RememberArg::Flag(false), rule = ""))]
+    /// `hold_executions` (a Parse only): allow it, and hold every Execute of it for its own verdict.
+    #[pyo3(signature = (session, seq, allow, code = "42501", message = "", remember = RememberArg::Flag(false), rule = "", hold_executions = false))]
     #[allow(clippy::too_many_arguments)]
     fn verdict(
         &self,
@@ -596,6 +597,7 @@ impl Engine {
         message: &str,
         remember: RememberArg,
         rule: &str,
+        hold_executions: bool,
     ) -> PyResult<bool> {
         let remember = match remember {
             RememberArg::Flag(b) => Remember::from(b),
@@ -606,7 +608,9 @@ impl Engine {
                 )))
             }
         };
-        let verdict = if allow {
+        let verdict = if allow && hold_executions {
+            Verdict::AllowHoldingExecutions
+        } else if allow {
             Verdict::Allow
         } else {
             Verdict::Deny {
@@ -694,7 +698,7 @@ impl Engine {
         self.inner.broadcast(Command::Refuse { refusal })
     }
 
-    /// Waiting events as tuples: ("statement", session, seq, kind, name, text),
+    /// Waiting events as tuples: ("statement", session, seq, kind, name, text, params),
     /// ("complete", session, tag, rows, bytes), ("error", session, code, message, denied),
     /// ("ready", session, status), ("ended", session, reason, detail, stats dict),
     /// ("audit", ack session or 0, ack ticket or 0, [entry, ...]) with each entry
@@ -714,6 +718,7 @@ impl Engine {
                         statement.kind.as_str(),
                         statement.name,
                         statement.text,
+                        statement.params,
                     )
                         .into_pyobject(py)?,
                 ),

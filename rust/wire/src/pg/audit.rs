@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use super::backend::{self, tag as btag, ErrorFields};
 use super::codec::Reader;
-use super::frontend::tag as ftag;
+use super::frontend::{self, cstr_or_rest, cut, tag as ftag};
 use super::relay::Verdict;
 use crate::WireError;
 
@@ -165,35 +165,8 @@ pub struct AuditTrack {
     starts: usize,
 }
 
-fn cut(s: &[u8], max: usize) -> (String, bool) {
-    if s.len() <= max {
-        return (String::from_utf8_lossy(s).into_owned(), false);
-    }
-    let mut end = max;
-    // Cut on a character boundary when the text is UTF-8.
-    while end > 0 && (s[end] & 0xC0) == 0x80 {
-        end -= 1;
-    }
-    (String::from_utf8_lossy(&s[..end]).into_owned(), true)
-}
-
 fn params_size(params: &[Option<String>]) -> usize {
     params.iter().flatten().map(String::len).sum()
-}
-
-/// A NUL-terminated string at the start of `r`, or everything left when the prefix was cut inside it.
-fn cstr_or_rest<'a>(r: &mut Reader<'a>) -> &'a [u8] {
-    let rest = r.remaining();
-    match rest.iter().position(|&b| b == 0) {
-        Some(i) => {
-            let _ = r.bytes(i + 1);
-            &rest[..i]
-        }
-        None => {
-            let _ = r.bytes(rest.len());
-            rest
-        }
-    }
 }
 
 impl AuditTrack {
@@ -377,9 +350,7 @@ impl AuditTrack {
                 self.stmts.insert(name, p);
             }
             ftag::BIND => {
-                let portal = String::from_utf8_lossy(cstr_or_rest(&mut r)).into_owned();
-                let stmt = String::from_utf8_lossy(cstr_or_rest(&mut r)).into_owned();
-                let params = self.bind_params(&mut r);
+                let (portal, stmt, params) = frontend::bind_fields(body, self.max_text);
                 let size = portal.len() + stmt.len() + params_size(&params);
                 self.charge(size)?;
                 if let Some(old) = self.portals.remove(&portal) {
@@ -419,6 +390,9 @@ impl AuditTrack {
                 };
                 let mut e = self.entry(ExecKind::Execute, name, &p);
                 e.params = params;
+                if denied.is_some() {
+                    e.denied = denied;
+                }
                 self.open_entry(e)?;
             }
             ftag::CLOSE => {
@@ -436,61 +410,6 @@ impl AuditTrack {
             _ => {}
         }
         Ok(())
-    }
-
-    /// Bind parameters as text, within `max_text` bytes in all (what does not fit is dropped and
-    /// marked with a last `"…"`).
-    fn bind_params(&self, r: &mut Reader<'_>) -> Vec<Option<String>> {
-        let mut out = Vec::new();
-        let Ok(nf) = r.i16() else { return out };
-        let mut formats = Vec::new();
-        for _ in 0..nf.max(0) {
-            match r.i16() {
-                Ok(f) => formats.push(f),
-                Err(_) => return out,
-            }
-        }
-        let Ok(np) = r.i16() else { return out };
-        let mut room = self.max_text;
-        for i in 0..np.max(0) as usize {
-            let Ok(len) = r.i32() else {
-                out.push(Some("…".into()));
-                return out;
-            };
-            if len < 0 {
-                out.push(None);
-                continue;
-            }
-            let avail = r.remaining();
-            let len = len as usize;
-            let have = avail.len().min(len);
-            let raw = &avail[..have];
-            let _ = r.bytes(have);
-            let binary = match formats.len() {
-                0 => false,
-                1 => formats[0] == 1,
-                _ => formats.get(i).copied() == Some(1),
-            };
-            let mut text = if binary {
-                let mut s = String::with_capacity(2 + 2 * raw.len());
-                s.push_str("\\x");
-                for b in raw {
-                    s.push_str(&format!("{b:02x}"));
-                }
-                s
-            } else {
-                String::from_utf8_lossy(raw).into_owned()
-            };
-            if have < len || text.len() > room {
-                let (t, _) = cut(text.as_bytes(), room.min(text.len()));
-                text = t + "…";
-                out.push(Some(text));
-                return out;
-            }
-            room -= text.len();
-            out.push(Some(text));
-        }
-        out
     }
 
     fn close(&mut self, mut open: Open, outcome: Outcome) {

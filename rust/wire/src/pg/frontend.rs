@@ -100,3 +100,98 @@ pub fn sync() -> Vec<u8> {
 pub fn terminate() -> Vec<u8> {
     Builder::new(tag::TERMINATE).finish()
 }
+
+/// Cuts `s` to at most `max` bytes (on a UTF-8 character boundary), lossily decoded; says whether
+/// it was cut.
+pub fn cut(s: &[u8], max: usize) -> (String, bool) {
+    if s.len() <= max {
+        return (String::from_utf8_lossy(s).into_owned(), false);
+    }
+    let mut end = max;
+    // Cut on a character boundary when the text is UTF-8.
+    while end > 0 && (s[end] & 0xC0) == 0x80 {
+        end -= 1;
+    }
+    (String::from_utf8_lossy(&s[..end]).into_owned(), true)
+}
+
+/// A NUL-terminated string at the start of `r`, or everything left when the prefix was cut inside it.
+pub fn cstr_or_rest<'a>(r: &mut Reader<'a>) -> &'a [u8] {
+    let rest = r.remaining();
+    match rest.iter().position(|&b| b == 0) {
+        Some(i) => {
+            let _ = r.bytes(i + 1);
+            &rest[..i]
+        }
+        None => {
+            let _ = r.bytes(rest.len());
+            rest
+        }
+    }
+}
+
+/// Bind, read leniently (a prefix of the body is fine; nothing here fails): the portal, the
+/// prepared statement and the parameters as text (binary ones as `\x` hex, NULL as None), at most
+/// `max_text` bytes of them in all (what does not fit is dropped and marked with a last `"…"`).
+pub fn bind_fields(body: &[u8], max_text: usize) -> (String, String, Vec<Option<String>>) {
+    let mut r = Reader::new(body, "Bind");
+    let portal = String::from_utf8_lossy(cstr_or_rest(&mut r)).into_owned();
+    let stmt = String::from_utf8_lossy(cstr_or_rest(&mut r)).into_owned();
+    let params = bind_params(&mut r, max_text);
+    (portal, stmt, params)
+}
+
+/// Bind parameters as text, within `max_text` bytes in all (what does not fit is dropped and
+/// marked with a last `"…"`).
+fn bind_params(r: &mut Reader<'_>, max_text: usize) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    let Ok(nf) = r.i16() else { return out };
+    let mut formats = Vec::new();
+    for _ in 0..nf.max(0) {
+        match r.i16() {
+            Ok(f) => formats.push(f),
+            Err(_) => return out,
+        }
+    }
+    let Ok(np) = r.i16() else { return out };
+    let mut room = max_text;
+    for i in 0..np.max(0) as usize {
+        let Ok(len) = r.i32() else {
+            out.push(Some("…".into()));
+            return out;
+        };
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let avail = r.remaining();
+        let len = len as usize;
+        let have = avail.len().min(len);
+        let raw = &avail[..have];
+        let _ = r.bytes(have);
+        let binary = match formats.len() {
+            0 => false,
+            1 => formats[0] == 1,
+            _ => formats.get(i).copied() == Some(1),
+        };
+        let mut text = if binary {
+            let mut s = String::with_capacity(2 + 2 * raw.len());
+            s.push_str("\\x");
+            for b in raw {
+                s.push_str(&format!("{b:02x}"));
+            }
+            s
+        } else {
+            String::from_utf8_lossy(raw).into_owned()
+        };
+        if have < len || text.len() > room {
+            let (t, _) = cut(text.as_bytes(), room.min(text.len()));
+            text = t + "…";
+            out.push(Some(text));
+            return out;
+        }
+        room -= text.len();
+        out.push(Some(text));
+    }
+    out
+}

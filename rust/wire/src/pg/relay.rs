@@ -52,6 +52,9 @@ pub enum StatementKind {
     Query,
     Parse,
     FunctionCall,
+    /// An Execute of a portal bound from a prepared statement whose executions are held
+    /// (`Verdict::AllowHoldingExecutions`); `text` is the statement's, `params` the Bind's.
+    Execute,
 }
 
 impl StatementKind {
@@ -60,6 +63,7 @@ impl StatementKind {
             StatementKind::Query => "query",
             StatementKind::Parse => "parse",
             StatementKind::FunctionCall => "function_call",
+            StatementKind::Execute => "execute",
         }
     }
 }
@@ -73,7 +77,14 @@ pub struct Statement {
     pub name: String,
     /// Statement text (lossy UTF-8); for FunctionCall, "function <oid>".
     pub text: String,
+    /// Execute: the Bind parameters (text; binary as `\x` hex; at most `EXEC_PARAMS_TEXT` bytes).
+    pub params: Vec<Option<String>>,
 }
+
+/// Bytes of parameters an Execute held for a verdict carries to the control plane.
+pub const EXEC_PARAMS_TEXT: usize = 64 * 1024;
+/// Bytes of statement text a session may keep for prepared statements whose executions are held.
+pub const EXEC_GATED_BYTES: usize = 4 << 20;
 
 /// Whether a verdict is remembered in the session, and for which statements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +111,9 @@ impl From<bool> for Remember {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
+    /// For a Parse: let it through, and hold every Execute of a portal bound from it for a verdict
+    /// of its own (with the Bind parameters): an approval of that one execution.
+    AllowHoldingExecutions,
     /// Refused with a SQLSTATE and message; `rule` names what refused it (for the audit trail).
     Deny {
         code: String,
@@ -302,6 +316,11 @@ pub struct SessionRelay {
     /// While set, every statement is refused with this SQLSTATE and message (the audit trail
     /// cannot record it).
     refusal: Option<(String, String)>,
+    /// Prepared statements whose executions are held (name -> text), and the portals bound from
+    /// them (portal -> statement name, parameters).
+    exec_gated: HashMap<String, String>,
+    exec_gated_bytes: usize,
+    gated_portals: HashMap<String, (String, Vec<Option<String>>)>,
     pub stats: RelayStats,
 }
 
@@ -332,6 +351,9 @@ impl SessionRelay {
             mask: None,
             audit: None,
             refusal: None,
+            exec_gated: HashMap::new(),
+            exec_gated_bytes: 0,
+            gated_portals: HashMap::new(),
             stats: RelayStats::default(),
         }
     }
@@ -409,7 +431,53 @@ impl SessionRelay {
     }
 
     fn wants_capture_front(&self, tag: u8) -> bool {
-        self.gated(tag) || (self.mask.is_some() && MaskState::wants_front(tag))
+        self.gated(tag)
+            || (self.mask.is_some() && MaskState::wants_front(tag))
+            || self.follows_executions(tag)
+    }
+
+    /// Bind, Execute and Close are read whole while executions of some prepared statement are held.
+    fn follows_executions(&self, tag: u8) -> bool {
+        !self.exec_gated.is_empty() && matches!(tag, ftag::BIND | ftag::EXECUTE | ftag::CLOSE)
+    }
+
+    /// Follows Bind and Close for held executions; returns the Execute to hold, if this is one.
+    fn on_execution_message(&mut self, tag: u8, body: &[u8]) -> Option<Statement> {
+        match tag {
+            ftag::BIND => {
+                let (portal, stmt, params) = frontend::bind_fields(body, EXEC_PARAMS_TEXT);
+                if self.exec_gated.contains_key(&stmt) {
+                    self.gated_portals.insert(portal, (stmt, params));
+                } else {
+                    self.gated_portals.remove(&portal);
+                }
+                None
+            }
+            ftag::CLOSE => {
+                let (what, name) = body.split_first().unwrap_or((&b'S', &[]));
+                let name = String::from_utf8_lossy(name.split(|&b| b == 0).next().unwrap_or(&[]));
+                if *what == b'P' {
+                    self.gated_portals.remove(name.as_ref());
+                } else if let Some(text) = self.exec_gated.remove(name.as_ref()) {
+                    self.exec_gated_bytes -= text.len();
+                }
+                None
+            }
+            _ => {
+                let (portal, _, _) = frontend::bind_fields(body, 0);
+                let (stmt, params) = self.gated_portals.get(&portal)?.clone();
+                let text = self.exec_gated.get(&stmt)?.clone();
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                Some(Statement {
+                    seq,
+                    kind: StatementKind::Execute,
+                    name: stmt,
+                    text,
+                    params,
+                })
+            }
+        }
     }
 
     /// Scans client bytes, appending what may go upstream to `out`. Stops early on a hold.
@@ -451,7 +519,19 @@ impl SessionRelay {
             match self.front.read_body(input, &mut pos, out) {
                 None => {}
                 Some(Done::Captured(buf)) if !self.gated(tag) => {
-                    // Held whole only for masking, which follows it.
+                    // Held whole for masking or for held executions, which follow it.
+                    if self.follows_executions(tag) {
+                        if let Some(statement) = self.on_execution_message(tag, &buf) {
+                            let raw = Framer::raw(tag, &buf);
+                            let key = (StatementKind::Execute, true, statement.text.clone());
+                            self.held = Some((statement.clone(), raw, key));
+                            self.stats.frontend_bytes += pos as u64;
+                            return Ok(FrontendStop::Hold {
+                                consumed: pos,
+                                statement,
+                            });
+                        }
+                    }
                     let raw = Framer::raw(tag, &buf);
                     if let Some(m) = self.mask.as_mut() {
                         m.track_front(&raw)?;
@@ -533,6 +613,7 @@ impl SessionRelay {
             kind,
             name,
             text,
+            params: Vec::new(),
         };
         let raw = Framer::raw(tag, &body);
         if let Some((code, message)) = &self.refusal {
@@ -594,7 +675,19 @@ impl SessionRelay {
                 format!("verdict for statement {seq}, but {got} is held"),
             ));
         }
-        let key = match remember.into() {
+        let remember = if statement.kind == StatementKind::Execute
+            || verdict == Verdict::AllowHoldingExecutions
+        {
+            Remember::No // decided for this execution (or this Parse) only
+        } else {
+            remember.into()
+        };
+        if statement.kind == StatementKind::Execute && verdict == Verdict::Allow {
+            // Approved: fetching more rows of the same portal needs no new verdict.
+            let (portal, _, _) = frontend::bind_fields(raw.get(5..).unwrap_or_default(), 0);
+            self.gated_portals.remove(&portal);
+        }
+        let key = match remember {
             Remember::No => None,
             Remember::Key => Some(key),
             // Without shapes, the gate's key is the text already.
@@ -627,8 +720,26 @@ impl SessionRelay {
         if let Some(a) = self.audit.as_mut() {
             a.front(raw[0], &raw[5..], Some(verdict))?;
         }
+        if statement.kind == StatementKind::Parse {
+            let gated = matches!(verdict, Verdict::AllowHoldingExecutions);
+            if let Some(text) = self.exec_gated.remove(&statement.name) {
+                self.exec_gated_bytes -= text.len();
+            }
+            if gated {
+                self.exec_gated_bytes += statement.text.len();
+                if self.exec_gated_bytes > EXEC_GATED_BYTES {
+                    return Err(WireError::TooLarge {
+                        what: "text of prepared statements whose executions are held",
+                        length: self.exec_gated_bytes,
+                        limit: EXEC_GATED_BYTES,
+                    });
+                }
+                self.exec_gated
+                    .insert(statement.name.clone(), statement.text.clone());
+            }
+        }
         match verdict {
-            Verdict::Allow => {
+            Verdict::Allow | Verdict::AllowHoldingExecutions => {
                 if let Some(m) = self.mask.as_mut() {
                     m.track_front(&raw)?;
                 }
@@ -639,6 +750,8 @@ impl SessionRelay {
                 let marker = format!("{DENY_MARKER}{}", statement.seq);
                 let replacement = match statement.kind {
                     StatementKind::Parse => frontend::parse(&statement.name, &marker, &[]),
+                    // A Parse that fails: the server then skips the rest of the pipeline to Sync.
+                    StatementKind::Execute => frontend::parse("", &marker, &[]),
                     _ => frontend::query(&marker),
                 };
                 if let Some(m) = self.mask.as_mut() {
@@ -928,6 +1041,99 @@ mod tests {
         r.feed_frontend(&input, &mut Vec::new()).unwrap();
         assert!(r.terminated());
         assert_eq!(r.stats.statements, 2);
+    }
+
+    fn bind_msg(portal: &str, stmt: &str, param: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(portal.as_bytes());
+        b.push(0);
+        b.extend_from_slice(stmt.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&(param.len() as i32).to_be_bytes());
+        b.extend_from_slice(param.as_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        msg(ftag::BIND, &b)
+    }
+
+    fn execute_msg(portal: &str) -> Vec<u8> {
+        let mut b = portal.as_bytes().to_vec();
+        b.push(0);
+        b.extend_from_slice(&0i32.to_be_bytes());
+        msg(ftag::EXECUTE, &b)
+    }
+
+    #[test]
+    fn executions_of_a_gated_parse_are_held_each_with_its_parameters() {
+        let mut r = SessionRelay::new(Limits::default(), Gate::Consult, false);
+        let mut out = Vec::new();
+        let parse = frontend::parse("", "update t set v = $1", &[]);
+        let FrontendStop::Hold { statement, .. } = r.feed_frontend(&parse, &mut out).unwrap()
+        else {
+            panic!("parse not held");
+        };
+        r.resolve(
+            statement.seq,
+            Verdict::AllowHoldingExecutions,
+            true,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, parse);
+        out.clear();
+        let bind = bind_msg("", "", "5");
+        let exec = execute_msg("");
+        let input = [bind.clone(), exec.clone(), frontend::sync()].concat();
+        let FrontendStop::Hold {
+            consumed,
+            statement,
+        } = r.feed_frontend(&input, &mut out).unwrap()
+        else {
+            panic!("execute not held");
+        };
+        assert_eq!(out, bind, "the Bind passes, the Execute waits");
+        assert_eq!(statement.kind, StatementKind::Execute);
+        assert_eq!(statement.text, "update t set v = $1");
+        assert_eq!(statement.params, vec![Some("5".to_owned())]);
+        out.clear();
+        r.resolve(statement.seq, Verdict::Allow, true, &mut out)
+            .unwrap();
+        assert_eq!(out, exec);
+        out.clear();
+        r.feed_frontend(&input[consumed..], &mut out).unwrap();
+        // Fetching more of the approved portal needs no new verdict.
+        assert!(matches!(
+            r.feed_frontend(&exec, &mut out).unwrap(),
+            FrontendStop::Consumed
+        ));
+        // A new Bind is a new execution: held again; denied, it becomes a Parse that fails.
+        out.clear();
+        let input = [bind_msg("", "", "6"), exec.clone()].concat();
+        let FrontendStop::Hold { statement, .. } = r.feed_frontend(&input, &mut out).unwrap()
+        else {
+            panic!("second execute not held");
+        };
+        assert_eq!(statement.params, vec![Some("6".to_owned())]);
+        out.clear();
+        r.resolve(
+            statement.seq,
+            Verdict::Deny {
+                code: "42501".into(),
+                message: "no".into(),
+                rule: "r".into(),
+            },
+            true,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out[0], ftag::PARSE);
+        // Closing the statement ends the holding: a new Parse of that name goes its own way.
+        out.clear();
+        let mut close = vec![b'S', 0];
+        close = msg(ftag::CLOSE, &close.split_off(0));
+        r.feed_frontend(&close, &mut out).unwrap();
+        assert!(r.exec_gated.is_empty());
     }
 
     #[test]
