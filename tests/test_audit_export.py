@@ -272,6 +272,9 @@ def test_splunk_hec_down_then_503_then_up_loses_nothing(tmp_path: Path, trail: T
                 trail.add(150)  # records keep coming while it runs
                 while len(ids()) < 1050:
                     await trio.sleep(0.02)
+                # The cursor moves once the receiver's answer is in (at-least-once): wait for it.
+                while exp.after < 1050:
+                    await trio.sleep(0.02)
             nursery.cancel_scope.cancel()
 
     try:
