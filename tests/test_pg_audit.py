@@ -156,6 +156,9 @@ def test_every_record_type_is_written_by_real_sessions_and_verifies(
     assert any(r["kind"] == "admin" and r["data"]["action"] == "shutdown" for r in recs)
     pol = [r for r in recs if r["kind"] == "policy"]
     assert pol and len(pol[0]["data"]["version"]) == 64
+    snap = pol[0]["data"]["snapshot"]
+    assert [g["name"] for g in snap["grants"]] == ["ops-writes"] and snap["grants"][0]["identities"] == [OPS]
+    assert snap["connections"][0]["roles"] == ["app"] and APP_PASSWORD not in json.dumps(snap)
 
     ok = cli("audit", "verify", "--config", str(path))
     assert ok.returncode == 0, ok.stdout + ok.stderr

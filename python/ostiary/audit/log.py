@@ -669,12 +669,51 @@ class AuditEvents:
             data=data,
         )
 
-    def policy(self, version: str, source: str, applied: bool, detail: str, how: str) -> None:
-        self.audit.append(
-            "policy",
-            verdict="applied" if applied else "rejected",
-            data={"version": version, "source": source, "how": how, **({"detail": detail} if detail else {})},
-        )
+    def policy(
+        self, version: str, source: str, applied: bool, detail: str, how: str, config: Config | None = None
+    ) -> None:
+        data: dict[str, Any] = {"version": version, "source": source, "how": how}
+        if detail:
+            data["detail"] = detail
+        if config is not None:
+            data["snapshot"] = policy_snapshot(config)
+        self.audit.append("policy", verdict="applied" if applied else "rejected", data=data)
 
     def admin(self, action: str, **data: Any) -> None:
         self.audit.append("admin", data={"action": action, **data})
+
+
+def policy_snapshot(config: Config) -> dict[str, Any]:
+    """What a policy version grants, for the trail (access reviews are built from it): issuers,
+    identities, groups, connections (where they lead, never their credentials), grants, guardrails,
+    masking and approval rules."""
+    import msgspec as _msgspec
+
+    def plain(items: Any) -> list[Any]:
+        return list(_msgspec.to_builtins(items))
+
+    return {
+        "issuers": [
+            {"name": i.name, "issuer": i.issuer or "", "preset": i.preset or ""} for i in config.issuers
+        ],
+        "identities": plain(config.identities),
+        "groups": plain(config.groups),
+        "clients": [c.user for c in config.clients],
+        "connections": [
+            {
+                "name": c.name,
+                "host": c.upstream.host,
+                "port": c.upstream.port,
+                "database": c.upstream.database,
+                "tls": c.upstream.tls.mode,
+                "roles": sorted({c.upstream.user, *(cred.user for cred in c.credentials.values())}),
+                "guardrails": list(c.guardrails),
+                "masking": list(c.masking),
+            }
+            for c in config.connections
+        ],
+        "grants": plain(config.grants),
+        "guardrails": plain(config.guardrails),
+        "masking": plain(config.masking),
+        "approvals": plain(config.approvals),
+    }

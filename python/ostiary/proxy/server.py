@@ -159,7 +159,7 @@ class Gateway:
             self.audit.sessions = self.sessions
             self.audit_events = AuditEvents(self.audit)
             self.audit_spec = (config.audit.max_text, config.audit.mode == "sync")
-            self.audit_events.policy(self.policy.version, config_path or "", True, "", "start")
+            self.audit_events.policy(self.policy.version, config_path or "", True, "", "start", config)
         # Approvals live in the audit trail's store (the fleet's PostgreSQL database, or SQLite in
         # the data directory), so a decision taken through any gateway releases a held statement.
         self.approvals = Approvals(
@@ -370,7 +370,7 @@ class Gateway:
         log.info("policy version %s applied (was %s)", version[:12], old.version[:12])
         if self.audit_events is not None:
             detail = f"was {old.version}" + (f"; needs a restart: {', '.join(restart)}" if restart else "")
-            self.audit_events.policy(version, path, True, detail, "reload")
+            self.audit_events.policy(version, path, True, detail, "reload", new)
         self.observer.policy_changed(version, path, True, "")
         self._recheck_sessions(old)
         return True
