@@ -597,6 +597,16 @@ class Gateway:
         else:
             self.observer.statement_event(info, ev)
 
+    async def _drain_events(self, spawn: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
+        quiet = 0
+        with trio.move_on_after(5):
+            while quiet < 3:
+                events = self.engine.poll_events()
+                for ev in events:
+                    self._dispatch(ev, spawn)
+                quiet = 0 if events or self.engine.session_count() else quiet + 1
+                await trio.sleep(0.02)
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def _signals(self) -> None:
@@ -662,8 +672,9 @@ class Gateway:
                     self.engine.workers,
                 )
                 await self._shutdown()
-            # Let the final "ended" events be seen, then stop the event loop.
-            await trio.sleep(0.05)
+            # Every session has ended: take the engine's last events (their final audit entries,
+            # recordings and "ended") before the event loop stops, however busy the machine is.
+            await self._drain_events(nursery.start_soon)
             nursery.cancel_scope.cancel()
         if self.recordings is not None:
             await self.recordings.close()
