@@ -395,3 +395,53 @@ def test_evidence_pack_from_real_sessions_matches_the_script_and_detects_tamperi
     print(f"screenshot: {shot}")
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def _rec(seq: int, ts: int, kind: str, **fields: Any) -> Any:
+    from ostiary.evidence.report import PackedRecord
+
+    data = fields.pop("data", {})
+    return PackedRecord(seq, "w", seq, f"h{seq}", {"ts": ts, "kind": kind, "data": data, **fields})
+
+
+def test_spikes_of_blocked_statements_and_policy_diffs_are_pure_functions_of_the_records() -> None:
+    from ostiary.evidence.report import Inputs, build
+
+    hour = 3_600_000_000
+    t0 = 1_700_000_000 // 3600 * hour
+    snap_old = {"grants": [{"name": "a", "identities": ["x"], "connection": "db"}], "clients": ["x"]}
+    snap_new = {
+        "grants": [{"name": "a", "identities": ["x"], "connection": "db", "access": "read-write"}],
+        "clients": ["x", "y"],
+    }
+    records = [
+        _rec(
+            1, t0, "policy", verdict="applied", data={"version": "v2", "how": "reload", "snapshot": snap_new}
+        )
+    ]
+    seq = 2
+    # Hours 0..3: 1 blocked statement each; hour 4: 12 (a spike); hour 5: 3 (not one).
+    for h, n in enumerate([1, 1, 1, 1, 12, 3]):
+        for i in range(n):
+            records.append(
+                _rec(
+                    seq,
+                    t0 + h * hour + i,
+                    "statement",
+                    verdict="deny",
+                    rule="g",
+                    identity="x",
+                    connection="db",
+                )
+            )
+            seq += 1
+    before = _rec(
+        0, t0 - 1, "policy", verdict="applied", data={"version": "v1", "how": "start", "snapshot": snap_old}
+    )
+    rep = build(Inputs(t0, t0 + 6 * hour, records, [("policy_before", before)]))
+    spikes = rep["cc7"]["anomalies"]["blocked_spikes"]["hours"]
+    assert [s["blocked"]["value"] for s in spikes] == [12] and len(spikes[0]["blocked"]["refs"]) == 12
+    diff = rep["cc8"]["policy_changes"][0]["diff"]
+    assert diff["grants_changed"] == [{"grant": "a", "fields": ["access"]}]
+    assert diff["identities_added"] == ["y"] and diff["grants_added"] == []
+    assert rep["cc6"]["least_privilege"]["read_write_grants"]["value"] == ["a"]
