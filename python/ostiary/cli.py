@@ -29,6 +29,7 @@ from ostiary.approvals.cli import add_approvals_parser
 from ostiary.audit.export import add_export_parser
 from ostiary.config import EXAMPLE, Config, load
 from ostiary.errors import ConfigError, ObjectStoreError, OstiaryError
+from ostiary.evidence.cli import add_evidence_parser
 
 if TYPE_CHECKING:
     from ostiary.recording.objectstore import ObjectStoreClient
@@ -423,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_export_parser(add_audit_parser(sub))
     add_approvals_parser(sub)
+    add_evidence_parser(sub)
 
     sessions = sub.add_parser("sessions", help="list and replay session recordings")
     sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)

@@ -1,0 +1,1 @@
+"""SOC 2 evidence packs built from the audit trail (``ostiary evidence``)."""
