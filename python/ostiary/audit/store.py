@@ -145,7 +145,102 @@ CREATE TABLE IF NOT EXISTS audit_keys (
 CP_COLUMNS = "writer, seq, hash, ts, key_id, purged_through, purged_hash, signature"
 
 
-class SqliteStore:
+class _SqlStore:
+    """What both stores share: the queries, written with ``?`` placeholders (``_q`` adapts them),
+    run through the subclass's ``_run``."""
+
+    PH = "?"
+    TEXT_MATCH = "instr(CAST(body AS TEXT), {ph}) > 0"
+    description = ""
+
+    def _q(self, sql: str) -> str:
+        return sql if self.PH == "?" else sql.replace("?", self.PH)
+
+    def _run(self, sql: str, args: Sequence[Any] = (), fetch: bool = True) -> list[Any]:
+        raise NotImplementedError
+
+    def keys(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for writer, kid, pem in self._run("SELECT writer, key_id, public_pem FROM audit_keys"):
+            out.setdefault(writer, {})[kid] = pem
+        return out
+
+    def head(self, writer: str) -> tuple[int, str] | None:
+        rows = self._run(
+            self._q("SELECT seq, hash FROM audit_records WHERE writer = ? ORDER BY seq DESC LIMIT 1"),
+            (writer,),
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def add_checkpoint(self, cp: SignedCheckpoint) -> None:
+        c = cp.checkpoint
+        self._run(
+            self._q(f"INSERT INTO audit_checkpoints ({CP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+            (c.writer, c.seq, c.hash, c.ts, c.key_id, c.purged_through, c.purged_hash, cp.signature),
+            fetch=False,
+        )
+
+    def checkpoints(self, writer: str | None = None) -> list[SignedCheckpoint]:
+        if writer is None:
+            rows = self._run(f"SELECT {CP_COLUMNS} FROM audit_checkpoints ORDER BY id")
+        else:
+            rows = self._run(
+                self._q(f"SELECT {CP_COLUMNS} FROM audit_checkpoints WHERE writer = ? ORDER BY id"), (writer,)
+            )
+        return [_signed(r) for r in rows]
+
+    def writers(self) -> list[str]:
+        rows = self._run(
+            "SELECT writer FROM audit_records UNION SELECT writer FROM audit_checkpoints "
+            "UNION SELECT writer FROM audit_keys"
+        )
+        return sorted(r[0] for r in rows)
+
+    def chain(self, writer: str) -> Iterator[Sealed]:
+        after = -1
+        while True:
+            rows = self._run(
+                self._q(
+                    f"SELECT {COLUMNS} FROM audit_records WHERE writer = ? AND seq > ? "
+                    "ORDER BY seq LIMIT 5000"
+                ),
+                (writer, after),
+            )
+            if not rows:
+                return
+            for r in rows:
+                yield _sealed(r)
+            after = rows[-1][2]
+
+    def read_after(self, after_id: int, limit: int) -> list[Sealed]:
+        rows = self._run(
+            self._q(f"SELECT {COLUMNS} FROM audit_records WHERE id > ? ORDER BY id LIMIT ?"),
+            (after_id, limit),
+        )
+        return [_sealed(r) for r in rows]
+
+    def search(self, f: SearchFilter) -> list[Sealed]:
+        where, args = _where(f, self.PH, self.TEXT_MATCH)
+        rows = self._run(
+            f"SELECT {COLUMNS} FROM audit_records{where} ORDER BY ts DESC, id DESC LIMIT {self.PH}",
+            [*args, f.limit],
+        )
+        return [_sealed(r) for r in rows]
+
+    def record_at(self, writer: str, seq: int) -> Sealed | None:
+        rows = self._run(
+            self._q(f"SELECT {COLUMNS} FROM audit_records WHERE writer = ? AND seq = ?"), (writer, seq)
+        )
+        return _sealed(rows[0]) if rows else None
+
+    def last_seq_before(self, writer: str, ts: int) -> int:
+        rows = self._run(
+            self._q("SELECT max(seq) FROM audit_records WHERE writer = ? AND ts < ?"), (writer, ts)
+        )
+        return int(rows[0][0] or 0)
+
+
+class SqliteStore(_SqlStore):
     """The default store: one SQLite file, WAL, ``synchronous=FULL`` (a committed batch survives a
     power cut)."""
 
@@ -163,7 +258,7 @@ class SqliteStore:
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open the audit store {self.path}: {e}") from None
 
-    def _run(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+    def _run(self, sql: str, args: Sequence[Any] = (), fetch: bool = True) -> list[Any]:
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()
@@ -179,18 +274,6 @@ class SqliteStore:
             "INSERT OR IGNORE INTO audit_keys VALUES (?, ?, ?, ?, ?)",
             (writer, key_id, name, public_pem, int(time.time())),
         )
-
-    def keys(self) -> dict[str, dict[str, str]]:
-        out: dict[str, dict[str, str]] = {}
-        for writer, kid, pem in self._run("SELECT writer, key_id, public_pem FROM audit_keys"):
-            out.setdefault(writer, {})[kid] = pem
-        return out
-
-    def head(self, writer: str) -> tuple[int, str] | None:
-        rows = self._run(
-            "SELECT seq, hash FROM audit_records WHERE writer = ? ORDER BY seq DESC LIMIT 1", (writer,)
-        )
-        return (rows[0][0], rows[0][1]) if rows else None
 
     def append(self, rows: Sequence[Sealed]) -> None:
         if not rows:
@@ -210,64 +293,6 @@ class SqliteStore:
                     raise
             except sqlite3.Error as e:
                 raise StoreError(f"audit store {self.path}: {e}") from None
-
-    def add_checkpoint(self, cp: SignedCheckpoint) -> None:
-        c = cp.checkpoint
-        self._run(
-            f"INSERT INTO audit_checkpoints ({CP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (c.writer, c.seq, c.hash, c.ts, c.key_id, c.purged_through, c.purged_hash, cp.signature),
-        )
-
-    def checkpoints(self, writer: str | None = None) -> list[SignedCheckpoint]:
-        if writer is None:
-            rows = self._run(f"SELECT {CP_COLUMNS} FROM audit_checkpoints ORDER BY id")
-        else:
-            rows = self._run(
-                f"SELECT {CP_COLUMNS} FROM audit_checkpoints WHERE writer = ? ORDER BY id", (writer,)
-            )
-        return [_signed(r) for r in rows]
-
-    def writers(self) -> list[str]:
-        rows = self._run(
-            "SELECT writer FROM audit_records UNION SELECT writer FROM audit_checkpoints "
-            "UNION SELECT writer FROM audit_keys"
-        )
-        return sorted(r[0] for r in rows)
-
-    def chain(self, writer: str) -> Iterator[Sealed]:
-        after = -1
-        while True:
-            rows = self._run(
-                f"SELECT {COLUMNS} FROM audit_records WHERE writer = ? AND seq > ? ORDER BY seq LIMIT 5000",
-                (writer, after),
-            )
-            if not rows:
-                return
-            for r in rows:
-                yield _sealed(r)
-            after = rows[-1][2]
-
-    def read_after(self, after_id: int, limit: int) -> list[Sealed]:
-        rows = self._run(
-            f"SELECT {COLUMNS} FROM audit_records WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
-        )
-        return [_sealed(r) for r in rows]
-
-    def search(self, f: SearchFilter) -> list[Sealed]:
-        where, args = _where(f, "?", "instr(CAST(body AS TEXT), {ph}) > 0")
-        rows = self._run(
-            f"SELECT {COLUMNS} FROM audit_records{where} ORDER BY ts DESC, id DESC LIMIT ?",
-            [*args, f.limit],
-        )
-        return [_sealed(r) for r in rows]
-
-    def record_at(self, writer: str, seq: int) -> Sealed | None:
-        rows = self._run(f"SELECT {COLUMNS} FROM audit_records WHERE writer = ? AND seq = ?", (writer, seq))
-        return _sealed(rows[0]) if rows else None
-
-    def last_seq_before(self, writer: str, ts: int) -> int:
-        rows = self._run("SELECT max(seq) FROM audit_records WHERE writer = ? AND ts < ?", (writer, ts))
-        return int(rows[0][0] or 0)
 
     def purge(self, writer: str, through_seq: int) -> int:
         with self._lock:
@@ -317,10 +342,13 @@ PG_SCHEMA = [
 ]
 
 
-class PostgresStore:
+class PostgresStore(_SqlStore):
     """A PostgreSQL database shared by a fleet: each gateway writes its own chain; ``id`` orders
     every record of the fleet for exporters. Needs psycopg (``pip install 'psycopg[binary]'``).
     A lost connection is reopened on the next call."""
+
+    PH = "%s"
+    TEXT_MATCH = "position(convert_to({ph}, 'UTF8') in body) > 0"
 
     def __init__(self, dsn: str) -> None:
         try:
@@ -378,18 +406,6 @@ class PostgresStore:
             fetch=False,
         )
 
-    def keys(self) -> dict[str, dict[str, str]]:
-        out: dict[str, dict[str, str]] = {}
-        for writer, kid, pem in self._run("SELECT writer, key_id, public_pem FROM audit_keys"):
-            out.setdefault(writer, {})[kid] = pem
-        return out
-
-    def head(self, writer: str) -> tuple[int, str] | None:
-        rows = self._run(
-            "SELECT seq, hash FROM audit_records WHERE writer = %s ORDER BY seq DESC LIMIT 1", (writer,)
-        )
-        return (rows[0][0], rows[0][1]) if rows else None
-
     def append(self, rows: Sequence[Sealed]) -> None:
         if not rows:
             return
@@ -409,65 +425,6 @@ class PostgresStore:
             except self._psycopg.Error as e:
                 self._drop()
                 raise StoreError(f"audit store {self.description}: {e}") from None
-
-    def add_checkpoint(self, cp: SignedCheckpoint) -> None:
-        c = cp.checkpoint
-        self._run(
-            f"INSERT INTO audit_checkpoints ({CP_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (c.writer, c.seq, c.hash, c.ts, c.key_id, c.purged_through, c.purged_hash, cp.signature),
-            fetch=False,
-        )
-
-    def checkpoints(self, writer: str | None = None) -> list[SignedCheckpoint]:
-        if writer is None:
-            rows = self._run(f"SELECT {CP_COLUMNS} FROM audit_checkpoints ORDER BY id")
-        else:
-            rows = self._run(
-                f"SELECT {CP_COLUMNS} FROM audit_checkpoints WHERE writer = %s ORDER BY id", (writer,)
-            )
-        return [_signed(r) for r in rows]
-
-    def writers(self) -> list[str]:
-        rows = self._run(
-            "SELECT writer FROM audit_records UNION SELECT writer FROM audit_checkpoints "
-            "UNION SELECT writer FROM audit_keys"
-        )
-        return sorted(r[0] for r in rows)
-
-    def chain(self, writer: str) -> Iterator[Sealed]:
-        after = -1
-        while True:
-            rows = self._run(
-                f"SELECT {COLUMNS} FROM audit_records WHERE writer = %s AND seq > %s ORDER BY seq LIMIT 5000",
-                (writer, after),
-            )
-            if not rows:
-                return
-            for r in rows:
-                yield _sealed(r)
-            after = rows[-1][2]
-
-    def read_after(self, after_id: int, limit: int) -> list[Sealed]:
-        rows = self._run(
-            f"SELECT {COLUMNS} FROM audit_records WHERE id > %s ORDER BY id LIMIT %s", (after_id, limit)
-        )
-        return [_sealed(r) for r in rows]
-
-    def search(self, f: SearchFilter) -> list[Sealed]:
-        where, args = _where(f, "%s", "position(convert_to({ph}, 'UTF8') in body) > 0")
-        rows = self._run(
-            f"SELECT {COLUMNS} FROM audit_records{where} ORDER BY ts DESC, id DESC LIMIT %s",
-            [*args, f.limit],
-        )
-        return [_sealed(r) for r in rows]
-
-    def record_at(self, writer: str, seq: int) -> Sealed | None:
-        rows = self._run(f"SELECT {COLUMNS} FROM audit_records WHERE writer = %s AND seq = %s", (writer, seq))
-        return _sealed(rows[0]) if rows else None
-
-    def last_seq_before(self, writer: str, ts: int) -> int:
-        rows = self._run("SELECT max(seq) FROM audit_records WHERE writer = %s AND ts < %s", (writer, ts))
-        return int(rows[0][0] or 0)
 
     def purge(self, writer: str, through_seq: int) -> int:
         with self._lock:
