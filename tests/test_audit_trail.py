@@ -172,3 +172,23 @@ def test_audit_config_problems(audit: dict[str, Any], problem: str) -> None:
     problems = audit_problems(msgspec.convert(audit, Audit))
     assert any(problem in f"{path}: {msg}" for path, msg in problems), problems
     assert audit_problems(Audit()) == []
+
+
+def test_cli_refuses_stores_that_do_not_exist_or_are_not_stores(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ostiary.cli", *args], capture_output=True, text=True, timeout=60
+        )
+
+    missing = tmp_path / "nowhere" / "audit.db"
+    r = cli("audit", "verify", "--store", str(missing))
+    assert r.returncode == 2 and "there is no audit store" in r.stderr and not missing.parent.exists()
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database")
+    r = cli("audit", "search", "--store", str(junk))
+    assert r.returncode == 2 and "not a database" in r.stderr
+    r = cli("audit", "export-key", "--data-dir", str(tmp_path / "none"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

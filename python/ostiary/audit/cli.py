@@ -84,13 +84,15 @@ def _load(path: str) -> Any:
 def _open(args: argparse.Namespace) -> tuple[AuditStore, Any]:
     try:
         if args.store:
-            return SqliteStore(args.store), None
+            return SqliteStore(args.store, create=False), None
         if args.dsn:
             return PostgresStore(args.dsn), None
         if args.config:
-            from ostiary.audit.log import open_store
+            from ostiary.audit.log import open_store, sqlite_path
 
             cfg = _load(args.config)
+            if cfg.audit.store == "sqlite" and not sqlite_path(cfg).is_file():
+                raise StoreError(f"there is no audit store at {sqlite_path(cfg)} (has the gateway run?)")
             return open_store(cfg), cfg
     except StoreError as e:
         print(f"ostiary audit: {e}", file=sys.stderr)
@@ -240,9 +242,11 @@ def _export_key(args: argparse.Namespace) -> int:
     if args.config:
         cfg = _load(args.config)
     else:
-        from ostiary.config import parse
+        import msgspec
 
-        cfg = parse({"data_dir": args.data_dir or ".ostiary"}, "<command line>", Path.cwd())
+        from ostiary.config import Config
+
+        cfg = msgspec.convert({"data_dir": args.data_dir or ".ostiary"}, Config)
     path = signing_key_path(cfg)
     if not path.exists():
         print(f"ostiary audit export-key: {path} does not exist (has the gateway run?)", file=sys.stderr)

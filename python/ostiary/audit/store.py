@@ -244,10 +244,12 @@ class SqliteStore(_SqlStore):
     """The default store: one SQLite file, WAL, ``synchronous=FULL`` (a committed batch survives a
     power cut)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
         self.path = Path(path)
         self.description = f"sqlite:{self.path}"
         self._lock = threading.Lock()
+        if not create and not self.path.is_file():
+            raise StoreError(f"there is no audit store at {self.path}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
