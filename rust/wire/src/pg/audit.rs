@@ -133,6 +133,8 @@ struct Prepared {
     text: Arc<str>,
     truncated: bool,
     denied: Option<(String, String, String)>,
+    /// Parameter type OIDs from the Parse (to show binary parameters as text).
+    types: Arc<[u32]>,
 }
 
 #[derive(Debug, Clone)]
@@ -315,6 +317,7 @@ impl AuditTrack {
                     text: text.into(),
                     truncated,
                     denied,
+                    types: Arc::from(Vec::new()),
                 };
                 let e = self.entry(ExecKind::Query, String::new(), &p);
                 self.open_entry(e)?;
@@ -326,18 +329,19 @@ impl AuditTrack {
                     text: format!("function {oid}").into(),
                     truncated: false,
                     denied,
+                    types: Arc::from(Vec::new()),
                 };
                 let e = self.entry(ExecKind::FunctionCall, String::new(), &p);
                 self.open_entry(e)?;
                 self.sent_blocks += 1;
             }
             ftag::PARSE => {
-                let name = String::from_utf8_lossy(cstr_or_rest(&mut r)).into_owned();
-                let (text, truncated) = cut(cstr_or_rest(&mut r), self.max_text);
+                let (name, text, truncated, types) = frontend::parse_fields(body, self.max_text);
                 let p = Prepared {
                     text: text.into(),
                     truncated,
                     denied,
+                    types: types.into(),
                 };
                 if p.denied.is_some() {
                     let e = self.entry(ExecKind::Parse, name.clone(), &p);
@@ -350,7 +354,12 @@ impl AuditTrack {
                 self.stmts.insert(name, p);
             }
             ftag::BIND => {
-                let (portal, stmt, params) = frontend::bind_fields(body, self.max_text);
+                let types = self
+                    .stmts
+                    .get(&frontend::bind_fields(body, 0, &[]).1)
+                    .map(|p| Arc::clone(&p.types))
+                    .unwrap_or_else(|| Arc::from(Vec::new()));
+                let (portal, stmt, params) = frontend::bind_fields(body, self.max_text, &types);
                 let size = portal.len() + stmt.len() + params_size(&params);
                 self.charge(size)?;
                 if let Some(old) = self.portals.remove(&portal) {
@@ -375,6 +384,7 @@ impl AuditTrack {
                             text: format!("<prepared statement {:?}: not seen>", pt.stmt).into(),
                             truncated: false,
                             denied: None,
+                            types: Arc::from(Vec::new()),
                         }),
                         pt.params.to_vec(),
                     ),
@@ -384,6 +394,7 @@ impl AuditTrack {
                             text: format!("<portal {portal:?}: not seen>").into(),
                             truncated: false,
                             denied: None,
+                            types: Arc::from(Vec::new()),
                         },
                         Vec::new(),
                     ),
@@ -704,6 +715,35 @@ mod tests {
         assert!(e[0].truncated && e[0].text.len() <= 64);
         assert_eq!(e[0].outcome, Outcome::Incomplete);
         assert_eq!(e[1].params, vec![Some("\\x01ff".into())]);
+    }
+
+    #[test]
+    fn binary_params_of_known_types_are_shown_as_text() {
+        let mut t = AuditTrack::new(4096, false);
+        let parse = frontend::parse("q", "select $1, $2, $3", &[23, 16, 2950]);
+        t.front(ftag::PARSE, body(&parse), None).unwrap();
+        let mut b = Vec::new();
+        b.extend_from_slice(b"\0q\0");
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&3i16.to_be_bytes());
+        for v in [&42i32.to_be_bytes()[..], &[1u8][..], &[0x12u8; 16][..]] {
+            b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            b.extend_from_slice(v);
+        }
+        b.extend_from_slice(&0i16.to_be_bytes());
+        t.front(ftag::BIND, &b, None).unwrap();
+        t.front(ftag::EXECUTE, &execute(""), None).unwrap();
+        t.finish();
+        let e = t.take();
+        assert_eq!(
+            e[0].params,
+            vec![
+                Some("42".to_owned()),
+                Some("true".to_owned()),
+                Some("12121212-1212-1212-1212-121212121212".to_owned())
+            ]
+        );
     }
 
     #[test]

@@ -131,19 +131,43 @@ pub fn cstr_or_rest<'a>(r: &mut Reader<'a>) -> &'a [u8] {
 }
 
 /// Bind, read leniently (a prefix of the body is fine; nothing here fails): the portal, the
-/// prepared statement and the parameters as text (binary ones as `\x` hex, NULL as None), at most
-/// `max_text` bytes of them in all (what does not fit is dropped and marked with a last `"…"`).
-pub fn bind_fields(body: &[u8], max_text: usize) -> (String, String, Vec<Option<String>>) {
+/// prepared statement and the parameters as text, NULL as None, at most `max_text` bytes of them in
+/// all (what does not fit is dropped and marked with a last `"…"`). Binary parameters of the types
+/// `types` (the Parse's parameter type OIDs) names are shown as their text (integers, numeric,
+/// bool, floats, uuid, inet); others as `\x` hex.
+pub fn bind_fields(
+    body: &[u8],
+    max_text: usize,
+    types: &[u32],
+) -> (String, String, Vec<Option<String>>) {
     let mut r = Reader::new(body, "Bind");
     let portal = String::from_utf8_lossy(cstr_or_rest(&mut r)).into_owned();
     let stmt = String::from_utf8_lossy(cstr_or_rest(&mut r)).into_owned();
-    let params = bind_params(&mut r, max_text);
+    let params = bind_params(&mut r, max_text, types);
     (portal, stmt, params)
+}
+
+/// Parse, read leniently: the statement name, its text (cut at `max_text`, and whether it was)
+/// and the parameter type OIDs that fit in `body` (a prefix is fine).
+pub fn parse_fields(body: &[u8], max_text: usize) -> (String, String, bool, Vec<u32>) {
+    let mut r = Reader::new(body, "Parse");
+    let name = String::from_utf8_lossy(cstr_or_rest(&mut r)).into_owned();
+    let (text, truncated) = cut(cstr_or_rest(&mut r), max_text);
+    let mut types = Vec::new();
+    if let Ok(n) = r.i16() {
+        for _ in 0..n.max(0) {
+            match r.u32() {
+                Ok(t) => types.push(t),
+                Err(_) => break,
+            }
+        }
+    }
+    (name, text, truncated, types)
 }
 
 /// Bind parameters as text, within `max_text` bytes in all (what does not fit is dropped and
 /// marked with a last `"…"`).
-fn bind_params(r: &mut Reader<'_>, max_text: usize) -> Vec<Option<String>> {
+fn bind_params(r: &mut Reader<'_>, max_text: usize, types: &[u32]) -> Vec<Option<String>> {
     let mut out = Vec::new();
     let Ok(nf) = r.i16() else { return out };
     let mut formats = Vec::new();
@@ -174,7 +198,13 @@ fn bind_params(r: &mut Reader<'_>, max_text: usize) -> Vec<Option<String>> {
             1 => formats[0] == 1,
             _ => formats.get(i).copied() == Some(1),
         };
-        let mut text = if binary {
+        let mut rendered = Vec::new();
+        let known = binary
+            && have == len
+            && super::binary::render_param(types.get(i).copied().unwrap_or(0), raw, &mut rendered);
+        let mut text = if known {
+            String::from_utf8_lossy(&rendered).into_owned()
+        } else if binary {
             let mut s = String::with_capacity(2 + 2 * raw.len());
             s.push_str("\\x");
             for b in raw {

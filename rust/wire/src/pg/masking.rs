@@ -33,6 +33,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::backend::tag as btag;
+use super::binary::render_binary;
 use super::codec::Reader;
 use super::frontend::tag as ftag;
 use crate::WireError;
@@ -855,66 +856,6 @@ impl JsonStrings {
         }
         self.inside
     }
-}
-
-/// Appends the text form of a binary-format value of the numeric and address types that can hold
-/// what detectors find (card and phone numbers in integers or numeric, IPs in inet); false for
-/// other types or malformed values (which then pass: they are not text).
-fn render_binary(oid: u32, v: &[u8], out: &mut Vec<u8>) -> bool {
-    use std::fmt::Write as _;
-    let mut s = String::new();
-    match (oid, v.len()) {
-        (21, 2) => s = i16::from_be_bytes([v[0], v[1]]).to_string(),
-        (23, 4) => s = i32::from_be_bytes(v.try_into().expect("4 bytes")).to_string(),
-        (26, 4) => s = u32::from_be_bytes(v.try_into().expect("4 bytes")).to_string(),
-        (20, 8) => s = i64::from_be_bytes(v.try_into().expect("8 bytes")).to_string(),
-        (1700, n) if n >= 8 => {
-            // ndigits, weight, sign, dscale, then base-10000 digits.
-            let ndigits = i16::from_be_bytes([v[0], v[1]]).max(0) as usize;
-            let weight = i16::from_be_bytes([v[2], v[3]]) as i32;
-            if v.len() < 8 + 2 * ndigits {
-                return false;
-            }
-            if v[4] == 0x40 {
-                s.push('-');
-            }
-            for (k, d) in v[8..8 + 2 * ndigits].chunks(2).enumerate() {
-                let d = u16::from_be_bytes([d[0], d[1]]);
-                if k as i32 == weight + 1 {
-                    s.push('.');
-                }
-                if k == 0 {
-                    let _ = write!(s, "{d}");
-                } else {
-                    let _ = write!(s, "{d:04}");
-                }
-            }
-            for _ in (ndigits as i32)..=weight {
-                s.push_str("0000");
-            }
-        }
-        (869 | 650, n) if n >= 4 => {
-            let (family, bits, len) = (v[0], v[1], v[3] as usize);
-            let addr = &v[4..];
-            if addr.len() != len {
-                return false;
-            }
-            match (family, len) {
-                (2, 4) => {
-                    s = std::net::Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]).to_string()
-                }
-                (3, 16) => {
-                    let a: [u8; 16] = addr.try_into().expect("16 bytes");
-                    s = std::net::Ipv6Addr::from(a).to_string()
-                }
-                _ => return false,
-            }
-            let _ = write!(s, "/{bits}");
-        }
-        _ => return false,
-    }
-    out.extend_from_slice(s.as_bytes());
-    true
 }
 
 fn lossy(b: &[u8]) -> String {

@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod backend;
+pub mod binary;
 pub mod codec;
 pub mod frontend;
 pub mod handshake;

@@ -318,7 +318,7 @@ pub struct SessionRelay {
     refusal: Option<(String, String)>,
     /// Prepared statements whose executions are held (name -> text), and the portals bound from
     /// them (portal -> statement name, parameters).
-    exec_gated: HashMap<String, String>,
+    exec_gated: HashMap<String, (String, Vec<u32>)>,
     exec_gated_bytes: usize,
     gated_portals: HashMap<String, (String, Vec<Option<String>>)>,
     pub stats: RelayStats,
@@ -445,8 +445,11 @@ impl SessionRelay {
     fn on_execution_message(&mut self, tag: u8, body: &[u8]) -> Option<Statement> {
         match tag {
             ftag::BIND => {
-                let (portal, stmt, params) = frontend::bind_fields(body, EXEC_PARAMS_TEXT);
-                if self.exec_gated.contains_key(&stmt) {
+                let (_, stmt, _) = frontend::bind_fields(body, 0, &[]);
+                let types = self.exec_gated.get(&stmt).map(|(_, t)| t.clone());
+                let (portal, stmt, params) =
+                    frontend::bind_fields(body, EXEC_PARAMS_TEXT, types.as_deref().unwrap_or(&[]));
+                if types.is_some() {
                     self.gated_portals.insert(portal, (stmt, params));
                 } else {
                     self.gated_portals.remove(&portal);
@@ -458,15 +461,15 @@ impl SessionRelay {
                 let name = String::from_utf8_lossy(name.split(|&b| b == 0).next().unwrap_or(&[]));
                 if *what == b'P' {
                     self.gated_portals.remove(name.as_ref());
-                } else if let Some(text) = self.exec_gated.remove(name.as_ref()) {
+                } else if let Some((text, _)) = self.exec_gated.remove(name.as_ref()) {
                     self.exec_gated_bytes -= text.len();
                 }
                 None
             }
             _ => {
-                let (portal, _, _) = frontend::bind_fields(body, 0);
+                let (portal, _, _) = frontend::bind_fields(body, 0, &[]);
                 let (stmt, params) = self.gated_portals.get(&portal)?.clone();
-                let text = self.exec_gated.get(&stmt)?.clone();
+                let text = self.exec_gated.get(&stmt)?.0.clone();
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 Some(Statement {
@@ -684,7 +687,7 @@ impl SessionRelay {
         };
         if statement.kind == StatementKind::Execute && verdict == Verdict::Allow {
             // Approved: fetching more rows of the same portal needs no new verdict.
-            let (portal, _, _) = frontend::bind_fields(raw.get(5..).unwrap_or_default(), 0);
+            let (portal, _, _) = frontend::bind_fields(raw.get(5..).unwrap_or_default(), 0, &[]);
             self.gated_portals.remove(&portal);
         }
         let key = match remember {
@@ -722,7 +725,7 @@ impl SessionRelay {
         }
         if statement.kind == StatementKind::Parse {
             let gated = matches!(verdict, Verdict::AllowHoldingExecutions);
-            if let Some(text) = self.exec_gated.remove(&statement.name) {
+            if let Some((text, _)) = self.exec_gated.remove(&statement.name) {
                 self.exec_gated_bytes -= text.len();
             }
             if gated {
@@ -734,8 +737,9 @@ impl SessionRelay {
                         limit: EXEC_GATED_BYTES,
                     });
                 }
+                let (_, _, _, types) = frontend::parse_fields(&raw[5..], 0);
                 self.exec_gated
-                    .insert(statement.name.clone(), statement.text.clone());
+                    .insert(statement.name.clone(), (statement.text.clone(), types));
             }
         }
         match verdict {
