@@ -3,6 +3,7 @@ token (minted with the printed command) sees customers' cards and emails masked.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -87,3 +88,22 @@ def test_demo_commands_work_and_reports_are_masked(demo: tuple[str, str]) -> Non
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["Alice|****|****", "Bob|****|****"]
     assert not re.search(r"example\.(com|org)|4111|5500", out.stdout)
+
+    # The printed audit commands find those statements (the trail is flushed within 0.2 s).
+    search = next(ln.strip() for ln in text.splitlines() if ln.strip().startswith("ostiary audit search"))
+    args = shlex.split(search)[1:]
+    deadline = time.monotonic() + 10
+    while True:
+        found = subprocess.run(
+            [sys.executable, "-m", "ostiary.cli", *args, "--text", "from customers", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert found.returncode == 0, found.stderr
+        rows = [json.loads(x) for x in found.stdout.splitlines()]
+        if len(rows) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert {r["rule"] for r in rows} == {"demo-writes", "acme-reads"}, rows
+    assert all(r["kind"] == "statement" and r["data"]["outcome"] == "ok" for r in rows)

@@ -145,6 +145,11 @@ def run_demo(data_dir: str, port: int) -> int:
         "acme/reports gets read-only access with cards and emails masked (grant acme-reads;\n"
         "try select * from customers); mint a token for it with:\n\n"
         f"  {mint_cmd}\n\n"
+        "Every login, session and statement goes into the tamper-evident audit trail, and each\n"
+        "session is recorded as its client saw it:\n\n"
+        f"  ostiary audit search --store {state}/audit.db\n"
+        f"  ostiary audit verify --store {state}/audit.db\n"
+        f"  ostiary sessions list --data-dir {state}\n\n"
         "Ctrl-C stops the gateway and removes the demo cluster.\n",
         flush=True,
     )
