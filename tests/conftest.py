@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -245,3 +246,21 @@ def psql(
         text=True,
         timeout=timeout,
     )
+
+
+def unheld(fn: Any) -> None:
+    """Runs ``fn`` (a statement that must not be held) with a guard: held, it would wait for an
+    approver that never comes; the test then fails instead of hanging."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception as e:
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the statement was held"
+    assert "error" not in box, box

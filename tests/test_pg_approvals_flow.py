@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import psycopg
 import pytest
 
-from conftest import APP_PASSWORD, GatewayFactory, GatewayProcess, gateway_config
+from conftest import APP_PASSWORD, GatewayFactory, GatewayProcess, gateway_config, unheld
 from ostiary.devcluster import PgCluster, TlsMaterial, free_port
 from ostiary.identity.dev import mint
 
@@ -165,11 +165,38 @@ def test_both_sides_of_an_approval(
     with urllib.request.urlopen(post, timeout=10) as resp:
         assert json.loads(resp.read())["state"] == "approved"
     assert cli("approvals", "wait", ahead, *api, "--token", ci_token).returncode == 0
-    start = time.monotonic()
-    conn.execute(stmt)
-    assert time.monotonic() - start < 2  # approved ahead: no hold
+    unheld(lambda: conn.execute(stmt))  # approved ahead: no hold
     shown = cli("approvals", "show", ahead, "--json", *api, "--token", alice)
     assert json.loads(shown.stdout)["state"] == "used"
+
+    # 2b. Ahead of time for a prepared statement: the values are part of what is approved.
+    prepared = "update flow_jobs set state = $1 where id = $2"
+    r = cli(
+        "approvals",
+        "request",
+        "--connection",
+        "app",
+        "--statement",
+        prepared,
+        "--param",
+        "shipped",
+        "--param",
+        "3",
+        "--reason",
+        "release 43",
+        *api,
+        "--token",
+        ci_token,
+    )
+    assert r.returncode == 0, r.stderr
+    ahead2 = r.stdout.strip().splitlines()[-1]
+    assert cli("approvals", "approve", ahead2, "--reason", "ok", *api, "--token", alice).returncode == 0
+    # psycopg's Parse/Bind/Execute match the approved text and values: no hold.
+    unheld(lambda: conn.execute("update flow_jobs set state = %s where id = %s", ("shipped", 3)))
+    assert (
+        json.loads(cli("approvals", "show", ahead2, "--json", *api, "--token", alice).stdout)["state"]
+        == "used"
+    )
 
     # 3. Denied: `wait` says so with exit code 2, and the held statement fails with 42501.
     r = cli(

@@ -232,6 +232,11 @@ class AdminApi:
             raise HttpError(400, "give the statement to approve")
         if grant_name is not None and not isinstance(grant_name, str):
             raise HttpError(400, "grant must be a grant's name")
+        params = body.get("params", [])
+        if not isinstance(params, list) or not all(v is None or isinstance(v, str) for v in params):
+            raise HttpError(400, "params must be a list of strings or nulls (the values, as text, in order)")
+        if len(params) > 1000 or sum(len(v or "") for v in params) > 64 * 1024:
+            raise HttpError(400, "params are limited to 1000 values and 64 KiB")
         reason = _reason(body.get("reason"))
         policy = self.policy()
         # A session's admission, without refusing grants for rules only the data path enforces
@@ -263,6 +268,7 @@ class AdminApi:
             connection=connection,
             grant=grant.name,
             statement=statement,
+            params=params,
             reason=reason,
             origin="ahead",
         )

@@ -78,6 +78,12 @@ def add_approvals_parser(sub: Any) -> Any:
     req.add_argument("--statement", required=True, help="the SQL, exactly as it will be sent")
     req.add_argument("--reason", required=True, help="why (shown to approvers, kept in the audit trail)")
     req.add_argument("--grant", help="the grant, when several apply (as user=GRANT would choose)")
+    req.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        help="a parameter value of a prepared statement ($1, $2, ... in order), as text; repeat",
+    )
     req.add_argument("--json", action="store_true", help="the whole request as JSON")
     req.set_defaults(func=_request)
 
@@ -216,9 +222,11 @@ def _decide(args: argparse.Namespace) -> int:
 
 
 def _request(args: argparse.Namespace) -> int:
-    body = {"connection": args.connection, "statement": args.statement, "reason": args.reason}
+    body: dict[str, Any] = {"connection": args.connection, "statement": args.statement, "reason": args.reason}
     if args.grant:
         body["grant"] = args.grant
+    if args.param:
+        body["params"] = args.param
     r = _call(args, "POST", "/approvals", body)
     if args.json:
         print(json.dumps(r, indent=1))
