@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from ostiary.audit import keys as keysmod
-from ostiary.audit.log import AuditLog, Spool, claim_writer, now_us
-from ostiary.audit.records import GENESIS, Chain, decode
+from ostiary.audit.log import AuditLog, Spool, claim_writer
+from ostiary.audit.records import GENESIS, Chain, decode, now_us
 from ostiary.audit.store import SearchFilter, SqliteStore
 from ostiary.audit.verify import verify
 from ostiary.config import Audit, Config, audit_problems

@@ -6,7 +6,8 @@ otherwise statements never leave Rust. The default hook enforces the session's g
 (``ostiary.policy.enforce.PolicyHook``). ``SessionObserver`` hears of every authentication attempt
 (allowed or refused), every policy version applied or rejected, every statement the control plane
 decided (with its fingerprint), session starts, per-statement reports (when ``report`` is true) and
-ends. These are the audit trail's inputs; the audit store (a later issue) implements the observer.
+ends. Observers are for integrations; the audit trail (``ostiary.audit``) is fed by the gateway directly,
+statements included (their entries come from the data path in batches).
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ from ostiary.approvals.store import (
     ApprovalStore,
     Request,
     new_id,
-    now_us,
 )
+from ostiary.audit.records import now_us
 
 if TYPE_CHECKING:
     from ostiary.audit.log import AuditEvents

@@ -13,13 +13,13 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from ostiary.audit.records import now_us
 from ostiary.audit.store import StoreError
 
 FINAL = ("approved", "denied", "expired", "used", "cancelled")
@@ -83,10 +83,6 @@ SCHEMA = [
         request_id TEXT NOT NULL, approver TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL,
         ts BIGINT NOT NULL, PRIMARY KEY (request_id, approver))""",
 ]
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 def new_id() -> str:

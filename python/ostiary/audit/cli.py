@@ -265,7 +265,8 @@ def _export_key(args: argparse.Namespace) -> int:
 def _purge(args: argparse.Namespace) -> int:
     import trio
 
-    from ostiary.audit.log import AuditLog, now_us
+    from ostiary.audit.log import AuditLog
+    from ostiary.audit.records import now_us
 
     cfg = _load(args.config)
     cutoff = now_us() - int(args.older_than * 86400 * 1_000_000)

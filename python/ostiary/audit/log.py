@@ -22,7 +22,6 @@ Checkpoints cover only records confirmed in the store; each is signed, stored, a
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import logging
@@ -39,7 +38,7 @@ import trio
 
 from ostiary import __version__
 from ostiary.audit import keys as keysmod
-from ostiary.audit.records import Chain, Sealed
+from ostiary.audit.records import Chain, Sealed, now_us
 from ostiary.audit.store import AuditStore, PostgresStore, SqliteStore, StoreError
 
 if TYPE_CHECKING:
@@ -158,10 +157,6 @@ class Spool:
         return self.path.exists()
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
 class AuditLog:
     def __init__(self, config: Config, store: AuditStore | None = None) -> None:
         a = config.audit
@@ -179,7 +174,7 @@ class AuditLog:
         spooled = self.spool.read()
         if spooled and (head is None or spooled[-1].seq > head[0]):
             # The last run spooled records the store never got: they continue the chain.
-            self._replay_spool_now(spooled, head)
+            self._replay_spool_now(spooled)
             head = self.store.head(self.writer)
         self.chain = Chain(self.writer, *head) if head else Chain(self.writer)
         self.stored = head or (0, "")
@@ -461,7 +456,7 @@ class AuditLog:
         for i in range(0, len(todo), 5000):
             self.store.append(todo[i : i + 5000])
 
-    def _replay_spool_now(self, rows: list[Sealed], head: tuple[int, str] | None) -> None:
+    def _replay_spool_now(self, rows: list[Sealed]) -> None:
         self._replay(rows)
         self.spool.clear()
         log.warning("replayed %d record(s) spooled by the previous run", len(rows))
@@ -579,10 +574,6 @@ def token_id(secret: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(secret).hexdigest()[:32]
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 class AuditEvents:

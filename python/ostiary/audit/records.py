@@ -15,11 +15,18 @@ Kinds: ``writer_start``, ``auth``, ``session_start``, ``session_end``, ``stateme
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import msgspec
 
 GENESIS = "0" * 64
+
+
+def now_us() -> int:
+    """Microseconds since the epoch: the time unit of records, checkpoints and approvals."""
+    return time.time_ns() // 1000
+
 
 KINDS = (
     "writer_start",
