@@ -19,8 +19,8 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::io::{self, Read as _, Write as _};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsFd as _, AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,6 +39,7 @@ use ostiary_wire::pg::relay::{
 use ostiary_wire::pg::sqlstate;
 use ostiary_wire::{Limits, WireError};
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
+use tokio::io::Interest;
 use tokio::sync::{mpsc, Notify};
 
 use crate::tls::{TlsError, TlsLayer};
@@ -170,10 +171,18 @@ pub enum Event {
     },
 }
 
+/// What the control plane sends a worker thread.
+enum ToWorker {
+    Adopt(Box<SessionSpec>),
+    Command(u64, Command),
+    Broadcast(Command),
+}
+
 struct Inner {
     config: EngineConfig,
-    workers: Vec<mpsc::UnboundedSender<(SessionSpec, mpsc::UnboundedReceiver<Command>)>>,
-    sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Command>>>,
+    workers: Vec<mpsc::UnboundedSender<ToWorker>>,
+    /// Live sessions and the worker each runs on.
+    sessions: Mutex<HashMap<u64, usize>>,
     events: Mutex<VecDeque<Event>>,
     room: Notify,
     event_fd: OwnedFd,
@@ -270,17 +279,19 @@ impl Engine {
     }
 
     pub fn adopt(&self, spec: SessionSpec) -> Result<(), String> {
-        let (tx, rx) = mpsc::unbounded_channel();
         let id = spec.id;
+        let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % self.inner.workers.len();
         {
             let mut sessions = self.inner.sessions.lock().expect("sessions lock");
             if sessions.contains_key(&id) {
                 return Err(format!("session {id} exists already"));
             }
-            sessions.insert(id, tx);
+            sessions.insert(id, i);
         }
-        let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % self.inner.workers.len();
-        if self.inner.workers[i].send((spec, rx)).is_err() {
+        if self.inner.workers[i]
+            .send(ToWorker::Adopt(Box::new(spec)))
+            .is_err()
+        {
             self.inner
                 .sessions
                 .lock()
@@ -294,19 +305,33 @@ impl Engine {
     /// Sends a command to one session; false if it has ended.
     pub fn command(&self, session: u64, cmd: Command) -> bool {
         let sessions = self.inner.sessions.lock().expect("sessions lock");
-        sessions
-            .get(&session)
-            .map(|tx| tx.send(cmd).is_ok())
-            .unwrap_or(false)
+        sessions.get(&session).is_some_and(|&w| {
+            self.inner.workers[w]
+                .send(ToWorker::Command(session, cmd))
+                .is_ok()
+        })
     }
 
     /// Sends a command to every live session; returns how many got it.
     pub fn broadcast(&self, cmd: Command) -> usize {
+        // Under the lock, so that every session counted is one its worker knows when the
+        // broadcast reaches it (a worker's messages arrive in the order they were sent).
         let sessions = self.inner.sessions.lock().expect("sessions lock");
-        sessions
-            .values()
-            .filter(|tx| tx.send(cmd.clone()).is_ok())
-            .count()
+        let mut per_worker = vec![0usize; self.inner.workers.len()];
+        for &w in sessions.values() {
+            per_worker[w] += 1;
+        }
+        per_worker
+            .iter()
+            .enumerate()
+            .filter(|&(w, &n)| {
+                n > 0
+                    && self.inner.workers[w]
+                        .send(ToWorker::Broadcast(cmd.clone()))
+                        .is_ok()
+            })
+            .map(|(_, &n)| n)
+            .sum()
     }
 
     pub fn session_count(&self) -> usize {
@@ -337,10 +362,101 @@ impl Engine {
     }
 }
 
-fn worker(
-    mut rx: mpsc::UnboundedReceiver<(SessionSpec, mpsc::UnboundedReceiver<Command>)>,
-    inner: std::sync::Weak<Inner>,
-) {
+/// A session's commands, delivered by its worker's dispatcher on the same thread: the session
+/// looks at a local queue on each wake-up instead of polling a channel of its own (which costs
+/// atomic operations and a waker registration every time it wakes for I/O).
+#[derive(Default)]
+struct Mailbox {
+    queue: RefCell<VecDeque<Command>>,
+    /// The engine is gone: no more commands will come.
+    closed: std::cell::Cell<bool>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl Mailbox {
+    fn deliver(&self, cmd: Command) {
+        self.queue.borrow_mut().push_back(cmd);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// A waiting command, `Ready(None)` once the engine is gone, or `Pending` (waker kept).
+    fn poll(&self, cx: &Context<'_>) -> Poll<Option<Command>> {
+        if let Some(c) = self.queue.borrow_mut().pop_front() {
+            return Poll::Ready(Some(c));
+        }
+        if self.closed.get() {
+            return Poll::Ready(None);
+        }
+        let mut slot = self.waker.borrow_mut();
+        if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *slot = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+type Mailboxes = Rc<RefCell<HashMap<u64, Rc<Mailbox>>>>;
+
+/// Takes a session's mailbox off its worker's list when the session ends (or its task panics).
+struct Unlist(Mailboxes, u64);
+
+impl Drop for Unlist {
+    fn drop(&mut self) {
+        self.0.borrow_mut().remove(&self.1);
+    }
+}
+
+/// recv(2) as a system call of its own. glibc's `recv`/`send` are thread cancellation points that
+/// switch the cancellation state around every call, a measurable share of the per-message cost.
+fn sys_recv(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call; the address
+    // arguments are null, which recvfrom(2) allows.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_recvfrom,
+            fd.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            0,
+            std::ptr::null_mut::<libc::sockaddr>(),
+            std::ptr::null_mut::<libc::socklen_t>(),
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// send(2) as a system call of its own (see `sys_recv`); MSG_NOSIGNAL as Rust's own writes do.
+fn sys_send(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the whole call; no address.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_sendto,
+            fd.as_raw_fd(),
+            buf.as_ptr(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+            std::ptr::null::<libc::sockaddr>(),
+            0 as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn worker(mut rx: mpsc::UnboundedReceiver<ToWorker>, inner: std::sync::Weak<Inner>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -359,6 +475,11 @@ fn worker(
             drop(i);
             tokio::task::spawn_local(async move {
                 loop {
+                    // No timer while nothing waits: an armed timer makes every idle wait of the
+                    // worker (epoll_wait with a timeout) program one.
+                    if AUDIT_BUF.with_borrow(Vec::is_empty) {
+                        AUDIT_WAKE.with(Rc::clone).notified().await;
+                    }
                     tokio::time::sleep(every).await;
                     let Some(inner) = weak.upgrade() else { break };
                     let entries = AUDIT_BUF.with_borrow_mut(std::mem::take);
@@ -370,16 +491,38 @@ fn worker(
                 }
             });
         }
-        while let Some((spec, cmds)) = rx.recv().await {
+        let boxes: Mailboxes = Rc::default();
+        let scratch = Rc::new(RefCell::new(Scratch::new()));
+        while let Some(msg) = rx.recv().await {
+            let spec = match msg {
+                ToWorker::Adopt(spec) => *spec,
+                ToWorker::Command(id, cmd) => {
+                    if let Some(mb) = boxes.borrow().get(&id) {
+                        mb.deliver(cmd);
+                    }
+                    continue;
+                }
+                ToWorker::Broadcast(cmd) => {
+                    for mb in boxes.borrow().values() {
+                        mb.deliver(cmd.clone());
+                    }
+                    continue;
+                }
+            };
             let Some(inner) = inner.upgrade() else { break };
+            let mb = Rc::new(Mailbox::default());
+            boxes.borrow_mut().insert(spec.id, mb.clone());
+            let boxes = boxes.clone();
+            let scratch = scratch.clone();
             tokio::task::spawn_local(async move {
                 let mut guard = EndGuard {
                     id: spec.id,
                     inner: inner.clone(),
                     ended: false,
                 };
-                let (reason, detail, stats, masked) = match Session::start(spec, &inner) {
-                    Ok(s) => s.run(cmds, &inner).await,
+                let unlist = Unlist(boxes, spec.id);
+                let (reason, detail, stats, masked) = match Session::start(spec, &inner, scratch) {
+                    Ok(s) => s.run(&mb, &inner).await,
                     Err(e) => (
                         "io_error".to_owned(),
                         e.to_string(),
@@ -387,8 +530,13 @@ fn worker(
                         Vec::new(),
                     ),
                 };
+                drop(unlist);
                 guard.end(reason, detail, stats, masked);
             });
+        }
+        for mb in boxes.borrow().values() {
+            mb.closed.set(true);
+            mb.wake();
         }
     });
 }
@@ -455,12 +603,19 @@ struct Scratch {
 thread_local! {
     /// Audit entries of this worker's sessions not yet handed to the control plane.
     static AUDIT_BUF: RefCell<Vec<(u64, AuditEntry)>> = const { RefCell::new(Vec::new()) };
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
-        read: vec![0u8; READ_BUF],
-        plain: Vec::with_capacity(READ_BUF),
-        out: Vec::with_capacity(READ_BUF + 1024),
-        raw: Vec::with_capacity(READ_BUF + 4096),
-    });
+    /// Tells the worker's audit flusher that `AUDIT_BUF` holds entries again.
+    static AUDIT_WAKE: Rc<Notify> = Rc::new(Notify::new());
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Scratch {
+            read: vec![0u8; READ_BUF],
+            plain: Vec::with_capacity(READ_BUF),
+            out: Vec::with_capacity(READ_BUF + 1024),
+            raw: Vec::with_capacity(READ_BUF + 4096),
+        }
+    }
 }
 
 /// Backlog capacity kept between writes; a larger one (a slow peer during a large result) is freed
@@ -505,7 +660,11 @@ impl Leg {
         // SAFETY: the AsyncFd owns the TcpStream and with it the descriptor; the descriptor is
         // closed only when the AsyncFd drops it, after deregistering, and is never closed or
         // reused behind its back (the control plane gave it up with socket.detach()).
-        let fd = unsafe { AsyncFd::register(std)? };
+        // Read interest only: with write interest registered as well, every ACK that frees send
+        // buffer space is an epoll event (EPOLLOUT, edge triggered) that wakes the worker for
+        // nothing, which cost ~1.5 µs of CPU per short transaction. `flush` asks for writability
+        // only while the peer's buffer is full.
+        let fd = unsafe { AsyncFd::register_with_interest(std, Interest::READABLE)? };
         Ok(Leg {
             tcp: Rc::new(fd),
             tls,
@@ -523,7 +682,7 @@ impl Leg {
         raw: &mut Vec<u8>,
         drained: &mut bool,
     ) -> Result<Option<(&'a [u8], bool)>, SessionError> {
-        let n = match self.tcp.get_ref().read(read) {
+        let n = match sys_recv(self.tcp.get_ref(), read) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 *drained = true;
@@ -571,7 +730,7 @@ impl Leg {
         }
         let mut off = 0;
         while off < bytes.len() {
-            match self.tcp.get_ref().write(&bytes[off..]) {
+            match sys_send(self.tcp.get_ref(), &bytes[off..]) {
                 Ok(n) => off += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -584,18 +743,48 @@ impl Leg {
 
     /// Waits until the backlog is written: this is the backpressure, the session reads nothing more
     /// from the other side meanwhile.
+    ///
+    /// The socket is registered for reading only, so waiting for room registers a duplicate of its
+    /// descriptor for writability for as long as this flush lasts (a full socket buffer, i.e. a
+    /// peer slower than the other side: a few system calls per buffer-full of data).
     async fn flush(&mut self) -> Result<(), SessionError> {
+        if self.backlog.is_empty() {
+            return Ok(());
+        }
         let mut off = 0;
+        let mut room: Option<AsyncFd<OwnedFd>> = None;
         while off < self.backlog.len() {
-            let mut ready = self.tcp.writable().await?;
-            match ready.try_io(|fd| fd.get_ref().write(&self.backlog[off..])) {
-                Ok(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Ok(Ok(n)) => off += n,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) => return Err(e.into()),
-                Err(_would_block) => {}
+            let tcp = self.tcp.get_ref();
+            let wrote = match &room {
+                None => match sys_send(tcp, &self.backlog[off..]) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let dup = tcp.as_fd().try_clone_to_owned()?;
+                        // SAFETY: `dup` is a descriptor of our own that this AsyncFd owns and
+                        // closes (after deregistering) when the flush ends.
+                        room = Some(unsafe {
+                            AsyncFd::register_with_interest(dup, Interest::WRITABLE)
+                                .map_err(io::Error::from)?
+                        });
+                        continue;
+                    }
+                    r => r,
+                },
+                Some(w) => {
+                    let mut ready = w.writable().await?;
+                    match ready.try_io(|_| sys_send(tcp, &self.backlog[off..])) {
+                        Ok(r) => r,
+                        Err(_would_block) => continue,
+                    }
+                }
+            };
+            match wrote {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
             }
         }
+        drop(room);
         if self.backlog.capacity() > BACKLOG_KEEP {
             self.backlog = Vec::new();
         } else {
@@ -606,7 +795,8 @@ impl Leg {
 
     /// Writes `plain` and waits until it is out.
     async fn send(&mut self, plain: &[u8]) -> Result<(), SessionError> {
-        SCRATCH.with_borrow_mut(|s| self.write_now(plain, &mut s.raw))?;
+        let mut raw = Vec::new();
+        self.write_now(plain, &mut raw)?;
         self.flush().await
     }
 
@@ -641,6 +831,8 @@ struct Session {
     recorder: Option<(Recorder, usize, std::time::Instant)>,
     /// Gateway-made notices waiting for a message boundary towards the client.
     notices: Vec<u8>,
+    /// The worker's buffers (one set per worker thread, see `Scratch`).
+    scratch: Rc<RefCell<Scratch>>,
 }
 
 fn now_us() -> u64 {
@@ -665,8 +857,13 @@ fn protocol(side: &'static str) -> impl FnOnce(WireError) -> SessionError {
 }
 
 impl Session {
-    fn start(spec: SessionSpec, inner: &Inner) -> Result<Self, SessionError> {
+    fn start(
+        spec: SessionSpec,
+        inner: &Inner,
+        scratch: Rc<RefCell<Scratch>>,
+    ) -> Result<Self, SessionError> {
         Ok(Session {
+            scratch,
             id: spec.id,
             client: Leg::new(spec.client, spec.client_tls)?,
             upstream: Leg::new(spec.upstream, spec.upstream_tls)?,
@@ -703,12 +900,19 @@ impl Session {
         })
     }
 
+    /// Runs `f` with the worker's buffers.
+    fn with_scratch<R>(&mut self, f: impl FnOnce(&mut Self, &mut Scratch) -> R) -> R {
+        let scratch = Rc::clone(&self.scratch);
+        let mut s = scratch.borrow_mut();
+        f(self, &mut s)
+    }
+
     async fn run(
         mut self,
-        mut cmds: mpsc::UnboundedReceiver<Command>,
+        cmds: &Mailbox,
         inner: &Inner,
     ) -> (String, String, RelayStats, Vec<u64>) {
-        let (reason, detail) = match self.main_loop(&mut cmds, inner).await {
+        let (reason, detail) = match self.main_loop(cmds, inner).await {
             Ok((r, d)) => (r.to_owned(), d),
             Err(SessionError::Protocol { side, err }) => {
                 // Tell the client why, if that does not break a message it is receiving.
@@ -772,12 +976,12 @@ impl Session {
 
     async fn main_loop(
         &mut self,
-        cmds: &mut mpsc::UnboundedReceiver<Command>,
+        cmds: &Mailbox,
         inner: &Inner,
     ) -> Result<(&'static str, String), SessionError> {
         if !self.upstream_prefix.is_empty() {
             let prefix = std::mem::take(&mut self.upstream_prefix);
-            SCRATCH.with_borrow_mut(|s| self.scan_backend(&prefix, &mut s.out, &mut s.raw))?;
+            self.with_scratch(|this, s| this.scan_backend(&prefix, &mut s.out, &mut s.raw))?;
             self.after_backend(inner).await?;
         }
         let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
@@ -786,8 +990,8 @@ impl Session {
         loop {
             if !self.pending.is_empty() && !self.relay.is_holding() && !self.waiting {
                 let pending = std::mem::take(&mut self.pending);
-                let hold = SCRATCH
-                    .with_borrow_mut(|s| self.scan_frontend(&pending, &mut s.out, &mut s.raw))?;
+                let hold = self
+                    .with_scratch(|this, s| this.scan_frontend(&pending, &mut s.out, &mut s.raw))?;
                 self.after_frontend(hold, inner).await?;
             }
             if self.relay.terminated() {
@@ -820,7 +1024,7 @@ impl Session {
             // One hand-written poll instead of `select!`: readiness is polled in place (no waiter
             // registered and removed per wake-up), which is most of the per-message cost here.
             let wake = std::future::poll_fn(|cx| {
-                if let Poll::Ready(c) = cmds.poll_recv(cx) {
+                if let Poll::Ready(c) = cmds.poll(cx) {
                     return Poll::Ready(Ok(Wake::Command(c)));
                 }
                 let client = |cx: &mut Context<'_>| {
@@ -894,7 +1098,7 @@ impl Session {
 
     /// Reads what the client sent, scans it and passes it upstream, all without waiting.
     fn on_client_readable(&mut self) -> Result<(Read, Option<Statement>, bool), SessionError> {
-        SCRATCH.with_borrow_mut(|s| {
+        self.with_scratch(|this, s| {
             let Scratch {
                 read,
                 plain,
@@ -902,16 +1106,16 @@ impl Session {
                 raw,
             } = s;
             let mut drained = false;
-            let Some((data, closed)) = self.client.try_read(read, plain, raw, &mut drained)? else {
+            let Some((data, closed)) = this.client.try_read(read, plain, raw, &mut drained)? else {
                 return Ok((Read::Nothing, None, drained));
             };
             let hold = if data.is_empty() {
                 None
             } else {
-                self.scan_frontend(data, out, raw)?
+                this.scan_frontend(data, out, raw)?
             };
             if closed {
-                let why = if self.client.tls.is_some() {
+                let why = if this.client.tls.is_some() {
                     "client closed its TLS session"
                 } else {
                     "client closed the connection without Terminate"
@@ -924,7 +1128,7 @@ impl Session {
 
     /// Reads what the server sent, scans it and passes it to the client, all without waiting.
     fn on_upstream_readable(&mut self) -> Result<(Read, bool), SessionError> {
-        SCRATCH.with_borrow_mut(|s| {
+        self.with_scratch(|this, s| {
             let Scratch {
                 read,
                 plain,
@@ -932,12 +1136,12 @@ impl Session {
                 raw,
             } = s;
             let mut drained = false;
-            let Some((data, closed)) = self.upstream.try_read(read, plain, raw, &mut drained)?
+            let Some((data, closed)) = this.upstream.try_read(read, plain, raw, &mut drained)?
             else {
                 return Ok((Read::Nothing, drained));
             };
             if !data.is_empty() {
-                self.scan_backend(data, out, raw)?;
+                this.scan_backend(data, out, raw)?;
             }
             if closed {
                 return Ok((Read::Closed("the server closed the connection"), drained));
@@ -1031,6 +1235,9 @@ impl Session {
         let starts = a.starts() > 0;
         let mine = a.take().into_iter().map(|e| (self.id, e));
         let (entries, ack) = AUDIT_BUF.with_borrow_mut(|b| {
+            if b.is_empty() {
+                AUDIT_WAKE.with(|w| w.notify_one());
+            }
             b.extend(mine);
             if self.write_ahead && starts {
                 self.ticket += 1;
@@ -1070,6 +1277,9 @@ impl Session {
         hold: Option<Statement>,
         inner: &Inner,
     ) -> Result<(), SessionError> {
+        if hold.is_none() && self.nothing_owed() {
+            return Ok(());
+        }
         self.client.flush().await?;
         self.upstream.flush().await?;
         self.flush_recording(inner).await;
@@ -1087,7 +1297,20 @@ impl Session {
         Ok(())
     }
 
+    /// Nothing to write out or hand over after a read: the common case of a session without
+    /// audit, recording or reporting, decided without entering the async steps below.
+    fn nothing_owed(&self) -> bool {
+        self.client.backlog.is_empty()
+            && self.upstream.backlog.is_empty()
+            && self.recorder.is_none()
+            && !self.audit
+            && (!self.report || self.events.is_empty())
+    }
+
     async fn after_backend(&mut self, inner: &Inner) -> Result<(), SessionError> {
+        if self.nothing_owed() {
+            return Ok(());
+        }
         self.upstream.flush().await?;
         self.client.flush().await?;
         self.flush_recording(inner).await;
@@ -1116,13 +1339,13 @@ impl Session {
                 if self.audit {
                     self.relay.set_now(now_us());
                 }
-                SCRATCH.with_borrow_mut(|s| {
+                self.with_scratch(|this, s| {
                     s.out.clear();
-                    self.relay
+                    this.relay
                         .resolve(seq, verdict, remember, &mut s.out)
                         .map_err(protocol("control plane"))?;
                     let out = std::mem::take(&mut s.out);
-                    let r = self.send_upstream(&out, &mut s.raw);
+                    let r = this.send_upstream(&out, &mut s.raw);
                     s.out = out;
                     r
                 })?;
@@ -1135,7 +1358,7 @@ impl Session {
                 if self.waiting && ticket >= self.ticket {
                     self.waiting = false;
                     let stash = std::mem::take(&mut self.stash);
-                    SCRATCH.with_borrow_mut(|s| self.upstream.write_now(&stash, &mut s.raw))?;
+                    self.with_scratch(|this, s| this.upstream.write_now(&stash, &mut s.raw))?;
                     self.upstream.flush().await?;
                 }
             }
