@@ -449,8 +449,9 @@ def percentile(sorted_values: Sequence[int], q: float) -> float:
 
 
 class PgBench:
-    def __init__(self, work: Path, duration: int) -> None:
+    def __init__(self, work: Path, duration: int, rate: int | None = None) -> None:
         self.duration = duration
+        self.rate = rate
         self.log_dir = work / "pgbench-logs"
         self.log_dir.mkdir()
         self.large_script = work / "large-result.sql"
@@ -485,6 +486,8 @@ class PgBench:
             f"--log-prefix={self.log_dir / prefix}",
             *self.workload_args(case.workload),
         ]
+        if self.rate and case.workload in ("select-only", "tpcb"):
+            cmd += ["-R", str(self.rate)]
         if target.service is not None:
             target.service.check_alive()
         load = os.getloadavg()[0]
@@ -1129,6 +1132,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"pgbench -s {s['scale']}, -j ≤ 2, "
         f"auth {s['auth']}, no TLS on any leg; gateway workers={s['workers']}; pgbouncer session pooling, "
         f"default_pool_size 100; PostgreSQL max_connections {s['max_connections']}",
+        *(
+            [
+                f"- fixed load: pgbench -R {s['rate']} on select-only and TPC-B (every target serves the "
+                "same rate unless it cannot, so CPU per transaction compares at equal load)"
+            ]
+            if s.get("rate")
+            else []
+        ),
         "- authentication: pgbench → PostgreSQL and → pgbouncer use "
         f"{s['auth']} (pgbouncer's auth_file holds the stored secret); pgbench → gateway uses a "
         "cleartext password (the gateway's only client method today), the gateway → PostgreSQL "
@@ -1326,6 +1337,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=int, default=None, help="seconds per pgbench run (default 10; quick 3)")
     p.add_argument("--workers", type=int, default=1, help="gateway data-path workers (default 1)")
     p.add_argument(
+        "--rate",
+        type=int,
+        default=None,
+        help="pgbench -R: a fixed transaction rate for select-only and TPC-B instead of as fast as "
+        "possible (CPU per transaction at equal load)",
+    )
+    p.add_argument(
         "--idle", type=int, default=None, help="idle connections per proxy (default 1000; quick 200)"
     )
     p.add_argument(
@@ -1375,6 +1393,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.idle = args.idle if args.idle is not None else (200 if args.quick else 1000)
     if args.masking_rows < 1:
         p.error("--masking-rows must be positive")
+    if args.rate is not None and args.rate < 1:
+        p.error("--rate must be positive")
     if args.rounds < 1 or args.duration < 1 or args.idle < 0 or args.workers < 1 or args.idle_cycles < 1:
         p.error("--rounds, --duration, --workers and --idle-cycles must be positive, --idle not negative")
     if args.no_idle:
@@ -1474,7 +1494,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
     say(f"machine: {machine}")
 
     cases = build_cases(args)
-    bench = PgBench(work, args.duration)
+    bench = PgBench(work, args.duration, args.rate)
     bytes_per_txn = large_result_bytes(direct) if any(c.workload == "large-result" for c in cases) else None
     total = args.rounds * len(cases) * len(targets)
     say(
@@ -1539,6 +1559,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
             "quick": args.quick,
             "rounds": args.rounds,
             "duration": args.duration,
+            "rate": args.rate,
             "workers": args.workers,
             "guardrails": args.guardrails,
             "scale": args.scale,

@@ -28,6 +28,7 @@ from ostiary import _core
 from ostiary.devcluster import PgCluster, find_pg_bin
 from ostiary.errors import RecordingError
 from ostiary.recording import format as fmt
+from ostiary.recording import store
 from ostiary.recording.render import replay
 from ostiary.recording.store import (
     RecordingHeader,
@@ -284,7 +285,13 @@ def test_a_file_cut_short_replays_up_to_the_cut(session: tuple[Path, str, str], 
     path, _, _ = session
     full = list(open_recording(path).events())
     data = path.read_bytes()
-    for cut_at in (len(data) - 3, len(data) * 2 // 3, len(data) // 3):
+    # Also exactly between two blocks: every block complete, but no trailer.
+    with open(path, "rb") as f:
+        store._read_header(f, path)
+        offsets = [offset for offset, _, _ in store._blocks(f, path, payloads=False)]
+    assert len(offsets) > 2
+    between = offsets[len(offsets) // 2]
+    for cut_at in (len(data) - 3, len(data) * 2 // 3, len(data) // 3, between):
         cut = tmp_path / f"cut-{cut_at}.rec"
         cut.write_bytes(data[:cut_at])
         rec = open_recording(cut)

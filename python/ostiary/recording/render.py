@@ -246,7 +246,8 @@ def replay(
     """Renders the recording at ``path`` to ``out`` (errors and notices to ``err``, default
     ``out``); with ``realtime``, sleeps between events as recorded, divided by ``speed``. ``json``
     prints one JSON object per event instead (the first one, ``"event": "recording"``, is the
-    header). Returns the recording (``.cut`` tells whether the file ended inside a block)."""
+    header). Returns the recording (``.cut`` tells whether the file ended inside a block or without
+    its trailer)."""
     if speed <= 0:
         raise ValueError("speed must be positive")
     rec = open_recording(path)
@@ -274,7 +275,7 @@ def replay(
     if not json:
         renderer.finish()
         if rec.cut:
-            write("err", "(the recording ends here: its file was cut short)\n")
+            write("err", "(the recording ends here: its file was cut short, or is still being written)\n")
     elif rec.cut:
         write("out", msgspec.json.encode({"event": "cut"}).decode() + "\n")
     return rec

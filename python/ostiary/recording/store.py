@@ -17,7 +17,8 @@ exclusive ``flock`` on its file until ``close``, so a reader can tell a recordin
 from one a crash cut short (the uploader of ``objectstore`` relies on it).
 
 Reading: ``open_recording`` gives the header and an iterator of events; a block cut short at the end
-of the file (a crash) ends the events there (``Recording.cut`` says so); a block that is complete
+of the file (a crash) ends the events there (``Recording.cut`` says so, as it does for a file that
+ends between blocks without its trailer); a block that is complete
 but does not decompress or decode raises ``RecordingError`` with the file offset.
 ``list_recordings`` reads headers and walks block headers (never payloads) to find trailers.
 """
@@ -232,7 +233,8 @@ def _blocks(f: BinaryIO, path: Path, *, payloads: bool) -> Iterator[tuple[int, i
 
 class Recording:
     """An open recording file: ``header``, ``trailer`` (after ``events()`` ran to the end) and
-    ``cut`` (the file ended inside a block or frame: a crash while writing)."""
+    ``cut`` (the file ended inside a block or frame, or without its trailer: a crash while writing,
+    or a session still being recorded)."""
 
     def __init__(self, path: Path, header: RecordingHeader) -> None:
         self.path = path
@@ -269,7 +271,9 @@ class Recording:
                     yield from decoder.feed(frames)
                 except RecordingError as e:
                     raise RecordingError(f"{self.path}: block at offset {offset}: {e}") from None
-            self.cut = not complete or not decoder.close()
+            # A file that ends between two blocks without its trailer is cut short as well (a crash
+            # right after a block, or a session still being written).
+            self.cut = not complete or not decoder.close() or self.trailer is None
 
 
 def find_recording(data_dir: str | os.PathLike[str], session_ref: str) -> Path:

@@ -456,7 +456,7 @@ fn sys_send(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
-fn worker(mut rx: mpsc::UnboundedReceiver<ToWorker>, inner: std::sync::Weak<Inner>) {
+fn worker(rx: mpsc::UnboundedReceiver<ToWorker>, inner: std::sync::Weak<Inner>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -491,6 +491,24 @@ fn worker(mut rx: mpsc::UnboundedReceiver<ToWorker>, inner: std::sync::Weak<Inne
                 }
             });
         }
+        // The dispatcher runs as a task of its own: the future given to `block_on` is polled
+        // every time any task of the worker runs, and polling a channel there costs atomics on
+        // every wake-up. What `block_on` waits for instead is a flag set when the channel closes.
+        let stopped = Rc::new(Mailbox::default());
+        let dispatcher_stopped = stopped.clone();
+        tokio::task::spawn_local(async move {
+            dispatch(rx, inner).await;
+            dispatcher_stopped.closed.set(true);
+            dispatcher_stopped.wake();
+        });
+        std::future::poll_fn(|cx| stopped.poll(cx).map(|_| ())).await;
+    });
+}
+
+/// Takes what the control plane sends a worker (sessions to adopt, commands) until the engine is
+/// dropped, then tells every session still running that no command will come any more.
+async fn dispatch(mut rx: mpsc::UnboundedReceiver<ToWorker>, inner: std::sync::Weak<Inner>) {
+    {
         let boxes: Mailboxes = Rc::default();
         let scratch = Rc::new(RefCell::new(Scratch::new()));
         while let Some(msg) = rx.recv().await {
@@ -538,7 +556,7 @@ fn worker(mut rx: mpsc::UnboundedReceiver<ToWorker>, inner: std::sync::Weak<Inne
             mb.closed.set(true);
             mb.wake();
         }
-    });
+    }
 }
 
 /// Reports a session's end exactly once: normally through `end`, and if the task panics (a bug),
