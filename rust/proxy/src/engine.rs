@@ -508,54 +508,52 @@ fn worker(rx: mpsc::UnboundedReceiver<ToWorker>, inner: std::sync::Weak<Inner>) 
 /// Takes what the control plane sends a worker (sessions to adopt, commands) until the engine is
 /// dropped, then tells every session still running that no command will come any more.
 async fn dispatch(mut rx: mpsc::UnboundedReceiver<ToWorker>, inner: std::sync::Weak<Inner>) {
-    {
-        let boxes: Mailboxes = Rc::default();
-        let scratch = Rc::new(RefCell::new(Scratch::new()));
-        while let Some(msg) = rx.recv().await {
-            let spec = match msg {
-                ToWorker::Adopt(spec) => *spec,
-                ToWorker::Command(id, cmd) => {
-                    if let Some(mb) = boxes.borrow().get(&id) {
-                        mb.deliver(cmd);
-                    }
-                    continue;
+    let boxes: Mailboxes = Rc::default();
+    let scratch = Rc::new(RefCell::new(Scratch::new()));
+    while let Some(msg) = rx.recv().await {
+        let spec = match msg {
+            ToWorker::Adopt(spec) => *spec,
+            ToWorker::Command(id, cmd) => {
+                if let Some(mb) = boxes.borrow().get(&id) {
+                    mb.deliver(cmd);
                 }
-                ToWorker::Broadcast(cmd) => {
-                    for mb in boxes.borrow().values() {
-                        mb.deliver(cmd.clone());
-                    }
-                    continue;
+                continue;
+            }
+            ToWorker::Broadcast(cmd) => {
+                for mb in boxes.borrow().values() {
+                    mb.deliver(cmd.clone());
                 }
+                continue;
+            }
+        };
+        let Some(inner) = inner.upgrade() else { break };
+        let mb = Rc::new(Mailbox::default());
+        boxes.borrow_mut().insert(spec.id, mb.clone());
+        let boxes = boxes.clone();
+        let scratch = scratch.clone();
+        tokio::task::spawn_local(async move {
+            let mut guard = EndGuard {
+                id: spec.id,
+                inner: inner.clone(),
+                ended: false,
             };
-            let Some(inner) = inner.upgrade() else { break };
-            let mb = Rc::new(Mailbox::default());
-            boxes.borrow_mut().insert(spec.id, mb.clone());
-            let boxes = boxes.clone();
-            let scratch = scratch.clone();
-            tokio::task::spawn_local(async move {
-                let mut guard = EndGuard {
-                    id: spec.id,
-                    inner: inner.clone(),
-                    ended: false,
-                };
-                let unlist = Unlist(boxes, spec.id);
-                let (reason, detail, stats, masked) = match Session::start(spec, &inner, scratch) {
-                    Ok(s) => s.run(&mb, &inner).await,
-                    Err(e) => (
-                        "io_error".to_owned(),
-                        e.to_string(),
-                        RelayStats::default(),
-                        Vec::new(),
-                    ),
-                };
-                drop(unlist);
-                guard.end(reason, detail, stats, masked);
-            });
-        }
-        for mb in boxes.borrow().values() {
-            mb.closed.set(true);
-            mb.wake();
-        }
+            let unlist = Unlist(boxes, spec.id);
+            let (reason, detail, stats, masked) = match Session::start(spec, &inner, scratch) {
+                Ok(s) => s.run(&mb, &inner).await,
+                Err(e) => (
+                    "io_error".to_owned(),
+                    e.to_string(),
+                    RelayStats::default(),
+                    Vec::new(),
+                ),
+            };
+            drop(unlist);
+            guard.end(reason, detail, stats, masked);
+        });
+    }
+    for mb in boxes.borrow().values() {
+        mb.closed.set(true);
+        mb.wake();
     }
 }
 
