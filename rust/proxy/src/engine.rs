@@ -364,7 +364,8 @@ impl Engine {
 
 /// A session's commands, delivered by its worker's dispatcher on the same thread: the session
 /// looks at a local queue on each wake-up instead of polling a channel of its own (which costs
-/// atomic operations and a waker registration every time it wakes for I/O).
+/// atomic operations and a waker registration every time it wakes for I/O). The worker's own
+/// `block_on` waits on one that never gets a command, for `closed` when the dispatcher ends.
 #[derive(Default)]
 struct Mailbox {
     queue: RefCell<VecDeque<Command>>,
@@ -428,11 +429,12 @@ fn sys_recv(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
             std::ptr::null_mut::<libc::socklen_t>(),
         )
     };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    byte_count(n)
+}
+
+/// A system call's byte count, or the error it reported in errno.
+fn byte_count(n: libc::c_long) -> io::Result<usize> {
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// send(2) as a system call of its own (see `sys_recv`); MSG_NOSIGNAL as Rust's own writes do.
@@ -449,11 +451,7 @@ fn sys_send(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
             0 as libc::socklen_t,
         )
     };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    byte_count(n)
 }
 
 fn worker(rx: mpsc::UnboundedReceiver<ToWorker>, inner: std::sync::Weak<Inner>) {
