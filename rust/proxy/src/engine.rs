@@ -23,7 +23,7 @@ use std::io;
 use std::os::fd::{AsFd as _, AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -173,16 +173,47 @@ pub enum Event {
 
 /// What the control plane sends a worker thread.
 enum ToWorker {
-    Adopt(Box<SessionSpec>),
-    Command(u64, Command),
-    Broadcast(Command),
+    Adopt(Box<SessionSpec>, Arc<Inbox>),
+    /// A command waits in this session's inbox.
+    Wake(u64),
+    /// Commands wait in the inboxes of all this worker's sessions.
+    WakeAll,
+}
+
+/// A session's commands. The control plane queues them here directly, before it tells the worker,
+/// so a command sent before the client's next bytes arrived is always seen before those bytes; the
+/// session looks with one atomic load per wake-up (no channel polled, no waker registered).
+#[derive(Default)]
+struct Inbox {
+    queue: Mutex<VecDeque<Command>>,
+    waiting: AtomicBool,
+}
+
+impl Inbox {
+    fn put(&self, cmd: Command) {
+        let mut q = self.queue.lock().expect("inbox lock");
+        q.push_back(cmd);
+        self.waiting.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Option<Command> {
+        if !self.waiting.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut q = self.queue.lock().expect("inbox lock");
+        let cmd = q.pop_front();
+        if q.is_empty() {
+            self.waiting.store(false, Ordering::Release);
+        }
+        cmd
+    }
 }
 
 struct Inner {
     config: EngineConfig,
     workers: Vec<mpsc::UnboundedSender<ToWorker>>,
-    /// Live sessions and the worker each runs on.
-    sessions: Mutex<HashMap<u64, usize>>,
+    /// Live sessions: the worker each runs on and its inbox.
+    sessions: Mutex<HashMap<u64, (usize, Arc<Inbox>)>>,
     events: Mutex<VecDeque<Event>>,
     room: Notify,
     event_fd: OwnedFd,
@@ -281,15 +312,16 @@ impl Engine {
     pub fn adopt(&self, spec: SessionSpec) -> Result<(), String> {
         let id = spec.id;
         let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % self.inner.workers.len();
+        let inbox = Arc::new(Inbox::default());
         {
             let mut sessions = self.inner.sessions.lock().expect("sessions lock");
             if sessions.contains_key(&id) {
                 return Err(format!("session {id} exists already"));
             }
-            sessions.insert(id, i);
+            sessions.insert(id, (i, inbox.clone()));
         }
         if self.inner.workers[i]
-            .send(ToWorker::Adopt(Box::new(spec)))
+            .send(ToWorker::Adopt(Box::new(spec), inbox))
             .is_err()
         {
             self.inner
@@ -305,31 +337,24 @@ impl Engine {
     /// Sends a command to one session; false if it has ended.
     pub fn command(&self, session: u64, cmd: Command) -> bool {
         let sessions = self.inner.sessions.lock().expect("sessions lock");
-        sessions.get(&session).is_some_and(|&w| {
-            self.inner.workers[w]
-                .send(ToWorker::Command(session, cmd))
-                .is_ok()
+        sessions.get(&session).is_some_and(|(w, inbox)| {
+            inbox.put(cmd);
+            self.inner.workers[*w].send(ToWorker::Wake(session)).is_ok()
         })
     }
 
     /// Sends a command to every live session; returns how many got it.
     pub fn broadcast(&self, cmd: Command) -> usize {
-        // Under the lock, so that every session counted is one its worker knows when the
-        // broadcast reaches it (a worker's messages arrive in the order they were sent).
         let sessions = self.inner.sessions.lock().expect("sessions lock");
         let mut per_worker = vec![0usize; self.inner.workers.len()];
-        for &w in sessions.values() {
-            per_worker[w] += 1;
+        for (w, inbox) in sessions.values() {
+            inbox.put(cmd.clone());
+            per_worker[*w] += 1;
         }
         per_worker
             .iter()
             .enumerate()
-            .filter(|&(w, &n)| {
-                n > 0
-                    && self.inner.workers[w]
-                        .send(ToWorker::Broadcast(cmd.clone()))
-                        .is_ok()
-            })
+            .filter(|&(w, &n)| n > 0 && self.inner.workers[w].send(ToWorker::WakeAll).is_ok())
             .map(|(_, &n)| n)
             .sum()
     }
@@ -362,24 +387,19 @@ impl Engine {
     }
 }
 
-/// A session's commands, delivered by its worker's dispatcher on the same thread: the session
-/// looks at a local queue on each wake-up instead of polling a channel of its own (which costs
-/// atomic operations and a waker registration every time it wakes for I/O). The worker's own
-/// `block_on` waits on one that never gets a command, for `closed` when the dispatcher ends.
+/// A session's side of its inbox, on its worker thread: the waker the worker's dispatcher wakes
+/// when the control plane says a command waits (a channel of its own per session would cost
+/// atomic operations and a waker registration every time the session wakes for I/O). The worker's
+/// own `block_on` waits on one that never gets a command, for `closed` when the dispatcher ends.
 #[derive(Default)]
 struct Mailbox {
-    queue: RefCell<VecDeque<Command>>,
+    inbox: Arc<Inbox>,
     /// The engine is gone: no more commands will come.
     closed: std::cell::Cell<bool>,
     waker: RefCell<Option<std::task::Waker>>,
 }
 
 impl Mailbox {
-    fn deliver(&self, cmd: Command) {
-        self.queue.borrow_mut().push_back(cmd);
-        self.wake();
-    }
-
     fn wake(&self) {
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
@@ -388,7 +408,7 @@ impl Mailbox {
 
     /// A waiting command, `Ready(None)` once the engine is gone, or `Pending` (waker kept).
     fn poll(&self, cx: &Context<'_>) -> Poll<Option<Command>> {
-        if let Some(c) = self.queue.borrow_mut().pop_front() {
+        if let Some(c) = self.inbox.take() {
             return Poll::Ready(Some(c));
         }
         if self.closed.get() {
@@ -509,23 +529,26 @@ async fn dispatch(mut rx: mpsc::UnboundedReceiver<ToWorker>, inner: std::sync::W
     let boxes: Mailboxes = Rc::default();
     let scratch = Rc::new(RefCell::new(Scratch::new()));
     while let Some(msg) = rx.recv().await {
-        let spec = match msg {
-            ToWorker::Adopt(spec) => *spec,
-            ToWorker::Command(id, cmd) => {
+        let (spec, inbox) = match msg {
+            ToWorker::Adopt(spec, inbox) => (*spec, inbox),
+            ToWorker::Wake(id) => {
                 if let Some(mb) = boxes.borrow().get(&id) {
-                    mb.deliver(cmd);
+                    mb.wake();
                 }
                 continue;
             }
-            ToWorker::Broadcast(cmd) => {
+            ToWorker::WakeAll => {
                 for mb in boxes.borrow().values() {
-                    mb.deliver(cmd.clone());
+                    mb.wake();
                 }
                 continue;
             }
         };
         let Some(inner) = inner.upgrade() else { break };
-        let mb = Rc::new(Mailbox::default());
+        let mb = Rc::new(Mailbox {
+            inbox,
+            ..Mailbox::default()
+        });
         boxes.borrow_mut().insert(spec.id, mb.clone());
         let boxes = boxes.clone();
         let scratch = scratch.clone();
