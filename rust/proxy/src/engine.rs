@@ -1,7 +1,8 @@
 //! The engine: worker threads that run established sessions.
 //!
 //! Theory of operation. `Engine::new` starts `workers` OS threads, each running a single-threaded
-//! tokio runtime (the shape of pgbouncer's event loop, one per core). `adopt` hands a session to the
+//! event loop of its own (`crate::rt`: epoll, a run queue, timers; the shape of pgbouncer's event
+//! loop, one per core). `adopt` hands a session to the
 //! next worker, round robin. Each session is one task that owns both sockets and a
 //! `SessionRelay`: it waits until a command arrives or either socket is readable, then, without
 //! waiting, reads one chunk into the worker's shared buffer, feeds it through the relay and writes
@@ -14,13 +15,14 @@
 //! Talking to the control plane. Events go into one bounded queue; when the queue goes from empty to
 //! non-empty the engine writes to an eventfd the control plane waits on, so a burst of events costs
 //! the control plane one wake-up. A session that would overflow the queue waits for room (only
-//! reporting can produce many events). Commands go to a session through its own channel.
+//! reporting can produce many events). Commands go into a session's inbox, and its worker is told
+//! through the worker's queue and eventfd to wake it.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
+use std::future::Future as _;
 use std::io;
-use std::os::fd::{AsFd as _, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,6 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::rt::{self, LocalNotify, Registered, Remote, Runtime, Sleep};
+use crate::tls::{TlsError, TlsLayer};
 use ostiary_wire::pg::audit::{AuditEntry, AuditTrack};
 use ostiary_wire::pg::backend::{self, ErrorFields};
 use ostiary_wire::pg::frontend;
@@ -38,11 +42,6 @@ use ostiary_wire::pg::relay::{
 };
 use ostiary_wire::pg::sqlstate;
 use ostiary_wire::{Limits, WireError};
-use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
-use tokio::io::Interest;
-use tokio::sync::{mpsc, Notify};
-
-use crate::tls::{TlsError, TlsLayer};
 
 const READ_BUF: usize = 64 * 1024;
 /// How long a terminating session waits for the server to finish the message it is sending
@@ -209,15 +208,47 @@ impl Inbox {
     }
 }
 
+/// How the control plane reaches one worker thread: a queue and the loop's eventfd.
+struct WorkerLink {
+    queue: Mutex<VecDeque<ToWorker>>,
+    /// The engine is gone: the worker ends.
+    closed: AtomicBool,
+    remote: Arc<Remote>,
+}
+
+impl WorkerLink {
+    fn send(&self, msg: ToWorker) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut q = self.queue.lock().expect("worker queue lock");
+        let was_empty = q.is_empty();
+        q.push_back(msg);
+        drop(q);
+        if was_empty {
+            self.remote.notify();
+        }
+        true
+    }
+}
+
 struct Inner {
     config: EngineConfig,
-    workers: Vec<mpsc::UnboundedSender<ToWorker>>,
+    workers: Vec<Arc<WorkerLink>>,
     /// Live sessions: the worker each runs on and its inbox.
     sessions: Mutex<HashMap<u64, (usize, Arc<Inbox>)>>,
     events: Mutex<VecDeque<Event>>,
-    room: Notify,
     event_fd: OwnedFd,
     next_worker: AtomicUsize,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for w in &self.workers {
+            w.closed.store(true, Ordering::Release);
+            w.remote.notify();
+        }
+    }
 }
 
 impl Inner {
@@ -243,15 +274,13 @@ impl Inner {
         full
     }
 
-    async fn push_waiting(&self, ev: Event) {
+    /// Queues an event; if that filled the queue, waits until the control plane made room (a
+    /// session producing events faster than they are taken, e.g. reports of a large result).
+    async fn push_waiting(&self, rt: &Rc<Runtime>, ev: Event) {
         if self.push(ev) {
-            loop {
-                let notified = self.room.notified();
-                if self.events.lock().expect("event queue lock").len() < self.config.event_capacity
-                {
-                    break;
-                }
-                let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+            while self.events.lock().expect("event queue lock").len() >= self.config.event_capacity
+            {
+                rt.sleep(Duration::from_millis(2)).await;
             }
         }
     }
@@ -275,27 +304,32 @@ impl Engine {
         // SAFETY: fd is a fresh descriptor we own and close exactly once through OwnedFd.
         let event_fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let workers_n = config.workers.max(1);
-        let mut senders = Vec::with_capacity(workers_n);
-        let mut receivers = Vec::with_capacity(workers_n);
+        let mut links = Vec::with_capacity(workers_n);
         for _ in 0..workers_n {
-            let (tx, rx) = mpsc::unbounded_channel();
-            senders.push(tx);
-            receivers.push(rx);
+            links.push(Arc::new(WorkerLink {
+                queue: Mutex::new(VecDeque::new()),
+                closed: AtomicBool::new(false),
+                remote: Remote::new()?,
+            }));
         }
         let inner = Arc::new(Inner {
             config,
-            workers: senders,
+            workers: links.clone(),
             sessions: Mutex::new(HashMap::new()),
             events: Mutex::new(VecDeque::new()),
-            room: Notify::new(),
             event_fd,
             next_worker: AtomicUsize::new(0),
         });
-        for (i, rx) in receivers.into_iter().enumerate() {
+        for (i, link) in links.into_iter().enumerate() {
             let inner2 = Arc::downgrade(&inner);
+            // A worker whose loop cannot start says so at once (not with its first session).
+            let (ok_tx, ok_rx) = std::sync::mpsc::channel();
             std::thread::Builder::new()
                 .name(format!("ostiary-worker-{i}"))
-                .spawn(move || worker(rx, inner2))?;
+                .spawn(move || worker(link, inner2, ok_tx))?;
+            ok_rx
+                .recv()
+                .map_err(|_| io::Error::other("a worker thread ended at start"))??;
         }
         Ok(Engine { inner })
     }
@@ -320,10 +354,7 @@ impl Engine {
             }
             sessions.insert(id, (i, inbox.clone()));
         }
-        if self.inner.workers[i]
-            .send(ToWorker::Adopt(Box::new(spec), inbox))
-            .is_err()
-        {
+        if !self.inner.workers[i].send(ToWorker::Adopt(Box::new(spec), inbox)) {
             self.inner
                 .sessions
                 .lock()
@@ -339,7 +370,7 @@ impl Engine {
         let sessions = self.inner.sessions.lock().expect("sessions lock");
         sessions.get(&session).is_some_and(|(w, inbox)| {
             inbox.put(cmd);
-            self.inner.workers[*w].send(ToWorker::Wake(session)).is_ok()
+            self.inner.workers[*w].send(ToWorker::Wake(session))
         })
     }
 
@@ -354,7 +385,7 @@ impl Engine {
         per_worker
             .iter()
             .enumerate()
-            .filter(|&(w, &n)| n > 0 && self.inner.workers[w].send(ToWorker::WakeAll).is_ok())
+            .filter(|&(w, &n)| n > 0 && self.inner.workers[w].send(ToWorker::WakeAll))
             .map(|(_, &n)| n)
             .sum()
     }
@@ -382,15 +413,13 @@ impl Engine {
         if more {
             self.inner.signal();
         }
-        self.inner.room.notify_waiters();
         out
     }
 }
 
-/// A session's side of its inbox, on its worker thread: the waker the worker's dispatcher wakes
-/// when the control plane says a command waits (a channel of its own per session would cost
-/// atomic operations and a waker registration every time the session wakes for I/O). The worker's
-/// own `block_on` waits on one that never gets a command, for `closed` when the dispatcher ends.
+/// A session's side of its inbox, on its worker thread: the waker the worker wakes when the
+/// control plane says a command waits (a channel of its own per session would cost atomic
+/// operations and a waker registration every time the session wakes for I/O).
 #[derive(Default)]
 struct Mailbox {
     inbox: Arc<Inbox>,
@@ -474,108 +503,113 @@ fn sys_send(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
     byte_count(n)
 }
 
-fn worker(rx: mpsc::UnboundedReceiver<ToWorker>, inner: std::sync::Weak<Inner>) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+fn worker(
+    link: Arc<WorkerLink>,
+    inner: std::sync::Weak<Inner>,
+    started: std::sync::mpsc::Sender<io::Result<()>>,
+) {
+    let rt = match Runtime::new(link.remote.clone()) {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("ostiary: cannot start a worker runtime: {e}");
+            let _ = started.send(Err(e));
             return;
         }
     };
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        if let Some(i) = inner.upgrade() {
-            let every = i.config.audit_flush;
-            let weak = inner.clone();
-            drop(i);
-            tokio::task::spawn_local(async move {
-                loop {
-                    // No timer while nothing waits: an armed timer makes every idle wait of the
-                    // worker (epoll_wait with a timeout) program one.
-                    if AUDIT_BUF.with_borrow(Vec::is_empty) {
-                        AUDIT_WAKE.with(Rc::clone).notified().await;
-                    }
-                    tokio::time::sleep(every).await;
-                    let Some(inner) = weak.upgrade() else { break };
-                    let entries = AUDIT_BUF.with_borrow_mut(std::mem::take);
-                    if !entries.is_empty() {
-                        inner
-                            .push_waiting(Event::Audit { entries, ack: None })
-                            .await;
-                    }
+    let _ = started.send(Ok(()));
+    if let Some(i) = inner.upgrade() {
+        let every = i.config.audit_flush;
+        let weak = inner.clone();
+        drop(i);
+        let rt2 = rt.clone();
+        rt.spawn(async move {
+            loop {
+                // No timer while nothing waits: an armed timer makes every idle wait of the
+                // worker (epoll_wait with a timeout) read the clock.
+                if AUDIT_BUF.with_borrow(Vec::is_empty) {
+                    AUDIT_WAKE.with(Rc::clone).notified().await;
                 }
-            });
-        }
-        // The dispatcher runs as a task of its own: the future given to `block_on` is polled
-        // every time any task of the worker runs, and polling a channel there costs atomics on
-        // every wake-up. What `block_on` waits for instead is a flag set when the channel closes.
-        let stopped = Rc::new(Mailbox::default());
-        let dispatcher_stopped = stopped.clone();
-        tokio::task::spawn_local(async move {
-            dispatch(rx, inner).await;
-            dispatcher_stopped.closed.set(true);
-            dispatcher_stopped.wake();
+                rt2.sleep(every).await;
+                let Some(inner) = weak.upgrade() else { break };
+                let entries = AUDIT_BUF.with_borrow_mut(std::mem::take);
+                if !entries.is_empty() {
+                    inner
+                        .push_waiting(&rt2, Event::Audit { entries, ack: None })
+                        .await;
+                }
+            }
         });
-        std::future::poll_fn(|cx| stopped.poll(cx).map(|_| ())).await;
+    }
+    let boxes: Mailboxes = Rc::default();
+    let scratch = Rc::new(RefCell::new(Scratch::new()));
+    rt.run(|| {
+        loop {
+            let msg = link.queue.lock().expect("worker queue lock").pop_front();
+            let Some(msg) = msg else { break };
+            dispatch(msg, &rt, &boxes, &scratch, &inner);
+        }
+        if link.closed.load(Ordering::Acquire) {
+            // The engine is gone (which happens only once no session holds it).
+            for mb in boxes.borrow().values() {
+                mb.closed.set(true);
+                mb.wake();
+            }
+            return false;
+        }
+        true
     });
 }
 
-/// Takes what the control plane sends a worker (sessions to adopt, commands) until the engine is
-/// dropped, then tells every session still running that no command will come any more.
-async fn dispatch(mut rx: mpsc::UnboundedReceiver<ToWorker>, inner: std::sync::Weak<Inner>) {
-    let boxes: Mailboxes = Rc::default();
-    let scratch = Rc::new(RefCell::new(Scratch::new()));
-    while let Some(msg) = rx.recv().await {
-        let (spec, inbox) = match msg {
-            ToWorker::Adopt(spec, inbox) => (*spec, inbox),
-            ToWorker::Wake(id) => {
-                if let Some(mb) = boxes.borrow().get(&id) {
-                    mb.wake();
-                }
-                continue;
+/// Handles one thing the control plane sent this worker: a session to adopt, or commands waiting.
+fn dispatch(
+    msg: ToWorker,
+    rt: &Rc<Runtime>,
+    boxes: &Mailboxes,
+    scratch: &Rc<RefCell<Scratch>>,
+    inner: &std::sync::Weak<Inner>,
+) {
+    let (spec, inbox) = match msg {
+        ToWorker::Adopt(spec, inbox) => (*spec, inbox),
+        ToWorker::Wake(id) => {
+            if let Some(mb) = boxes.borrow().get(&id) {
+                mb.wake();
             }
-            ToWorker::WakeAll => {
-                for mb in boxes.borrow().values() {
-                    mb.wake();
-                }
-                continue;
+            return;
+        }
+        ToWorker::WakeAll => {
+            for mb in boxes.borrow().values() {
+                mb.wake();
             }
+            return;
+        }
+    };
+    let Some(inner) = inner.upgrade() else { return };
+    let mb = Rc::new(Mailbox {
+        inbox,
+        ..Mailbox::default()
+    });
+    boxes.borrow_mut().insert(spec.id, mb.clone());
+    let boxes = boxes.clone();
+    let scratch = scratch.clone();
+    let rt2 = rt.clone();
+    rt.spawn(async move {
+        let mut guard = EndGuard {
+            id: spec.id,
+            inner: inner.clone(),
+            ended: false,
         };
-        let Some(inner) = inner.upgrade() else { break };
-        let mb = Rc::new(Mailbox {
-            inbox,
-            ..Mailbox::default()
-        });
-        boxes.borrow_mut().insert(spec.id, mb.clone());
-        let boxes = boxes.clone();
-        let scratch = scratch.clone();
-        tokio::task::spawn_local(async move {
-            let mut guard = EndGuard {
-                id: spec.id,
-                inner: inner.clone(),
-                ended: false,
-            };
-            let unlist = Unlist(boxes, spec.id);
-            let (reason, detail, stats, masked) = match Session::start(spec, &inner, scratch) {
-                Ok(s) => s.run(&mb, &inner).await,
-                Err(e) => (
-                    "io_error".to_owned(),
-                    e.to_string(),
-                    RelayStats::default(),
-                    Vec::new(),
-                ),
-            };
-            drop(unlist);
-            guard.end(reason, detail, stats, masked);
-        });
-    }
-    for mb in boxes.borrow().values() {
-        mb.closed.set(true);
-        mb.wake();
-    }
+        let unlist = Unlist(boxes, spec.id);
+        let (reason, detail, stats, masked) = match Session::start(spec, &inner, scratch, &rt2) {
+            Ok(s) => s.run(&mb, &inner).await,
+            Err(e) => (
+                "io_error".to_owned(),
+                e.to_string(),
+                RelayStats::default(),
+                Vec::new(),
+            ),
+        };
+        drop(unlist);
+        guard.end(reason, detail, stats, masked);
+    });
 }
 
 /// Reports a session's end exactly once: normally through `end`, and if the task panics (a bug),
@@ -641,7 +675,7 @@ thread_local! {
     /// Audit entries of this worker's sessions not yet handed to the control plane.
     static AUDIT_BUF: RefCell<Vec<(u64, AuditEntry)>> = const { RefCell::new(Vec::new()) };
     /// Tells the worker's audit flusher that `AUDIT_BUF` holds entries again.
-    static AUDIT_WAKE: Rc<Notify> = Rc::new(Notify::new());
+    static AUDIT_WAKE: Rc<LocalNotify> = Rc::new(LocalNotify::default());
 }
 
 impl Scratch {
@@ -661,22 +695,22 @@ const BACKLOG_KEEP: usize = 4096;
 
 /// One leg of a session: a socket, optionally wrapped in TLS.
 ///
-/// The socket is an `AsyncFd` rather than a tokio `TcpStream` so the session can clear read
-/// readiness itself: a read that returns less than the buffer drained the socket, and epoll (edge
-/// triggered) reports any later data as a new event, so the usual extra read that only returns
-/// EAGAIN is skipped. That saves a system call per message in each direction.
+/// The session clears read readiness itself: a read that returns less than the buffer drained the
+/// socket, and epoll (edge triggered) reports any later data as a new event, so the usual extra
+/// read that only returns EAGAIN is skipped. That saves a system call per message in each
+/// direction.
 struct Leg {
-    tcp: Rc<AsyncFd<std::net::TcpStream>>,
+    tcp: Rc<Registered<std::net::TcpStream>>,
     tls: Option<TlsLayer>,
     /// Raw bytes the peer's socket did not take yet, in order.
     backlog: Vec<u8>,
 }
 
 /// What woke a session.
-enum Wake<'a> {
+enum Wake {
     Command(Option<Command>),
-    Client(AsyncFdReadyGuard<'a, std::net::TcpStream>),
-    Upstream(AsyncFdReadyGuard<'a, std::net::TcpStream>),
+    Client,
+    Upstream,
     Deadline,
 }
 
@@ -690,20 +724,16 @@ enum Read {
 }
 
 impl Leg {
-    fn new(fd: OwnedFd, tls: Option<TlsLayer>) -> io::Result<Self> {
+    fn new(rt: &Rc<Runtime>, fd: OwnedFd, tls: Option<TlsLayer>) -> io::Result<Self> {
         let std = std::net::TcpStream::from(fd);
         std.set_nonblocking(true)?;
         std.set_nodelay(true)?;
-        // SAFETY: the AsyncFd owns the TcpStream and with it the descriptor; the descriptor is
-        // closed only when the AsyncFd drops it, after deregistering, and is never closed or
-        // reused behind its back (the control plane gave it up with socket.detach()).
-        // Read interest only: with write interest registered as well, every ACK that frees send
+        // Registered for reading only: with write interest as well, every ACK that frees send
         // buffer space is an epoll event (EPOLLOUT, edge triggered) that wakes the worker for
         // nothing, which cost ~1.5 µs of CPU per short transaction. `flush` asks for writability
         // only while the peer's buffer is full.
-        let fd = unsafe { AsyncFd::register_with_interest(std, Interest::READABLE)? };
         Ok(Leg {
-            tcp: Rc::new(fd),
+            tcp: Rc::new(Registered::new(rt, std)?),
             tls,
             backlog: Vec::new(),
         })
@@ -781,47 +811,34 @@ impl Leg {
     /// Waits until the backlog is written: this is the backpressure, the session reads nothing more
     /// from the other side meanwhile.
     ///
-    /// The socket is registered for reading only, so waiting for room registers a duplicate of its
-    /// descriptor for writability for as long as this flush lasts (a full socket buffer, i.e. a
-    /// peer slower than the other side: a few system calls per buffer-full of data).
+    /// The socket is registered for reading only, so waiting for room adds write interest for as
+    /// long as this flush lasts (a full socket buffer, i.e. a peer slower than the other side: two
+    /// epoll_ctl calls per buffer-full of data).
     async fn flush(&mut self) -> Result<(), SessionError> {
         if self.backlog.is_empty() {
             return Ok(());
         }
         let mut off = 0;
-        let mut room: Option<AsyncFd<OwnedFd>> = None;
-        while off < self.backlog.len() {
-            let tcp = self.tcp.get_ref();
-            let wrote = match &room {
-                None => match sys_send(tcp, &self.backlog[off..]) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        let dup = tcp.as_fd().try_clone_to_owned()?;
-                        // SAFETY: `dup` is a descriptor of our own that this AsyncFd owns and
-                        // closes (after deregistering) when the flush ends.
-                        room = Some(unsafe {
-                            AsyncFd::register_with_interest(dup, Interest::WRITABLE)
-                                .map_err(io::Error::from)?
-                        });
-                        continue;
-                    }
-                    r => r,
-                },
-                Some(w) => {
-                    let mut ready = w.writable().await?;
-                    match ready.try_io(|_| sys_send(tcp, &self.backlog[off..])) {
-                        Ok(r) => r,
-                        Err(_would_block) => continue,
+        let result = loop {
+            if off >= self.backlog.len() {
+                break Ok(());
+            }
+            match sys_send(self.tcp.get_ref(), &self.backlog[off..]) {
+                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.tcp.clear_write_ready();
+                    if let Err(e) = self.tcp.writable().await {
+                        break Err(e);
                     }
                 }
-            };
-            match wrote {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Ok(n) => off += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => break Err(e),
             }
-        }
-        drop(room);
+        };
+        let disarmed = self.tcp.disarm_write();
+        result?;
+        disarmed?;
         if self.backlog.capacity() > BACKLOG_KEEP {
             self.backlog = Vec::new();
         } else {
@@ -870,6 +887,8 @@ struct Session {
     notices: Vec<u8>,
     /// The worker's buffers (one set per worker thread, see `Scratch`).
     scratch: Rc<RefCell<Scratch>>,
+    /// The worker's event loop.
+    rt: Rc<Runtime>,
 }
 
 fn now_us() -> u64 {
@@ -898,12 +917,14 @@ impl Session {
         spec: SessionSpec,
         inner: &Inner,
         scratch: Rc<RefCell<Scratch>>,
+        rt: &Rc<Runtime>,
     ) -> Result<Self, SessionError> {
         Ok(Session {
             scratch,
+            rt: rt.clone(),
             id: spec.id,
-            client: Leg::new(spec.client, spec.client_tls)?,
-            upstream: Leg::new(spec.upstream, spec.upstream_tls)?,
+            client: Leg::new(rt, spec.client, spec.client_tls)?,
+            upstream: Leg::new(rt, spec.upstream, spec.upstream_tls)?,
             relay: {
                 let mut relay = SessionRelay::new(inner.config.limits, spec.gate, spec.report);
                 if let Some(plan) = spec.mask {
@@ -965,7 +986,8 @@ impl Session {
                         ),
                     };
                     let bytes = backend::error_response("FATAL", code, &msg);
-                    let _ = tokio::time::timeout(TERMINATE_GRACE, self.client.send(&bytes)).await;
+                    let rt = self.rt.clone();
+                    let _ = rt::timeout(&rt, TERMINATE_GRACE, self.client.send(&bytes)).await;
                 }
                 ("protocol_error".to_owned(), format!("{side}: {err}"))
             }
@@ -974,7 +996,8 @@ impl Session {
         if !self.relay.terminated() {
             // The server gets a Terminate unless the client's own was already passed on.
             let bye = frontend::terminate();
-            let _ = tokio::time::timeout(TERMINATE_GRACE, self.upstream.send(&bye)).await;
+            let rt = self.rt.clone();
+            let _ = rt::timeout(&rt, TERMINATE_GRACE, self.upstream.send(&bye)).await;
         }
         self.upstream.close().await;
         self.client.close().await;
@@ -982,10 +1005,13 @@ impl Session {
             let frames = rec.take();
             if !frames.is_empty() {
                 inner
-                    .push_waiting(Event::Recording {
-                        session: self.id,
-                        frames,
-                    })
+                    .push_waiting(
+                        &self.rt,
+                        Event::Recording {
+                            session: self.id,
+                            frames,
+                        },
+                    )
                     .await;
             }
         }
@@ -999,7 +1025,7 @@ impl Session {
             });
             if !entries.is_empty() {
                 inner
-                    .push_waiting(Event::Audit { entries, ack: None })
+                    .push_waiting(&self.rt, Event::Audit { entries, ack: None })
                     .await;
             }
         }
@@ -1021,7 +1047,7 @@ impl Session {
             self.with_scratch(|this, s| this.scan_backend(&prefix, &mut s.out, &mut s.raw))?;
             self.after_backend(inner).await?;
         }
-        let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut deadline: Option<Sleep> = None;
         let (cfd, ufd) = (self.client.tcp.clone(), self.upstream.tcp.clone());
         let mut upstream_first = false;
         loop {
@@ -1053,7 +1079,7 @@ impl Session {
                 return Ok(("drained", String::new()));
             }
             if self.terminate.is_some() && deadline.is_none() {
-                deadline = Some(Box::pin(tokio::time::sleep(TERMINATE_GRACE)));
+                deadline = Some(self.rt.sleep(TERMINATE_GRACE));
             }
             let holding = self.relay.is_holding() || self.waiting;
             // Alternate which side is looked at first so neither can starve the other.
@@ -1062,16 +1088,16 @@ impl Session {
             // registered and removed per wake-up), which is most of the per-message cost here.
             let wake = std::future::poll_fn(|cx| {
                 if let Poll::Ready(c) = cmds.poll(cx) {
-                    return Poll::Ready(Ok(Wake::Command(c)));
+                    return Poll::Ready(Wake::Command(c));
                 }
                 let client = |cx: &mut Context<'_>| {
                     if holding {
                         return Poll::Pending;
                     }
-                    cfd.poll_read_ready(cx).map_ok(Wake::Client)
+                    cfd.poll_read_ready(cx).map(|()| Wake::Client)
                 };
                 let upstream =
-                    |cx: &mut Context<'_>| ufd.poll_read_ready(cx).map_ok(Wake::Upstream);
+                    |cx: &mut Context<'_>| ufd.poll_read_ready(cx).map(|()| Wake::Upstream);
                 let first = if upstream_first {
                     upstream(cx)
                 } else {
@@ -1089,34 +1115,32 @@ impl Session {
                     return second;
                 }
                 if let Some(sleep) = deadline.as_mut() {
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Ok(Wake::Deadline));
+                    if Pin::new(sleep).poll(cx).is_ready() {
+                        return Poll::Ready(Wake::Deadline);
                     }
                 }
                 Poll::Pending
             })
-            .await?;
+            .await;
             match wake {
                 Wake::Command(Some(c)) => self.on_command(c, inner).await?,
                 Wake::Command(None) => return Ok(("terminated", "engine stopped".into())),
-                Wake::Client(mut ready) => {
+                Wake::Client => {
                     let (outcome, hold, drained) = self.on_client_readable()?;
                     if drained {
-                        ready.clear_ready();
+                        cfd.clear_read_ready();
                     }
-                    drop(ready);
                     match (outcome, hold) {
                         (Read::Closed(why), _) => return Ok(("client_closed", why.into())),
                         (Read::Nothing, _) => {}
                         (Read::Data, hold) => self.after_frontend(hold, inner).await?,
                     }
                 }
-                Wake::Upstream(mut ready) => {
+                Wake::Upstream => {
                     let (outcome, drained) = self.on_upstream_readable()?;
                     if drained {
-                        ready.clear_ready();
+                        ufd.clear_read_ready();
                     }
-                    drop(ready);
                     match outcome {
                         Read::Closed(why) => return Ok(("upstream_closed", why.into())),
                         Read::Nothing => {}
@@ -1286,7 +1310,9 @@ impl Session {
             }
         });
         if !entries.is_empty() {
-            inner.push_waiting(Event::Audit { entries, ack }).await;
+            inner
+                .push_waiting(&self.rt, Event::Audit { entries, ack })
+                .await;
         }
     }
 
@@ -1302,10 +1328,13 @@ impl Session {
         *at = std::time::Instant::now();
         let frames = rec.take();
         inner
-            .push_waiting(Event::Recording {
-                session: self.id,
-                frames,
-            })
+            .push_waiting(
+                &self.rt,
+                Event::Recording {
+                    session: self.id,
+                    frames,
+                },
+            )
             .await;
     }
 
@@ -1325,10 +1354,13 @@ impl Session {
         }
         if let Some(statement) = hold {
             inner
-                .push_waiting(Event::Statement {
-                    session: self.id,
-                    statement,
-                })
+                .push_waiting(
+                    &self.rt,
+                    Event::Statement {
+                        session: self.id,
+                        statement,
+                    },
+                )
                 .await;
         }
         Ok(())
@@ -1357,10 +1389,13 @@ impl Session {
         if self.report && !self.events.is_empty() {
             let events = std::mem::take(&mut self.events);
             inner
-                .push_waiting(Event::Backend {
-                    session: self.id,
-                    events,
-                })
+                .push_waiting(
+                    &self.rt,
+                    Event::Backend {
+                        session: self.id,
+                        events,
+                    },
+                )
                 .await;
         }
         Ok(())

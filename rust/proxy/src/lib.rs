@@ -8,6 +8,7 @@
 //! speaks to it through [`Command`]s (a verdict, drain, terminate).
 
 pub mod engine;
+mod rt;
 pub mod tls;
 
 pub use engine::{Command, Engine, EngineConfig, Event, SessionSpec};
