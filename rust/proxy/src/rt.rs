@@ -101,8 +101,8 @@ impl Wake for TaskWaker {
 type Task = Pin<Box<dyn Future<Output = ()>>>;
 
 struct TaskSlot {
-    future: Option<Task>,
-    waker: Waker,
+    /// Taken out while the task is polled (it may spawn, which borrows the slab).
+    future: Option<(Task, Waker)>,
     handle: Arc<TaskWaker>,
 }
 
@@ -190,8 +190,7 @@ impl Runtime {
         });
         let waker = Waker::from(handle.clone());
         self.tasks.borrow_mut()[idx] = Some(TaskSlot {
-            future: Some(Box::pin(future)),
-            waker: waker.clone(),
+            future: Some((Box::pin(future), waker.clone())),
             handle,
         });
         waker.wake();
@@ -292,10 +291,10 @@ impl Runtime {
                 return;
             };
             slot.handle.queued.store(false, Ordering::Release);
-            let Some(future) = slot.future.take() else {
+            let Some(task) = slot.future.take() else {
                 return;
             };
-            (future, slot.waker.clone())
+            task
         };
         self.budget.set(BUDGET);
         // A task that panics (a bug) ends alone, as under tokio: its future is dropped, so its
@@ -308,7 +307,7 @@ impl Runtime {
             self.tasks.borrow_mut()[idx] = None;
             self.free_tasks.borrow_mut().push(idx);
         } else if let Some(slot) = self.tasks.borrow_mut()[idx].as_mut() {
-            slot.future = Some(future);
+            slot.future = Some((future, waker));
         }
     }
 
