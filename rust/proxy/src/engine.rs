@@ -10,7 +10,8 @@
 //! the session (its backlog), and the task writes the backlog out before it reads again. That is
 //! the backpressure: a slow client stops the task reading from the server, so a session holds at
 //! most about one chunk whatever the result size, and an idle session holds no I/O buffer at all.
-//! The only await points inside `select!` are readiness and the command channel, both cancel-safe.
+//! A session waits in one hand-written poll on its mailbox and both sockets' readiness; whichever
+//! wins, nothing of the others is lost (readiness stays set, commands stay queued).
 //!
 //! Talking to the control plane. Events go into one bounded queue; when the queue goes from empty to
 //! non-empty the engine writes to an eventfd the control plane waits on, so a burst of events costs
@@ -286,9 +287,9 @@ impl Inner {
     }
 }
 
-/// The handle the control plane holds; cloning shares the same engine. When the last handle is
-/// dropped, the workers' session channels close and the worker threads end; sessions still open
-/// then are closed without a goodbye, so terminate them first.
+/// The handle the control plane holds; cloning shares the same engine. Every session holds the
+/// engine until it ends; once the last handle and the last session are gone, the worker threads
+/// end. Terminate sessions to stop them: dropping the handles alone leaves them running.
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
