@@ -583,6 +583,53 @@ def test_slow_reader_gets_backpressure(
 # -- many sessions ---------------------------------------------------------------------------------
 
 
+def test_a_streaming_session_does_not_starve_its_worker(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path
+) -> None:
+    """One worker thread, two sessions: while one streams a 1,000,000-row result to a client that
+    reads as fast as it can, the other's short queries are answered; the worker interleaves them.
+    (The read budget that makes a session yield even when its client keeps up is tested in
+    rust/proxy/src/rt.rs; here psql's reading is what makes the stream wait.)"""
+    gw = gateway_factory(
+        shaped_config(pg, gateway_tls, tmp_path, client_tls=False, upstream_tls=False, workers=1)
+    )
+    env = gw.env(sslmode="disable")
+    with psycopg.connect(gw.dsn(sslmode="disable"), autocommit=True) as short:
+        assert short.execute("select 1").fetchone() == (1,)
+        stream = subprocess.Popen(
+            ["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", "-c", BIG_QUERY],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            with superuser(pg) as su:
+                wait_for(
+                    lambda: (
+                        su.execute(
+                            "select count(*) from pg_stat_activity where query = %s and state = 'active'",
+                            (BIG_QUERY,),
+                        ).fetchone()
+                        == (1,)
+                    ),
+                    20,
+                    "the large result to start",
+                    interval=0.005,
+                )
+            answered = 0
+            while stream.poll() is None and answered < 20:
+                assert short.execute("select %s::int + 1", (answered,)).fetchone() == (answered + 1,)
+                answered += 1
+            streaming_still = stream.poll() is None
+        finally:
+            code = stream.wait(120)
+    assert code == 0, f"{stream.stderr.read().decode() if stream.stderr else ''}\n{gw.log()[-1500:]}"
+    assert answered == 20 and streaming_still, (
+        f"only {answered} short queries were answered while the large result streamed"
+    )
+    assert_healthy(gw)
+
+
 def test_hundred_concurrent_sessions(gateway: GatewayProcess) -> None:
     n = 100
     barrier = threading.Barrier(n, timeout=60)

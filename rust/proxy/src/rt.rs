@@ -175,14 +175,7 @@ impl Runtime {
 
     /// Runs `future` as a task of this loop.
     pub fn spawn(&self, future: impl Future<Output = ()> + 'static) {
-        let idx = match self.free_tasks.borrow_mut().pop() {
-            Some(i) => i,
-            None => {
-                let mut tasks = self.tasks.borrow_mut();
-                tasks.push(None);
-                tasks.len() - 1
-            }
-        };
+        let idx = free_slot(&self.tasks, &self.free_tasks);
         let handle = Arc::new(TaskWaker {
             idx,
             queued: AtomicBool::new(false),
@@ -362,14 +355,7 @@ impl Runtime {
     }
 
     fn register(&self, fd: RawFd) -> io::Result<Rc<IoState>> {
-        let idx = match self.free_io.borrow_mut().pop() {
-            Some(i) => i,
-            None => {
-                let mut io = self.io.borrow_mut();
-                io.push(None);
-                io.len() - 1
-            }
-        };
+        let idx = free_slot(&self.io, &self.free_io);
         let generation = self.io_generation.get().wrapping_add(1);
         self.io_generation.set(generation);
         // The loop's own eventfd has token u64::MAX; generation u32::MAX with that index cannot
@@ -416,6 +402,16 @@ impl Runtime {
         self.budget.set(b - 1);
         true
     }
+}
+
+/// The index of a free entry of `slab` (a freed one if any, else a new one at the end).
+fn free_slot<T>(slab: &RefCell<Vec<Option<T>>>, free: &RefCell<Vec<usize>>) -> usize {
+    if let Some(i) = free.borrow_mut().pop() {
+        return i;
+    }
+    let mut slab = slab.borrow_mut();
+    slab.push(None);
+    slab.len() - 1
 }
 
 /// A descriptor registered with a worker's loop; deregistered (then closed) when dropped.
