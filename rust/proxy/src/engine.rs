@@ -23,7 +23,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future as _;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::rt::{self, LocalNotify, Registered, Remote, Runtime, Sleep};
+use crate::rt::{self, EventFd, LocalNotify, Registered, Remote, Runtime, Sleep};
 use crate::tls::{TlsError, TlsLayer};
 use ostiary_wire::pg::audit::{AuditEntry, AuditTrack};
 use ostiary_wire::pg::backend::{self, ErrorFields};
@@ -239,7 +239,7 @@ struct Inner {
     /// Live sessions: the worker each runs on and its inbox.
     sessions: Mutex<HashMap<u64, (usize, Arc<Inbox>)>>,
     events: Mutex<VecDeque<Event>>,
-    event_fd: OwnedFd,
+    event_fd: EventFd,
     next_worker: AtomicUsize,
 }
 
@@ -253,16 +253,6 @@ impl Drop for Inner {
 }
 
 impl Inner {
-    fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: event_fd is an eventfd owned by self for its whole life; writing 8 bytes from a
-        // valid u64 is the eventfd contract. A failed write (counter overflow) needs no handling:
-        // the fd is then readable anyway.
-        unsafe {
-            libc::write(self.event_fd.as_raw_fd(), (&one as *const u64).cast(), 8);
-        }
-    }
-
     fn push(&self, ev: Event) -> bool {
         let mut q = self.events.lock().expect("event queue lock");
         let was_empty = q.is_empty();
@@ -270,7 +260,7 @@ impl Inner {
         let full = q.len() >= self.config.event_capacity;
         drop(q);
         if was_empty {
-            self.signal();
+            self.event_fd.notify();
         }
         full
     }
@@ -297,13 +287,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(config: EngineConfig) -> io::Result<Self> {
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor we own and close exactly once through OwnedFd.
-        let event_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let event_fd = EventFd::new()?;
         let workers_n = config.workers.max(1);
         let mut links = Vec::with_capacity(workers_n);
         for _ in 0..workers_n {
@@ -397,22 +381,14 @@ impl Engine {
 
     /// Takes up to `max` waiting events and clears the eventfd.
     pub fn poll_events(&self, max: usize) -> Vec<Event> {
-        let mut counter = [0u8; 8];
-        // SAFETY: reading 8 bytes into a local buffer from our own non-blocking eventfd.
-        unsafe {
-            libc::read(
-                self.inner.event_fd.as_raw_fd(),
-                counter.as_mut_ptr().cast(),
-                8,
-            );
-        }
+        self.inner.event_fd.clear();
         let mut q = self.inner.events.lock().expect("event queue lock");
         let n = q.len().min(max);
         let out: Vec<Event> = q.drain(..n).collect();
         let more = !q.is_empty();
         drop(q);
         if more {
-            self.inner.signal();
+            self.inner.event_fd.notify();
         }
         out
     }

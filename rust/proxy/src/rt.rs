@@ -38,9 +38,44 @@ const BUDGET: u32 = 128;
 const READ: u8 = 1;
 const WRITE: u8 = 2;
 
+/// A non-blocking eventfd: one thread says "look" (`notify`), another waits for it to be readable
+/// and clears it (`clear`) before it looks. Many notifications before a `clear` are one wake-up.
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        // SAFETY: a fresh descriptor we own and close exactly once through OwnedFd.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub fn notify(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a valid u64 to our own eventfd. A failed write (counter
+        // overflow) needs no handling: the eventfd is readable then anyway.
+        unsafe {
+            libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+    }
+
+    pub fn clear(&self) {
+        let mut counter = [0u8; 8];
+        // SAFETY: reading 8 bytes into a local buffer from our own non-blocking eventfd; EAGAIN
+        // (nothing to clear) is fine.
+        unsafe {
+            libc::read(self.0.as_raw_fd(), counter.as_mut_ptr().cast(), 8);
+        }
+    }
+
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 /// The part of a loop other threads reach: its eventfd and the tasks woken for it.
 pub struct Remote {
-    eventfd: OwnedFd,
+    eventfd: EventFd,
     woken: Mutex<Vec<usize>>,
     /// The loop is blocked in epoll_wait, or about to be: a wake-up must write the eventfd.
     sleeping: AtomicBool,
@@ -48,14 +83,8 @@ pub struct Remote {
 
 impl Remote {
     pub fn new() -> io::Result<Arc<Self>> {
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Arc::new(Remote {
-            // SAFETY: a fresh descriptor we own and close exactly once through OwnedFd.
-            eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            eventfd: EventFd::new()?,
             woken: Mutex::new(Vec::new()),
             sleeping: AtomicBool::new(false),
         }))
@@ -63,12 +92,7 @@ impl Remote {
 
     /// Wakes the loop (from any thread); its `on_remote` callback runs soon after.
     pub fn notify(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a valid u64 to our own eventfd. A failed write (counter
-        // overflow) needs no handling: the eventfd is readable then anyway.
-        unsafe {
-            libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8);
-        }
+        self.eventfd.notify();
     }
 
     fn wake_task(&self, idx: usize) {
@@ -214,15 +238,11 @@ impl Runtime {
             batch.clear();
             // Sleep only if nothing was woken meanwhile (`sleeping` is set before that check, so
             // a waker on another thread either is seen here or writes the eventfd).
+            self.remote.sleeping.store(true, Ordering::SeqCst);
             let timeout = if self.has_woken() {
                 0
             } else {
-                self.remote.sleeping.store(true, Ordering::SeqCst);
-                if self.has_woken() {
-                    0
-                } else {
-                    self.timeout_ms()
-                }
+                self.timeout_ms()
             };
             events.clear();
             // SAFETY: `events` has room for `capacity()` entries; the kernel writes at most that
@@ -250,15 +270,7 @@ impl Runtime {
                 self.on_io_event(token, ev.events);
             }
             if remote {
-                let mut counter = [0u8; 8];
-                // SAFETY: reading 8 bytes into a local buffer from our own non-blocking eventfd.
-                unsafe {
-                    libc::read(
-                        self.remote.eventfd.as_raw_fd(),
-                        counter.as_mut_ptr().cast(),
-                        8,
-                    );
-                }
+                self.remote.eventfd.clear();
                 if !on_remote() {
                     break 'outer;
                 }
@@ -277,6 +289,8 @@ impl Runtime {
         !self.remote.woken.lock().expect("run queue lock").is_empty()
     }
 
+    /// Polls the task in slot `idx`. A slot freed and reused since the wake-up gets a spurious
+    /// poll, which futures allow; a freed one is skipped.
     fn poll_task(&self, idx: usize) {
         let (mut future, waker) = {
             let mut tasks = self.tasks.borrow_mut();
