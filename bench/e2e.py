@@ -1154,6 +1154,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     if report["pgbench"]:
         lines += _pgbench_section(report)
+        lines += _paired_section(report)
     lines += _extra_sections(report)
     if report.get("masking_large"):
         lines += _masking_section(report)
@@ -1188,6 +1189,92 @@ def _pgbench_section(report: dict[str, Any]) -> list[str]:
             f"| {fmt(r['proxy_cpu_us_per_txn'], ',.1f')} |"
         )
     return lines
+
+
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (1..30); 1.96 beyond.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % confidence interval (Student's t; NaN below 2 values)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return mean, t * sd / math.sqrt(n)
+
+
+def paired_ratios(runs: Sequence[dict[str, Any]], target: str, case: str) -> dict[str, Any] | None:
+    """Per-round ratios of `target` to pgbouncer in one case: each round ran both back to back, so a
+    ratio per round cancels the drift between rounds that a ratio of means keeps. None when fewer
+    than two rounds have both (or CPU was not measured)."""
+    by_round: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        if r["case"] == case and r["target"] in (target, "pgbouncer"):
+            by_round.setdefault(r["round"], {})[r["target"]] = r
+    tps: list[float] = []
+    cpu: list[float] = []
+    for pair in by_round.values():
+        g, b = pair.get(target), pair.get("pgbouncer")
+        if not g or not b or not b["tps"] or not g["transactions"] or not b["transactions"]:
+            continue
+        if g["proxy_cpu_s"] is None or not b["proxy_cpu_s"]:
+            continue
+        tps.append(g["tps"] / b["tps"])
+        cpu.append((g["proxy_cpu_s"] / g["transactions"]) / (b["proxy_cpu_s"] / b["transactions"]))
+    if len(tps) < 2:
+        return None
+    tps_mean, tps_ci = mean_ci95(tps)
+    cpu_mean, cpu_ci = mean_ci95(cpu)
+    return {
+        "rounds": len(tps),
+        "tps_ratio_mean": tps_mean,
+        "tps_ratio_ci95": tps_ci,
+        "cpu_ratio_mean": cpu_mean,
+        "cpu_ratio_ci95": cpu_ci,
+        "rounds_tps_ahead": sum(1 for v in tps if v >= 1.0),
+        "rounds_cpu_below": sum(1 for v in cpu if v <= 1.0),
+    }
+
+
+def _paired_section(report: dict[str, Any]) -> list[str]:
+    runs = report.get("runs") or []
+    rows: list[str] = []
+    seen: list[tuple[str, str]] = []
+    for r in runs:
+        key = (r["case"], r["target"])
+        if r["target"] not in ("direct", "pgbouncer") and key not in seen:
+            seen.append(key)
+    for case, target in seen:
+        p = paired_ratios(runs, target, case)
+        if p is None:
+            continue
+        rows.append(
+            f"| {target} | {case} | {p['rounds']} "
+            f"| {p['tps_ratio_mean']:.3f} ± {p['tps_ratio_ci95']:.3f} | {p['rounds_tps_ahead']} "
+            f"| {p['cpu_ratio_mean']:.3f} ± {p['cpu_ratio_ci95']:.3f} | {p['rounds_cpu_below']} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "## Paired with pgbouncer, round by round",
+        "",
+        "Each round runs pgbouncer and the gateway back to back; the ratio is taken per round, then "
+        "averaged (± the 95 % confidence interval of that mean, Student's t). An interval that "
+        "contains 1.0 means this run cannot tell the two apart. CPU ratio is proxy CPU per "
+        "transaction, gateway / pgbouncer (below 1.0: the gateway used less).",
+        "",
+        "| target | case | rounds | TPS ratio | rounds ≥ 1.0 | CPU ratio | rounds ≤ 1.0 |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def _masking_section(report: dict[str, Any]) -> list[str]:
@@ -1576,6 +1663,13 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any]
         },
         "pgbench": pgbench_rows,
         "runs": [asdict(r) for r in runs],
+        "paired": [
+            {"target": t, "case": c.key, **p}
+            for c in cases
+            for t in targets
+            if t not in ("direct", "pgbouncer")
+            and (p := paired_ratios([asdict(r) for r in runs], t, c.key)) is not None
+        ],
         "stream": stream,
         "idle": idle,
     }
