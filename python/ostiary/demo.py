@@ -150,7 +150,8 @@ def run_demo(data_dir: str, port: int) -> int:
         f"  ostiary audit search --store {state}/audit.db\n"
         f"  ostiary audit verify --store {state}/audit.db\n"
         f"  ostiary sessions list --data-dir {state}\n\n"
-        "Ctrl-C stops the gateway and removes the demo cluster.\n",
+        "Ctrl-C stops the gateway and removes the demo cluster and everything under\n"
+        f"{base} (the audit trail and recordings included).\n",
         flush=True,
     )
     try:
