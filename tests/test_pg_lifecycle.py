@@ -438,6 +438,96 @@ def test_pg_terminate_backend_reaches_the_client(gateway: GatewayProcess, pg: Pg
     assert_healthy(gateway)
 
 
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed")
+        out += chunk
+    return out
+
+
+def _recv_message(s: socket.socket, typed_: bool = True) -> bytes:
+    head = _recv_exact(s, 5 if typed_ else 4)
+    (length,) = struct.unpack("!I", head[-4:])
+    return head + _recv_exact(s, length - 4)
+
+
+def _dies_after_first_query(s: socket.socket) -> None:
+    """A PostgreSQL that logs the gateway in (cleartext password), then answers the first query
+    with FATAL 57P01 and hangs up, both in one TCP segment (TCP_CORK holds the error until the FIN
+    joins it), as a backend's last words and its exit often arrive together."""
+    try:
+        _recv_message(s, typed_=False)  # StartupMessage
+        s.sendall(b"R" + struct.pack("!ii", 8, 3))  # AuthenticationCleartextPassword
+        _recv_message(s)  # PasswordMessage
+        s.sendall(
+            b"R" + struct.pack("!ii", 8, 0)  # AuthenticationOk
+            + b"K" + struct.pack("!iii", 12, 4242, 777)  # BackendKeyData
+            + b"Z" + struct.pack("!i", 5) + b"I"  # ReadyForQuery
+        )  # fmt: skip
+        _recv_message(s)  # the first Query
+        body = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0"
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        s.sendall(b"E" + struct.pack("!I", len(body) + 4) + body)
+        s.shutdown(socket.SHUT_WR)
+        time.sleep(10)
+    except OSError:
+        pass
+
+
+def test_server_last_words_and_hang_up_in_one_segment_end_the_session(
+    gateway_factory: GatewayFactory, pg: PgCluster
+) -> None:
+    """The server's FATAL and its FIN arrive in one segment, so epoll reports one edge for both:
+    the client gets the FATAL and then the end of the connection, at once."""
+    with fake_upstream(_dies_after_first_query) as port:
+        gw = gateway_factory(connections=upstream(pg, port=port, tls={"mode": "disable"}))
+        c = tls_login(gw)
+        with c:
+            assert c.until_ready()[-1] == (b"Z", b"I")
+            c.send(query_message("select 1"))
+            out = c.outcome(5)
+        err = fatal_of(out)
+        assert err["C"] == "57P01", err
+        assert out.elapsed < 3, f"the session ended only after {out.elapsed:.1f}s"
+        wait_for(lambda: "ended: upstream_closed" in gw.log(), 5, "the session's end in the log")
+    assert gw.proc.poll() is None and "Traceback" not in gw.log(), gw.log()[-3000:]
+
+
+@pytest.mark.parametrize("client_tls", [False, True], ids=["plaintext", "tls"])
+def test_client_last_bytes_and_hang_up_in_one_segment_end_the_session(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, client_tls: bool
+) -> None:
+    """A client sends half a message and hangs up, in one segment (one epoll edge for both): the
+    gateway ends the session and its upstream backend goes away; it does not wait for more."""
+    gw = gateway_factory(shaped_config(pg, gateway_tls, tmp_path, client_tls=False, upstream_tls=False))
+    app = f"last-bytes-{client_tls}"
+    c = RawConn(gw.port)
+    if client_tls:
+        c.start_tls(gw.tls.ca_cert)
+    assert c.login(CLIENT_USER, CLIENT_PASSWORD, application_name=app)[-1] == (b"Z", b"I")
+
+    def backends() -> int:
+        with superuser(pg) as su:
+            row = su.execute(
+                "select count(*) from pg_stat_activity where application_name = %s", (app,)
+            ).fetchone()
+        return int(row[0]) if row else -1
+
+    assert backends() == 1
+    msg = query_message("select 'this message is cut short'")
+    c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    c.sock.sendall(msg[:7])
+    socket.socket.shutdown(c.sock, socket.SHUT_WR)  # a FIN only (no TLS close_notify)
+    with c:
+        out = c.outcome(5)
+    assert out.closed and out.elapsed < 3, out.describe()
+    wait_for(lambda: backends() == 0, 5, "the upstream backend to end")
+    assert_healthy(gw)
+
+
 # -- bounded memory --------------------------------------------------------------------------------
 
 BIG_QUERY = "select g, repeat('x', 100) from generate_series(1, 1000000) g"

@@ -675,7 +675,7 @@ const BACKLOG_KEEP: usize = 4096;
 /// The session clears read readiness itself: a read that returns less than the buffer drained the
 /// socket, and epoll (edge triggered) reports any later data as a new event, so the usual extra
 /// read that only returns EAGAIN is skipped. That saves a system call per message in each
-/// direction.
+/// direction. (Unless epoll reported a hang-up: see `Registered::clear_read_ready_after_short_read`.)
 struct Leg {
     tcp: Rc<Registered<std::net::TcpStream>>,
     tls: Option<TlsLayer>,
@@ -689,6 +689,28 @@ enum Wake {
     Client,
     Upstream,
     Deadline,
+}
+
+/// What one read says about the socket's read readiness.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    /// The read filled the buffer: there may be more.
+    No,
+    /// The read returned less than the buffer: drained, unless the peer hung up (see
+    /// `Registered::clear_read_ready_after_short_read`).
+    Short,
+    /// The read found nothing (EAGAIN).
+    Empty,
+}
+
+impl Drained {
+    fn apply<T: AsRawFd>(self, fd: &Registered<T>) {
+        match self {
+            Drained::No => {}
+            Drained::Short => fd.clear_read_ready_after_short_read(),
+            Drained::Empty => fd.clear_read_ready(),
+        }
+    }
 }
 
 enum Read {
@@ -717,25 +739,29 @@ impl Leg {
     }
 
     /// Reads once into `read` and decrypts into `plain` when TLS is on. Returns the plaintext and
-    /// whether the peer closed, or `None` when there was nothing to read. `drained` is set when the
-    /// socket has nothing more to read now (the caller then clears its read readiness).
+    /// whether the peer closed, or `None` when there was nothing to read. `drained` says whether
+    /// the socket may have more to read now (the caller then clears its read readiness).
     fn try_read<'a>(
         &mut self,
         read: &'a mut [u8],
         plain: &'a mut Vec<u8>,
         raw: &mut Vec<u8>,
-        drained: &mut bool,
+        drained: &mut Drained,
     ) -> Result<Option<(&'a [u8], bool)>, SessionError> {
         let n = match sys_recv(self.tcp.get_ref(), read) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                *drained = true;
+                *drained = Drained::Empty;
                 return Ok(None);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        *drained = n < read.len();
+        *drained = if n < read.len() {
+            Drained::Short
+        } else {
+            Drained::No
+        };
         if n == 0 {
             return Ok(Some((&[], true)));
         }
@@ -1104,9 +1130,7 @@ impl Session {
                 Wake::Command(None) => return Ok(("terminated", "engine stopped".into())),
                 Wake::Client => {
                     let (outcome, hold, drained) = self.on_client_readable()?;
-                    if drained {
-                        cfd.clear_read_ready();
-                    }
+                    drained.apply(&cfd);
                     match (outcome, hold) {
                         (Read::Closed(why), _) => return Ok(("client_closed", why.into())),
                         (Read::Nothing, _) => {}
@@ -1115,9 +1139,7 @@ impl Session {
                 }
                 Wake::Upstream => {
                     let (outcome, drained) = self.on_upstream_readable()?;
-                    if drained {
-                        ufd.clear_read_ready();
-                    }
+                    drained.apply(&ufd);
                     match outcome {
                         Read::Closed(why) => return Ok(("upstream_closed", why.into())),
                         Read::Nothing => {}
@@ -1135,7 +1157,7 @@ impl Session {
     }
 
     /// Reads what the client sent, scans it and passes it upstream, all without waiting.
-    fn on_client_readable(&mut self) -> Result<(Read, Option<Statement>, bool), SessionError> {
+    fn on_client_readable(&mut self) -> Result<(Read, Option<Statement>, Drained), SessionError> {
         self.with_scratch(|this, s| {
             let Scratch {
                 read,
@@ -1143,7 +1165,7 @@ impl Session {
                 out,
                 raw,
             } = s;
-            let mut drained = false;
+            let mut drained = Drained::No;
             let Some((data, closed)) = this.client.try_read(read, plain, raw, &mut drained)? else {
                 return Ok((Read::Nothing, None, drained));
             };
@@ -1165,7 +1187,7 @@ impl Session {
     }
 
     /// Reads what the server sent, scans it and passes it to the client, all without waiting.
-    fn on_upstream_readable(&mut self) -> Result<(Read, bool), SessionError> {
+    fn on_upstream_readable(&mut self) -> Result<(Read, Drained), SessionError> {
         self.with_scratch(|this, s| {
             let Scratch {
                 read,
@@ -1173,7 +1195,7 @@ impl Session {
                 out,
                 raw,
             } = s;
-            let mut drained = false;
+            let mut drained = Drained::No;
             let Some((data, closed)) = this.upstream.try_read(read, plain, raw, &mut drained)?
             else {
                 return Ok((Read::Nothing, drained));

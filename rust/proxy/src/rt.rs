@@ -37,6 +37,9 @@ const REMOTE_TOKEN: u64 = u64::MAX;
 const BUDGET: u32 = 128;
 const READ: u8 = 1;
 const WRITE: u8 = 2;
+/// epoll reported the peer's hang-up (EPOLLRDHUP: FIN), a reset or an error (EPOLLHUP,
+/// EPOLLERR). Kept until a read proves the descriptor empty; see `clear_read_ready_after_short_read`.
+const HUP: u8 = 4;
 
 /// A non-blocking eventfd: one thread says "look" (`notify`), another waits for it to be readable
 /// and clears it (`clear`) before it looks. Many notifications before a `clear` are one wake-up.
@@ -326,6 +329,9 @@ impl Runtime {
         };
         let err = flags & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0;
         let mut ready = state.ready.get();
+        if err || flags & libc::EPOLLRDHUP as u32 != 0 {
+            ready |= HUP;
+        }
         if err || flags & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0 {
             ready |= READ;
             if let Some(w) = state.read_waker.borrow_mut().take() {
@@ -464,9 +470,23 @@ impl<T: AsRawFd> Registered<T> {
         Poll::Pending
     }
 
-    /// The descriptor has nothing more to read now; epoll reports new data as a new edge.
+    /// A read found nothing (EAGAIN): not readable until epoll reports a new edge.
     pub fn clear_read_ready(&self) {
-        self.state.ready.set(self.state.ready.get() & !READ);
+        self.state.ready.set(self.state.ready.get() & !(READ | HUP));
+    }
+
+    /// A read returned less than it asked for. That usually means the socket is drained, and data
+    /// arriving later makes a new edge, so the read that would only return EAGAIN is skipped. Not
+    /// when epoll has reported a hang-up: a peer that sends its last bytes and closes (a client
+    /// that disconnects mid-message, a server that sends FATAL and exits) makes one edge for both
+    /// when they arrive before the loop looks, the short read returns the bytes, and only another
+    /// read returns the end (0, or the reset). Readiness is kept then, or the session would wait
+    /// for an edge that never comes, holding its upstream connection.
+    pub fn clear_read_ready_after_short_read(&self) {
+        let ready = self.state.ready.get();
+        if ready & HUP == 0 {
+            self.state.ready.set(ready & !READ);
+        }
     }
 
     /// The descriptor took less than offered: wait until it has room again.
@@ -712,6 +732,63 @@ mod tests {
                 remote.notify();
             });
             std::mem::forget(writer);
+        });
+    }
+
+    #[test]
+    fn last_bytes_and_hang_up_in_one_edge() {
+        with_loop(|rt, done| {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            a.set_nonblocking(true).unwrap();
+            let a = Registered::new(&rt, a).unwrap();
+            // The peer's last bytes and its hang-up arrive together, before the loop looks: one
+            // edge (EPOLLIN | EPOLLRDHUP) for both.
+            b.write_all(b"bye").unwrap();
+            b.shutdown(std::net::Shutdown::Write).unwrap();
+            let remote = rt.remote.clone();
+            let rt2 = rt.clone();
+            rt.spawn(async move {
+                // Let the loop take that edge from epoll first.
+                rt2.sleep(Duration::from_millis(20)).await;
+                let mut buf = [0u8; 16];
+                std::future::poll_fn(|cx| a.poll_read_ready(cx)).await;
+                assert_eq!(a.get_ref().read(&mut buf).unwrap(), 3);
+                // A short read: drained as far as data goes, but the end is still to be read.
+                a.clear_read_ready_after_short_read();
+                std::future::poll_fn(|cx| a.poll_read_ready(cx)).await;
+                assert_eq!(a.get_ref().read(&mut buf).unwrap(), 0);
+                done.set(true);
+                remote.notify();
+                drop(b);
+            });
+        });
+    }
+
+    #[test]
+    fn short_read_without_hang_up_waits_for_the_next_edge() {
+        with_loop(|rt, done| {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            a.set_nonblocking(true).unwrap();
+            let a = Registered::new(&rt, a).unwrap();
+            b.write_all(b"one").unwrap();
+            let remote = rt.remote.clone();
+            let rt2 = rt.clone();
+            rt.spawn(async move {
+                rt2.sleep(Duration::from_millis(20)).await;
+                let mut buf = [0u8; 16];
+                std::future::poll_fn(|cx| a.poll_read_ready(cx)).await;
+                assert_eq!(a.get_ref().read(&mut buf).unwrap(), 3);
+                a.clear_read_ready_after_short_read();
+                // Not ready until new data comes (no read that only returns EAGAIN).
+                let pending = std::future::poll_fn(|cx| Poll::Ready(a.poll_read_ready(cx))).await;
+                assert!(pending.is_pending());
+                b.write_all(b"two").unwrap();
+                std::future::poll_fn(|cx| a.poll_read_ready(cx)).await;
+                assert_eq!(a.get_ref().read(&mut buf).unwrap(), 3);
+                assert_eq!(&buf[..3], b"two");
+                done.set(true);
+                remote.notify();
+            });
         });
     }
 
