@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
 import socket
 import struct
 import threading
@@ -52,6 +53,9 @@ class Chaos:
         self.done: Counter[str] = Counter()
         self.failures: list[str] = []
         self.lock = threading.Lock()
+        # Set before the gateway is told to stop: failures from then on are expected.
+        self.stopping = threading.Event()
+        self.cut_short = 0
 
     # -- the actions -------------------------------------------------------------------------------
 
@@ -115,7 +119,16 @@ class Chaos:
 
     def cancel(self, rng: random.Random) -> None:
         with psycopg.connect(self.dsn(rng, "cancel"), autocommit=True) as conn:
-            timer = threading.Timer(rng.uniform(0.05, 0.3), conn.cancel)
+
+            def cancel() -> None:
+                try:
+                    conn.cancel()
+                except Exception as e:
+                    with self.lock:
+                        if not self.stopping.is_set():
+                            self.failures.append(f"cancel request: {type(e).__name__}: {e}")
+
+            timer = threading.Timer(rng.uniform(0.05, 0.3), cancel)
             timer.start()
             try:
                 with pytest.raises(psycopg.errors.QueryCanceled):
@@ -166,13 +179,16 @@ class Chaos:
             (1, self.abandon_copy_out),
         ]
         weights = [w for w, _ in actions]
-        while time.monotonic() < self.until:
+        while time.monotonic() < self.until and not self.stopping.is_set():
             (_, action) = rng.choices(actions, weights)[0]
             try:
                 action(rng)
             except BaseException as e:
                 with self.lock:
-                    self.failures.append(f"{action.__name__}: {type(e).__name__}: {e}")
+                    if self.stopping.is_set():
+                        self.cut_short += 1
+                    else:
+                        self.failures.append(f"{action.__name__}: {type(e).__name__}: {e}")
                 return
             with self.lock:
                 self.done[action.__name__] += 1
@@ -232,3 +248,50 @@ def test_many_sessions_doing_hostile_things_leave_nothing_behind(
         assert bad not in log, f"{bad} in the gateway log {where}:\n{log[-3000:]}"
     assert_healthy(gw)
     print(f"chaos seed {seed}: {dict(chaos.done)}")
+
+
+def test_sigterm_in_the_middle_of_it_all(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path
+) -> None:
+    """SIGTERM while a dozen sessions do all of the above: the gateway drains, ends what is left
+    when the grace period is over, exits 0, and leaves no upstream backend behind."""
+    seed = int(os.environ.get("OSTIARY_CHAOS_SEED") or random.randrange(1 << 30))
+    grace = 2.0
+    gw = gateway_factory(
+        shaped_config(
+            pg,
+            gateway_tls,
+            tmp_path,
+            client_tls=False,
+            upstream_tls=True,
+            workers=2,
+            shutdown={"grace": grace},
+        )
+    )
+    chaos = Chaos(gw, pg, seed, 60)
+    threads = [threading.Thread(target=chaos.worker, args=(i,), daemon=True) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    where = f"(seed {seed})"
+    assert not chaos.failures, f"{chaos.failures[:5]} {where}\n{gw.log()[-3000:]}"
+    chaos.stopping.set()
+    t0 = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    code = gw.proc.wait(grace + 10)
+    exited = time.monotonic() - t0
+    assert code == 0, f"exit {code} {where}\n{gw.log()[-3000:]}"
+    assert exited < grace + 5, f"exited {exited:.1f}s after SIGTERM {where}"
+    for t in threads:
+        t.join(20)
+    assert not [t for t in threads if t.is_alive()], f"client threads still running {where}"
+    assert not chaos.failures, f"{chaos.failures[:5]} {where}\n{gw.log()[-3000:]}"
+    assert sum(chaos.done.values()) >= THREADS, f"{chaos.done} {where}"
+    try:
+        wait_for(lambda: not chaos_backends(pg), 10, "the upstream backends to end")
+    except AssertionError as e:
+        left = "\n".join(map(str, chaos_backends(pg)))
+        raise AssertionError(f"{e} {where}; still there:\n{left}\n{gw.log()[-3000:]}") from None
+    log = gw.log()
+    for bad in ("internal_error", "panicked", "Traceback"):
+        assert bad not in log, f"{bad} in the gateway log {where}:\n{log[-3000:]}"
