@@ -45,8 +45,11 @@ def expected_md5(n: int) -> str:
 
 
 class Chaos:
-    def __init__(self, gw: GatewayProcess, pg: PgCluster, seed: int, seconds: float) -> None:
+    def __init__(
+        self, gw: GatewayProcess, pg: PgCluster, seed: int, seconds: float, features: bool = False
+    ) -> None:
         self.gw = gw
+        self.features = features
         self.pg = pg
         self.seed = seed
         self.until = time.monotonic() + seconds
@@ -77,6 +80,9 @@ class Chaos:
                 assert cur.fetchone() == (i * 3, f"v{i}")
             simple = conn.execute("select 1; select 'two'", prepare=False).fetchone()
             assert simple is not None
+            # A statement shape the gateway has not seen (in the guarded gateway, a decision).
+            k = rng.randrange(1 << 40)
+            assert conn.execute(f"select count(*) as c{k} from generate_series(1, 3)").fetchone() == (3,)
 
     def raw_session(self, rng: random.Random, name: str) -> RawConn:
         c = RawConn(self.gw.port, timeout=10)
@@ -98,7 +104,8 @@ class Chaos:
 
     def reset_mid_result(self, rng: random.Random) -> None:
         c = self.raw_session(rng, "reset-mid-result")
-        c.send(query_message("select g, repeat('x', 500) from generate_series(1, 100000) g"))
+        k = rng.randrange(1 << 40)  # a new shape: the reset may come while it is being decided
+        c.send(query_message(f"select g, repeat('x', 500) as r{k} from generate_series(1, 100000) g"))
         want = rng.choice([1, 10_000, 500_000])
         got = 0
         while got < want:
@@ -166,6 +173,26 @@ class Chaos:
         finally:
             conn.close()
 
+    def denied(self, rng: random.Random) -> None:
+        """A guardrail refuses a statement (a new shape, so the control plane decides it); the
+        session goes on."""
+        with psycopg.connect(self.dsn(rng, "denied"), autocommit=True) as conn:
+            k = rng.randrange(1 << 40)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no-chaos-secret"):
+                conn.execute(f"select a as c{k} from chaos_secret_t")
+            assert conn.execute("select 'still here'").fetchone() == ("still here",)
+
+    def masked(self, rng: random.Random) -> None:
+        """Every email in a result is masked, however the rows fall into chunks."""
+        n = rng.choice([1, 100, 20_000])
+        with psycopg.connect(self.dsn(rng, "masked"), autocommit=True) as conn:
+            rows = conn.execute(
+                "select g, 'user' || g || '@example.com' as e from generate_series(1, %s) g", (n,)
+            ).fetchall()
+        assert len(rows) == n
+        leaked = [r for r in rows if "@example.com" in r[1]]
+        assert not leaked, f"{len(leaked)} of {n} emails unmasked, e.g. {leaked[:2]}"
+
     # -- the driver --------------------------------------------------------------------------------
 
     def worker(self, idx: int) -> None:
@@ -178,6 +205,8 @@ class Chaos:
             (1, self.terminate_upstream),
             (1, self.abandon_copy_out),
         ]
+        if self.features:
+            actions += [(2, self.denied), (2, self.masked)]
         weights = [w for w, _ in actions]
         while time.monotonic() < self.until and not self.stopping.is_set():
             (_, action) = rng.choices(actions, weights)[0]
@@ -203,17 +232,32 @@ def chaos_backends(pg: PgCluster) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
+def chaos_config(
+    pg: PgCluster, tls: TlsMaterial, tmp: Path, features: bool, **overrides: Any
+) -> dict[str, Any]:
+    """Two workers, TLS optional for clients, TLS upstream, the audit trail on (the default).
+    With `features`: a guardrail (and a shipped pack) on the grant and email masking."""
+    cfg = shaped_config(pg, tls, tmp, client_tls=False, upstream_tls=True, workers=2, **overrides)
+    if features:
+        cfg["guardrails"] = [
+            {"name": "no-chaos-secret", "match": {"relations": ["chaos_secret*"]}, "message": "off limits"}
+        ]
+        cfg["grants"][0]["guardrails"] = ["no-destructive-ddl", "no-chaos-secret"]
+        cfg["masking"] = [{"name": "pii", "detectors": ["email"]}]
+        cfg["connections"][0]["masking"] = ["pii"]
+    return cfg
+
+
+@pytest.mark.parametrize("features", [False, True], ids=["plain", "guardrails-masking"])
 def test_many_sessions_doing_hostile_things_leave_nothing_behind(
-    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, features: bool
 ) -> None:
     seed = int(os.environ.get("OSTIARY_CHAOS_SEED") or random.randrange(1 << 30))
     seconds = float(os.environ.get("OSTIARY_CHAOS_SECONDS") or 8)
-    gw = gateway_factory(
-        shaped_config(pg, gateway_tls, tmp_path, client_tls=False, upstream_tls=True, workers=2)
-    )
+    gw = gateway_factory(chaos_config(pg, gateway_tls, tmp_path, features))
     assert_healthy(gw)
     fds0 = gateway_fds(gw)
-    chaos = Chaos(gw, pg, seed, seconds)
+    chaos = Chaos(gw, pg, seed, seconds, features)
     threads = [threading.Thread(target=chaos.worker, args=(i,), daemon=True) for i in range(THREADS)]
     for t in threads:
         t.start()
@@ -224,14 +268,17 @@ def test_many_sessions_doing_hostile_things_leave_nothing_behind(
     assert not hung, f"{len(hung)} client threads still running {where}\n{gw.log()[-3000:]}"
     assert not chaos.failures, f"{chaos.failures[:5]} {where}\n{gw.log()[-3000:]}"
     # Every kind of action ran, and often enough to have overlapped with the others.
-    assert set(chaos.done) == {
+    kinds = {
         "verify",
         "reset_mid_result",
         "close_mid_message",
         "cancel",
         "terminate_upstream",
         "abandon_copy_out",
-    }, f"{chaos.done} {where}"
+    }
+    if features:
+        kinds |= {"denied", "masked"}
+    assert set(chaos.done) == kinds, f"{chaos.done} {where}"
     assert sum(chaos.done.values()) >= 5 * THREADS, f"{chaos.done} {where}"
 
     # Nothing left behind: the upstream backends of these sessions and the gateway's descriptors.
@@ -257,18 +304,8 @@ def test_sigterm_in_the_middle_of_it_all(
     when the grace period is over, exits 0, and leaves no upstream backend behind."""
     seed = int(os.environ.get("OSTIARY_CHAOS_SEED") or random.randrange(1 << 30))
     grace = 2.0
-    gw = gateway_factory(
-        shaped_config(
-            pg,
-            gateway_tls,
-            tmp_path,
-            client_tls=False,
-            upstream_tls=True,
-            workers=2,
-            shutdown={"grace": grace},
-        )
-    )
-    chaos = Chaos(gw, pg, seed, 60)
+    gw = gateway_factory(chaos_config(pg, gateway_tls, tmp_path, True, shutdown={"grace": grace}))
+    chaos = Chaos(gw, pg, seed, 60, features=True)
     threads = [threading.Thread(target=chaos.worker, args=(i,), daemon=True) for i in range(THREADS)]
     for t in threads:
         t.start()
