@@ -47,6 +47,33 @@ SYNC = typed(b"S", b"")
 TERMINATE = typed(b"X", b"")
 
 
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from `sock`; EOFError if it closes first."""
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise EOFError("connection closed")
+        out += chunk
+    return out
+
+
+def recv_raw_message(sock: socket.socket, typed_: bool = True) -> bytes:
+    """One whole message as sent (tag, length, body), or an untyped one (StartupMessage)."""
+    head = recv_exact(sock, 5 if typed_ else 4)
+    (length,) = struct.unpack("!I", head[-4:])
+    return head + recv_exact(sock, length - 4)
+
+
+def last_bytes_then_fin(sock: socket.socket, data: bytes) -> None:
+    """Sends `data` and a FIN in one TCP segment (TCP_CORK holds the data until the FIN joins it),
+    so the receiver's epoll reports one edge for both. On a TLS socket `data` is encrypted and the
+    FIN is sent without a close_notify."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    sock.sendall(data)
+    socket.socket.shutdown(sock, socket.SHUT_WR)
+
+
 def parse_fields(body: bytes) -> dict[str, str]:
     """ErrorResponse/NoticeResponse fields keyed by their one-letter code ('S', 'V', 'C', 'M', 'H' ...)."""
     out: dict[str, str] = {}
@@ -97,13 +124,7 @@ class RawConn:
         self.sock = ctx.wrap_socket(self.sock, server_hostname=server_hostname)
 
     def _recv_exact_raw(self, n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            chunk = self.sock.recv(n - len(out))
-            if not chunk:
-                raise EOFError("connection closed")
-            out += chunk
-        return out
+        return recv_exact(self.sock, n)
 
     def _fill(self, deadline: float) -> bool:
         """Reads more bytes into the buffer; False at EOF. Raises TimeoutError at the deadline."""

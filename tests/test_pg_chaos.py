@@ -30,14 +30,11 @@ import pytest
 from conftest import CLIENT_PASSWORD, CLIENT_USER, GatewayFactory, GatewayProcess
 from ostiary.devcluster import PgCluster, TlsMaterial
 from pgraw import RawConn, query_message
-from test_pg_lifecycle import assert_healthy, shaped_config, superuser, wait_for
+from test_pg_hostile import gateway_fds
+from test_pg_lifecycle import assert_healthy, shaped_config, superuser, upstream_backends, wait_for
 
 THREADS = 12
 APP_PREFIX = "chaos-"
-
-
-def gateway_fds(gw: GatewayProcess) -> int:
-    return len(os.listdir(f"/proc/{gw.proc.pid}/fd"))
 
 
 def expected_md5(n: int) -> str:
@@ -224,12 +221,7 @@ class Chaos:
 
 
 def chaos_backends(pg: PgCluster) -> list[tuple[Any, ...]]:
-    with superuser(pg) as su:
-        return su.execute(
-            "select pid, application_name, state, wait_event, now() - state_change, left(query, 60) "
-            "from pg_stat_activity where application_name like %s",
-            (APP_PREFIX + "%",),
-        ).fetchall()
+    return upstream_backends(pg, APP_PREFIX + "%")
 
 
 def chaos_config(

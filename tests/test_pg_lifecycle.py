@@ -34,7 +34,17 @@ from conftest import (
     psql,
 )
 from ostiary.devcluster import PgCluster, TlsMaterial, free_port
-from pgraw import Outcome, RawConn, data_rows, password_message, query_message, startup_message
+from pgraw import (
+    Outcome,
+    RawConn,
+    data_rows,
+    last_bytes_then_fin,
+    password_message,
+    query_message,
+    recv_raw_message,
+    startup_message,
+    typed,
+)
 
 SHUTDOWN_MESSAGE = "terminating connection because the gateway is shutting down"
 KIB_PER_MB = 1024
@@ -96,6 +106,17 @@ def fatal_of(out: Outcome) -> dict[str, str]:
 
 def superuser(pg: PgCluster) -> psycopg.Connection[Any]:
     return psycopg.connect(pg.dsn(dbname="app"), autocommit=True)
+
+
+def upstream_backends(pg: PgCluster, application_name: str) -> list[tuple[Any, ...]]:
+    """The PostgreSQL backends whose application_name is LIKE `application_name` (the gateway
+    passes the client's on): pid, name, state, wait event, time in that state, query."""
+    with superuser(pg) as su:
+        return su.execute(
+            "select pid, application_name, state, wait_event, now() - state_change, left(query, 60) "
+            "from pg_stat_activity where application_name like %s",
+            (application_name,),
+        ).fetchall()
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
@@ -438,42 +459,24 @@ def test_pg_terminate_backend_reaches_the_client(gateway: GatewayProcess, pg: Pg
     assert_healthy(gateway)
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = s.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError("closed")
-        out += chunk
-    return out
-
-
-def _recv_message(s: socket.socket, typed_: bool = True) -> bytes:
-    head = _recv_exact(s, 5 if typed_ else 4)
-    (length,) = struct.unpack("!I", head[-4:])
-    return head + _recv_exact(s, length - 4)
-
-
 def _dies_after_first_query(s: socket.socket) -> None:
     """A PostgreSQL that logs the gateway in (cleartext password), then answers the first query
     with FATAL 57P01 and hangs up, both in one TCP segment (TCP_CORK holds the error until the FIN
     joins it), as a backend's last words and its exit often arrive together."""
     try:
-        _recv_message(s, typed_=False)  # StartupMessage
-        s.sendall(b"R" + struct.pack("!ii", 8, 3))  # AuthenticationCleartextPassword
-        _recv_message(s)  # PasswordMessage
+        recv_raw_message(s, typed_=False)  # StartupMessage
+        s.sendall(typed(b"R", struct.pack("!i", 3)))  # AuthenticationCleartextPassword
+        recv_raw_message(s)  # PasswordMessage
         s.sendall(
-            b"R" + struct.pack("!ii", 8, 0)  # AuthenticationOk
-            + b"K" + struct.pack("!iii", 12, 4242, 777)  # BackendKeyData
-            + b"Z" + struct.pack("!i", 5) + b"I"  # ReadyForQuery
-        )  # fmt: skip
-        _recv_message(s)  # the first Query
-        body = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0"
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-        s.sendall(b"E" + struct.pack("!I", len(body) + 4) + body)
-        s.shutdown(socket.SHUT_WR)
+            typed(b"R", struct.pack("!i", 0))  # AuthenticationOk
+            + typed(b"K", struct.pack("!ii", 4242, 777))  # BackendKeyData
+            + typed(b"Z", b"I")  # ReadyForQuery
+        )
+        recv_raw_message(s)  # the first Query
+        fatal = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0"
+        last_bytes_then_fin(s, typed(b"E", fatal))
         time.sleep(10)
-    except OSError:
+    except (OSError, EOFError):
         pass
 
 
@@ -509,22 +512,12 @@ def test_client_last_bytes_and_hang_up_in_one_segment_end_the_session(
         c.start_tls(gw.tls.ca_cert)
     assert c.login(CLIENT_USER, CLIENT_PASSWORD, application_name=app)[-1] == (b"Z", b"I")
 
-    def backends() -> int:
-        with superuser(pg) as su:
-            row = su.execute(
-                "select count(*) from pg_stat_activity where application_name = %s", (app,)
-            ).fetchone()
-        return int(row[0]) if row else -1
-
-    assert backends() == 1
-    msg = query_message("select 'this message is cut short'")
-    c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-    c.sock.sendall(msg[:7])
-    socket.socket.shutdown(c.sock, socket.SHUT_WR)  # a FIN only (no TLS close_notify)
+    assert len(upstream_backends(pg, app)) == 1
+    last_bytes_then_fin(c.sock, query_message("select 'this message is cut short'")[:7])
     with c:
         out = c.outcome(5)
     assert out.closed and out.elapsed < 3, out.describe()
-    wait_for(lambda: backends() == 0, 5, "the upstream backend to end")
+    wait_for(lambda: not upstream_backends(pg, app), 5, "the upstream backend to end")
     assert_healthy(gw)
 
 
