@@ -8,6 +8,7 @@ closed port, a wrong password, a fake server and ``pg_terminate_backend``.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import struct
@@ -518,6 +519,105 @@ def test_client_last_bytes_and_hang_up_in_one_segment_end_the_session(
         out = c.outcome(5)
     assert out.closed and out.elapsed < 3, out.describe()
     wait_for(lambda: not upstream_backends(pg, app), 5, "the upstream backend to end")
+    assert_healthy(gw)
+
+
+# -- a client that half-closes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("client_tls", "one_segment", "upstream_tls"),
+    [
+        pytest.param(False, False, False, id="plaintext"),
+        pytest.param(False, True, False, id="plaintext-one-segment"),
+        pytest.param(True, False, False, id="tls"),
+        pytest.param(True, True, False, id="tls-one-segment"),
+        pytest.param(True, False, True, id="tls-both-legs"),
+    ],
+)
+def test_a_half_closed_client_gets_the_answers_it_is_owed(
+    gateway_factory: GatewayFactory,
+    pg: PgCluster,
+    gateway_tls: TlsMaterial,
+    tmp_path: Path,
+    client_tls: bool,
+    one_segment: bool,
+    upstream_tls: bool,
+) -> None:
+    """A client sends two queries and then EOF (shutdown(SHUT_WR), as `printf ... | nc` does):
+    PostgreSQL answers both before it ends the connection, and so does the gateway. With
+    `one_segment` the queries and the FIN arrive together (one read returns both)."""
+    gw = gateway_factory(
+        shaped_config(pg, gateway_tls, tmp_path, client_tls=client_tls, upstream_tls=upstream_tls)
+    )
+    app = f"half-closed-{client_tls}-{one_segment}-{upstream_tls}"
+    c = RawConn(gw.port)
+    if client_tls:
+        c.start_tls(gw.tls.ca_cert)
+    assert c.login(CLIENT_USER, CLIENT_PASSWORD, application_name=app)[-1] == (b"Z", b"I")
+    queries = query_message("select 'first' from pg_sleep(0.3)") + query_message("select 'second'")
+    if one_segment:
+        last_bytes_then_fin(c.sock, queries)
+    else:
+        c.send(queries)
+        socket.socket.shutdown(c.sock, socket.SHUT_WR)  # a FIN; on TLS without close_notify
+    with c:
+        out = c.outcome(10)
+    assert out.closed and not out.reset, out.describe()
+    assert [t for t, _ in out.messages] == [b"T", b"D", b"C", b"Z"] * 2, out.describe()
+    assert data_rows(out.messages) == [["first"], ["second"]]
+    wait_for(lambda: not upstream_backends(pg, app), 5, "the upstream backend to end")
+    wait_for(lambda: "ended: client_closed" in gw.log(), 5, "the session's end in the log")
+    assert_healthy(gw)
+
+
+def test_a_half_closed_client_in_copy_from_stdin_ends_the_session(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path
+) -> None:
+    """EOF in the middle of COPY FROM STDIN: the server is owed CopyDone and will not answer
+    without it. The gateway passes the EOF on; PostgreSQL then fails the COPY and ends the
+    connection, and so does the gateway, rather than waiting for an answer that cannot come."""
+    gw = gateway_factory(shaped_config(pg, gateway_tls, tmp_path, client_tls=False, upstream_tls=False))
+    app = "half-closed-copy"
+    c = RawConn(gw.port)
+    assert c.login(CLIENT_USER, CLIENT_PASSWORD, application_name=app)[-1] == (b"Z", b"I")
+    c.query("create temp table half_copy (a int)")
+    c.send(query_message("copy half_copy from stdin"))
+    m = c.recv_message()
+    assert m is not None and m[0] == b"G", m
+    c.send(typed(b"d", b"1\n2\n"))
+    socket.socket.shutdown(c.sock, socket.SHUT_WR)
+    with c:
+        out = c.outcome(5)
+    assert out.closed and out.elapsed < 3, out.describe()
+    # PostgreSQL's own words, as a direct client would get them: the COPY fails, the session ends.
+    assert [(e["S"], e["C"]) for e in out.errors] == [("ERROR", "08006"), ("FATAL", "08P01")], out.describe()
+    assert "unexpected EOF" in out.errors[0]["M"], out.describe()
+    wait_for(lambda: not upstream_backends(pg, app), 5, "the upstream backend to end")
+    assert_healthy(gw)
+
+
+def test_a_client_gone_before_its_large_answer_ends_the_session_quietly(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path
+) -> None:
+    """A client that sends a query and exits looks like a half-close (a FIN) until the answer is
+    written to it and its host answers with a reset: the session then ends as the client's doing,
+    not as a gateway I/O error, and the server's backend goes away."""
+    gw = gateway_factory(shaped_config(pg, gateway_tls, tmp_path, client_tls=False, upstream_tls=False))
+    app = "gone-before-answer"
+    c = RawConn(gw.port)
+    assert c.login(CLIENT_USER, CLIENT_PASSWORD, application_name=app)[-1] == (b"Z", b"I")
+    c.send(query_message("select repeat('x', 1000) from pg_sleep(0.3), generate_series(1, 20000)"))
+    c.close()
+    wait_for(lambda: not upstream_backends(pg, app), 10, "the upstream backend to end")
+    wait_for(lambda: "ended: client_closed" in gw.log(), 5, "the session's end in the log")
+    # The write that found the client gone is named in the detail; no I/O error is logged.
+    assert re.search(
+        r"ended: client_closed \(client closed the connection without Terminate; "
+        r"(Broken pipe|Connection reset)",
+        gw.log(),
+    ), gw.log()[-3000:]
+    assert "io_error" not in gw.log(), gw.log()[-3000:]
     assert_healthy(gw)
 
 

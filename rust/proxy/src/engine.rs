@@ -888,6 +888,8 @@ struct Session {
     recorder: Option<(Recorder, usize, std::time::Instant)>,
     /// Gateway-made notices waiting for a message boundary towards the client.
     notices: Vec<u8>,
+    /// The server was sent EOF after the client's (see `main_loop`): no Terminate follows.
+    upstream_shut: bool,
     /// The worker's buffers (one set per worker thread, see `Scratch`).
     scratch: Rc<RefCell<Scratch>>,
     /// The worker's event loop.
@@ -958,6 +960,7 @@ impl Session {
             drain: None,
             terminate: None,
             fault_spin: inner.config.fault_spin,
+            upstream_shut: false,
         })
     }
 
@@ -996,13 +999,15 @@ impl Session {
             }
             Err(e) => ("io_error".to_owned(), e.to_string()),
         };
-        if !self.relay.terminated() {
-            // The server gets a Terminate unless the client's own was already passed on.
-            let bye = frontend::terminate();
-            let rt = self.rt.clone();
-            let _ = rt::timeout(&rt, TERMINATE_GRACE, self.upstream.send(&bye)).await;
+        if !self.upstream_shut {
+            if !self.relay.terminated() {
+                // The server gets a Terminate unless the client's own was already passed on.
+                let bye = frontend::terminate();
+                let rt = self.rt.clone();
+                let _ = rt::timeout(&rt, TERMINATE_GRACE, self.upstream.send(&bye)).await;
+            }
+            self.upstream.close().await;
         }
-        self.upstream.close().await;
         self.client.close().await;
         if let Some((rec, _, _)) = self.recorder.as_mut() {
             let frames = rec.take();
@@ -1053,7 +1058,27 @@ impl Session {
         let mut deadline: Option<Sleep> = None;
         let (cfd, ufd) = (self.client.tcp.clone(), self.upstream.tcp.clone());
         let mut upstream_first = false;
+        // The client sent EOF (a FIN, or the end of its TLS session) while the server still owed
+        // it answers. As PostgreSQL itself does, the statements it sent before still run and their
+        // answers are relayed: the server gets EOF in turn once everything before it is written,
+        // and the session ends when nothing is owed any more or the server closes. A client that
+        // is gone altogether (not just half-closed) makes the first write after that fail, which
+        // ends the session just the same.
+        let mut half_closed: Option<&'static str> = None;
         loop {
+            if let Some(why) = half_closed {
+                if !self.upstream_shut && !self.waiting {
+                    self.upstream.flush().await?;
+                    self.upstream.close().await;
+                    self.upstream_shut = true;
+                }
+                if self.upstream_shut && !self.relay.server_owes_answer() {
+                    return match self.client.flush().await {
+                        Ok(()) => Ok(("client_closed", why.into())),
+                        Err(e) => Ok(("client_closed", format!("{why}; {e}"))),
+                    };
+                }
+            }
             if !self.pending.is_empty() && !self.relay.is_holding() && !self.waiting {
                 let pending = std::mem::take(&mut self.pending);
                 let hold = self
@@ -1084,7 +1109,7 @@ impl Session {
             if self.terminate.is_some() && deadline.is_none() {
                 deadline = Some(self.rt.sleep(TERMINATE_GRACE));
             }
-            let holding = self.relay.is_holding() || self.waiting;
+            let holding = self.relay.is_holding() || self.waiting || half_closed.is_some();
             // Alternate which side is looked at first so neither can starve the other.
             upstream_first = !upstream_first;
             // One hand-written poll instead of `select!`: readiness is polled in place (no waiter
@@ -1132,18 +1157,44 @@ impl Session {
                     let (outcome, hold, drained) = self.on_client_readable()?;
                     drained.apply(&cfd);
                     match (outcome, hold) {
+                        (Read::Closed(why), None)
+                            if self.pending.is_empty()
+                                && !self.relay.is_holding()
+                                && self.relay.server_owes_answer() =>
+                        {
+                            // Answers are owed and nothing waits for a decision (a statement held
+                            // for a policy decision or an approval is not run for a client that
+                            // may be gone): finish them, see `half_closed`.
+                            self.after_frontend(None, inner).await?;
+                            half_closed = Some(why);
+                        }
                         (Read::Closed(why), _) => return Ok(("client_closed", why.into())),
                         (Read::Nothing, _) => {}
                         (Read::Data, hold) => self.after_frontend(hold, inner).await?,
                     }
                 }
                 Wake::Upstream => {
-                    let (outcome, drained) = self.on_upstream_readable()?;
-                    drained.apply(&ufd);
-                    match outcome {
-                        Read::Closed(why) => return Ok(("upstream_closed", why.into())),
-                        Read::Nothing => {}
-                        Read::Data => self.after_backend(inner).await?,
+                    let step = self.on_upstream_readable();
+                    let step = match step {
+                        Ok((outcome, drained)) => {
+                            drained.apply(&ufd);
+                            match outcome {
+                                Read::Closed(why) => Ok(Some(why)),
+                                Read::Nothing => Ok(None),
+                                Read::Data => self.after_backend(inner).await.map(|()| None),
+                            }
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match (step, half_closed) {
+                        (Ok(None), _) => {}
+                        (Ok(Some(_)), Some(why)) => return Ok(("client_closed", why.into())),
+                        (Ok(Some(why)), None) => return Ok(("upstream_closed", why.into())),
+                        // After the client's EOF a failed write means it is gone, not a fault.
+                        (Err(SessionError::Io(e)), Some(why)) => {
+                            return Ok(("client_closed", format!("{why}; {e}")))
+                        }
+                        (Err(e), _) => return Err(e),
                     }
                 }
                 Wake::Deadline => {

@@ -420,6 +420,12 @@ impl SessionRelay {
             && self.front.hdr_len == 0
     }
 
+    /// True while the server still owes the client an answer: a Query, FunctionCall or Sync passed
+    /// on whose ReadyForQuery has not come back, or a server message half-relayed.
+    pub fn server_owes_answer(&self) -> bool {
+        self.in_flight > 0 || !self.backend_at_boundary()
+    }
+
     /// The transaction status of the last ReadyForQuery (b'I', b'T' or b'E').
     pub fn transaction_status(&self) -> u8 {
         self.last_status
