@@ -1370,9 +1370,11 @@ mod tests {
     fn idle_tracks_outstanding_queries() {
         let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
         assert!(r.idle());
+        assert!(!r.server_owes_answer());
         r.feed_frontend(&frontend::query("select 1"), &mut Vec::new())
             .unwrap();
         assert!(!r.idle());
+        assert!(r.server_owes_answer());
         let mut out = Vec::new();
         r.feed_backend(
             &msg(btag::COMMAND_COMPLETE, b"SELECT 1\0")[..4],
@@ -1388,9 +1390,30 @@ mod tests {
         )
         .unwrap();
         assert!(r.backend_at_boundary());
+        assert!(r.server_owes_answer(), "ReadyForQuery still to come");
         r.feed_backend(&ready_for_query(b'I'), &mut out, &mut Vec::new())
             .unwrap();
         assert!(r.idle());
+        assert!(!r.server_owes_answer());
+    }
+
+    #[test]
+    fn extended_messages_are_owed_an_answer_only_from_their_sync() {
+        let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
+        let mut out = Vec::new();
+        r.feed_frontend(&msg(ftag::PARSE, b"\0select 1\0\0\0"), &mut out)
+            .unwrap();
+        r.feed_frontend(&msg(ftag::EXECUTE, b"\0\0\0\0\0"), &mut out)
+            .unwrap();
+        assert!(
+            !r.server_owes_answer(),
+            "no Sync yet: the server answers nothing"
+        );
+        r.feed_frontend(&msg(ftag::SYNC, b""), &mut out).unwrap();
+        assert!(r.server_owes_answer());
+        r.feed_backend(&ready_for_query(b'I'), &mut out, &mut Vec::new())
+            .unwrap();
+        assert!(!r.server_owes_answer());
     }
 
     #[test]
