@@ -7,7 +7,11 @@ stall: every read has a deadline. ``RawConn`` speaks protocol 3.0 in plaintext o
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
+import os
 import socket
 import ssl
 import struct
@@ -207,6 +211,46 @@ class RawConn:
             f"expected cleartext password request, got {m!r}"
         )
         self.send(password_message(password))
+        return self.until_ready()
+
+    def login_scram(
+        self, user: str, password: str, database: str = "app", **params: str
+    ) -> list[tuple[bytes, bytes]]:
+        """StartupMessage and a SCRAM-SHA-256 exchange (RFC 5802/7677, no channel binding), as
+        PostgreSQL itself asks for; returns the messages after AuthenticationOk to ReadyForQuery."""
+        self.send(startup_message({"user": user, "database": database, **params}))
+
+        def auth(expect: int) -> bytes:
+            m = self.recv_message()
+            assert m is not None, "closed during authentication"
+            if m[0] == b"E":
+                raise AssertionError(f"refused: {parse_fields(m[1])}")
+            (code,) = struct.unpack("!i", m[1][:4])
+            assert m[0] == b"R" and code == expect, f"expected authentication {expect}, got {m!r}"
+            return m[1][4:]
+
+        assert b"SCRAM-SHA-256\0" in auth(10)  # AuthenticationSASL and its mechanisms
+        nonce = base64.b64encode(os.urandom(18)).decode()
+        first_bare = f"n=,r={nonce}"
+        first = ("n,," + first_bare).encode()
+        self.send(typed(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first))
+        server_first = auth(11).decode()
+        attrs = dict(part.split("=", 1) for part in server_first.split(","))
+        assert attrs["r"].startswith(nonce), server_first
+        salted = hashlib.pbkdf2_hmac(
+            "sha256", password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"])
+        )
+        client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+        final_bare = f"c=biws,r={attrs['r']}"
+        message = f"{first_bare},{server_first},{final_bare}".encode()
+        signature = hmac.new(hashlib.sha256(client_key).digest(), message, "sha256").digest()
+        proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature, strict=True))).decode()
+        self.send(typed(b"p", f"{final_bare},p={proof}".encode()))
+        server_final = auth(12).decode()
+        server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+        expected = base64.b64encode(hmac.new(server_key, message, "sha256").digest()).decode()
+        assert server_final == f"v={expected}", "the server's signature does not verify"
+        auth(0)
         return self.until_ready()
 
     def query(self, sql: str, timeout: float | None = None) -> list[tuple[bytes, bytes]]:

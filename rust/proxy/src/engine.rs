@@ -896,6 +896,15 @@ struct Session {
     rt: Rc<Runtime>,
 }
 
+/// The end detail of a session whose client was done when a write found it gone.
+fn gone_detail(why: &str, e: &dyn std::fmt::Display) -> String {
+    if why.is_empty() {
+        e.to_string()
+    } else {
+        format!("{why}; {e}")
+    }
+}
+
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1058,14 +1067,30 @@ impl Session {
         let mut deadline: Option<Sleep> = None;
         let (cfd, ufd) = (self.client.tcp.clone(), self.upstream.tcp.clone());
         let mut upstream_first = false;
-        // The client sent EOF (a FIN, or the end of its TLS session) while the server still owed
-        // it answers. As PostgreSQL itself does, the statements it sent before still run and their
-        // answers are relayed: the server gets EOF in turn once everything before it is written,
-        // and the session ends when nothing is owed any more or the server closes. A client that
-        // is gone altogether (not just half-closed) makes the first write after that fail, which
-        // ends the session just the same.
+        // The client is done (it sent EOF, a FIN or the end of its TLS session, or Terminate)
+        // while the server still owes it answers. As PostgreSQL itself does, the statements it
+        // sent before still run and their answers are relayed: the server gets EOF in turn once
+        // everything before it is written, and the session ends when nothing is owed any more or
+        // the server closes. A client that is gone altogether (not just half-closed) makes the
+        // first write after that fail, which ends the session just the same.
         let mut half_closed: Option<&'static str> = None;
         loop {
+            if !self.pending.is_empty() && !self.relay.is_holding() && !self.waiting {
+                let pending = std::mem::take(&mut self.pending);
+                let hold = self
+                    .with_scratch(|this, s| this.scan_frontend(&pending, &mut s.out, &mut s.raw))?;
+                self.after_frontend(hold, inner).await?;
+            }
+            if half_closed.is_none() && self.relay.terminated() {
+                if self.pending.is_empty()
+                    && !self.relay.is_holding()
+                    && self.relay.server_owes_answer()
+                {
+                    half_closed = Some("");
+                } else {
+                    return Ok(("client_closed", String::new()));
+                }
+            }
             if let Some(why) = half_closed {
                 if !self.upstream_shut && !self.waiting {
                     self.upstream.flush().await?;
@@ -1073,20 +1098,11 @@ impl Session {
                     self.upstream_shut = true;
                 }
                 if self.upstream_shut && !self.relay.server_owes_answer() {
-                    return match self.client.flush().await {
-                        Ok(()) => Ok(("client_closed", why.into())),
-                        Err(e) => Ok(("client_closed", format!("{why}; {e}"))),
-                    };
+                    return Ok(match self.client.flush().await {
+                        Ok(()) => ("client_closed", why.into()),
+                        Err(e) => ("client_closed", gone_detail(why, &e)),
+                    });
                 }
-            }
-            if !self.pending.is_empty() && !self.relay.is_holding() && !self.waiting {
-                let pending = std::mem::take(&mut self.pending);
-                let hold = self
-                    .with_scratch(|this, s| this.scan_frontend(&pending, &mut s.out, &mut s.raw))?;
-                self.after_frontend(hold, inner).await?;
-            }
-            if self.relay.terminated() {
-                return Ok(("client_closed", String::new()));
             }
             if !self.notices.is_empty() && self.relay.backend_at_boundary() {
                 let notices = std::mem::take(&mut self.notices);
@@ -1192,7 +1208,7 @@ impl Session {
                         (Ok(Some(why)), None) => return Ok(("upstream_closed", why.into())),
                         // After the client's EOF a failed write means it is gone, not a fault.
                         (Err(SessionError::Io(e)), Some(why)) => {
-                            return Ok(("client_closed", format!("{why}; {e}")))
+                            return Ok(("client_closed", gone_detail(why, &e)))
                         }
                         (Err(e), _) => return Err(e),
                     }

@@ -1,0 +1,357 @@
+"""The gateway carries the protocol unchanged: the same bytes sent to PostgreSQL directly and through
+the gateway get the same answers, message for message.
+
+Each scenario is raw protocol a driver could send (pipelines with errors, portals run in pieces,
+COPY both ways and through the extended protocol, FunctionCall, notices, notifications, binary
+results, a half-close, Terminate inside a transaction), sent in one write on two fresh connections:
+one straight to the test cluster (SCRAM, as PostgreSQL asks), one through a gateway with its
+features off. Everything after the login is compared: tags and bodies of every message, and
+whether the connection ended. Only what differs by nature is normalised: the notifying backend's
+process id in a NotificationResponse and the table oids in a RowDescription (each session's
+temporary tables are its own).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    APP_PASSWORD,
+    CLIENT_PASSWORD,
+    CLIENT_USER,
+    GatewayFactory,
+    GatewayProcess,
+    allow_plaintext,
+)
+from conftest import gateway_config as base_config
+from ostiary.devcluster import PgCluster, TlsMaterial
+from pgraw import SYNC, TERMINATE, RawConn, parse_fields, query_message, typed
+
+END = "end of scenario"
+APP = "transparency"
+
+Messages = list[tuple[bytes, bytes]]
+
+
+# -- frontend messages -----------------------------------------------------------------------------
+
+
+def cstr(s: str) -> bytes:
+    return s.encode() + b"\0"
+
+
+def parse(name: str, sql: str, types: tuple[int, ...] = ()) -> bytes:
+    body = (
+        cstr(name) + cstr(sql) + struct.pack("!h", len(types)) + b"".join(struct.pack("!i", t) for t in types)
+    )
+    return typed(b"P", body)
+
+
+def bind(
+    portal: str, stmt: str, params: tuple[str | None, ...] = (), result_formats: tuple[int, ...] = ()
+) -> bytes:
+    body = cstr(portal) + cstr(stmt) + struct.pack("!h", 0) + struct.pack("!h", len(params))
+    for p in params:
+        body += struct.pack("!i", -1) if p is None else struct.pack("!i", len(p.encode())) + p.encode()
+    body += struct.pack("!h", len(result_formats)) + b"".join(struct.pack("!h", f) for f in result_formats)
+    return typed(b"B", body)
+
+
+def describe(kind: str, name: str) -> bytes:
+    return typed(b"D", kind.encode() + cstr(name))
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return typed(b"E", cstr(portal) + struct.pack("!i", max_rows))
+
+
+def close(kind: str, name: str) -> bytes:
+    return typed(b"C", kind.encode() + cstr(name))
+
+
+FLUSH = typed(b"H", b"")
+
+
+def copy_data(data: bytes) -> bytes:
+    return typed(b"d", data)
+
+
+COPY_DONE = typed(b"c", b"")
+
+
+def copy_fail(why: str) -> bytes:
+    return typed(b"f", cstr(why))
+
+
+def function_call(oid: int, args: tuple[str, ...]) -> bytes:
+    body = struct.pack("!i", oid) + struct.pack("!hh", 1, 0) + struct.pack("!h", len(args))
+    for a in args:
+        body += struct.pack("!i", len(a.encode())) + a.encode()
+    return typed(b"F", body + struct.pack("!h", 0))
+
+
+def q(*sql: str) -> bytes:
+    return b"".join(query_message(s) for s in sql)
+
+
+INT4PL = 177  # pg_proc oid of int4pl(int4, int4)
+
+
+# -- scenarios: (name, bytes sent in one write, "marker" or "eof") --------------------------------
+
+SCENARIOS: list[tuple[str, bytes, str]] = [
+    (
+        "simple, several statements, an error in the middle",
+        q("select 1 as a; select 1/0; select 2"),
+        "marker",
+    ),
+    ("empty queries", q("", ";", "  "), "marker"),
+    (
+        "a transaction that fails and is rolled back",
+        q("begin", "select 1/0", "select 'not run'", "rollback", "select 'after'"),
+        "marker",
+    ),
+    (
+        "extended: named statement, Describe both ways, Close, an error skips to Sync",
+        parse("s1", "select $1::int + 1 as n, $2::text as t", (23, 25))
+        + describe("S", "s1")
+        + bind("p1", "s1", ("41", None))
+        + describe("P", "p1")
+        + execute("p1")
+        + close("P", "p1")
+        + parse("", "select * from no_such_table")
+        + bind("", "")
+        + execute()
+        + SYNC
+        + bind("", "s1", ("1", "x"))
+        + execute()
+        + close("S", "s1")
+        + SYNC
+        + bind("", "s1", ("1", "x"))
+        + execute()
+        + SYNC,
+        "marker",
+    ),
+    (
+        "extended: a portal run in pieces (PortalSuspended) inside a transaction",
+        q("begin")
+        + parse("", "select g, repeat('r', g) from generate_series(1, 7) g")
+        + bind("cur", "")
+        + execute("cur", 3)
+        + execute("cur", 3)
+        + execute("cur", 0)
+        + SYNC
+        + q("commit"),
+        "marker",
+    ),
+    (
+        "extended: Flush without Sync, then Sync",
+        parse("", "select 'flushed'") + bind("", "") + execute() + FLUSH + SYNC,
+        "marker",
+    ),
+    (
+        "extended: wrong parameter count and a bad parameter value",
+        parse("s2", "select $1::int")
+        + bind("", "s2", ("1", "2"))
+        + execute()
+        + SYNC
+        + bind("", "s2", ("not a number",))
+        + execute()
+        + SYNC,
+        "marker",
+    ),
+    (
+        "binary results",
+        parse("", "select 7::int4, 'bin'::text, 2.5::float8, null::int8, '{1,2}'::int[]")
+        + bind("", "", (), (1,))
+        + execute()
+        + SYNC,
+        "marker",
+    ),
+    (
+        "COPY FROM STDIN, done and failed",
+        q("create temp table t (a int, b text)", "copy t from stdin")
+        + copy_data(b"1\tone\n2\ttwo\n")
+        + copy_data(b"3\tthree\n")
+        + COPY_DONE
+        + q("copy t from stdin")
+        + copy_data(b"4\tfour\n")
+        + copy_fail("changed my mind")
+        + q("select * from t order by a"),
+        "marker",
+    ),
+    (
+        "COPY FROM STDIN with a bad row",
+        q("create temp table t2 (a int)", "copy t2 from stdin") + copy_data(b"1\nnope\n3\n") + COPY_DONE,
+        "marker",
+    ),
+    (
+        "COPY TO STDOUT, text and CSV, and a COPY through the extended protocol",
+        q(
+            "copy (select g, 'v' || g from generate_series(1, 50) g) to stdout",
+            "copy (select g, 'a,b' from generate_series(1, 3) g) to stdout with (format csv, header)",
+            "create temp table t3 (a int)",
+        )
+        + parse("", "copy t3 from stdin")
+        + bind("", "")
+        + execute()
+        + copy_data(b"10\n20\n")
+        + COPY_DONE
+        + SYNC
+        + q("select sum(a) from t3"),
+        "marker",
+    ),
+    ("FunctionCall", function_call(INT4PL, ("20", "22")) + function_call(INT4PL, ("1",)), "marker"),
+    (
+        "notices and a raised error with detail and hint",
+        q(
+            "do $$ begin raise notice 'hello %', 42; raise warning 'careful'; end $$",
+            "do $$ begin raise exception 'custom' using detail = 'the detail', hint = 'a hint', "
+            "errcode = 'P0042'; end $$",
+        ),
+        "marker",
+    ),
+    (
+        "LISTEN, NOTIFY to itself, UNLISTEN",
+        q("listen chan", "notify chan, 'the payload'", "select pg_notify('chan', 'second')", "unlisten chan"),
+        "marker",
+    ),
+    (
+        "ParameterStatus after SET",
+        q("set application_name = 'renamed'", "set datestyle = 'SQL, DMY'", "reset application_name"),
+        "marker",
+    ),
+    (
+        "a larger result",
+        q("select g, md5(g::text), repeat('x', g % 300) from generate_series(1, 5000) g"),
+        "marker",
+    ),
+    ("Terminate inside a transaction", q("begin", "select 'in tx'") + TERMINATE, "eof"),
+    (
+        "queries and then EOF (a half-close)",
+        q("select 'first' from pg_sleep(0.2)", "select 'second'"),
+        "half-close",
+    ),
+    (
+        "COPY FROM STDIN cut short by EOF",
+        q("create temp table t4 (a int)", "copy t4 from stdin") + copy_data(b"1\n"),
+        "half-close",
+    ),
+]
+
+
+# -- the two sides ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("transparency")
+
+
+@pytest.fixture
+def gw(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path
+) -> GatewayProcess:
+    cfg = base_config(pg, gateway_tls, 0, tmp_path)
+    allow_plaintext(cfg)
+    cfg["connections"][0]["upstream"]["tls"] = {"mode": "disable"}
+    return gateway_factory(cfg)
+
+
+def direct(pg: PgCluster) -> RawConn:
+    c = RawConn(pg.port)
+    c.login_scram("app", APP_PASSWORD, application_name=APP)
+    return c
+
+
+def through(gw: GatewayProcess) -> RawConn:
+    c = RawConn(gw.port)
+    c.login(CLIENT_USER, CLIENT_PASSWORD, application_name=APP)
+    return c
+
+
+def run(c: RawConn, sent: bytes, end: str) -> tuple[Messages, bool]:
+    """Sends the scenario and reads everything it is answered with: up to the end marker's
+    ReadyForQuery, or to the end of the connection. Returns the messages and whether it ended."""
+    import socket
+
+    with c:
+        c.send(sent)
+        if end == "half-close":
+            socket.socket.shutdown(c.sock, socket.SHUT_WR)
+        if end != "marker":
+            out = c.outcome(15)
+            assert out.closed, f"the connection did not end: {out.describe()}"
+            return out.messages, True
+        c.send(query_message(f"select '{END}'"))
+        got: Messages = []
+        seen_marker = False
+        while True:
+            m = c.recv_message(15)
+            assert m is not None, f"closed early after {[t for t, _ in got][-10:]}"
+            got.append(m)
+            if m[0] == b"D" and END.encode() in m[1]:
+                seen_marker = True
+            if seen_marker and m[0] == b"Z":
+                return got, False
+
+
+def without_table_oids(body: bytes) -> bytes:
+    """A RowDescription with each field's table oid zeroed (the two sessions' temporary tables
+    are different tables)."""
+    (n,) = struct.unpack("!h", body[:2])
+    out, pos = bytearray(body[:2]), 2
+    for _ in range(n):
+        end = body.index(b"\0", pos) + 1
+        out += body[pos:end] + b"\0\0\0\0" + body[end + 4 : end + 18]
+        pos = end + 18
+    assert pos == len(body), "a RowDescription with trailing bytes"
+    return bytes(out)
+
+
+def normalised(messages: Messages) -> Iterator[tuple[bytes, bytes]]:
+    for tag, body in messages:
+        if tag == b"A":  # NotificationResponse: the notifying backend's pid differs by nature
+            body = b"\0\0\0\0" + body[4:]
+        elif tag == b"T":
+            body = without_table_oids(body)
+        yield tag, body
+
+
+def describe(messages: Messages) -> list[str]:
+    out = []
+    for tag, body in messages:
+        if tag in (b"E", b"N"):
+            f = parse_fields(body)
+            out.append(f"{tag.decode()}:{f.get('S')}:{f.get('C')}:{f.get('M')}")
+        else:
+            out.append(f"{tag.decode()}:{body[:40]!r}")
+    return out
+
+
+def test_every_scenario_is_answered_as_postgresql_answers_it(
+    gw: GatewayProcess, pg: PgCluster, subtests: pytest.Subtests
+) -> None:
+    for name, sent, end in SCENARIOS:
+        with subtests.test(scenario=name):
+            want, want_ended = run(direct(pg), sent, end)
+            got, got_ended = run(through(gw), sent, end)
+            assert got_ended == want_ended
+            w, g = list(normalised(want)), list(normalised(got))
+            if w != g:
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(w, g, strict=False)) if a != b), min(len(w), len(g))
+                )
+                raise AssertionError(
+                    f"{name}: answers differ from message {first} on ({len(w)} direct, {len(g)} through "
+                    f"the gateway)\n direct:  {describe(want[first : first + 6])}\n gateway: "
+                    f"{describe(got[first : first + 6])}"
+                )
+            assert any(t == b"Z" for t, _ in want) or end != "marker"
+    log = gw.log()
+    for bad in ("internal_error", "protocol_error", "panicked", "Traceback"):
+        assert bad not in log, f"{bad} in the gateway log:\n{log[-3000:]}"
