@@ -51,6 +51,66 @@ SYNC = typed(b"S", b"")
 TERMINATE = typed(b"X", b"")
 
 
+# -- extended protocol, COPY and fast-path messages ---------------------------------------------
+
+
+def cstr(s: str) -> bytes:
+    return s.encode() + b"\0"
+
+
+def parse(name: str, sql: str, types: tuple[int, ...] = ()) -> bytes:
+    body = (
+        cstr(name) + cstr(sql) + struct.pack("!h", len(types)) + b"".join(struct.pack("!i", t) for t in types)
+    )
+    return typed(b"P", body)
+
+
+def bind(
+    portal: str, stmt: str, params: tuple[str | None, ...] = (), result_formats: tuple[int, ...] = ()
+) -> bytes:
+    body = cstr(portal) + cstr(stmt) + struct.pack("!h", 0) + struct.pack("!h", len(params))
+    for p in params:
+        body += struct.pack("!i", -1) if p is None else struct.pack("!i", len(p.encode())) + p.encode()
+    body += struct.pack("!h", len(result_formats)) + b"".join(struct.pack("!h", f) for f in result_formats)
+    return typed(b"B", body)
+
+
+def describe(kind: str, name: str) -> bytes:
+    return typed(b"D", kind.encode() + cstr(name))
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return typed(b"E", cstr(portal) + struct.pack("!i", max_rows))
+
+
+def close(kind: str, name: str) -> bytes:
+    return typed(b"C", kind.encode() + cstr(name))
+
+
+FLUSH = typed(b"H", b"")
+
+
+def copy_data(data: bytes) -> bytes:
+    return typed(b"d", data)
+
+
+COPY_DONE = typed(b"c", b"")
+
+
+def copy_fail(why: str) -> bytes:
+    return typed(b"f", cstr(why))
+
+
+def function_call(oid: int, args: tuple[str, ...]) -> bytes:
+    body = struct.pack("!i", oid) + struct.pack("!hh", 1, 0) + struct.pack("!h", len(args))
+    for a in args:
+        body += struct.pack("!i", len(a.encode())) + a.encode()
+    return typed(b"F", body + struct.pack("!h", 0))
+
+
+INT4PL = 177  # pg_proc oid of int4pl(int4, int4), for FunctionCall
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     """Exactly `n` bytes from `sock`; EOFError if it closes first."""
     out = b""

@@ -14,6 +14,18 @@ import pytest
 
 from conftest import GatewayFactory, GatewayProcess, gateway_config, psql
 from ostiary.devcluster import PgCluster, TlsMaterial
+from pgraw import (
+    INT4PL,
+    SYNC,
+    RawConn,
+    bind,
+    data_rows,
+    errors_in,
+    execute,
+    function_call,
+    parse,
+    query_message,
+)
 
 OPS, ANALYST = "ops", "analyst"
 SETUP = """
@@ -198,6 +210,31 @@ def test_extended_protocol_refusal_answers_until_sync(gw: GatewayProcess, unchan
             c.execute("select %s::int", [1])
             cur = c.execute("select count(*) from guard_canary where id > %s", [0])
         assert cur.fetchone() == (3,)
+
+
+def test_pipelined_refusals_each_get_their_own_error(gw: GatewayProcess, unchanged: None) -> None:
+    """Statements judged before are refused in the data path without asking the control plane
+    again. Several in one write (simple queries, fast-path calls, extended blocks each with its
+    Sync) each get their 42501; before, the first block's ReadyForQuery forgot the refusals of the
+    blocks after it and the client got the stand-in statement's syntax error instead."""
+    refused = "select * from secret.keys"
+    extended = parse("", refused) + bind("", "") + execute() + SYNC
+    call = function_call(INT4PL, ("1", "2"))
+    c = RawConn(gw.port)
+    c.start_tls(gw.tls.ca_cert)
+    with c:
+        c.login(OPS, "ops-pw")
+        for first in (query_message(refused), call, extended):  # judged once, then remembered
+            c.send(first)
+            assert [e["C"] for e in errors_in(c.until_ready())] == ["42501"]
+        c.send((query_message(refused) + call + extended) * 2 + query_message("select 'after'"))
+        got: list[tuple[bytes, bytes]] = []
+        for _ in range(7):
+            got += c.until_ready()
+    errors = errors_in(got)
+    assert [e["C"] for e in errors] == ["42501"] * 6, errors
+    assert [e["M"].split(":")[0] for e in errors] == ["no-secrets", "function-call", "no-secrets"] * 2, errors
+    assert data_rows(got) == [["after"]]
 
 
 def test_psql_sees_the_rule_and_goes_on(gw: GatewayProcess, unchanged: None) -> None:

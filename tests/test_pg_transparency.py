@@ -3,12 +3,12 @@ the gateway get the same answers, message for message.
 
 Each scenario is raw protocol a driver could send (pipelines with errors, portals run in pieces,
 COPY both ways and through the extended protocol, FunctionCall, notices, notifications, binary
-results, a half-close, Terminate inside a transaction), sent in one write on two fresh connections:
-one straight to the test cluster (SCRAM, as PostgreSQL asks), one through a gateway with its
-features off. Everything after the login is compared: tags and bodies of every message, and
-whether the connection ended. Only what differs by nature is normalised: the notifying backend's
-process id in a NotificationResponse and the table oids in a RowDescription (each session's
-temporary tables are its own).
+results, a half-close, Terminate inside a transaction), sent in one write on two fresh
+connections: one straight to the test cluster (SCRAM, as PostgreSQL asks), one through a gateway
+(features off; TLS on both legs; guardrails and masking on). Everything after the login is
+compared: tags and bodies of every message, and whether the connection ended. Only what differs
+by nature is normalised: the notifying backend's process id in a NotificationResponse and the
+table oids in a RowDescription (each session's temporary tables are its own).
 """
 
 from __future__ import annotations
@@ -29,7 +29,24 @@ from conftest import (
 )
 from conftest import gateway_config as base_config
 from ostiary.devcluster import PgCluster, TlsMaterial
-from pgraw import SYNC, TERMINATE, RawConn, parse_fields, query_message, typed
+from pgraw import (
+    COPY_DONE,
+    FLUSH,
+    INT4PL,
+    SYNC,
+    TERMINATE,
+    RawConn,
+    bind,
+    close,
+    copy_data,
+    copy_fail,
+    describe,
+    execute,
+    function_call,
+    parse,
+    parse_fields,
+    query_message,
+)
 
 END = "end of scenario"
 APP = "transparency"
@@ -37,68 +54,8 @@ APP = "transparency"
 Messages = list[tuple[bytes, bytes]]
 
 
-# -- frontend messages -----------------------------------------------------------------------------
-
-
-def cstr(s: str) -> bytes:
-    return s.encode() + b"\0"
-
-
-def parse(name: str, sql: str, types: tuple[int, ...] = ()) -> bytes:
-    body = (
-        cstr(name) + cstr(sql) + struct.pack("!h", len(types)) + b"".join(struct.pack("!i", t) for t in types)
-    )
-    return typed(b"P", body)
-
-
-def bind(
-    portal: str, stmt: str, params: tuple[str | None, ...] = (), result_formats: tuple[int, ...] = ()
-) -> bytes:
-    body = cstr(portal) + cstr(stmt) + struct.pack("!h", 0) + struct.pack("!h", len(params))
-    for p in params:
-        body += struct.pack("!i", -1) if p is None else struct.pack("!i", len(p.encode())) + p.encode()
-    body += struct.pack("!h", len(result_formats)) + b"".join(struct.pack("!h", f) for f in result_formats)
-    return typed(b"B", body)
-
-
-def describe(kind: str, name: str) -> bytes:
-    return typed(b"D", kind.encode() + cstr(name))
-
-
-def execute(portal: str = "", max_rows: int = 0) -> bytes:
-    return typed(b"E", cstr(portal) + struct.pack("!i", max_rows))
-
-
-def close(kind: str, name: str) -> bytes:
-    return typed(b"C", kind.encode() + cstr(name))
-
-
-FLUSH = typed(b"H", b"")
-
-
-def copy_data(data: bytes) -> bytes:
-    return typed(b"d", data)
-
-
-COPY_DONE = typed(b"c", b"")
-
-
-def copy_fail(why: str) -> bytes:
-    return typed(b"f", cstr(why))
-
-
-def function_call(oid: int, args: tuple[str, ...]) -> bytes:
-    body = struct.pack("!i", oid) + struct.pack("!hh", 1, 0) + struct.pack("!h", len(args))
-    for a in args:
-        body += struct.pack("!i", len(a.encode())) + a.encode()
-    return typed(b"F", body + struct.pack("!h", 0))
-
-
 def q(*sql: str) -> bytes:
     return b"".join(query_message(s) for s in sql)
-
-
-INT4PL = 177  # pg_proc oid of int4pl(int4, int4)
 
 
 # -- scenarios: (name, bytes sent in one write, "marker" or "eof") --------------------------------
@@ -247,19 +204,34 @@ SCENARIOS: list[tuple[str, bytes, str]] = [
 # -- the two sides ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("transparency")
+VARIANTS = ["plain", "tls", "guarded-masked"]
 
 
-@pytest.fixture
+@pytest.fixture(params=VARIANTS)
 def gw(
-    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path
+    request: pytest.FixtureRequest,
+    gateway_factory: GatewayFactory,
+    pg: PgCluster,
+    gateway_tls: TlsMaterial,
+    tmp_path: Path,
 ) -> GatewayProcess:
+    """The gateway three ways: features off on plaintext legs; TLS on both legs; plaintext with a
+    guardrail on every new statement shape (each is held until the control plane decides) and
+    email masking (every server message held whole and scanned; none of these answers has an
+    email in it). The audit trail is on in all three (the default)."""
     cfg = base_config(pg, gateway_tls, 0, tmp_path)
-    allow_plaintext(cfg)
-    cfg["connections"][0]["upstream"]["tls"] = {"mode": "disable"}
-    return gateway_factory(cfg)
+    if request.param != "tls":
+        allow_plaintext(cfg)
+        cfg["connections"][0]["upstream"]["tls"] = {"mode": "disable"}
+    if request.param == "guarded-masked":
+        cfg["guardrails"] = [{"name": "no-secrets", "match": {"relations": ["secret*"]}, "message": "no"}]
+        cfg["grants"][0]["guardrails"] = ["no-destructive-ddl", "no-secrets"]
+        cfg["masking"] = [{"name": "pii", "detectors": ["email"]}]
+        cfg["connections"][0]["masking"] = ["pii"]
+    gw = gateway_factory(cfg)
+    gw.extra["client_tls"] = request.param == "tls"
+    gw.extra["guarded"] = request.param == "guarded-masked"
+    return gw
 
 
 def direct(pg: PgCluster) -> RawConn:
@@ -270,6 +242,8 @@ def direct(pg: PgCluster) -> RawConn:
 
 def through(gw: GatewayProcess) -> RawConn:
     c = RawConn(gw.port)
+    if gw.extra["client_tls"]:
+        c.start_tls(gw.tls.ca_cert)
     c.login(CLIENT_USER, CLIENT_PASSWORD, application_name=APP)
     return c
 
@@ -322,7 +296,7 @@ def normalised(messages: Messages) -> Iterator[tuple[bytes, bytes]]:
         yield tag, body
 
 
-def describe(messages: Messages) -> list[str]:
+def shown(messages: Messages) -> list[str]:
     out = []
     for tag, body in messages:
         if tag in (b"E", b"N"):
@@ -337,6 +311,19 @@ def test_every_scenario_is_answered_as_postgresql_answers_it(
     gw: GatewayProcess, pg: PgCluster, subtests: pytest.Subtests
 ) -> None:
     for name, sent, end in SCENARIOS:
+        if name == "FunctionCall" and gw.extra["guarded"]:
+            with subtests.test(scenario="FunctionCall refused under guardrails"):
+                # By design: a fast-path call carries no SQL to judge. Each is refused with 42501
+                # and its ReadyForQuery, and the session goes on.
+                got, _ = run(through(gw), sent, end)
+                assert [(t, parse_fields(b).get("C") if t == b"E" else b) for t, b in got[:4]] == [
+                    (b"E", "42501"),
+                    (b"Z", b"I"),
+                    (b"E", "42501"),
+                    (b"Z", b"I"),
+                ], [parse_fields(b) for t, b in got if t == b"E"]
+                assert "fast-path function calls" in parse_fields(got[0][1])["M"]
+            continue
         with subtests.test(scenario=name):
             want, want_ended = run(direct(pg), sent, end)
             got, got_ended = run(through(gw), sent, end)
@@ -348,8 +335,8 @@ def test_every_scenario_is_answered_as_postgresql_answers_it(
                 )
                 raise AssertionError(
                     f"{name}: answers differ from message {first} on ({len(w)} direct, {len(g)} through "
-                    f"the gateway)\n direct:  {describe(want[first : first + 6])}\n gateway: "
-                    f"{describe(got[first : first + 6])}"
+                    f"the gateway)\n direct:  {shown(want[first : first + 6])}\n gateway: "
+                    f"{shown(got[first : first + 6])}"
                 )
             assert any(t == b"Z" for t, _ in want) or end != "marker"
     log = gw.log()

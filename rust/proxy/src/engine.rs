@@ -1082,17 +1082,20 @@ impl Session {
                 self.after_frontend(hold, inner).await?;
             }
             if half_closed.is_none() && self.relay.terminated() {
-                if self.pending.is_empty()
-                    && !self.relay.is_holding()
-                    && self.relay.server_owes_answer()
-                {
-                    half_closed = Some("");
-                } else {
+                // (Nothing can be held or pending once the relay has passed the Terminate on.)
+                if !self.relay.server_owes_answer() {
                     return Ok(("client_closed", String::new()));
                 }
+                half_closed = Some("");
             }
             if let Some(why) = half_closed {
-                if !self.upstream_shut && !self.waiting {
+                // The server's EOF follows everything the client sent: not while a statement
+                // waits for a decision, more of its bytes wait behind it, or sync audit holds them.
+                if !self.upstream_shut
+                    && !self.waiting
+                    && !self.relay.is_holding()
+                    && self.pending.is_empty()
+                {
                     self.upstream.flush().await?;
                     self.upstream.close().await;
                     self.upstream_shut = true;
@@ -1173,15 +1176,16 @@ impl Session {
                     let (outcome, hold, drained) = self.on_client_readable()?;
                     drained.apply(&cfd);
                     match (outcome, hold) {
-                        (Read::Closed(why), None)
-                            if self.pending.is_empty()
-                                && !self.relay.is_holding()
-                                && self.relay.server_owes_answer() =>
+                        (Read::Closed(why), hold)
+                            if hold.is_some()
+                                || self.relay.is_holding()
+                                || !self.pending.is_empty()
+                                || self.relay.server_owes_answer() =>
                         {
-                            // Answers are owed and nothing waits for a decision (a statement held
-                            // for a policy decision or an approval is not run for a client that
-                            // may be gone): finish them, see `half_closed`.
-                            self.after_frontend(None, inner).await?;
+                            // Answers are owed, or statements wait for a decision (as they would
+                            // if the EOF had come a moment later, unread while they wait): finish
+                            // them, see `half_closed`.
+                            self.after_frontend(hold, inner).await?;
                             half_closed = Some(why);
                         }
                         (Read::Closed(why), _) => return Ok(("client_closed", why.into())),

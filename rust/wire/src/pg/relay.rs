@@ -302,8 +302,11 @@ pub struct SessionRelay {
     verdicts: HashMap<VerdictKey, Verdict>,
     verdict_bytes: usize,
     next_seq: u64,
-    /// Markers of denied statements in flight, with the error to show instead of theirs.
-    denials: VecDeque<(String, Vec<u8>)>,
+    /// Markers of denied statements in flight, with the error to show instead of theirs and the
+    /// number of the ReadyForQuery that ends their Query or Sync block (see `ready_seen`).
+    denials: VecDeque<(String, Vec<u8>, u64)>,
+    /// ReadyForQuery messages seen that answered a Query, FunctionCall or Sync (`in_flight`'s).
+    ready_seen: u64,
     rows_since_complete: u64,
     bytes_since_complete: u64,
     terminated: bool,
@@ -343,6 +346,7 @@ impl SessionRelay {
             verdict_bytes: 0,
             next_seq: 0,
             denials: VecDeque::new(),
+            ready_seen: 0,
             rows_since_complete: 0,
             bytes_since_complete: 0,
             terminated: false,
@@ -774,7 +778,15 @@ impl SessionRelay {
                     code.as_str()
                 };
                 let err = ErrorFields::new("ERROR", code, message).encode_error();
-                self.denials.push_back((marker, err));
+                // A Query or FunctionCall was counted in `in_flight` when it was read: its own
+                // ReadyForQuery ends it. A Parse or Execute belongs to the block of the next Sync.
+                let ends_at = self.ready_seen
+                    + self.in_flight
+                    + u64::from(matches!(
+                        statement.kind,
+                        StatementKind::Parse | StatementKind::Execute
+                    ));
+                self.denials.push_back((marker, err, ends_at));
             }
         }
         Ok(())
@@ -871,11 +883,11 @@ impl SessionRelay {
                 let hit = self
                     .denials
                     .iter()
-                    .position(|(marker, _)| msg.contains(marker.as_str()));
+                    .position(|(marker, _, _)| msg.contains(marker.as_str()));
                 if let Some(i) = hit {
                     // Denials before this one in the queue were skipped by the server (an earlier
                     // error in their pipeline); they produce no error of their own.
-                    let (_, err) = self
+                    let (_, err, _) = self
                         .denials
                         .drain(..=i)
                         .next_back()
@@ -928,9 +940,14 @@ impl SessionRelay {
             btag::READY_FOR_QUERY => {
                 let status = backend::decode_ready_for_query(body)?;
                 self.last_status = status;
-                self.in_flight = self.in_flight.saturating_sub(1);
-                // A Sync ends every pipeline: denials still queued were skipped by the server.
-                self.denials.clear();
+                if self.in_flight > 0 {
+                    self.in_flight -= 1;
+                    self.ready_seen += 1;
+                }
+                // This ends a Query or Sync block: its denials still queued were skipped by the
+                // server (an earlier error in the block). Those of later blocks stay.
+                let seen = self.ready_seen;
+                self.denials.retain(|(_, _, ends_at)| *ends_at > seen);
                 self.stats.rows += self.rows_since_complete;
                 self.rows_since_complete = 0;
                 self.bytes_since_complete = 0;
@@ -1331,6 +1348,82 @@ mod tests {
         assert!(
             matches!(&events[0], BackendEvent::Error { denied: true, code, .. } if code == "42501")
         );
+    }
+
+    /// What PostgreSQL answers a denial marker sent as a Query or a Parse.
+    fn marker_error(seq: u64) -> Vec<u8> {
+        backend::error_response(
+            "ERROR",
+            "42601",
+            &format!("syntax error at or near \"ostiary_denied_{seq}\""),
+        )
+    }
+
+    #[test]
+    fn pipelined_denials_in_separate_blocks_each_get_their_error() {
+        // Denied inline (a remembered verdict, here the refusal): two Queries in one write, then
+        // an extended block with a denied Parse and one that runs. Each block's ReadyForQuery
+        // must end only its own denials, not those of the blocks after it.
+        let mut r = SessionRelay::new(Limits::default(), Gate::Consult, false);
+        r.set_refusal(Some(("58030".into(), "cannot record".into())));
+        let mut client = frontend::query("select 1");
+        client.extend(frontend::query("select 2"));
+        client.extend(msg(ftag::PARSE, b"\0select 3\0\0\0"));
+        client.extend(msg(ftag::SYNC, b""));
+        let mut out = Vec::new();
+        assert!(matches!(
+            r.feed_frontend(&client, &mut out).unwrap(),
+            FrontendStop::Consumed
+        ));
+        let mut server = Vec::new();
+        for seq in 0..3 {
+            server.extend(marker_error(seq));
+            server.extend(ready_for_query(b'I'));
+        }
+        let mut to_client = Vec::new();
+        r.feed_backend(&server, &mut to_client, &mut Vec::new())
+            .unwrap();
+        let mut expected = Vec::new();
+        for _ in 0..3 {
+            expected.extend(backend::error_response("ERROR", "58030", "cannot record"));
+            expected.extend(ready_for_query(b'I'));
+        }
+        assert_eq!(to_client, expected);
+        assert!(r.denials.is_empty());
+    }
+
+    #[test]
+    fn a_denial_skipped_after_an_earlier_error_ends_with_its_block() {
+        // Parse (denied), Parse (denied), Sync: the server fails the first and skips the second to
+        // Sync. The second's marker never comes back; the block's ReadyForQuery drops it.
+        let mut r = SessionRelay::new(Limits::default(), Gate::Consult, false);
+        r.set_refusal(Some(("58030".into(), "cannot record".into())));
+        let mut client = msg(ftag::PARSE, b"\0select 1\0\0\0");
+        client.extend(msg(ftag::PARSE, b"\0select 2\0\0\0"));
+        client.extend(msg(ftag::SYNC, b""));
+        client.extend(frontend::query("select 3"));
+        let mut out = Vec::new();
+        r.feed_frontend(&client, &mut out).unwrap();
+        let mut server = marker_error(0);
+        server.extend(ready_for_query(b'I'));
+        let mut to_client = Vec::new();
+        r.feed_backend(&server, &mut to_client, &mut Vec::new())
+            .unwrap();
+        assert_eq!(
+            r.denials.len(),
+            1,
+            "only the Query's denial is still to come"
+        );
+        let mut server = marker_error(2);
+        server.extend(ready_for_query(b'I'));
+        r.feed_backend(&server, &mut to_client, &mut Vec::new())
+            .unwrap();
+        let mut expected = Vec::new();
+        for _ in 0..2 {
+            expected.extend(backend::error_response("ERROR", "58030", "cannot record"));
+            expected.extend(ready_for_query(b'I'));
+        }
+        assert_eq!(to_client, expected);
     }
 
     #[test]
