@@ -46,12 +46,20 @@ from pgraw import (
     parse,
     parse_fields,
     query_message,
+    typed,
 )
 
 END = "end of scenario"
 APP = "transparency"
 
 Messages = list[tuple[bytes, bytes]]
+
+
+def bind_binary(portal: str, stmt: str, value: bytes) -> bytes:
+    """Bind with one parameter in binary format."""
+    body = portal.encode() + b"\0" + stmt.encode() + b"\0" + struct.pack("!hh", 1, 1)
+    body += struct.pack("!h", 1) + struct.pack("!i", len(value)) + value + struct.pack("!h", 0)
+    return typed(b"B", body)
 
 
 def q(*sql: str) -> bytes:
@@ -185,6 +193,49 @@ SCENARIOS: list[tuple[str, bytes, str]] = [
     (
         "a larger result",
         q("select g, md5(g::text), repeat('x', g % 300) from generate_series(1, 5000) g"),
+        "marker",
+    ),
+    (
+        "an error in the middle of a result",
+        q("select 1 / (3000 - g) from generate_series(1, 4000) g"),
+        "marker",
+    ),
+    (
+        "empty results, NULLs, text beyond ASCII, a wide row",
+        q(
+            "select 1 where false",
+            "select null::text, 'ünïcödé ✓', E'tab\\there', '' as empty",
+            "select repeat('w', 300000) as wide",
+        ),
+        "marker",
+    ),
+    (
+        "a cursor fetched in pieces, and a statement timeout",
+        q(
+            "begin",
+            "declare c cursor for select g from generate_series(1, 10) g",
+            "fetch 4 from c",
+            "fetch all from c",
+            "close c",
+            "commit",
+            "set statement_timeout = 50",
+            "select pg_sleep(2)",
+            "reset statement_timeout",
+        ),
+        "marker",
+    ),
+    (
+        "binary parameters, DEALLOCATE, and a Bind to what is gone",
+        parse("s3", "select $1::int4 * 2")
+        + bind_binary("", "s3", struct.pack("!i", 21))
+        + execute()
+        + SYNC
+        + q("deallocate s3")
+        + bind("", "s3", ("1",))
+        + execute()
+        + SYNC
+        + close("S", "never_prepared")
+        + SYNC,
         "marker",
     ),
     ("Terminate inside a transaction", q("begin", "select 'in tx'") + TERMINATE, "eof"),
