@@ -13,7 +13,9 @@ table oids in a RowDescription (each session's temporary tables are its own).
 
 from __future__ import annotations
 
+import random
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -299,13 +301,27 @@ def through(gw: GatewayProcess) -> RawConn:
     return c
 
 
-def run(c: RawConn, sent: bytes, end: str) -> tuple[Messages, bool]:
+def dribble(c: RawConn, data: bytes, rng: random.Random) -> None:
+    """Sends `data` in pieces of 1 to 13 bytes with a pause after each, so that the gateway reads
+    messages (and their headers) split across many reads."""
+    pos = 0
+    while pos < len(data):
+        n = rng.randint(1, 13)
+        c.send(data[pos : pos + n])
+        pos += n
+        time.sleep(0.0002)
+
+
+def run(c: RawConn, sent: bytes, end: str, rng: random.Random | None = None) -> tuple[Messages, bool]:
     """Sends the scenario and reads everything it is answered with: up to the end marker's
     ReadyForQuery, or to the end of the connection. Returns the messages and whether it ended."""
     import socket
 
     with c:
-        c.send(sent)
+        if rng is None:
+            c.send(sent)
+        else:
+            dribble(c, sent, rng)
         if end == "half-close":
             socket.socket.shutdown(c.sock, socket.SHUT_WR)
         if end != "marker":
@@ -358,15 +374,18 @@ def shown(messages: Messages) -> list[str]:
     return out
 
 
+@pytest.mark.parametrize("delivery", ["one-write", "dribbled"])
 def test_every_scenario_is_answered_as_postgresql_answers_it(
-    gw: GatewayProcess, pg: PgCluster, subtests: pytest.Subtests
+    gw: GatewayProcess, pg: PgCluster, subtests: pytest.Subtests, delivery: str
 ) -> None:
+    """`dribbled`: through the gateway, each scenario arrives a few bytes at a time (seeded)."""
+    rng = random.Random(20261204) if delivery == "dribbled" else None
     for name, sent, end in SCENARIOS:
         if name == "FunctionCall" and gw.extra["guarded"]:
             with subtests.test(scenario="FunctionCall refused under guardrails"):
                 # By design: a fast-path call carries no SQL to judge. Each is refused with 42501
                 # and its ReadyForQuery, and the session goes on.
-                got, _ = run(through(gw), sent, end)
+                got, _ = run(through(gw), sent, end, rng)
                 assert [(t, parse_fields(b).get("C") if t == b"E" else b) for t, b in got[:4]] == [
                     (b"E", "42501"),
                     (b"Z", b"I"),
@@ -377,7 +396,7 @@ def test_every_scenario_is_answered_as_postgresql_answers_it(
             continue
         with subtests.test(scenario=name):
             want, want_ended = run(direct(pg), sent, end)
-            got, got_ended = run(through(gw), sent, end)
+            got, got_ended = run(through(gw), sent, end, rng)
             assert got_ended == want_ended
             w, g = list(normalised(want)), list(normalised(got))
             if w != g:
