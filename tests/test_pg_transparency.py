@@ -3,9 +3,10 @@ the gateway get the same answers, message for message.
 
 Each scenario is raw protocol a driver could send (pipelines with errors, portals run in pieces,
 COPY both ways and through the extended protocol, FunctionCall, notices, notifications, binary
-results, a half-close, Terminate inside a transaction), sent in one write on two fresh
-connections: one straight to the test cluster (SCRAM, as PostgreSQL asks), one through a gateway
-(features off; TLS on both legs; guardrails and masking on). Everything after the login is
+results, a half-close, Terminate inside a transaction), sent on two fresh connections: one
+straight to the test cluster (SCRAM, as PostgreSQL asks), one through a gateway (features off;
+TLS on both legs; guardrails and masking on; the audit trail in sync mode), in one write or a few
+bytes at a time. Everything after the login is
 compared: tags and bodies of every message, and whether the connection ended. Only what differs
 by nature is normalised: the notifying backend's process id in a NotificationResponse and the
 table oids in a RowDescription (each session's temporary tables are its own).
@@ -257,7 +258,7 @@ SCENARIOS: list[tuple[str, bytes, str]] = [
 # -- the two sides ---------------------------------------------------------------------------------
 
 
-VARIANTS = ["plain", "tls", "guarded-masked"]
+VARIANTS = ["plain", "tls", "guarded-masked", "audit-sync"]
 
 
 @pytest.fixture(params=VARIANTS)
@@ -271,11 +272,15 @@ def gw(
     """The gateway three ways: features off on plaintext legs; TLS on both legs; plaintext with a
     guardrail on every new statement shape (each is held until the control plane decides) and
     email masking (every server message held whole and scanned; none of these answers has an
-    email in it). The audit trail is on in all three (the default)."""
+    email in it); plaintext with the audit trail in sync mode (what the client sends waits until
+    its records are durable). The audit trail is on in all four (async, the default, in the
+    first three)."""
     cfg = base_config(pg, gateway_tls, 0, tmp_path)
     if request.param != "tls":
         allow_plaintext(cfg)
         cfg["connections"][0]["upstream"]["tls"] = {"mode": "disable"}
+    if request.param == "audit-sync":
+        cfg["audit"] = {"mode": "sync", "flush_interval": 0.01}
     if request.param == "guarded-masked":
         cfg["guardrails"] = [{"name": "no-secrets", "match": {"relations": ["secret*"]}, "message": "no"}]
         cfg["grants"][0]["guardrails"] = ["no-destructive-ddl", "no-secrets"]
