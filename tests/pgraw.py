@@ -23,8 +23,9 @@ PROTOCOL_3_0 = 196608
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
 
-def startup_message(params: dict[str, str]) -> bytes:
-    body = struct.pack("!i", PROTOCOL_3_0)
+def startup_message(params: dict[str, str], minor: int = 0) -> bytes:
+    """A StartupMessage of protocol 3.`minor` (3.0 unless asked otherwise)."""
+    body = struct.pack("!i", PROTOCOL_3_0 | minor)
     for k, v in params.items():
         body += k.encode() + b"\0" + v.encode() + b"\0"
     body += b"\0"
@@ -174,6 +175,8 @@ class RawConn:
         self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
         self.timeout = timeout
+        # The NegotiateProtocolVersion a login got before authentication, if any.
+        self.negotiated: bytes | None = None
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -258,12 +261,24 @@ class RawConn:
         res.elapsed = time.monotonic() - start
         return res
 
-    def login(
-        self, user: str, password: str, database: str = "app", **params: str
-    ) -> list[tuple[bytes, bytes]]:
-        """StartupMessage, answers the cleartext password request, returns messages to ReadyForQuery."""
-        self.send(startup_message({"user": user, "database": database, **params}))
+    def _startup(self, params: dict[str, str], minor: int) -> None:
+        self.send(startup_message(params, minor))
+
+    def _first_answer(self) -> tuple[bytes, bytes] | None:
+        """The first message after StartupMessage, past a NegotiateProtocolVersion (kept)."""
         m = self.recv_message()
+        if m is not None and m[0] == b"v":
+            self.negotiated = m[1]
+            m = self.recv_message()
+        return m
+
+    def login(
+        self, user: str, password: str, database: str = "app", minor: int = 0, **params: str
+    ) -> list[tuple[bytes, bytes]]:
+        """StartupMessage (protocol 3.`minor`), answers the cleartext password request, returns
+        messages to ReadyForQuery."""
+        self._startup({"user": user, "database": database, **params}, minor)
+        m = self._first_answer()
         assert m is not None, "closed after StartupMessage"
         if m[0] == b"E":
             raise AssertionError(f"refused: {parse_fields(m[1])}")
@@ -274,14 +289,15 @@ class RawConn:
         return self.until_ready()
 
     def login_scram(
-        self, user: str, password: str, database: str = "app", **params: str
+        self, user: str, password: str, database: str = "app", minor: int = 0, **params: str
     ) -> list[tuple[bytes, bytes]]:
         """StartupMessage and a SCRAM-SHA-256 exchange (RFC 5802/7677, no channel binding), as
         PostgreSQL itself asks for; returns the messages after AuthenticationOk to ReadyForQuery."""
-        self.send(startup_message({"user": user, "database": database, **params}))
+        self._startup({"user": user, "database": database, **params}, minor)
+        pending: list[tuple[bytes, bytes] | None] = [self._first_answer()]
 
         def auth(expect: int) -> bytes:
-            m = self.recv_message()
+            m = pending.pop() if pending else self.recv_message()
             assert m is not None, "closed during authentication"
             if m[0] == b"E":
                 raise AssertionError(f"refused: {parse_fields(m[1])}")

@@ -43,6 +43,7 @@ from pgraw import (
     close,
     copy_data,
     copy_fail,
+    data_rows,
     describe,
     execute,
     function_call,
@@ -417,3 +418,51 @@ def test_every_scenario_is_answered_as_postgresql_answers_it(
     log = gw.log()
     for bad in ("internal_error", "protocol_error", "panicked", "Traceback"):
         assert bad not in log, f"{bad} in the gateway log:\n{log[-3000:]}"
+
+
+@pytest.mark.parametrize(
+    ("minor", "options"),
+    [
+        pytest.param(2, {}, id="3.2"),
+        pytest.param(0, {"_pq_.test_option": "on"}, id="3.0-with-an-option"),
+        pytest.param(9999, {"_pq_.a": "1", "_pq_.b": "2"}, id="3.9999-grease"),
+    ],
+)
+def test_a_newer_protocol_is_negotiated_down_as_postgresql_does(
+    gateway_factory: GatewayFactory,
+    pg: PgCluster,
+    gateway_tls: TlsMaterial,
+    tmp_path: Path,
+    minor: int,
+    options: dict[str, str],
+) -> None:
+    """A StartupMessage asking for protocol 3.2 (libpq 18 with max_protocol_version=latest), or with
+    protocol options (`_pq_.*`), or the 3.9999 that libpq sends to test negotiation: PostgreSQL
+    answers with NegotiateProtocolVersion (3.0, the options it does not know) before
+    authenticating, and the client goes on with 3.0. The gateway answers the same bytes, and the
+    options never reach the server as settings."""
+    cfg = base_config(pg, gateway_tls, 0, tmp_path)
+    allow_plaintext(cfg)
+    gw = gateway_factory(cfg)
+    with RawConn(pg.port) as d:
+        d.login_scram("app", APP_PASSWORD, minor=minor, application_name=APP, **options)
+        assert d.negotiated is not None, "PostgreSQL did not negotiate"
+    with RawConn(gw.port) as c:
+        c.login(CLIENT_USER, CLIENT_PASSWORD, minor=minor, application_name=APP, **options)
+        assert c.negotiated == d.negotiated
+        rows = c.query("select current_setting('application_name'), 'works'")
+        assert data_rows(rows) == [[APP, "works"]]
+
+
+def test_psycopg_with_libpq_18_asking_for_the_latest_protocol(gw: GatewayProcess) -> None:
+    """psycopg's own libpq (18 in the binary wheel) with max_protocol_version=latest asks for 3.2
+    and settles for 3.0 through the gateway, as it does with PostgreSQL 15."""
+    import psycopg
+
+    if psycopg.pq.version() < 180000:
+        pytest.skip(f"libpq {psycopg.pq.version()} has no max_protocol_version")
+    sslmode = "verify-full" if gw.extra["client_tls"] else "disable"
+    dsn = gw.dsn(sslmode=sslmode) + " max_protocol_version=latest"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("select 'negotiated'").fetchone() == ("negotiated",)
+        assert conn.pgconn.protocol_version == 3

@@ -92,6 +92,7 @@ def test_client_handshake_startup_and_password(benchmark: BenchmarkFixture) -> N
     assert startup == (
         "startup",
         [("user", "ci"), ("database", "app"), ("application_name", "pgbench"), ("client_encoding", "UTF8")],
+        b"",
     )
     assert password == ("password", b"ci-gateway-secret-0123456789")
 

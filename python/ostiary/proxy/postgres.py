@@ -318,8 +318,13 @@ class PostgresStartup:
                 await self.ch.aclose()
                 return None
             elif kind == "startup":
-                params = ev[1]
-                assert isinstance(params, list)
+                params, negotiate = ev[1], ev[2]
+                assert isinstance(params, list) and isinstance(negotiate, bytes)
+                if negotiate:
+                    # A newer protocol minor version or protocol options (``_pq_.*``, left out of
+                    # ``params``) were asked for: the gateway speaks 3.0 and says so first, as
+                    # PostgreSQL does, and the client carries on with 3.0.
+                    await self.ch.send(negotiate)
                 self.params = {str(k).lower(): str(v) for k, v in params}
                 conn = self._check_startup()
                 identity = await self._authenticate(conn)

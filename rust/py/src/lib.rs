@@ -121,7 +121,8 @@ impl ClientHandshake {
     }
 
     /// ("ssl_request",) | ("gssenc_request",) | ("cancel_request", pid, key) |
-    /// ("startup", [(name, value), ...]) | ("password", bytes) | None when more data is needed.
+    /// ("startup", [(name, value), ...], negotiate: bytes) | ("password", bytes) | None when more
+    /// data is needed. `negotiate` is a NegotiateProtocolVersion to send first, or empty.
     fn next_event<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let ev = self.inner.next_event().map_err(wire_err)?;
         Ok(match ev {
@@ -132,7 +133,9 @@ impl ClientHandshake {
                 process_id,
                 secret_key,
             }) => Some(("cancel_request", process_id, secret_key).into_pyobject(py)?),
-            Some(ClientEvent::Startup { params }) => Some(("startup", params).into_pyobject(py)?),
+            Some(ClientEvent::Startup { params, negotiate }) => {
+                Some(("startup", params, bytes(py, &negotiate)).into_pyobject(py)?)
+            }
             Some(ClientEvent::Password(pw)) => {
                 Some(("password", bytes(py, &pw)).into_pyobject(py)?)
             }

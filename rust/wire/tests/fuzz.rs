@@ -93,6 +93,7 @@ fn startup_corpus() -> Vec<Vec<u8>> {
             secret_key: 2,
         }),
         startup::encode(&StartupPacket::StartupMessage {
+            minor_version: 0,
             params: vec![("user".into(), "u".into()), ("database".into(), "d".into())],
         }),
     ]

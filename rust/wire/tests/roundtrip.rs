@@ -54,10 +54,18 @@ fn startup_packets() {
         secret_key: -17,
     });
     startup_three_ways(&StartupPacket::StartupMessage {
+        minor_version: 0,
         params: vec![
             ("user".into(), "ci".into()),
             ("database".into(), "app".into()),
             ("application_name".into(), "psql ünïcode".into()),
+        ],
+    });
+    startup_three_ways(&StartupPacket::StartupMessage {
+        minor_version: 2,
+        params: vec![
+            ("user".into(), "ci".into()),
+            ("_pq_.some_option".into(), "on".into()),
         ],
     });
 }
@@ -167,6 +175,7 @@ fn frontend_messages() {
 fn client_handshake_keeps_pipelined_bytes() {
     let mut h = ClientHandshake::new(Limits::default());
     let mut input = startup::encode(&StartupPacket::StartupMessage {
+        minor_version: 0,
         params: vec![("user".into(), "u".into())],
     });
     h.receive_data(&input).unwrap();
@@ -197,6 +206,7 @@ fn malformed_bodies_are_errors_not_panics() {
     assert!(startup::decode(b"\0\0\0\x04", &Limits::default()).is_err());
     // A StartupMessage without a user.
     let no_user = startup::encode(&StartupPacket::StartupMessage {
+        minor_version: 0,
         params: vec![("database".into(), "x".into())],
     });
     assert!(startup::decode(&no_user, &Limits::default()).is_err());

@@ -181,6 +181,19 @@ pub fn error_response(severity: &str, code: &str, message: &str) -> Vec<u8> {
     ErrorFields::new(severity, code, message).encode_error()
 }
 
+/// NegotiateProtocolVersion: the newest version of protocol 3 this side speaks (sent whole, major
+/// and minor, as PostgreSQL sends it and libpq reads it), and the protocol options (`_pq_.*`
+/// startup parameters) it does not recognise.
+pub fn negotiate_protocol_version(newest_minor: u16, unrecognized: &[&str]) -> Vec<u8> {
+    let mut b = Builder::new(tag::NEGOTIATE_PROTOCOL_VERSION)
+        .i32((3 << 16) | i32::from(newest_minor))
+        .i32(unrecognized.len() as i32);
+    for option in unrecognized {
+        b = b.cstr(option.as_bytes());
+    }
+    b.finish()
+}
+
 pub fn parameter_status(name: &str, value: &str) -> Vec<u8> {
     Builder::new(tag::PARAMETER_STATUS)
         .cstr(name.as_bytes())

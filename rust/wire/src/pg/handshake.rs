@@ -17,8 +17,18 @@ use crate::{Limits, WireError};
 pub enum ClientEvent {
     SslRequest,
     GssEncRequest,
-    CancelRequest { process_id: i32, secret_key: i32 },
-    Startup { params: Vec<(String, String)> },
+    CancelRequest {
+        process_id: i32,
+        secret_key: i32,
+    },
+    /// The client's parameters without protocol options (`_pq_.*`), and a NegotiateProtocolVersion
+    /// to send before anything else when the client asked for more than protocol 3.0 (a newer
+    /// minor version or protocol options), as PostgreSQL does; empty when there is nothing to
+    /// negotiate.
+    Startup {
+        params: Vec<(String, String)>,
+        negotiate: Vec<u8>,
+    },
     Password(Vec<u8>),
 }
 
@@ -107,7 +117,22 @@ impl ClientHandshake {
                             secret_key,
                         }
                     }
-                    StartupPacket::StartupMessage { params } => ClientEvent::Startup { params },
+                    StartupPacket::StartupMessage {
+                        minor_version,
+                        params,
+                    } => {
+                        let (options, params): (Vec<_>, Vec<_>) = params
+                            .into_iter()
+                            .partition(|(k, _)| k.starts_with("_pq_."));
+                        let negotiate = if minor_version > 0 || !options.is_empty() {
+                            let names: Vec<&str> =
+                                options.iter().map(|(k, _)| k.as_str()).collect();
+                            backend::negotiate_protocol_version(0, &names)
+                        } else {
+                            Vec::new()
+                        };
+                        ClientEvent::Startup { params, negotiate }
+                    }
                 }))
             }
             ClientPhase::Password => {
@@ -176,7 +201,10 @@ impl UpstreamHandshake {
             .find(|(k, _)| k == "user")
             .map(|(_, v)| v.clone())
             .ok_or_else(|| WireError::malformed("StartupMessage", "no user parameter"))?;
-        let first = startup::encode(&StartupPacket::StartupMessage { params });
+        let first = startup::encode(&StartupPacket::StartupMessage {
+            minor_version: 0,
+            params,
+        });
         let m = UpstreamHandshake {
             user,
             password: password.to_owned(),
@@ -334,6 +362,7 @@ mod tests {
 
     fn startup_bytes(params: &[(&str, &str)]) -> Vec<u8> {
         startup::encode(&StartupPacket::StartupMessage {
+            minor_version: 0,
             params: params
                 .iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -362,9 +391,51 @@ mod tests {
         }
         assert_eq!(events.len(), 2);
         assert!(
-            matches!(&events[0], ClientEvent::Startup { params } if params[0] == ("user".into(), "ci".into()))
+            matches!(&events[0], ClientEvent::Startup { params, negotiate } if params[0] == ("user".into(), "ci".into()) && negotiate.is_empty())
         );
         assert_eq!(events[1], ClientEvent::Password(b"tok".to_vec()));
+    }
+
+    #[test]
+    fn a_newer_minor_version_and_protocol_options_are_negotiated_down_to_3_0() {
+        for (minor, params, unrecognized) in [
+            (2u16, vec![("user", "ci")], vec![]),
+            (
+                0,
+                vec![("user", "ci"), ("_pq_.compression", "on")],
+                vec!["_pq_.compression"],
+            ),
+            (
+                9999,
+                vec![("_pq_.a", "1"), ("user", "ci"), ("_pq_.b", "2")],
+                vec!["_pq_.a", "_pq_.b"],
+            ),
+        ] {
+            let mut h = ClientHandshake::new(Limits::default());
+            h.receive_data(&startup::encode(&StartupPacket::StartupMessage {
+                minor_version: minor,
+                params: params
+                    .iter()
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .collect(),
+            }))
+            .unwrap();
+            let Some(ClientEvent::Startup { params, negotiate }) = h.next_event().unwrap() else {
+                panic!("no startup event")
+            };
+            assert_eq!(params, vec![("user".to_string(), "ci".to_string())]);
+            assert_eq!(
+                negotiate,
+                backend::negotiate_protocol_version(0, &unrecognized)
+            );
+            // 'v', length, the version (3.0, whole as PostgreSQL sends it), the count, the names.
+            assert_eq!(negotiate[0], b'v');
+            assert_eq!(&negotiate[5..9], &[0, 3, 0, 0]);
+            assert_eq!(
+                i32::from_be_bytes(negotiate[9..13].try_into().unwrap()) as usize,
+                unrecognized.len()
+            );
+        }
     }
 
     #[test]

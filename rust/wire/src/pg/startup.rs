@@ -13,8 +13,16 @@ pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
 pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
-    CancelRequest { process_id: i32, secret_key: i32 },
-    StartupMessage { params: Vec<(String, String)> },
+    CancelRequest {
+        process_id: i32,
+        secret_key: i32,
+    },
+    /// Protocol 3, of the minor version the client asks for (`minor_version`; the gateway speaks
+    /// 3.0 and negotiates down, see `handshake::ClientHandshake`).
+    StartupMessage {
+        minor_version: u16,
+        params: Vec<(String, String)>,
+    },
 }
 
 /// Decodes one startup packet from the front of `buf`: `Ok(None)` when incomplete, otherwise the
@@ -61,7 +69,8 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(StartupPacket, usiz
                 secret_key: r.i32()?,
             }
         }
-        PROTOCOL_3_0 => {
+        code if code >> 16 == 3 => {
+            let minor_version = (code & 0xffff) as u16;
             let mut params = Vec::new();
             loop {
                 let key = r.cstr_utf8()?;
@@ -80,7 +89,10 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(StartupPacket, usiz
             if !params.iter().any(|(k, _)| k == "user") {
                 return Err(WireError::malformed("StartupMessage", "no user parameter"));
             }
-            StartupPacket::StartupMessage { params }
+            StartupPacket::StartupMessage {
+                minor_version,
+                params,
+            }
         }
         other => {
             let major = (other >> 16) as u16;
@@ -104,8 +116,11 @@ pub fn encode(packet: &StartupPacket) -> Vec<u8> {
             .i32(*process_id)
             .i32(*secret_key)
             .finish(),
-        StartupPacket::StartupMessage { params } => {
-            let mut b = Builder::untyped().i32(PROTOCOL_3_0);
+        StartupPacket::StartupMessage {
+            minor_version,
+            params,
+        } => {
+            let mut b = Builder::untyped().i32(PROTOCOL_3_0 | i32::from(*minor_version));
             for (k, v) in params {
                 b = b.cstr(k.as_bytes()).cstr(v.as_bytes());
             }
