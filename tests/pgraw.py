@@ -177,6 +177,8 @@ class RawConn:
         self.timeout = timeout
         # The NegotiateProtocolVersion a login got before authentication, if any.
         self.negotiated: bytes | None = None
+        # What a login got after authentication, to ReadyForQuery.
+        self.login_messages: list[tuple[bytes, bytes]] = []
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -286,7 +288,8 @@ class RawConn:
             f"expected cleartext password request, got {m!r}"
         )
         self.send(password_message(password))
-        return self.until_ready()
+        self.login_messages = self.until_ready()
+        return self.login_messages
 
     def login_scram(
         self, user: str, password: str, database: str = "app", minor: int = 0, **params: str
@@ -327,7 +330,8 @@ class RawConn:
         expected = base64.b64encode(hmac.new(server_key, message, "sha256").digest()).decode()
         assert server_final == f"v={expected}", "the server's signature does not verify"
         auth(0)
-        return self.until_ready()
+        self.login_messages = self.until_ready()
+        return self.login_messages
 
     def query(self, sql: str, timeout: float | None = None) -> list[tuple[bytes, bytes]]:
         self.send(query_message(sql))

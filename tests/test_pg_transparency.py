@@ -466,3 +466,22 @@ def test_psycopg_with_libpq_18_asking_for_the_latest_protocol(gw: GatewayProcess
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("select 'negotiated'").fetchone() == ("negotiated",)
         assert conn.pgconn.protocol_version == 3
+
+
+def test_the_session_starts_with_the_parameters_postgresql_reports(gw: GatewayProcess, pg: PgCluster) -> None:
+    """After authentication PostgreSQL reports its settings (server_version, client_encoding,
+    DateStyle, standard_conforming_strings, ...) that drivers read; through the gateway a client
+    gets the same ParameterStatus messages with the same values, one BackendKeyData (the
+    gateway's own) and ReadyForQuery, in PostgreSQL's order."""
+
+    def welcome(messages: Messages) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+        # (A cleartext login's AuthenticationOk comes with these; the SCRAM login reads its own.)
+        rest = [t for t, b in messages if t != b"S" and (t, b) != (b"R", b"\0\0\0\0")]
+        return [(t, b) for t, b in messages if t == b"S"], rest
+
+    with direct(pg) as d:
+        want = welcome(d.login_messages)
+    with through(gw) as c:
+        got = welcome(c.login_messages)
+    assert got == want
+    assert want[1] == [b"K", b"Z"], want[1]
