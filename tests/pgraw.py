@@ -185,11 +185,22 @@ class RawConn:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def start_tls(self, ca_cert: Path, server_hostname: str = "127.0.0.1") -> None:
-        self.send(SSL_REQUEST)
-        answer = self._recv_exact_raw(1)
-        assert answer == b"S", f"SSLRequest answered {answer!r}"
+    def start_tls(
+        self,
+        ca_cert: Path,
+        server_hostname: str = "127.0.0.1",
+        direct: bool = False,
+        alpn: list[str] | None = None,
+    ) -> None:
+        """TLS after SSLRequest, or at once (`direct`, libpq's sslnegotiation=direct), offering
+        the ALPN protocols `alpn`."""
+        if not direct:
+            self.send(SSL_REQUEST)
+            answer = self._recv_exact_raw(1)
+            assert answer == b"S", f"SSLRequest answered {answer!r}"
         ctx = ssl.create_default_context(cafile=str(ca_cert))
+        if alpn is not None:
+            ctx.set_alpn_protocols(alpn)
         self.sock = ctx.wrap_socket(self.sock, server_hostname=server_hostname)
 
     def _recv_exact_raw(self, n: int) -> bytes:

@@ -160,9 +160,13 @@ def test_random_bytes_as_first_packet(gw: GatewayProcess, subtests: pytest.Subte
             # "waiting for the rest of the packet" and "complete packet, bad protocol code" paths.
             cases.append(struct.pack("!i", 200) + rng.randbytes(50))
             cases.append(struct.pack("!i", 64) + rng.randbytes(60))
+            cases.append(b"\x16\x03\x01" + rng.randbytes(60))  # a TLS record header, then garbage
             for data in cases:
                 with subtests.test(seed=seed, length=len(data), head=data[:8].hex()):
                     check_random_first_packet(gw, data)
+
+
+TLS_ALERT = b"\x15"
 
 
 def check_random_first_packet(gw: GatewayProcess, data: bytes) -> None:
@@ -171,6 +175,15 @@ def check_random_first_packet(gw: GatewayProcess, data: bytes) -> None:
             c.send(data)
         except (BrokenPipeError, ConnectionResetError):
             return  # refused while we were still sending: that is a close
+        if data[:1] == b"\x16":
+            # A TLS handshake record first is a client starting TLS at once (sslnegotiation=direct):
+            # garbage after it gets a TLS alert and the close, or just the close when the record
+            # is still incomplete at EOF.
+            half_close(c)
+            out = c.outcome(PROMPT + 3)
+            assert out.closed and out.elapsed < PROMPT, out.describe()
+            assert not out.messages and out.raw[:1] in (b"", TLS_ALERT), out.describe()
+            return
         immediate = expected_immediate_error(data)
         if immediate and len(data) <= 16_000:
             # The gateway reads everything we sent, so its FATAL is not lost to a reset.

@@ -4,14 +4,16 @@ upstream leg's modes (disable, require, verify-full) including a failing verific
 from __future__ import annotations
 
 import copy
+import ssl
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from conftest import GatewayFactory, GatewayProcess, gateway_config, psql
+from conftest import CLIENT_PASSWORD, CLIENT_USER, GatewayFactory, GatewayProcess, gateway_config, psql
 from ostiary.devcluster import PgCluster, TlsMaterial, make_tls_material
+from pgraw import RawConn, startup_message
 
 UPSTREAM_SSL = "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()"
 
@@ -38,6 +40,45 @@ def test_client_sslmodes_that_use_tls(gateway: GatewayProcess, sslmode: str) -> 
     with psycopg.connect(gateway.dsn(sslmode=sslmode)) as c:
         assert c.pgconn.ssl_in_use
         assert c.execute("select 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("sslmode", ["require", "verify-full"])
+def test_direct_tls_without_sslrequest(gateway: GatewayProcess, sslmode: str) -> None:
+    """libpq 17+ with sslnegotiation=direct starts TLS at once, without SSLRequest, and insists on
+    the ALPN protocol postgresql (psycopg's own libpq is 18). With a client certificate too."""
+    if psycopg.pq.version() < 170000:
+        pytest.skip(f"libpq {psycopg.pq.version()} has no sslnegotiation")
+    with psycopg.connect(gateway.dsn(sslmode=sslmode) + " sslnegotiation=direct") as c:
+        assert c.pgconn.ssl_in_use
+        assert c.execute("select 'direct'").fetchone() == ("direct",)
+    tls = gateway.tls
+    dsn = gateway.dsn(sslcert=str(tls.client_cert), sslkey=str(tls.client_key)) + " sslnegotiation=direct"
+    with psycopg.connect(dsn) as c:
+        assert c.execute("select 'direct with cert'").fetchone() == ("direct with cert",)
+
+
+@pytest.mark.parametrize("alpn", [None, ["h2"], ["postgresql"]], ids=["no-alpn", "other-alpn", "postgresql"])
+def test_direct_tls_needs_the_postgresql_alpn(gateway: GatewayProcess, alpn: list[str] | None) -> None:
+    """As PostgreSQL: direct TLS that does not name the postgresql protocol is refused (without
+    ALPN: a FATAL inside TLS; with another protocol: the handshake fails); with it, the session
+    works. A plaintext client's first byte can never look like a TLS record, so nothing else
+    changes."""
+    c = RawConn(gateway.port)
+    if alpn == ["h2"]:
+        with c, pytest.raises(ssl.SSLError, match=r"NO_APPLICATION_PROTOCOL|no application protocol"):
+            c.start_tls(gateway.tls.ca_cert, direct=True, alpn=alpn)
+        return
+    c.start_tls(gateway.tls.ca_cert, direct=True, alpn=alpn)
+    with c:
+        if alpn is None:
+            c.send(startup_message({"user": CLIENT_USER, "database": "app"}))
+            out = c.outcome(5)
+            assert out.closed and out.errors, out.describe()
+            assert out.errors[0]["C"] == "08P01" and "ALPN" in out.errors[0]["M"], out.errors
+        else:
+            assert c.login(CLIENT_USER, CLIENT_PASSWORD)[-1] == (b"Z", b"I")
+            assert c.query("select 'raw direct'")[1][0] == b"D"
+    assert "Traceback" not in gateway.log()
 
 
 def test_client_verify_full_with_wrong_root_is_refused_by_the_client(

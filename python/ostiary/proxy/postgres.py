@@ -46,6 +46,7 @@ FORWARDED_PARAMS = frozenset(
     {"application_name", "client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits"}
 )
 REFUSED_PARAMS = frozenset({"options", "replication"})
+TLS_HANDSHAKE_RECORD = b"\x16"  # the first byte of a TLS ClientHello
 
 
 class Refusal(Exception):
@@ -297,7 +298,22 @@ class PostgresStartup:
         self._report("allowed", grant=verdict.grant.name)
         return verdict.grant
 
+    async def _direct_tls(self) -> bool:
+        """Reads the client's first bytes. A TLS handshake record there is a client that starts TLS
+        at once, without SSLRequest (libpq's ``sslnegotiation=direct``, PostgreSQL 17): TLS starts
+        now with those bytes (no StartupMessage can begin with this byte: its length would be
+        over 350 MB). Otherwise they go to the startup machine."""
+        first = await self.ch.receive_raw()
+        if first[:1] != TLS_HANDSHAKE_RECORD or self.gw.client_tls is None:
+            self.machine.receive_data(first)
+            return False
+        tls = _core.TlsSession.server(self.gw.client_tls)
+        self.ch.start_tls(tls)
+        tls.receive_raw(first)
+        return True
+
     async def _client_phase(self) -> tuple[Identity, Connection, Grant] | None:
+        direct_tls = await self._direct_tls()
         while True:
             ev = await self._next_event()
             kind = ev[0]
@@ -320,6 +336,13 @@ class PostgresStartup:
             elif kind == "startup":
                 params, negotiate = ev[1], ev[2]
                 assert isinstance(params, list) and isinstance(negotiate, bytes)
+                if direct_tls and self.ch.tls is not None and self.ch.tls.alpn_protocol != b"postgresql":
+                    # As PostgreSQL: direct TLS is for clients that say they speak its protocol.
+                    raise Refusal(
+                        "08P01",
+                        "direct TLS connection without the ALPN protocol postgresql "
+                        "(use sslnegotiation=postgres, or a client that sends ALPN)",
+                    )
                 if negotiate:
                     # A newer protocol minor version or protocol options (``_pq_.*``, left out of
                     # ``params``) were asked for: the gateway speaks 3.0 and says so first, as

@@ -76,11 +76,18 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    let cfg = builder
+    let mut cfg = builder
         .with_single_cert(chain, key)
         .map_err(TlsError::Protocol)?;
+    // PostgreSQL's ALPN name (PostgreSQL 17): libpq offers it, and requires it to be chosen when
+    // it starts TLS at once (`sslnegotiation=direct`). A client that offers ALPN without it is
+    // refused in the handshake, as PostgreSQL refuses it; one that offers none is served.
+    cfg.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(Arc::new(cfg))
 }
+
+/// The ALPN protocol name of PostgreSQL.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
 /// Client side (upstream leg). With a CA bundle the server's certificate and name are verified
 /// (libpq's verify-full); without one (`verify = false`) only encryption is had (sslmode=require).
@@ -292,6 +299,14 @@ impl TlsLayer {
         certs
             .map(|cs| cs.iter().map(|c| c.as_ref().to_vec()).collect())
             .unwrap_or_default()
+    }
+
+    /// The ALPN protocol the handshake chose, if any.
+    pub fn alpn_protocol(&self) -> Option<Vec<u8>> {
+        match self {
+            TlsLayer::Server(c) => c.alpn_protocol().map(<[u8]>::to_vec),
+            TlsLayer::Client(c) => c.alpn_protocol().map(<[u8]>::to_vec),
+        }
     }
 
     /// Negotiated protocol version and cipher suite, for the audit trail.

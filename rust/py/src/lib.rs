@@ -378,6 +378,13 @@ impl TlsSession {
         Ok(certs.iter().map(|c| bytes(py, c)).collect())
     }
 
+    /// The ALPN protocol the handshake chose (b"postgresql"), or None.
+    #[getter]
+    fn alpn_protocol<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let p = self.with(|t| Ok(t.alpn_protocol()))?;
+        Ok(p.map(|p| bytes(py, &p)))
+    }
+
     /// (protocol version, cipher suite)
     fn describe(&self) -> PyResult<(String, String)> {
         self.with(|t| Ok(t.describe()))
