@@ -1359,6 +1359,17 @@ mod tests {
         )
     }
 
+    /// What the client gets for `n` statements refused while the audit trail cannot record, each
+    /// in its own block.
+    fn refused(n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.extend(backend::error_response("ERROR", "58030", "cannot record"));
+            out.extend(ready_for_query(b'I'));
+        }
+        out
+    }
+
     #[test]
     fn pipelined_denials_in_separate_blocks_each_get_their_error() {
         // Denied inline (a remembered verdict, here the refusal): two Queries in one write, then
@@ -1383,12 +1394,7 @@ mod tests {
         let mut to_client = Vec::new();
         r.feed_backend(&server, &mut to_client, &mut Vec::new())
             .unwrap();
-        let mut expected = Vec::new();
-        for _ in 0..3 {
-            expected.extend(backend::error_response("ERROR", "58030", "cannot record"));
-            expected.extend(ready_for_query(b'I'));
-        }
-        assert_eq!(to_client, expected);
+        assert_eq!(to_client, refused(3));
         assert!(r.denials.is_empty());
     }
 
@@ -1418,12 +1424,7 @@ mod tests {
         server.extend(ready_for_query(b'I'));
         r.feed_backend(&server, &mut to_client, &mut Vec::new())
             .unwrap();
-        let mut expected = Vec::new();
-        for _ in 0..2 {
-            expected.extend(backend::error_response("ERROR", "58030", "cannot record"));
-            expected.extend(ready_for_query(b'I'));
-        }
-        assert_eq!(to_client, expected);
+        assert_eq!(to_client, refused(2));
     }
 
     #[test]
