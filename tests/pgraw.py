@@ -274,9 +274,6 @@ class RawConn:
         res.elapsed = time.monotonic() - start
         return res
 
-    def _startup(self, params: dict[str, str], minor: int) -> None:
-        self.send(startup_message(params, minor))
-
     def _first_answer(self) -> tuple[bytes, bytes] | None:
         """The first message after StartupMessage, past a NegotiateProtocolVersion (kept)."""
         m = self.recv_message()
@@ -290,7 +287,7 @@ class RawConn:
     ) -> list[tuple[bytes, bytes]]:
         """StartupMessage (protocol 3.`minor`), answers the cleartext password request, returns
         messages to ReadyForQuery."""
-        self._startup({"user": user, "database": database, **params}, minor)
+        self.send(startup_message({"user": user, "database": database, **params}, minor))
         m = self._first_answer()
         assert m is not None, "closed after StartupMessage"
         if m[0] == b"E":
@@ -306,12 +303,14 @@ class RawConn:
         self, user: str, password: str, database: str = "app", minor: int = 0, **params: str
     ) -> list[tuple[bytes, bytes]]:
         """StartupMessage and a SCRAM-SHA-256 exchange (RFC 5802/7677, no channel binding), as
-        PostgreSQL itself asks for; returns the messages after AuthenticationOk to ReadyForQuery."""
-        self._startup({"user": user, "database": database, **params}, minor)
-        pending: list[tuple[bytes, bytes] | None] = [self._first_answer()]
+        PostgreSQL itself asks for; returns the messages after AuthenticationOk to ReadyForQuery.
+        Written here rather than borrowed from the gateway (`_core.UpstreamHandshake`) so that
+        the reference side of a comparison does not run the code under test, and so that it can
+        ask for other protocol versions."""
+        self.send(startup_message({"user": user, "database": database, **params}, minor))
 
-        def auth(expect: int) -> bytes:
-            m = pending.pop() if pending else self.recv_message()
+        def auth(expect: int, m: tuple[bytes, bytes] | None = None) -> bytes:
+            m = m or self.recv_message()
             assert m is not None, "closed during authentication"
             if m[0] == b"E":
                 raise AssertionError(f"refused: {parse_fields(m[1])}")
@@ -319,7 +318,7 @@ class RawConn:
             assert m[0] == b"R" and code == expect, f"expected authentication {expect}, got {m!r}"
             return m[1][4:]
 
-        assert b"SCRAM-SHA-256\0" in auth(10)  # AuthenticationSASL and its mechanisms
+        assert b"SCRAM-SHA-256\0" in auth(10, self._first_answer())  # AuthenticationSASL
         nonce = base64.b64encode(os.urandom(18)).decode()
         first_bare = f"n=,r={nonce}"
         first = ("n,," + first_bare).encode()

@@ -15,11 +15,13 @@ table oids in a RowDescription (each session's temporary tables are its own).
 from __future__ import annotations
 
 import random
+import socket
 import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from conftest import (
@@ -270,7 +272,7 @@ def gw(
     gateway_tls: TlsMaterial,
     tmp_path: Path,
 ) -> GatewayProcess:
-    """The gateway three ways: features off on plaintext legs; TLS on both legs; plaintext with a
+    """The gateway four ways: features off on plaintext legs; TLS on both legs; plaintext with a
     guardrail on every new statement shape (each is held until the control plane decides) and
     email masking (every server message held whole and scanned; none of these answers has an
     email in it); plaintext with the audit trail in sync mode (what the client sends waits until
@@ -321,8 +323,6 @@ def dribble(c: RawConn, data: bytes, rng: random.Random) -> None:
 def run(c: RawConn, sent: bytes, end: str, rng: random.Random | None = None) -> tuple[Messages, bool]:
     """Sends the scenario and reads everything it is answered with: up to the end marker's
     ReadyForQuery, or to the end of the connection. Returns the messages and whether it ended."""
-    import socket
-
     with c:
         if rng is None:
             c.send(sent)
@@ -414,7 +414,6 @@ def test_every_scenario_is_answered_as_postgresql_answers_it(
                     f"the gateway)\n direct:  {shown(want[first : first + 6])}\n gateway: "
                     f"{shown(got[first : first + 6])}"
                 )
-            assert any(t == b"Z" for t, _ in want) or end != "marker"
     log = gw.log()
     for bad in ("internal_error", "protocol_error", "panicked", "Traceback"):
         assert bad not in log, f"{bad} in the gateway log:\n{log[-3000:]}"
@@ -439,8 +438,8 @@ def test_a_newer_protocol_is_negotiated_down_as_postgresql_does(
     """A StartupMessage asking for protocol 3.2 (libpq 18 with max_protocol_version=latest), or with
     protocol options (`_pq_.*`), or the 3.9999 that libpq sends to test negotiation: PostgreSQL
     answers with NegotiateProtocolVersion (3.0, the options it does not know) before
-    authenticating, and the client goes on with 3.0. The gateway answers the same bytes, and the
-    options never reach the server as settings."""
+    authenticating, and the client goes on with 3.0. The gateway answers the same bytes (that it
+    leaves the options out of what it passes on is the handshake's unit test)."""
     cfg = base_config(pg, gateway_tls, 0, tmp_path)
     allow_plaintext(cfg)
     gw = gateway_factory(cfg)
@@ -457,8 +456,6 @@ def test_a_newer_protocol_is_negotiated_down_as_postgresql_does(
 def test_psycopg_with_libpq_18_asking_for_the_latest_protocol(gw: GatewayProcess) -> None:
     """psycopg's own libpq (18 in the binary wheel) with max_protocol_version=latest asks for 3.2
     and settles for 3.0 through the gateway, as it does with PostgreSQL 15."""
-    import psycopg
-
     if psycopg.pq.version() < 180000:
         pytest.skip(f"libpq {psycopg.pq.version()} has no max_protocol_version")
     sslmode = "verify-full" if gw.extra["client_tls"] else "disable"

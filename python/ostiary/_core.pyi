@@ -3,6 +3,7 @@ from typing import Any, Literal, Self, final
 
 __version__: str
 __all__ = [
+    "ALPN_POSTGRESQL",
     "MASK_DETECTORS",
     "ClientHandshake",
     "CoreError",
@@ -157,6 +158,7 @@ def statement_shape(sql: str) -> str: ...
 class MaskError(CoreError): ...
 
 MASK_DETECTORS: list[str]
+ALPN_POSTGRESQL: bytes
 
 @final
 class MaskSet:

@@ -298,19 +298,19 @@ class PostgresStartup:
         self._report("allowed", grant=verdict.grant.name)
         return verdict.grant
 
-    async def _direct_tls(self) -> bool:
+    async def _direct_tls(self) -> _core.TlsSession | None:
         """Reads the client's first bytes. A TLS handshake record there is a client that starts TLS
         at once, without SSLRequest (libpq's ``sslnegotiation=direct``, PostgreSQL 17): TLS starts
         now with those bytes (no StartupMessage can begin with this byte: its length would be
-        over 350 MB). Otherwise they go to the startup machine."""
+        over 350 MB). Otherwise they go to the startup machine. Returns the direct TLS session."""
         first = await self.ch.receive_raw()
         if first[:1] != TLS_HANDSHAKE_RECORD or self.gw.client_tls is None:
             self.machine.receive_data(first)
-            return False
+            return None
         tls = _core.TlsSession.server(self.gw.client_tls)
         self.ch.start_tls(tls)
         tls.receive_raw(first)
-        return True
+        return tls
 
     async def _client_phase(self) -> tuple[Identity, Connection, Grant] | None:
         direct_tls = await self._direct_tls()
@@ -336,7 +336,7 @@ class PostgresStartup:
             elif kind == "startup":
                 params, negotiate = ev[1], ev[2]
                 assert isinstance(params, list) and isinstance(negotiate, bytes)
-                if direct_tls and self.ch.tls is not None and self.ch.tls.alpn_protocol != b"postgresql":
+                if direct_tls is not None and direct_tls.alpn_protocol != _core.ALPN_POSTGRESQL:
                     # As PostgreSQL: direct TLS is for clients that say they speak its protocol.
                     raise Refusal(
                         "08P01",

@@ -1176,9 +1176,9 @@ impl Session {
                     let (outcome, hold, drained) = self.on_client_readable()?;
                     drained.apply(&cfd);
                     match (outcome, hold) {
+                        // (A statement returned as held is the one the relay now holds.)
                         (Read::Closed(why), hold)
-                            if hold.is_some()
-                                || self.relay.is_holding()
+                            if self.relay.is_holding()
                                 || !self.pending.is_empty()
                                 || self.relay.server_owes_answer() =>
                         {

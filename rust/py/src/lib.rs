@@ -1148,6 +1148,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Recorder>()?;
     m.add("MaskError", m.py().get_type::<MaskError>())?;
     m.add("MASK_DETECTORS", ostiary_mask::detectors::BUILTINS.to_vec())?;
+    m.add(
+        "ALPN_POSTGRESQL",
+        PyBytes::new(m.py(), tls::ALPN_POSTGRESQL),
+    )?;
     m.add_function(wrap_pyfunction!(mask_pattern_problem, m)?)?;
     m.add_function(wrap_pyfunction!(error_response, m)?)?;
     m.add_function(wrap_pyfunction!(auth_cleartext_password, m)?)?;
