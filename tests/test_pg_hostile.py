@@ -140,14 +140,36 @@ GOOD_STARTUP = startup_message({"user": CLIENT_USER, "database": "app"})
 # -- first packet: random bytes, truncation, huge lengths ------------------------------------------
 
 
-def expected_immediate_error(data: bytes) -> bool:
-    """Whether the startup decoder can reject `data` without waiting for more bytes."""
+def expected_immediate_error(data: bytes) -> frozenset[str] | None:
+    """The SQLSTATEs the startup decoder may refuse `data` with without waiting for more bytes
+    ("protocol 2" for a protocol 2 error string), or None when it must wait."""
     if len(data) < 4:
-        return False
+        return None
     (length,) = struct.unpack("!i", data[:4])
     if length < 8 or length > 10_000:
-        return True
-    return len(data) >= length  # complete packet: a random protocol code is refused
+        return frozenset({"08P01"})
+    if len(data) < length:
+        return None
+    # A complete packet: its protocol code decides (PostgreSQL's codes and wording).
+    (major,) = struct.unpack("!H", data[4:6])
+    if major < 3:
+        return frozenset({"protocol 2"})
+    if major == 3:  # a 3.x StartupMessage of random parameters: malformed, or without a user
+        return frozenset({"08P01", "28000"})
+    if major == 1234:  # SSLRequest, GSSENCRequest, CancelRequest codes at a wrong length
+        return frozenset({"08P01"})
+    return frozenset({"0A000"})
+
+
+def assert_refused(out: Outcome, codes: frozenset[str], within: float | None = None) -> None:
+    if "protocol 2" in codes:
+        assert out.closed and not out.messages, out.describe()
+        assert out.raw.startswith(b"EFATAL:  unsupported frontend protocol "), out.describe()
+        assert out.raw.endswith(b"\n\0"), out.describe()
+        assert within is None or out.elapsed < within, out.describe()
+    else:
+        assert out.errors and out.errors[0].get("C") in codes, out.describe()
+        assert_fatal(out, out.errors[0]["C"], within=within)
 
 
 def test_random_bytes_as_first_packet(gw: GatewayProcess, subtests: pytest.Subtests) -> None:
@@ -188,15 +210,15 @@ def check_random_first_packet(gw: GatewayProcess, data: bytes) -> None:
         if immediate and len(data) <= 16_000:
             # The gateway reads everything we sent, so its FATAL is not lost to a reset.
             out = c.outcome(PROMPT + 3)
-            assert_fatal(out, "08P01", within=PROMPT)
+            assert_refused(out, immediate, within=PROMPT)
         else:
             half_close(c)  # we are done sending: the gateway must not wait for more
             out = c.outcome(PROMPT + 3)
             assert out.closed and out.elapsed < PROMPT, out.describe()
             if not immediate:
                 assert out.messages == [], f"an incomplete packet then EOF is a plain close: {out.describe()}"
-            elif out.messages:
-                assert_fatal(out, "08P01")
+            elif out.messages or out.raw:
+                assert_refused(out, immediate)
 
 
 def test_truncated_startup_then_close(gw: GatewayProcess, subtests: pytest.Subtests) -> None:

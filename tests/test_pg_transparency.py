@@ -453,6 +453,47 @@ def test_a_newer_protocol_is_negotiated_down_as_postgresql_does(
         assert data_rows(rows) == [[APP, "works"]]
 
 
+def startup_of_version(major: int, minor: int, params: dict[str, str]) -> bytes:
+    body = struct.pack("!HH", major, minor) + b"".join(
+        k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()
+    )
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        pytest.param(startup_of_version(2, 0, {"user": "app", "database": "app"}), id="protocol-2.0"),
+        pytest.param(startup_of_version(4, 0, {"user": "app", "database": "app"}), id="protocol-4.0"),
+        pytest.param(startup_of_version(3, 0, {"database": "app"}), id="no-user"),
+    ],
+)
+def test_startup_packets_postgresql_refuses_get_its_error(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, packet: bytes
+) -> None:
+    """A StartupMessage of another protocol major version, or without a user name: PostgreSQL
+    ends the connection with one FATAL error (0A000 "unsupported frontend protocol ...", 28000
+    "no PostgreSQL user name ..."), to a protocol 2 client in that protocol's format (one string);
+    the gateway sends the same severity, code and message, in the same format."""
+    cfg = base_config(pg, gateway_tls, 0, tmp_path)
+    allow_plaintext(cfg)
+    gw = gateway_factory(cfg)
+    seen: list[object] = []
+    for port in (pg.port, gw.port):
+        with RawConn(port) as c:
+            c.send(packet)
+            out = c.outcome(10)
+        assert out.closed, out.describe()
+        if out.messages:
+            assert len(out.errors) == 1, out.describe()
+            seen.append({k: v for k, v in out.errors[0].items() if k in "SVCM"})
+        else:  # protocol 2: b"E", the message, a NUL; no length
+            seen.append(out.raw)
+    assert seen[0], "PostgreSQL said nothing"
+    assert seen[1] == seen[0]
+
+
 def test_psycopg_with_libpq_18_asking_for_the_latest_protocol(gw: GatewayProcess) -> None:
     """psycopg's own libpq (18 in the binary wheel) with max_protocol_version=latest asks for 3.2
     and settles for 3.0 through the gateway, as it does with PostgreSQL 15."""

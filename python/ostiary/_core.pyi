@@ -15,6 +15,7 @@ __all__ = [
     "Relay",
     "SimpleQuery",
     "SqlError",
+    "StartupRefused",
     "TlsClientConfig",
     "TlsError",
     "TlsServerConfig",
@@ -38,6 +39,10 @@ __all__ = [
 
 class CoreError(Exception): ...
 class ProtocolError(CoreError): ...
+
+class StartupRefused(ProtocolError):
+    args: tuple[str, str, bool]
+
 class UpstreamAuthError(CoreError): ...
 class TlsError(CoreError): ...
 class SqlError(CoreError): ...

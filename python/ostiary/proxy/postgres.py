@@ -211,6 +211,13 @@ class PostgresStartup:
         except UpstreamUnavailable as e:
             log.warning("upstream unavailable for %s: %s", self.peer, e)
             await self._refuse("08006", f"the gateway cannot open the upstream session: {e}")
+        except _core.StartupRefused as e:
+            code, message, protocol_2 = e.args
+            log.info("startup refused from %s: %s", self.peer, message)
+            # Protocol 2's ErrorResponse is one string, as PostgreSQL sends it to such a client.
+            await self._refuse(
+                code, message, raw=b"EFATAL:  " + message.encode() + b"\n\0" if protocol_2 else None
+            )
         except _core.ProtocolError as e:
             log.info("protocol violation from %s during startup: %s", self.peer, e)
             await self._refuse("08P01", f"protocol violation: {e}")
@@ -225,12 +232,14 @@ class PostgresStartup:
             self._report("refused", "XX000", "internal error in the gateway")
             await self._refuse("XX000", "the gateway failed while starting this session; see its log")
 
-    async def _refuse(self, code: str, message: str, hint: str | None = None) -> None:
+    async def _refuse(
+        self, code: str, message: str, hint: str | None = None, raw: bytes | None = None
+    ) -> None:
         with trio.move_on_after(2):
             with contextlib.suppress(
                 trio.BrokenResourceError, trio.ClosedResourceError, _core.TlsError, OSError
             ):
-                await self.ch.send(fatal(code, message, hint))
+                await self.ch.send(raw if raw is not None else fatal(code, message, hint))
         await self.ch.aclose()
 
     async def _run(self) -> None:

@@ -42,6 +42,12 @@ create_exception!(
 );
 create_exception!(
     _core,
+    StartupRefused,
+    ProtocolError,
+    "A StartupMessage PostgreSQL refuses with a SQLSTATE of its own; args: (sqlstate, message, protocol_2)."
+);
+create_exception!(
+    _core,
     UpstreamAuthError,
     CoreError,
     "The gateway could not authenticate to the upstream."
@@ -68,6 +74,11 @@ create_exception!(
 fn wire_err(e: WireError) -> PyErr {
     match e {
         WireError::Auth(m) => UpstreamAuthError::new_err(m),
+        e @ (WireError::UnsupportedVersion { .. } | WireError::NoUser) => {
+            // A client of protocol 2 reads errors in that protocol's format; PostgreSQL answers so.
+            let old = matches!(e, WireError::UnsupportedVersion { major, .. } if major < 3);
+            StartupRefused::new_err((e.sqlstate(), e.to_string(), old))
+        }
         other => ProtocolError::new_err(other.to_string()),
     }
 }
@@ -1134,6 +1145,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CoreError", m.py().get_type::<CoreError>())?;
     m.add("ProtocolError", m.py().get_type::<ProtocolError>())?;
+    m.add("StartupRefused", m.py().get_type::<StartupRefused>())?;
     m.add("UpstreamAuthError", m.py().get_type::<UpstreamAuthError>())?;
     m.add("TlsError", m.py().get_type::<TlsError>())?;
     m.add_class::<ClientHandshake>()?;

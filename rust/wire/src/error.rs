@@ -13,8 +13,12 @@ pub enum WireError {
         length: usize,
         limit: usize,
     },
-    #[error("unsupported protocol version {major}.{minor}")]
+    /// A StartupMessage of a protocol other than 3.x (PostgreSQL's 0A000, with its wording).
+    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0")]
     UnsupportedVersion { major: u16, minor: u16 },
+    /// A StartupMessage without a `user` (PostgreSQL's 28000, with its wording).
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
     #[error("malformed {what}: {detail}")]
     Malformed { what: &'static str, detail: String },
     #[error("unexpected message type {tag:?} during {phase}")]
@@ -27,6 +31,15 @@ pub enum WireError {
 }
 
 impl WireError {
+    /// The SQLSTATE PostgreSQL sends for this error, where it is not a protocol violation.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            WireError::UnsupportedVersion { .. } => "0A000",
+            WireError::NoUser => "28000",
+            _ => crate::pg::sqlstate::PROTOCOL_VIOLATION,
+        }
+    }
+
     pub(crate) fn malformed(what: &'static str, detail: impl Into<String>) -> Self {
         WireError::Malformed {
             what,

@@ -200,7 +200,7 @@ impl UpstreamHandshake {
             .iter()
             .find(|(k, _)| k == "user")
             .map(|(_, v)| v.clone())
-            .ok_or_else(|| WireError::malformed("StartupMessage", "no user parameter"))?;
+            .ok_or(WireError::NoUser)?;
         let first = startup::encode(&StartupPacket::StartupMessage {
             minor_version: 0,
             params,

@@ -87,7 +87,7 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<Option<(StartupPacket, usiz
                 ));
             }
             if !params.iter().any(|(k, _)| k == "user") {
-                return Err(WireError::malformed("StartupMessage", "no user parameter"));
+                return Err(WireError::NoUser);
             }
             StartupPacket::StartupMessage {
                 minor_version,
