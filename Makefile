@@ -30,8 +30,9 @@ test: build test-rust test-python lint ## build everything and run every test an
 test-rust: ## cargo test of the Rust crates (no Python needed)
 	cargo test --workspace --exclude ostiary-py -q
 
-test-python: build ## pytest: unit and end-to-end against real PostgreSQL
+test-python: build ## pytest: unit and end-to-end against real PostgreSQL; bench/micro once, untimed
 	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q bench/micro --benchmark-disable -p no:cacheprovider
 
 lint: build ## ruff, mypy, cargo fmt --check, clippy -D warnings
 	$(VENV)/bin/ruff check python tests bench

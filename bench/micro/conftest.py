@@ -1,8 +1,11 @@
-"""Prints the throughput the TLS benchmarks record (pytest-benchmark's table shows only times)."""
+"""Prints the throughput the benchmarks record (pytest-benchmark's table shows only times), and
+lets them run as plain tests: `make test` runs bench/micro with `--benchmark-disable` (each body
+once, its assertions checked, nothing timed), where `benchmark.stats` is None."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -11,6 +14,17 @@ _LINES = pytest.StashKey[list[str]]()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_LINES] = []
+
+
+@pytest.fixture
+def mean_seconds() -> Callable[[Any], float | None]:
+    """The mean round time of a finished benchmark, or None when timing is off (--benchmark-disable)."""
+
+    def mean(benchmark: Any) -> float | None:
+        stats = getattr(benchmark, "stats", None)
+        return stats.stats.mean if stats is not None and stats.stats.mean > 0 else None
+
+    return mean
 
 
 @pytest.fixture
