@@ -177,6 +177,7 @@ class RawConn:
         self.timeout = timeout
         # The NegotiateProtocolVersion a login got before authentication, if any.
         self.negotiated: bytes | None = None
+        self.before_eof: list[tuple[bytes, bytes]] = []  # what until_ready got before a close
         # What a login got after authentication, to ReadyForQuery.
         self.login_messages: list[tuple[bytes, bytes]] = []
 
@@ -242,6 +243,7 @@ class RawConn:
         while True:
             m = self.recv_message(timeout)
             if m is None:
+                self.before_eof = out
                 got = [(t, parse_fields(b) if t == b"E" else b[:60]) for t, b in out]
                 raise EOFError(f"closed before ReadyForQuery; got {got}")
             out.append(m)

@@ -28,7 +28,7 @@ def ssl_context(gw: GatewayProcess) -> ssl.SSLContext:
     return ctx
 
 
-async def connect(gw: GatewayProcess) -> asyncpg.Connection:
+async def connect(gw: GatewayProcess, **kw: Any) -> asyncpg.Connection:
     return await asyncpg.connect(
         host="127.0.0.1",
         port=gw.port,
@@ -37,6 +37,7 @@ async def connect(gw: GatewayProcess) -> asyncpg.Connection:
         database="app",
         ssl=ssl_context(gw),
         timeout=10,
+        **kw,
     )
 
 
@@ -63,6 +64,31 @@ def test_fetch_and_session_is_tls(gateway: GatewayProcess) -> None:
         assert transport_ssl.getpeercert()["subject"] == ((("commonName", "localhost"),),)
 
     run(gateway, body)
+
+
+def test_server_settings_apply_to_the_session(gateway: GatewayProcess) -> None:
+    """asyncpg's server_settings travel in the StartupMessage; they apply as with PostgreSQL (the
+    gateway once dropped every setting but six, silently), and an unknown one fails the login with
+    PostgreSQL's error."""
+
+    async def main() -> None:
+        settings = {"search_path": "pg_catalog", "statement_timeout": "100", "jit": "off"}
+        conn = await connect(gateway, server_settings=settings)
+        try:
+            got = await conn.fetchrow(
+                "select current_setting('search_path'), current_setting('statement_timeout'),"
+                " current_setting('jit')"
+            )
+            assert tuple(got) == ("pg_catalog", "100ms", "off")
+            with pytest.raises(asyncpg.QueryCanceledError, match="statement timeout"):
+                await conn.execute("select pg_sleep(2)")
+        finally:
+            await conn.close(timeout=5)
+        unknown = 'unrecognized configuration parameter "nosuch"'
+        with pytest.raises(asyncpg.UndefinedObjectError, match=unknown):
+            await connect(gateway, server_settings={"nosuch": "1"})
+
+    asyncio.run(main())
 
 
 def test_fetchval_with_parameters_and_types(gateway: GatewayProcess) -> None:

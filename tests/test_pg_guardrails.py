@@ -27,7 +27,7 @@ from pgraw import (
     query_message,
 )
 
-OPS, ANALYST = "ops", "analyst"
+OPS, ANALYST, READER = "ops", "analyst", "reader"
 SETUP = """
 create table if not exists guard_canary(id int primary key, v text);
 create table if not exists guard_other(id int primary key);
@@ -48,7 +48,11 @@ def canary(pg: PgCluster) -> None:
 
 def guard_config(pg: PgCluster, tls: TlsMaterial, tmp: Path) -> dict[str, Any]:
     cfg = gateway_config(pg, tls, 0, tmp, grants=[])
-    cfg["clients"] = [{"user": OPS, "password": "ops-pw"}, {"user": ANALYST, "password": "analyst-pw"}]
+    cfg["clients"] = [
+        {"user": OPS, "password": "ops-pw"},
+        {"user": ANALYST, "password": "analyst-pw"},
+        {"user": READER, "password": "reader-pw"},
+    ]
     cfg["guardrails"] = [
         {
             "name": "no-secrets",
@@ -80,6 +84,9 @@ def guard_config(pg: PgCluster, tls: TlsMaterial, tmp: Path) -> dict[str, Any]:
             "statements": ["select", "set", "reset", "transaction", "show", "explain", "prepare", "execute"],
             "relations": ["guard_*", "public.guard_*", "pg_catalog.*"],
         },
+        # Read-only without statement rules: the database enforces it, the data path only flags
+        # ways out of read-only mode.
+        {"name": "plain-reads", "identities": [READER], "connection": "app", "access": "read-only"},
     ]
     return cfg
 
@@ -235,6 +242,53 @@ def test_pipelined_refusals_each_get_their_own_error(gw: GatewayProcess, unchang
     assert [e["C"] for e in errors] == ["42501"] * 6, errors
     assert [e["M"].split(":")[0] for e in errors] == ["no-secrets", "function-call", "no-secrets"] * 2, errors
     assert data_rows(got) == [["after"]]
+
+
+STARTUP_SETTINGS = [
+    # (user, startup parameters, the rule that refuses them or None)
+    (OPS, {"role": "app"}, "no-role-changes"),
+    (OPS, {"session_authorization": "app"}, "no-role-changes"),
+    (OPS, {"search_path": "secret, public"}, "search-path"),  # no-secrets names relations
+    (OPS, {"statement_timeout": "150", "lock_timeout": "2s"}, None),
+    (ANALYST, {"search_path": "secret"}, "search-path"),
+    (ANALYST, {"default_transaction_read_only": "off"}, "read-only"),
+    (ANALYST, {"transaction_read_only": "off"}, "read-only"),
+    (ANALYST, {"statement_timeout": "150", "DateStyle": "German"}, None),
+    (READER, {"default_transaction_read_only": "off"}, "read-only"),
+    (READER, {"Default_Transaction_Read_Only": "0"}, "read-only"),
+    (READER, {"transaction_read_only": "no"}, "read-only"),
+    (READER, {"statement_timeout": "150", "my.custom": "x"}, None),
+]
+
+
+@pytest.mark.parametrize(("user", "params", "rule"), STARTUP_SETTINGS)
+def test_startup_parameters_are_judged_as_the_set_they_amount_to(
+    gw: GatewayProcess, unchanged: None, user: str, params: dict[str, str], rule: str | None
+) -> None:
+    """A setting in the StartupMessage is `SET name TO 'value'` before the first statement: the
+    session's policy judges it as that statement. What it would refuse ends the login with 42501
+    naming the parameter and the rule (a role change past no-role-changes, read-only turned off,
+    search_path moved under relation rules); the rest reaches the server, as with PostgreSQL."""
+    c = RawConn(gw.port)
+    c.start_tls(gw.tls.ca_cert)
+    with c:
+        if rule is not None:
+            with pytest.raises(EOFError):
+                c.login(user, f"{user}-pw", **params)
+            errors = errors_in(c.before_eof)
+            assert [(e["S"], e["C"]) for e in errors] == [("FATAL", "42501")], errors
+            assert f"startup parameter {next(iter(params)).lower()}=" in errors[0]["M"], errors
+            assert f"refused by {rule}:" in errors[0]["M"], errors
+            return
+        c.login(user, f"{user}-pw", **params)
+        names = ", ".join(f"current_setting('{k}')" for k in params)
+        # (Split, or the read-only sessions' escape check would flag the query itself.)
+        got = c.query(f"select {names}, current_user, current_setting('transaction' || '_read_only')")
+        rows = data_rows(got)
+    assert not errors_in(got), errors_in(got)
+    assert rows[0][0] == "150ms", rows
+    assert rows[0][-2] == "app", rows  # the grant's upstream role, whatever was asked
+    assert rows[0][-1] == ("off" if user == OPS else "on"), rows
 
 
 def test_psql_sees_the_rule_and_goes_on(gw: GatewayProcess, unchanged: None) -> None:

@@ -47,6 +47,7 @@ from pgraw import (
     copy_fail,
     data_rows,
     describe,
+    errors_in,
     execute,
     function_call,
     parse,
@@ -492,6 +493,54 @@ def test_startup_packets_postgresql_refuses_get_its_error(
             seen.append(out.raw)
     assert seen[0], "PostgreSQL said nothing"
     assert seen[1] == seen[0]
+
+
+SESSION_SETTINGS = {
+    "statement_timeout": "150",
+    "search_path": "pg_catalog, public",
+    "lock_timeout": "2s",
+    "bytea_output": "escape",
+    "default_transaction_isolation": "serializable",
+    "my.custom": "abc",
+    "jit": "off",
+}
+
+
+def test_startup_parameters_are_session_settings_as_with_postgresql(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path
+) -> None:
+    """Settings in the StartupMessage (asyncpg's server_settings, node-postgres' statement_timeout,
+    pgJDBC's currentSchema) apply to the session as they do directly; an unknown setting or an
+    invalid value ends the login with PostgreSQL's own error, fields and wording unchanged."""
+    cfg = base_config(pg, gateway_tls, 0, tmp_path)
+    allow_plaintext(cfg)
+    gw = gateway_factory(cfg)
+    shows = "select " + ", ".join(f"current_setting('{k}')" for k in SESSION_SETTINGS)
+    seen = []
+    for port in (pg.port, gw.port):
+        with RawConn(port) as c:
+            if port == pg.port:
+                c.login_scram("app", APP_PASSWORD, **SESSION_SETTINGS)
+            else:
+                c.login(CLIENT_USER, CLIENT_PASSWORD, **SESSION_SETTINGS)
+            seen.append(data_rows(c.query(shows)))
+            errors = errors_in(c.query("select pg_sleep(1)"))
+            seen.append([(e["C"], e["M"]) for e in errors])
+    assert seen[0][0][0] == "150ms", seen
+    assert seen[1] == [("57014", "canceling statement due to statement timeout")], seen
+    assert seen[2:] == seen[:2]
+
+    for bad in ({"nosuch_setting": "1"}, {"statement_timeout": "soon"}, {"DateStyle": "nonsense"}):
+        refusals = []
+        for port in (pg.port, gw.port):
+            with RawConn(port) as c, pytest.raises(EOFError):
+                if port == pg.port:
+                    c.login_scram("app", APP_PASSWORD, **bad)
+                else:
+                    c.login(CLIENT_USER, CLIENT_PASSWORD, **bad)
+            refusals.append([{k: v for k, v in e.items() if k in "SVCMDH"} for e in errors_in(c.before_eof)])
+        assert len(refusals[0]) == 1 and refusals[0][0]["S"] == "FATAL", (bad, refusals)
+        assert refusals[1] == refusals[0], bad
 
 
 def test_psycopg_with_libpq_18_asking_for_the_latest_protocol(gw: GatewayProcess) -> None:

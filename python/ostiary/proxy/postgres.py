@@ -40,9 +40,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ostiary.postgres")
 
-# Startup parameters passed on to the server. Others are refused or dropped: `options` could
-# carry `-c role=...` or `-c default_transaction_read_only=off` past the gateway's policy.
-FORWARDED_PARAMS = frozenset(
+# Startup parameters. A client's other parameters (statement_timeout, search_path, custom
+# settings ...) are settings of its session as `SET name TO 'value'` would be: judged as that
+# statement by the session's policy (guardrails, read-only), then passed on, so the server applies
+# them or refuses an unknown or invalid one itself, as it would directly. `options` would hide
+# settings from that judgement inside one string, and `replication` asks for another protocol.
+# What drivers send on their own (psql, libpq, pgJDBC, asyncpg) describes how the client reads
+# results, not what it may do: passed on without judgement, so a grant whose `statements` leave out
+# SET still admits them.
+GATEWAY_PARAMS = frozenset({"user", "database"})
+DRIVER_PARAMS = frozenset(
     {"application_name", "client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits"}
 )
 REFUSED_PARAMS = frozenset({"options", "replication"})
@@ -52,11 +59,12 @@ TLS_HANDSHAKE_RECORD = b"\x16"  # the first byte of a TLS ClientHello
 class Refusal(Exception):
     """End the connection with a FATAL ErrorResponse."""
 
-    def __init__(self, code: str, message: str, hint: str | None = None) -> None:
+    def __init__(self, code: str, message: str, hint: str | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.hint = hint
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -70,8 +78,40 @@ class CancelTarget:
     upstream_key: int
 
 
-def fatal(code: str, message: str, hint: str | None = None) -> bytes:
-    return _core.error_response("FATAL", code, message, hint=hint)
+def fatal(code: str, message: str, hint: str | None = None, detail: str | None = None) -> bytes:
+    return _core.error_response("FATAL", code, message, detail=detail, hint=hint)
+
+
+def set_statement(name: str, value: str) -> str:
+    """The SET statement a startup parameter amounts to (what the session's policy judges)."""
+    return "SET \"{}\" TO '{}'".format(name.replace('"', '""'), value.replace("'", "''"))
+
+
+def startup_settings(params: dict[str, str], policy: SessionPolicy) -> list[tuple[str, str]]:
+    """The client's startup parameters to pass on, each judged as the SET statement it amounts to.
+    Raises ``AuthenticationFailed`` (42501, the rule and the parameter named) for one the grant's
+    policy would refuse as a statement, or that an approval rule would hold: a login cannot wait."""
+    out: list[tuple[str, str]] = []
+    for name, value in params.items():
+        if name in GATEWAY_PARAMS:
+            continue
+        if name in DRIVER_PARAMS:
+            out.append((name, value))
+            continue
+        text = set_statement(name, value)
+        why: str | None = None
+        if policy.guarded:
+            d = policy.judge(text)
+            if not d.allow:
+                why = f"{d.rule}: {d.message}"
+            elif (rule := policy.approval_rule(text)) is not None:
+                why = f"{rule.name}: needs approval; set it with SET after connecting"
+        elif policy.read_only and _core.may_leave_read_only(text):
+            why = f"read-only: grant {policy.grant.name} is read-only"
+        if why is not None:
+            raise AuthenticationFailed("42501", f"startup parameter {name}={value!r} refused by {why}")
+        out.append((name, value))
+    return out
 
 
 def grant_credential(conn: Connection, grant: Grant) -> Credential:
@@ -80,7 +120,7 @@ def grant_credential(conn: Connection, grant: Grant) -> Credential:
 
 
 async def _connect_upstream(
-    gw: Gateway, conn: Connection, client_params: dict[str, str], grant: Grant
+    gw: Gateway, conn: Connection, settings: list[tuple[str, str]], grant: Grant
 ) -> tuple[Channel, tuple[object, ...], bytes]:
     """Connects and logs in to the upstream with the grant's credential. Returns the channel, the
     ``ready`` step and leftover plaintext. Raises ``UpstreamUnavailable`` or ``Refusal``."""
@@ -110,7 +150,7 @@ async def _connect_upstream(
                 ch.start_tls(_core.TlsSession.client(gw.upstream_tls(conn), up.tls.server_name or up.host))
                 await ch.handshake()
             params = [("user", cred.user), ("database", up.database)]
-            params += [(k, v) for k, v in client_params.items() if k in FORWARDED_PARAMS]
+            params += settings
             if grant.access == "read-only":
                 # The session default; RESET and DISCARD ALL return to it. Statements that would turn
                 # it off are the guardrails' to refuse.
@@ -131,7 +171,14 @@ async def _connect_upstream(
                         raise UpstreamUnavailable(
                             f"the upstream refused the gateway's credentials for connection {conn.name!r}"
                         )
-                    raise Refusal(code, f"upstream: {fields.get('message', 'refused the session')}")
+                    # The server's own refusal (an unknown or invalid setting, too many
+                    # connections ...), as it would reach a client connected directly.
+                    raise Refusal(
+                        code,
+                        fields.get("message", "the upstream refused the session"),
+                        hint=fields.get("hint"),
+                        detail=fields.get("detail"),
+                    )
                 else:
                     return ch, step, machine.take_remaining() + ch.leftover_plaintext()
     except _core.TlsError as e:
@@ -170,6 +217,9 @@ class PostgresStartup:
         self.chain: tuple[str, ...] = ()
         self.credential_id = ""
         self.policy: CompiledPolicy = gw.policy
+        # Set when a grant admits the session: its compiled policy, the startup parameters to pass on.
+        self.session_policy: SessionPolicy | None = None
+        self.settings: list[tuple[str, str]] = []
 
     def _report(self, outcome: str, code: str = "", reason: str = "", grant: str = "") -> None:
         if not self.method:
@@ -203,7 +253,7 @@ class PostgresStartup:
         try:
             await self._run()
         except Refusal as r:
-            await self._refuse(r.code, r.message, r.hint)
+            await self._refuse(r.code, r.message, r.hint, detail=r.detail)
         except AuthenticationFailed as e:
             log.info("authentication failed from %s: %s", self.peer, e.reason)
             self._report("refused", e.code, e.reason)
@@ -233,13 +283,18 @@ class PostgresStartup:
             await self._refuse("XX000", "the gateway failed while starting this session; see its log")
 
     async def _refuse(
-        self, code: str, message: str, hint: str | None = None, raw: bytes | None = None
+        self,
+        code: str,
+        message: str,
+        hint: str | None = None,
+        raw: bytes | None = None,
+        detail: str | None = None,
     ) -> None:
         with trio.move_on_after(2):
             with contextlib.suppress(
                 trio.BrokenResourceError, trio.ClosedResourceError, _core.TlsError, OSError
             ):
-                await self.ch.send(raw if raw is not None else fatal(code, message, hint))
+                await self.ch.send(raw if raw is not None else fatal(code, message, hint, detail))
         await self.ch.aclose()
 
     async def _run(self) -> None:
@@ -257,9 +312,11 @@ class PostgresStartup:
         if self.gw.draining:
             raise Refusal("57P03", "the gateway is shutting down")
 
-        upstream, ready, upstream_prefix = await _connect_upstream(self.gw, conn, self.params, grant)
+        session_policy = self.session_policy
+        assert session_policy is not None
+        upstream, ready, upstream_prefix = await _connect_upstream(self.gw, conn, self.settings, grant)
         try:
-            await self._welcome(identity, conn, grant, upstream, ready, upstream_prefix)
+            await self._welcome(identity, conn, grant, session_policy, upstream, ready, upstream_prefix)
         except BaseException:
             await upstream.aclose()
             raise
@@ -304,6 +361,10 @@ class PostgresStartup:
                 identity, conn.name, user=user, peer=peer, now=now, trace=True
             ).chain
             raise AuthenticationFailed(verdict.code, verdict.reason)
+        # The client's startup parameters are part of what it asked for: judged before the login
+        # is recorded as allowed.
+        self.session_policy = self.policy.compile_session(verdict.grant)
+        self.settings = startup_settings(self.params, self.session_policy)
         self._report("allowed", grant=verdict.grant.name)
         return verdict.grant
 
@@ -437,6 +498,7 @@ class PostgresStartup:
         identity: Identity,
         conn: Connection,
         grant: Grant,
+        session_policy: SessionPolicy,
         upstream: Channel,
         ready: tuple[object, ...],
         upstream_prefix: bytes,
@@ -445,7 +507,6 @@ class PostgresStartup:
         assert isinstance(params, list) and isinstance(notices, list)
         assert isinstance(process_id, int) and isinstance(upstream_key, int) and isinstance(status, str)
         gw = self.gw
-        session_policy = self.policy.compile_session(grant)
         mask, upstream_prefix = await self._mask_plan(session_policy, conn, upstream, upstream_prefix)
         session_id = gw.new_session_id()
         # The client sees the real backend pid (so pg_backend_pid() and the pid in notifications
