@@ -8,13 +8,16 @@ arrays and composites) must not show the value to the client.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -245,6 +248,48 @@ def test_column_rules_and_strategies(gw: GatewayProcess) -> None:
         c.execute("create temp table later_people(ssn text)")
         c.execute("insert into later_people values ('987-65-4320')")
         assert c.execute("select ssn from later_people").fetchone() == ("*******4320",)
+
+
+EVIL = """
+create schema if not exists evil;
+create or replace function evil.never(name, text) returns boolean language sql as 'select false';
+drop operator if exists evil.~* (name, text);
+create operator evil.~* (leftarg = name, rightarg = text, function = evil.never);
+"""
+
+
+def test_startup_settings_cannot_redirect_the_catalog_lookup(gw: GatewayProcess, pg: PgCluster) -> None:
+    """Column rules are resolved by a catalog query in the client's own session, after its startup
+    parameters apply. A search_path that puts a schema of the client's before pg_catalog (with an
+    operator ~* there that matches nothing), and standard_conforming_strings off, must not change
+    which columns it finds: everything in it is qualified, its pattern an escape string."""
+    from conftest import APP_PASSWORD
+
+    pg.execute(EVIL, dbname="app", user="app", password=APP_PASSWORD)
+    try:
+
+        async def main() -> tuple[Any, ...]:
+            ctx = ssl.create_default_context(cafile=str(gw.tls.ca_cert))
+            settings = {"search_path": "evil, pg_catalog, public", "standard_conforming_strings": "off"}
+            conn = await asyncpg.connect(
+                host="127.0.0.1",
+                port=gw.port,
+                user="auditor",
+                password="auditor-pw",
+                database="app",
+                ssl=ctx,
+                server_settings=settings,
+                timeout=10,
+            )
+            try:
+                assert await conn.fetchval("select 'alice'::name ~* 'a'") is False  # the trap is set
+                return tuple(await conn.fetchrow("select name, ssn from public.mask_people where id = 1"))
+            finally:
+                await conn.close(timeout=5)
+
+        assert asyncio.run(main()) == ("#####", "*******6789")
+    finally:
+        pg.execute("drop schema evil cascade", dbname="app", user="app", password=APP_PASSWORD)
 
 
 def test_copy_that_masking_cannot_cover_is_refused(gw: GatewayProcess) -> None:

@@ -98,18 +98,27 @@ class SessionMasking:
 
     def catalog_query(self) -> str | None:
         """The catalog query that finds the columns the globs cover (None without column rules).
-        Its last row carries the highest relation oid (``max_oid``) in the first column."""
+        Its last row carries the highest relation oid (``max_oid``) in the first column.
+
+        It runs in the client's session, whose search_path and standard_conforming_strings the
+        client may have set in its startup parameters: every type, operator and function is
+        qualified with pg_catalog (a schema placed before pg_catalog cannot redefine them), and
+        the pattern is an escape string literal, read the same with either string mode."""
         if not self.globs:
             return None
-        pattern = "|".join(_glob_posix(g.column) for g in self.globs).replace("'", "''")
+        pattern = "|".join(_glob_posix(g.column) for g in self.globs)
+        literal = "E'" + pattern.replace("\\", "\\\\").replace("'", "''") + "'"
+        eq = "OPERATOR(pg_catalog.=)"
         return (
-            "SELECT c.oid::int8, n.nspname, c.relname, a.attnum::int4, a.attname "
+            "SELECT c.oid::pg_catalog.int8, n.nspname, c.relname, a.attnum::pg_catalog.int4, a.attname "
             "FROM pg_catalog.pg_attribute a "
-            "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
-            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-            f"WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ({_RELKINDS}) "
-            f"AND a.attname ~* '{pattern}' "
-            "UNION ALL SELECT (SELECT max(oid)::int8 FROM pg_catalog.pg_class), NULL, NULL, NULL, NULL"
+            f"JOIN pg_catalog.pg_class c ON c.oid {eq} a.attrelid "
+            f"JOIN pg_catalog.pg_namespace n ON n.oid {eq} c.relnamespace "
+            "WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped "
+            f"AND c.relkind {eq} ANY (ARRAY[{_RELKINDS}]::pg_catalog.\"char\"[]) "
+            f"AND a.attname OPERATOR(pg_catalog.~*) {literal} "
+            "UNION ALL SELECT (SELECT pg_catalog.max(oid)::pg_catalog.int8 FROM pg_catalog.pg_class), "
+            "NULL, NULL, NULL, NULL"
         )
 
     def plan(self, rows: list[list[str | None]]) -> MaskPlanArg:
