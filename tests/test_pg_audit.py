@@ -130,6 +130,7 @@ def test_every_record_type_is_written_by_real_sessions_and_verifies(
     starts = [r for r in recs if r["kind"] == "session_start"]
     assert len(starts) == 2 and starts[0]["data"]["peer"].startswith("127.0.0.1")
     assert starts[0]["data"]["tls"] and starts[0]["data"]["recording"].endswith(".rec")
+    assert starts[0]["data"]["settings"]["application_name"] == "psql", starts[0]["data"]
     stmts = [r for r in recs if r["kind"] == "statement" and r["session"] == starts[0]["session"]]
     by_text = {r["data"]["text"].strip(): r for r in stmts}
     sel = by_text["select id, email from audit_people order by id;"]

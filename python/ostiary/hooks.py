@@ -38,6 +38,8 @@ class SessionInfo:
     policy_version: str = ""
     policy: SessionPolicy | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    # The client's startup parameters passed on to the server (application_name, statement_timeout ...).
+    settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def peer_ip(self) -> str:

@@ -624,6 +624,12 @@ class AuditEvents:
             "upstream_pid": info.upstream_process_id,
             "policy_version": info.policy_version,
             "tls": list(info.client_tls) if info.client_tls else None,
+            # What the client set for its session; values only where statements are kept as text.
+            "settings": (
+                dict(info.settings)
+                if self.audit.cfg.statements == "text"
+                else sorted(k for k, _ in info.settings)
+            ),
         }
         self.audit.append(
             "session_start",

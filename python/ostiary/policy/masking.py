@@ -115,7 +115,7 @@ class SessionMasking:
             f"JOIN pg_catalog.pg_class c ON c.oid {eq} a.attrelid "
             f"JOIN pg_catalog.pg_namespace n ON n.oid {eq} c.relnamespace "
             "WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped "
-            f"AND c.relkind {eq} ANY (ARRAY[{_RELKINDS}]::pg_catalog.\"char\"[]) "
+            f'AND c.relkind {eq} ANY (ARRAY[{_RELKINDS}]::pg_catalog."char"[]) '
             f"AND a.attname OPERATOR(pg_catalog.~*) {literal} "
             "UNION ALL SELECT (SELECT pg_catalog.max(oid)::pg_catalog.int8 FROM pg_catalog.pg_class), "
             "NULL, NULL, NULL, NULL"

@@ -533,6 +533,7 @@ class PostgresStartup:
             started=time.time(),
             policy_version=self.policy.version,
             policy=session_policy,
+            settings=tuple(self.settings),
         )
         client_prefix = self.machine.take_remaining() + self.ch.leftover_plaintext()
         gw.register_session(
