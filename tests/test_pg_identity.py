@@ -364,6 +364,32 @@ def test_token_expiring_mid_session_does_not_end_it_but_max_session_does(
     assert "expired" in refused(gw, token)
 
 
+def test_ending_a_session_cancels_the_statement_it_is_running(
+    configured: Configured, idp: LocalIdp, pg: PgCluster
+) -> None:
+    """max_session (and revocation, and shutdown) end a session while PostgreSQL runs a statement
+    of it: closing the connection would not stop that statement, which would run on and commit
+    after the session was ended. The gateway cancels it upstream too: the write after the sleep
+    never happens, and the client is told at once, not when the statement would have ended."""
+    pg.execute(
+        "drop table if exists after_the_end; create table after_the_end(id int);"
+        " grant all on after_the_end to public",
+        dbname="app",
+    )
+    cfg = configured()
+    cfg["grants"][0]["max_session"] = 2
+    gw = configured.start(cfg)
+    with connect(gw, idp.mint(github_claims())) as c:
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError, match="maximum duration of grant shop-writes"):
+            c.execute("select pg_sleep(8); insert into after_the_end values (1)")
+        ended = time.monotonic() - started
+    assert ended < 6, f"the client was told after {ended:.1f} s"
+    time.sleep(8 - ended)
+    assert pg.execute("select count(*) from after_the_end", dbname="app").strip() == "0"
+    assert "cancel forwarded to upstream pid" in gw.log()
+
+
 def test_reload_revokes_one_grant_and_leaves_another_untouched(configured: Configured, idp: LocalIdp) -> None:
     cfg = configured()
     gw = configured.start(cfg)

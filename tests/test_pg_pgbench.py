@@ -130,3 +130,20 @@ def test_select_only_timed(bench_tables: None, gateway: GatewayProcess) -> None:
     assert n > 100, r.stdout  # thousands when idle; loose for loaded CI machines
     assert failed(r.stdout) == 0
     assert "duration: 3 s" in r.stdout
+
+
+def test_a_pipeline_larger_than_the_socket_buffers(
+    bench_tables: None, gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    """pgbench's \\startpipeline with 5,000 queries answered by ten 500-byte rows each (~30 MB of
+    answers to 300 KB of queries): libpq writes the pipeline while reading what comes back, the
+    server blocks on its answers until they are read. The gateway must go on reading the server's
+    answers while the queries it still has to write wait for room (it once waited for that room
+    without reading, and the session hung for good, its backend stuck in ClientWrite)."""
+    query = "select repeat('x', 500) from generate_series(1, 10);\n"
+    script = tmp_path / "pipeline.sql"
+    script.write_text("\\startpipeline\n" + query * 5000 + "\\endpipeline\n")
+    r = pgbench(gateway.env(), "-n", "-M", "extended", "-t", "2", "-f", str(script), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert processed(r.stdout) == (2, 2)
+    assert failed(r.stdout) == 0

@@ -136,7 +136,7 @@ async def _connect_upstream(
         with trio.fail_after(up.connect_timeout):
             stream = await open_tcp(up.host, up.port)
     except (OSError, trio.TooSlowError) as e:
-        raise UpstreamUnavailable(f"cannot reach {up.host}:{up.port}: {e or 'timed out'}") from None
+        raise UpstreamUnavailable(f"cannot reach {up.host}:{up.port}: {str(e) or 'timed out'}") from None
     ch = Channel(stream)
     try:
         with trio.fail_after(up.connect_timeout):
@@ -253,6 +253,8 @@ class PostgresStartup:
         try:
             await self._run()
         except Refusal as r:
+            # (The upstream's own refusals too: a missing database, too many connections ...)
+            log.info("connection from %s refused: %s %s", self.peer, r.code, r.message)
             await self._refuse(r.code, r.message, r.hint, detail=r.detail)
         except AuthenticationFailed as e:
             log.info("authentication failed from %s: %s", self.peer, e.reason)
@@ -482,7 +484,7 @@ class PostgresStartup:
         ) as e:
             raise UpstreamUnavailable(
                 f"cannot read the catalog of connection {conn.name!r} to apply its masking rules: "
-                f"{e or 'timed out'}"
+                f"{str(e) or 'timed out'}"
             ) from None
         if result[0] == "failed":
             raise UpstreamUnavailable(

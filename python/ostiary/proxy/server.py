@@ -266,7 +266,7 @@ class Gateway:
                     grant=info.grant,
                     max_session_s=seconds,
                 )
-            self.engine.terminate(
+            self.end_session(
                 info.id,
                 "57P01",
                 f"terminating connection: the session reached the maximum duration of grant "
@@ -395,7 +395,7 @@ class Gateway:
                 self.audit_events.admin(
                     "session_ended_by_policy", session=self.audit.session_ref(info.id), reason=why
                 )
-            self.engine.terminate(info.id, "28000", f"terminating connection: {why}")
+            self.end_session(info.id, "28000", f"terminating connection: {why}")
 
     async def _watch_policy(self) -> None:
         """Reloads on SIGHUP and when the policy files change (polled every 2 s)."""
@@ -427,6 +427,20 @@ class Gateway:
                 self._reload_forced = True
                 self.request_reload()
 
+    def end_session(self, session: int, code: str, message: str) -> None:
+        """Ends a session with a FATAL error (at the next message boundary of its result, or after
+        the engine's grace period), and cancels what its backend is running: closing the connection
+        does not stop a statement PostgreSQL is executing (it would run on, and commit, after the
+        session was revoked)."""
+        self.engine.terminate(session, code, message)
+        self._cancel_running(session)
+
+    def _cancel_running(self, session: int) -> None:
+        key = self._cancel_by_session.get(session)
+        target = self._cancel.get(key) if key is not None else None
+        if target is not None and self._background is not None:
+            self._background.start_soon(self._send_cancel, target)
+
     async def forward_cancel(self, process_id: int, secret_key: int) -> None:
         """Sends the client's CancelRequest to the backend its session uses. Unknown or wrong keys
         are ignored silently, as PostgreSQL does."""
@@ -434,6 +448,9 @@ class Gateway:
         if target is None:
             log.info("cancel request with an unknown key ignored")
             return
+        await self._send_cancel(target)
+
+    async def _send_cancel(self, target: CancelTarget) -> None:
         up = target.connection.upstream
         try:
             with trio.fail_after(up.connect_timeout):
@@ -633,6 +650,8 @@ class Gateway:
                 await trio.sleep(0.05)
         self.approvals.farewell("the gateway is shutting down")
         left = self.engine.terminate(None, "57P01", SHUTDOWN_MESSAGE)
+        for session in list(self._cancel_by_session):
+            self._cancel_running(session)
         if left:
             log.info("ended %d session(s) still open after %g s", left, grace)
         with trio.move_on_after(5):

@@ -688,6 +688,9 @@ enum Wake {
     Command(Option<Command>),
     Client,
     Upstream,
+    /// Room again (or a failure to ask for it) in a socket whose backlog waits.
+    ClientWritable(io::Result<()>),
+    UpstreamWritable(io::Result<()>),
     Deadline,
 }
 
@@ -850,6 +853,36 @@ impl Leg {
         Ok(())
     }
 
+    /// Writes as much of the backlog as the socket takes now, without waiting. Returns whether
+    /// it is all out; if not, the socket's write readiness is cleared and the session's loop
+    /// waits for room (`poll_write_ready`) while it goes on reading the other direction.
+    fn try_flush(&mut self) -> Result<bool, SessionError> {
+        if self.backlog.is_empty() {
+            return Ok(true);
+        }
+        let mut off = 0;
+        while off < self.backlog.len() {
+            match sys_send(self.tcp.get_ref(), &self.backlog[off..]) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.tcp.clear_write_ready();
+                    self.backlog.drain(..off);
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.tcp.disarm_write()?;
+        if self.backlog.capacity() > BACKLOG_KEEP {
+            self.backlog = Vec::new();
+        } else {
+            self.backlog.clear();
+        }
+        Ok(true)
+    }
+
     /// Writes `plain` and waits until it is out.
     async fn send(&mut self, plain: &[u8]) -> Result<(), SessionError> {
         let mut raw = Vec::new();
@@ -857,11 +890,15 @@ impl Leg {
         self.flush().await
     }
 
-    async fn close(&mut self) {
+    /// Ends the sending side: what is still owed (the last messages, TLS close_notify) for up to
+    /// `TERMINATE_GRACE` (a peer that does not read must not hold the session), then FIN.
+    async fn close(&mut self, rt: &Rc<Runtime>) {
         if let Some(tls) = &mut self.tls {
             tls.send_close_notify();
-            let _ = self.send(&[]).await;
+            let mut raw = Vec::new();
+            let _ = self.write_now(&[], &mut raw);
         }
+        let _ = rt::timeout(rt, TERMINATE_GRACE, self.flush()).await;
         let _ = self.tcp.get_ref().shutdown(std::net::Shutdown::Write);
     }
 }
@@ -1015,9 +1052,11 @@ impl Session {
                 let rt = self.rt.clone();
                 let _ = rt::timeout(&rt, TERMINATE_GRACE, self.upstream.send(&bye)).await;
             }
-            self.upstream.close().await;
+            let rt = self.rt.clone();
+            self.upstream.close(&rt).await;
         }
-        self.client.close().await;
+        let rt = self.rt.clone();
+        self.client.close(&rt).await;
         if let Some((rec, _, _)) = self.recorder.as_mut() {
             let frames = rec.take();
             if !frames.is_empty() {
@@ -1095,40 +1134,55 @@ impl Session {
                     && !self.waiting
                     && !self.relay.is_holding()
                     && self.pending.is_empty()
+                    && self.upstream.try_flush()?
                 {
-                    self.upstream.flush().await?;
-                    self.upstream.close().await;
+                    let rt = self.rt.clone();
+                    self.upstream.close(&rt).await;
                     self.upstream_shut = true;
                 }
                 if self.upstream_shut && !self.relay.server_owes_answer() {
-                    return Ok(match self.client.flush().await {
-                        Ok(()) => ("client_closed", why.into()),
-                        Err(e) => ("client_closed", gone_detail(why, &e)),
-                    });
+                    match self.client.try_flush() {
+                        Ok(true) => return Ok(("client_closed", why.into())),
+                        Ok(false) => {} // the loop waits for room, as for any backlog
+                        Err(e) => return Ok(("client_closed", gone_detail(why, &e))),
+                    }
                 }
             }
             if !self.notices.is_empty() && self.relay.backend_at_boundary() {
                 let notices = std::mem::take(&mut self.notices);
-                self.client.send(&notices).await?;
+                self.with_scratch(|this, s| this.client.write_now(&notices, &mut s.raw))?;
                 if let Some((rec, _, _)) = self.recorder.as_mut() {
                     let _ = rec.backend(&notices, now_us());
                 }
             }
             if self.terminate.is_some() && self.relay.backend_at_boundary() {
                 let bytes = self.terminate.take().unwrap_or_default();
-                self.client.send(&bytes).await?;
+                let rt = self.rt.clone();
+                let _ = rt::timeout(&rt, TERMINATE_GRACE, self.client.send(&bytes)).await;
                 return Ok(("terminated", String::new()));
             }
             if self.drain.is_some() && self.relay.idle() && self.pending.is_empty() && !self.waiting
             {
                 let bytes = self.drain.take().unwrap_or_default();
-                self.client.send(&bytes).await?;
+                let rt = self.rt.clone();
+                let _ = rt::timeout(&rt, TERMINATE_GRACE, self.client.send(&bytes)).await;
                 return Ok(("drained", String::new()));
             }
             if self.terminate.is_some() && deadline.is_none() {
                 deadline = Some(self.rt.sleep(TERMINATE_GRACE));
             }
-            let holding = self.relay.is_holding() || self.waiting || half_closed.is_some();
+            // Backpressure, each direction on its own: a side is not read while what it sent
+            // before still waits for room on the other side, and the other direction goes on
+            // meanwhile (a server that is blocked writing its answers must still be read, or a
+            // client pipelining more than the socket buffers hold would deadlock the session).
+            let to_client = !self.client.backlog.is_empty();
+            let to_upstream = !self.upstream.backlog.is_empty();
+            // Once the session is to end, no new statements are read from the client.
+            let holding = self.relay.is_holding()
+                || self.waiting
+                || half_closed.is_some()
+                || self.terminate.is_some()
+                || to_upstream;
             // Alternate which side is looked at first so neither can starve the other.
             upstream_first = !upstream_first;
             // One hand-written poll instead of `select!`: readiness is polled in place (no waiter
@@ -1137,14 +1191,34 @@ impl Session {
                 if let Poll::Ready(c) = cmds.poll(cx) {
                     return Poll::Ready(Wake::Command(c));
                 }
+                // First, or a peer that always has more to read would starve it.
+                if let Some(sleep) = deadline.as_mut() {
+                    if Pin::new(sleep).poll(cx).is_ready() {
+                        return Poll::Ready(Wake::Deadline);
+                    }
+                }
+                if to_client {
+                    if let Poll::Ready(r) = cfd.poll_write_ready(cx) {
+                        return Poll::Ready(Wake::ClientWritable(r));
+                    }
+                }
+                if to_upstream {
+                    if let Poll::Ready(r) = ufd.poll_write_ready(cx) {
+                        return Poll::Ready(Wake::UpstreamWritable(r));
+                    }
+                }
                 let client = |cx: &mut Context<'_>| {
                     if holding {
                         return Poll::Pending;
                     }
                     cfd.poll_read_ready(cx).map(|()| Wake::Client)
                 };
-                let upstream =
-                    |cx: &mut Context<'_>| ufd.poll_read_ready(cx).map(|()| Wake::Upstream);
+                let upstream = |cx: &mut Context<'_>| {
+                    if to_client {
+                        return Poll::Pending;
+                    }
+                    ufd.poll_read_ready(cx).map(|()| Wake::Upstream)
+                };
                 let first = if upstream_first {
                     upstream(cx)
                 } else {
@@ -1160,11 +1234,6 @@ impl Session {
                 };
                 if second.is_ready() {
                     return second;
-                }
-                if let Some(sleep) = deadline.as_mut() {
-                    if Pin::new(sleep).poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Deadline);
-                    }
                 }
                 Poll::Pending
             })
@@ -1216,6 +1285,19 @@ impl Session {
                         }
                         (Err(e), _) => return Err(e),
                     }
+                }
+                Wake::ClientWritable(r) => {
+                    let flushed = r.map_err(SessionError::from).and_then(|()| self.client.try_flush());
+                    match (flushed, half_closed) {
+                        (Ok(_), _) => {}
+                        // After the client's EOF a failed write means it is gone, not a fault.
+                        (Err(e), Some(why)) => return Ok(("client_closed", gone_detail(why, &e))),
+                        (Err(e), None) => return Err(e),
+                    }
+                }
+                Wake::UpstreamWritable(r) => {
+                    r?;
+                    self.upstream.try_flush()?;
                 }
                 Wake::Deadline => {
                     return Ok((
@@ -1416,8 +1498,8 @@ impl Session {
         if hold.is_none() && self.nothing_owed() {
             return Ok(());
         }
-        self.client.flush().await?;
-        self.upstream.flush().await?;
+        self.client.try_flush()?;
+        self.upstream.try_flush()?;
         self.flush_recording(inner).await;
         if self.audit {
             self.flush_audit(inner).await;
@@ -1450,8 +1532,8 @@ impl Session {
         if self.nothing_owed() {
             return Ok(());
         }
-        self.upstream.flush().await?;
-        self.client.flush().await?;
+        self.upstream.try_flush()?;
+        self.client.try_flush()?;
         self.flush_recording(inner).await;
         if self.audit {
             self.flush_audit(inner).await;
@@ -1491,7 +1573,7 @@ impl Session {
                     s.out = out;
                     r
                 })?;
-                self.upstream.flush().await?;
+                self.upstream.try_flush()?;
                 if self.audit {
                     self.flush_audit(inner).await;
                 }
@@ -1501,7 +1583,7 @@ impl Session {
                     self.waiting = false;
                     let stash = std::mem::take(&mut self.stash);
                     self.with_scratch(|this, s| this.upstream.write_now(&stash, &mut s.raw))?;
-                    self.upstream.flush().await?;
+                    self.upstream.try_flush()?;
                 }
             }
             Command::AuditFailed { code, message } => {

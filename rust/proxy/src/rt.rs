@@ -497,25 +497,30 @@ impl<T: AsRawFd> Registered<T> {
     /// Waits until epoll reports room to write, adding write interest to the registration for as
     /// long as needed (`disarm_write` removes it).
     pub async fn writable(&self) -> io::Result<()> {
-        std::future::poll_fn(|cx| {
-            if self.state.ready.get() & WRITE != 0 {
-                return Poll::Ready(Ok(()));
+        std::future::poll_fn(|cx| self.poll_write_ready(cx)).await
+    }
+
+    /// Ready once epoll reported room to write since the last `clear_write_ready`; arms write
+    /// interest while it is not (`disarm_write` removes it).
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.state.ready.get() & WRITE != 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if !self.state.write_armed.get() {
+            // MOD re-evaluates readiness: room that appeared before this call still makes an
+            // event, so no edge is missed.
+            if let Err(e) = self.rt.ctl(
+                libc::EPOLL_CTL_MOD,
+                self.state.fd,
+                (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+                self.state.token,
+            ) {
+                return Poll::Ready(Err(e));
             }
-            if !self.state.write_armed.get() {
-                // MOD re-evaluates readiness: room that appeared before this call still makes an
-                // event, so no edge is missed.
-                self.rt.ctl(
-                    libc::EPOLL_CTL_MOD,
-                    self.state.fd,
-                    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-                    self.state.token,
-                )?;
-                self.state.write_armed.set(true);
-            }
-            store_waker(&self.state.write_waker, cx);
-            Poll::Pending
-        })
-        .await
+            self.state.write_armed.set(true);
+        }
+        store_waker(&self.state.write_waker, cx);
+        Poll::Pending
     }
 
     /// Back to read interest only (a no-op unless `writable` armed write interest).
