@@ -1287,7 +1287,9 @@ impl Session {
                     }
                 }
                 Wake::ClientWritable(r) => {
-                    let flushed = r.map_err(SessionError::from).and_then(|()| self.client.try_flush());
+                    let flushed = r
+                        .map_err(SessionError::from)
+                        .and_then(|()| self.client.try_flush());
                     match (flushed, half_closed) {
                         (Ok(_), _) => {}
                         // After the client's EOF a failed write means it is gone, not a fault.
