@@ -317,6 +317,59 @@ def test_sigterm_with_close_idle_ends_idle_now_and_busy_after_commit(
     tx.close()
 
 
+@pytest.mark.parametrize("signals", [("SIGTERM", "SIGTERM"), ("SIGINT", "SIGINT"), ("SIGTERM", "SIGINT")])
+def test_a_second_signal_ends_the_sessions_now(
+    gateway_factory: GatewayFactory, pg: PgCluster, signals: tuple[str, str]
+) -> None:
+    """A second SIGTERM or SIGINT during the drain cuts the grace short: the sessions still open
+    get 57P01 at once, the statements their backends run are cancelled, and the gateway exits
+    cleanly (it once died of the second signal: clients saw a dropped connection, no session_end
+    was recorded, and the backends went on running)."""
+    gw = gateway_factory(shutdown={"grace": 30})
+    busy = psycopg.connect(gw.dsn(), autocommit=True)
+    busy_pid = busy.execute("select pg_backend_pid()").fetchone()
+    result: dict[str, Any] = {}
+
+    def run_busy() -> None:
+        try:
+            busy.execute("select pg_sleep(25)")
+        except Exception as e:  # reported by the assertions below
+            result["error"] = e
+
+    th = threading.Thread(target=run_busy)
+    th.start()
+    with superuser(pg) as su:
+        wait_for(
+            lambda: (
+                su.execute("select state from pg_stat_activity where pid = %s", busy_pid).fetchone()
+                == ("active",)
+            ),
+            5,
+            "pg_sleep to start upstream",
+        )
+    first, second = (getattr(signal, name) for name in signals)
+    gw.proc.send_signal(first)
+    time.sleep(1.0)
+    assert gw.proc.poll() is None, "the first signal must not end the gateway before the grace"
+    t0 = time.monotonic()
+    gw.proc.send_signal(second)
+    th.join(10)
+    assert time.monotonic() - t0 < 5
+    assert isinstance(result.get("error"), psycopg.errors.AdminShutdown), result
+    assert gw.proc.wait(10) == 0, gw.log()[-3000:]
+    assert "Traceback" not in gw.log() and "ending the remaining sessions now" in gw.log()
+    with superuser(pg) as su:
+        wait_for(
+            lambda: (
+                su.execute("select count(*) from pg_stat_activity where pid = %s", busy_pid).fetchone()
+                == (0,)
+            ),
+            5,
+            "the backend's pg_sleep to be cancelled",
+        )
+    busy.close()
+
+
 # -- the upstream fails ----------------------------------------------------------------------------
 
 

@@ -180,6 +180,8 @@ class Gateway:
         self.draining = False
         self.listen_port: int | None = None
         self._stop = trio.Event()
+        # A second SIGTERM/SIGINT during the drain: end the sessions now instead of after the grace.
+        self._hurry = trio.Event()
 
     def _admin(self) -> HttpServer:
         """The admin API (approvals) and its webhooks, as ``admin`` configures them."""
@@ -629,9 +631,15 @@ class Gateway:
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("received %s: shutting down", signal.Signals(signum).name)
-                self.stop()
-                return
+                name = signal.Signals(signum).name
+                if not self.draining:
+                    log.info("received %s: shutting down", name)
+                    self.stop()
+                else:
+                    # Still handled here (not Python's default, which killed the process with
+                    # sessions and their backends left as they were): the grace is cut short.
+                    log.info("received %s again: ending the remaining sessions now", name)
+                    self._hurry.set()
 
     def stop(self) -> None:
         """Begins a graceful shutdown (idempotent)."""
@@ -646,7 +654,7 @@ class Gateway:
         if self.config.shutdown.close_idle:
             self.engine.drain(None, "57P01", SHUTDOWN_MESSAGE)
         with trio.move_on_after(grace):
-            while self.engine.session_count() > 0 or self._startups > 0:
+            while (self.engine.session_count() > 0 or self._startups > 0) and not self._hurry.is_set():
                 await trio.sleep(0.05)
         self.approvals.farewell("the gateway is shutting down")
         left = self.engine.terminate(None, "57P01", SHUTDOWN_MESSAGE)
