@@ -292,6 +292,24 @@ def test_startup_settings_cannot_redirect_the_catalog_lookup(gw: GatewayProcess,
         pg.execute("drop schema evil cascade", dbname="app", user="app", password=APP_PASSWORD)
 
 
+def test_a_result_message_over_the_masking_limit_ends_the_session_with_the_reason(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, people: None
+) -> None:
+    """A masked session holds each server message whole, up to limits.max_statement; a larger one
+    ends the session rather than pass unmasked (fail closed), and the client is told why (54000),
+    after the rows before it, instead of seeing its connection simply drop."""
+    cfg = masking_config(pg, gateway_tls, tmp_path)
+    cfg["limits"] = {"max_statement": 65536}
+    gw = gateway_factory(config=cfg)
+    with connect(gw) as c:
+        assert c.execute(f"select '{CARD}'").fetchone() == ("****",)
+        with pytest.raises(psycopg.OperationalError) as refused:
+            c.execute(f"select 'before' union all select repeat('a', 70000) || ' {CARD}'")
+    assert refused.value.sqlstate == "54000", refused.value
+    assert "it was not passed unmasked" in str(refused.value), refused.value
+    assert_clean(str(refused.value))
+
+
 def test_copy_that_masking_cannot_cover_is_refused(gw: GatewayProcess) -> None:
     """Refused per statement (42501, the session stays usable): COPY TO under column rules, binary
     COPY TO, COPY TO a server file or program. Text COPY under content rules is masked (corpus)."""

@@ -1026,11 +1026,24 @@ impl Session {
             Ok((r, d)) => (r.to_owned(), d),
             Err(SessionError::Protocol { side, err }) => {
                 // Tell the client why, if that does not break a message it is receiving.
-                if self.relay.backend_at_boundary() {
+                if self.relay.client_at_boundary() {
                     let (code, msg) = match &err {
                         WireError::Refused(why) => (
                             sqlstate::INSUFFICIENT_PRIVILEGE,
                             format!("terminating connection: {why}"),
+                        ),
+                        // Not the server's fault: the gateway's own limit, failing closed.
+                        WireError::TooLarge {
+                            what: "server message to mask",
+                            length,
+                            limit,
+                        } => (
+                            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                            format!(
+                                "terminating connection: a result message of {length} bytes is \
+                                 over the {limit} bytes masking holds whole (limits.max_statement); \
+                                 it was not passed unmasked"
+                            ),
                         ),
                         _ => (
                             sqlstate::PROTOCOL_VIOLATION,
@@ -1417,13 +1430,14 @@ impl Session {
         if self.audit {
             self.relay.set_now(now_us());
         }
-        self.relay
-            .feed_backend(data, out, &mut self.events)
-            .map_err(protocol("server"))?;
+        let fed = self.relay.feed_backend(data, out, &mut self.events);
         if let Some((rec, _, _)) = self.recorder.as_mut() {
             let _ = rec.backend(out, now_us());
         }
-        self.client.write_now(out, raw)
+        // On an error, what passed before the bad message still goes out (the client's stream is
+        // then between messages, where the session's FATAL can follow).
+        self.client.write_now(out, raw)?;
+        fed.map_err(protocol("server"))
     }
 
     /// Writes what goes to the server, unless the sync audit trail must first make the entries of

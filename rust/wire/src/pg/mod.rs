@@ -31,4 +31,5 @@ pub mod sqlstate {
     pub const QUERY_CANCELED: &str = "57014";
     pub const INVALID_CATALOG_NAME: &str = "3D000";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 }

@@ -413,6 +413,15 @@ impl SessionRelay {
         self.back.body.is_none() && self.back.hdr_len == 0
     }
 
+    /// True when nothing of the server message being received has been passed to the client yet
+    /// (between messages, within a header, or in a message held whole, as masking holds them):
+    /// a gateway-made message may go to the client here. Unlike `backend_at_boundary`, also after
+    /// the relay refused the message it was receiving (too large, malformed), so the client can
+    /// be told why its session ends.
+    pub fn client_at_boundary(&self) -> bool {
+        matches!(self.back.body, None | Some(Body::Capture(_)))
+    }
+
     /// True when the session is outside a transaction block, nothing is owed by the server and no
     /// message is half-received in either direction: it can be ended without losing work.
     pub fn idle(&self) -> bool {
@@ -1536,6 +1545,22 @@ mod tests {
         assert!(r
             .feed_backend(&bad, &mut Vec::new(), &mut Vec::new())
             .is_err());
+        // Nothing of the refused message reached the client: it can be told why the session ends.
+        assert!(r.client_at_boundary() && !r.backend_at_boundary());
+    }
+
+    #[test]
+    fn client_at_boundary_only_before_a_streamed_message_begins() {
+        let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
+        let row = msg(btag::DATA_ROW, &[0, 1, 0, 0, 0, 3, b'a', b'b', b'c']);
+        let mut out = Vec::new();
+        r.feed_backend(&row[..3], &mut out, &mut Vec::new()).unwrap();
+        assert!(r.client_at_boundary(), "within a header nothing went out");
+        r.feed_backend(&row[3..8], &mut out, &mut Vec::new()).unwrap();
+        assert!(!r.client_at_boundary(), "the header and part of the body went out");
+        r.feed_backend(&row[8..], &mut out, &mut Vec::new()).unwrap();
+        assert!(r.client_at_boundary());
+        assert_eq!(out, row);
     }
 
     #[test]
