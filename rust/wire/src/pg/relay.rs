@@ -1554,11 +1554,17 @@ mod tests {
         let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
         let row = msg(btag::DATA_ROW, &[0, 1, 0, 0, 0, 3, b'a', b'b', b'c']);
         let mut out = Vec::new();
-        r.feed_backend(&row[..3], &mut out, &mut Vec::new()).unwrap();
+        r.feed_backend(&row[..3], &mut out, &mut Vec::new())
+            .unwrap();
         assert!(r.client_at_boundary(), "within a header nothing went out");
-        r.feed_backend(&row[3..8], &mut out, &mut Vec::new()).unwrap();
-        assert!(!r.client_at_boundary(), "the header and part of the body went out");
-        r.feed_backend(&row[8..], &mut out, &mut Vec::new()).unwrap();
+        r.feed_backend(&row[3..8], &mut out, &mut Vec::new())
+            .unwrap();
+        assert!(
+            !r.client_at_boundary(),
+            "the header and part of the body went out"
+        );
+        r.feed_backend(&row[8..], &mut out, &mut Vec::new())
+            .unwrap();
         assert!(r.client_at_boundary());
         assert_eq!(out, row);
     }
