@@ -142,3 +142,104 @@ def test_version() -> None:
     r = run_cli("--version")
     assert r.returncode == 0
     assert r.stdout.startswith("ostiary ")
+
+
+# -- files that are not UTF-8 ----------------------------------------------------------------------
+
+
+def latin1_file(tmp_path: Path) -> Path:
+    """A valid file with a Latin-1 comment appended (what an editor set to Latin-1 writes)."""
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(yaml.safe_dump(good(tmp_path)).encode() + b"# site: Z\xfcrich\n")
+    return p
+
+
+def test_a_file_that_is_not_utf8_is_a_problem_with_its_line(tmp_path: Path) -> None:
+    p = latin1_file(tmp_path)
+    line = p.read_bytes().count(b"\n")  # the last line
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    [(where, msg)] = e.value.problems
+    assert e.value.source == str(p)
+    assert where == f"line {line}, column 10"
+    assert "not UTF-8" in msg and "0xfc" in msg
+
+
+@pytest.mark.parametrize("command", [("policy", "check"), ("serve", "--config")])
+def test_cli_reports_a_file_that_is_not_utf8(command: tuple[str, str], tmp_path: Path) -> None:
+    p = latin1_file(tmp_path)
+    r = run_cli(*command, str(p))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    line = p.read_bytes().count(b"\n")
+    assert f"{p}: 1 problem(s)" in r.stderr
+    assert f"line {line}, column 10: not UTF-8: byte 0xfc" in r.stderr, r.stderr
+
+
+# -- numbers that make no sense ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("shutdown", "grace", -5),
+        ("shutdown", "grace", float("nan")),
+        ("limits", "max_connections", -1),
+        ("limits", "max_connections", 0),
+        ("limits", "max_startup", -1),
+        ("limits", "max_startup", 0),
+        ("limits", "max_message", 0),
+        ("limits", "max_statement", -1),
+        ("limits", "startup_timeout", 0),
+        ("limits", "startup_timeout", float("nan")),
+        ("listen", "backlog", 0),
+    ],
+)
+def test_numbers_that_make_no_sense_are_refused(section: str, key: str, value: float, tmp_path: Path) -> None:
+    data = good(tmp_path)
+    data[section] = {key: value}
+    assert f"{section}.{key}" in dict(problems(data, tmp_path))
+
+
+def test_zero_grace_is_allowed(tmp_path: Path) -> None:
+    data = good(tmp_path)
+    data["shutdown"] = {"grace": 0}
+    assert config.parse(data, "test.yaml", tmp_path).shutdown.grace == 0
+
+
+@pytest.mark.parametrize("command", [("policy", "check"), ("serve", "--config")])
+def test_cli_refuses_a_negative_grace(command: tuple[str, str], tmp_path: Path) -> None:
+    data = good(tmp_path)
+    data["shutdown"] = {"grace": -5}
+    data["limits"] = {"max_connections": 0}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    r = run_cli(*command, str(p))
+    assert r.returncode == 2, r.stderr
+    assert "shutdown.grace" in r.stderr and "limits.max_connections" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# -- secrets that cannot be read now -----------------------------------------------------------------
+
+
+def test_policy_check_warns_of_passwords_it_cannot_read(tmp_path: Path) -> None:
+    data = good(tmp_path)
+    data["clients"] = [
+        {"user": "ci", "password_file": "missing.pw"},
+        {"user": "ok", "password_file": "ok.pw"},
+    ]
+    (tmp_path / "ok.pw").write_text("secret\n")
+    data["connections"][0]["upstream"]["password_env"] = "OSTIARY_TEST_SURELY_UNSET"
+    data["connections"][0]["credentials"] = {"dir": {"user": "r", "password_file": str(tmp_path)}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    r = run_cli("policy", "check", str(p))
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stdout.splitlines() if "warning:" in line]
+    assert len(warnings) == 3, r.stdout
+    assert f"clients[0]: password_file: {tmp_path / 'missing.pw'} does not exist" in warnings[0]
+    assert (
+        "connections[0].upstream: password_env: environment variable OSTIARY_TEST_SURELY_UNSET" in warnings[1]
+    )
+    assert f"connections[0].credentials.dir: password_file: {tmp_path} is not a file" in warnings[2]

@@ -7,7 +7,8 @@ and the rules behind it; ``ostiary policy diff OLD NEW`` shows who gains or lose
 ``ostiary config schema`` prints the JSON Schema; ``ostiary token mint --dev`` signs a development
 token; ``ostiary sessions list`` and ``ostiary sessions replay ID`` show session recordings (local,
 or in the configuration's object store). Exit codes: 0 success, 1 runtime failure (or an
-``--expect`` not met), 2 bad usage or policy.
+``--expect`` not met), 2 bad usage, policy or configuration (also a setting found wrong when the
+gateway starts: a port in use, a TLS key that is not the certificate's, an unusable data_dir).
 """
 
 from __future__ import annotations
@@ -78,16 +79,42 @@ def _serve(args: argparse.Namespace) -> int:
         cfg.listen.port = args.port
     _setup_logging(args.log_level)
     log = logging.getLogger("ostiary")
-    for where, msg in policy_warnings(cfg):
+    for where, msg in policy_warnings(cfg) + configmod.secret_warnings(cfg):
         log.warning("policy: %s: %s", where, msg)
     version = policy_version(raw)
     log.info("policy version %s loaded from %s", version[:12], args.config)
     try:
         trio.run(Gateway(cfg, config_path=args.config, policy_version=version).run)
-    except OstiaryError as e:
-        print(f"ostiary: {e}", file=sys.stderr)
-        return 1
+    except (OstiaryError, BaseExceptionGroup) as e:
+        errors = _start_errors(e)
+        if errors is None:
+            raise
+        for err in errors:
+            if isinstance(err, ConfigError):
+                # Settings the file check cannot see (a port in use, a key that is not the
+                # certificate's): one line each, naming the setting to fix.
+                for where, msg in err.problems:
+                    print(f"ostiary serve: {err.source}: {where}: {msg}", file=sys.stderr)
+            else:
+                print(f"ostiary: {err}", file=sys.stderr)
+        return 2 if all(isinstance(err, ConfigError) for err in errors) else 1
     return 0
+
+
+def _start_errors(e: BaseException) -> list[OstiaryError] | None:
+    """The Ostiary errors a failed run ended with, out of the exception groups of Trio's nurseries;
+    None when anything else is among them (a bug: its traceback is shown)."""
+    if isinstance(e, OstiaryError):
+        return [e]
+    if isinstance(e, BaseExceptionGroup):
+        found: list[OstiaryError] = []
+        for inner in e.exceptions:
+            errors = _start_errors(inner)
+            if errors is None:
+                return None
+            found += errors
+        return found
+    return None
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -101,7 +128,7 @@ def _check(args: argparse.Namespace) -> int:
             print(e, file=sys.stderr)
             worst = 2
             continue
-        warnings = policy_warnings(cfg)
+        warnings = policy_warnings(cfg) + configmod.secret_warnings(cfg)
         print(f"{file}: OK ({len(cfg.grants)} grant(s), {len(cfg.issuers)} issuer(s))")
         for where, msg in warnings:
             print(f"  warning: {where}: {msg}")

@@ -206,7 +206,11 @@ class Audit(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     the trail in ``path`` (default ``<data_dir>/audit.db``); ``store: postgres`` in the database of
     ``dsn``/``dsn_env``/``dsn_file``, shared by a fleet. When the store cannot be written,
     ``on_failure: refuse`` refuses new statements and logins until it can again; ``spool`` keeps
-    writing to ``<data_dir>/audit/spool`` and replays into the store when it returns. ``statements``
+    writing to ``<data_dir>/audit/spool`` and replays into the store when it returns. A store call
+    that has not returned within ``store_timeout`` seconds (a frozen server, a network blackhole)
+    counts as a failure; keep it below ``sync_timeout``. At ``max_pending`` unwritten records new
+    statements and logins are refused and sessions ended; records beyond it are counted, and a
+    ``records_lost`` record names how many once the store is back. ``statements``
     records the statement text, its fingerprint (shape with constants replaced) or neither, at most
     ``max_text`` bytes of it. ``retention_days`` purges older records (the purge is signed, the rest
     of the chain still verifies)."""
@@ -225,6 +229,7 @@ class Audit(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     on_failure: Literal["refuse", "spool"] = "refuse"
     max_pending: int = 200_000
     sync_timeout: float = 10.0
+    store_timeout: float = 5.0
     retention_days: float | None = None
     signing_key_file: str | None = None
     writer_name: str | None = None
@@ -373,8 +378,40 @@ def resolve_secret(obj: Credential | Client) -> str:
             raise KeyError(f"environment variable {obj.password_env} is not set")
         return value
     if obj.password_file is not None:
-        return Path(obj.password_file).read_text().rstrip("\r\n")
+        try:
+            return Path(obj.password_file).read_bytes().decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise OSError(f"{obj.password_file} is not UTF-8 text") from None
     raise KeyError("no password source")
+
+
+def secret_warnings(cfg: Config) -> list[tuple[str, str]]:
+    """Passwords of static clients and upstream credentials that cannot be read now: a missing or
+    unreadable ``password_file``, an unset ``password_env``. Valid (secrets are read at each login
+    and may appear later), but every login that needs one fails until it can be read; ``serve`` and
+    ``policy check`` show these so an operator sees them before the first client does."""
+    owners: list[tuple[str, Client | Credential]] = [(f"clients[{i}]", c) for i, c in enumerate(cfg.clients)]
+    for i, conn in enumerate(cfg.connections):
+        owners.append((f"connections[{i}].upstream", conn.upstream))
+        owners += [(f"connections[{i}].credentials.{n}", c) for n, c in conn.credentials.items()]
+    out: list[tuple[str, str]] = []
+    for where, owner in owners:
+        if owner.password_env is not None and owner.password_env not in os.environ:
+            problem = f"password_env: environment variable {owner.password_env} is not set"
+        elif owner.password_file is not None:
+            f = Path(owner.password_file)
+            if not f.exists():
+                problem = f"password_file: {f} does not exist"
+            elif not f.is_file():
+                problem = f"password_file: {f} is not a file"
+            elif not os.access(f, os.R_OK):
+                problem = f"password_file: {f} cannot be read (permissions)"
+            else:
+                continue
+        else:
+            continue
+        out.append((where, f"{problem}; logins that need this password fail until it is there"))
+    return out
 
 
 def audit_problems(a: Audit) -> list[tuple[str, str]]:
@@ -383,7 +420,7 @@ def audit_problems(a: Audit) -> list[tuple[str, str]]:
         problems.append(("audit.store", "store: postgres needs exactly one of dsn, dsn_env, dsn_file"))
     if a.store == "sqlite" and any(x is not None for x in (a.dsn, a.dsn_env, a.dsn_file)):
         problems.append(("audit.dsn", "dsn, dsn_env and dsn_file are for store: postgres"))
-    for name in ("flush_interval", "checkpoint_interval", "sync_timeout"):
+    for name in ("flush_interval", "checkpoint_interval", "sync_timeout", "store_timeout"):
         if getattr(a, name) <= 0:
             problems.append((f"audit.{name}", "must be positive"))
     if a.max_text < 64:
@@ -561,6 +598,8 @@ def _check(cfg: Config, base: Path) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     if not 0 <= cfg.listen.port <= 65535:
         problems.append(("listen.port", f"{cfg.listen.port} is not a TCP port (0-65535)"))
+    if not cfg.listen.backlog >= 1:
+        problems.append(("listen.backlog", "must be at least 1 (connections waiting to be accepted)"))
     if cfg.workers < 0:
         problems.append(("workers", "must be 0 (one per core) or a positive number"))
     if cfg.tls is not None:
@@ -575,10 +614,17 @@ def _check(cfg: Config, base: Path) -> list[tuple[str, str]]:
     if cfg.admin is not None:
         problems += admin_problems(cfg.admin, base)
     lim = cfg.limits
+    for name in ("max_message", "max_statement", "max_startup"):
+        if not getattr(lim, name) >= 1:
+            problems.append((f"limits.{name}", "must be a positive number of bytes"))
     if lim.max_statement > lim.max_message:
         problems.append(("limits.max_statement", "cannot exceed limits.max_message"))
-    if lim.startup_timeout <= 0:
-        problems.append(("limits.startup_timeout", "must be positive"))
+    if not lim.startup_timeout > 0:
+        problems.append(("limits.startup_timeout", "must be a positive number of seconds"))
+    if not lim.max_connections >= 1:
+        problems.append(("limits.max_connections", "must be at least 1"))
+    if not cfg.shutdown.grace >= 0:
+        problems.append(("shutdown.grace", "must be 0 or a positive number of seconds"))
     for i, client in enumerate(cfg.clients):
         problems += secret_problems(client, f"clients[{i}]")
     from ostiary.policy.check import policy_problems
@@ -679,13 +725,22 @@ def _index(node: yaml.Node, path: str, where: str, out: Marks, offsets: dict[str
             _index(item, f"{path}[{i + shift}]", where, out, offsets)
 
 
-def _read_yaml(p: Path) -> tuple[Any, yaml.Node | None]:
+def _read_yaml(p: Path) -> tuple[Any, yaml.Node | None, bytes]:
+    """One file's data, its node tree (for marks) and its bytes (for the policy version), read once
+    so the version is that of what was parsed. The file must be UTF-8 (YAML's encoding)."""
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(str(p), [("", f"cannot read the file: {e.strerror}")]) from None
     try:
-        return yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        line, column = raw.count(b"\n", 0, e.start) + 1, len(raw[start : e.start].decode("utf-8")) + 1
+        problem = f"not UTF-8: byte 0x{raw[e.start]:02x} (offset {e.start}); save the file as UTF-8"
+        raise ConfigError(str(p), [(f"line {line}, column {column}", problem)]) from None
+    try:
+        return yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader), raw
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -713,8 +768,8 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Marks, bytes]:
     raw = b""
     problems: list[tuple[str, str]] = []
     for f in files:
-        data, node = _read_yaml(f)
-        raw += f.name.encode() + b"\0" + f.read_bytes() + b"\0"
+        data, node, content = _read_yaml(f)
+        raw += f.name.encode() + b"\0" + content + b"\0"
         if data is None:
             continue
         if not isinstance(data, dict):

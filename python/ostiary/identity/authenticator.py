@@ -10,6 +10,7 @@ the static clients in constant time.
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Mapping
 
 from ostiary.config import Client, Config, resolve_secret
@@ -17,6 +18,8 @@ from ostiary.errors import AuthenticationFailed
 from ostiary.identity import ClientHello, Identity, printable
 from ostiary.identity.certificates import certificate_identity
 from ostiary.identity.tokens import TokenValidator, looks_like_jwt
+
+log = logging.getLogger("ostiary.identity")
 
 
 class Authenticator:
@@ -39,13 +42,20 @@ class Authenticator:
     def _static(self, hello: ClientHello, secret: bytes) -> Identity:
         client = self._clients.get(hello.user)
         # Compare against something even for unknown users so timing does not reveal them.
-        try:
-            expected = resolve_secret(client).encode() if client is not None else b"\0" * 32
-        except (OSError, KeyError) as e:
-            raise AuthenticationFailed(
-                "28000", f"the gateway cannot read the password of user {hello.user!r}: {e}"
-            ) from None
-        if client is None or not hmac.compare_digest(expected, secret):
+        expected = b"\0" * 32
+        readable = client is not None
+        if client is not None:
+            try:
+                expected = resolve_secret(client).encode()
+            except (OSError, KeyError) as e:
+                # The reason is the operator's (it names a file or a variable): the client gets the
+                # same answer as for a wrong password, so it learns neither that the user exists
+                # nor where its secret lives.
+                why = e.args[0] if isinstance(e, KeyError) else e
+                log.warning("the password of static client %r cannot be read: %s", client.user, why)
+                readable = False
+        matches = hmac.compare_digest(expected, secret)
+        if not (readable and matches):
             if not self._clients:
                 raise AuthenticationFailed(
                     "28P01", "the password is not a token (JWT) and this gateway has no static clients"

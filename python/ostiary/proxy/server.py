@@ -1,29 +1,35 @@
 """The gateway process: listeners, the engine's event loop, identity keys, policy reloads, cancel
 forwarding and shutdown.
 
-Structured concurrency: ``Gateway.run`` owns one nursery whose children are the listener (accepting,
-with its own handler nursery so startup handlers can be cancelled apart from it), the engine event
-loop, the signal watchers, the policy watcher, and a background nursery for the issuers' JWKS caches
-and the sessions' maximum-duration timers. Reload (SIGHUP, or a change of the policy files seen by
-polling): the files are read and validated; an invalid policy leaves the running one in force; a
-valid one is swapped in whole (new startups see only the new version), recorded with its sha256, and
-live sessions are re-checked: a session whose grant was removed, changed or no longer admits its
-identity is ended with a clear error. Established sessions do not live here: they run on the
-engine's worker threads, and this module hears of them through events. Shutdown (SIGTERM or SIGINT):
-stop accepting, let sessions end by themselves up to ``shutdown.grace`` seconds (with
-``close_idle`` they are also ended as soon as they are idle), then end the rest with 57P01.
+Start: settings only the machine can judge raise ``ConfigError`` naming the setting to fix, never a
+traceback: ``data_dir`` and the TLS files before the audit trail opens, the listen address before
+any task runs (the admin API's when it starts). Structured concurrency: ``Gateway.run`` owns one
+nursery whose children are the listener (accepting, with its own handler nursery so startup handlers
+can be cancelled apart from it), the engine event loop, the signal watchers, the policy watcher, and
+a background nursery for the issuers' JWKS caches and the sessions' maximum-duration timers. Reload
+(SIGHUP, or a change of the policy files seen by polling): the files are read and validated; an
+invalid policy leaves the running one in force; a valid one is swapped in whole (new startups see
+only the new version), recorded with its sha256, and live sessions are re-checked: a session whose
+grant was removed, changed or no longer admits its identity is ended with a clear error. Established
+sessions do not live here: they run on the engine's worker threads, and this module hears of them
+through events. Shutdown (SIGTERM or SIGINT): stop accepting, let sessions end by themselves up to
+``shutdown.grace`` seconds (with ``close_idle`` they are also ended as soon as they are idle), then
+end the rest with 57P01.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import functools
 import itertools
 import logging
 import os
 import secrets
 import signal
+import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,7 +40,7 @@ import trio
 from ostiary import _core
 from ostiary import config as configmod
 from ostiary.admin.api import AdminApi, admin_server
-from ostiary.admin.http import HttpServer
+from ostiary.admin.http import HttpServer, server_ssl_context
 from ostiary.approvals.service import Approvals
 from ostiary.approvals.store import ApprovalError, ApprovalStore
 from ostiary.approvals.webhooks import webhook_notifier
@@ -97,6 +103,85 @@ def load_mask_key(config: Config) -> bytes:
         return key
 
 
+def prepare_data_dir(config: Config, source: str) -> None:
+    """Creates ``data_dir`` if needed. Raises ``ConfigError`` naming it when it cannot be created or
+    written (a regular file there, a parent that is not a directory, no permission): everything the
+    gateway keeps (keys, the audit trail, recordings) lives there, so it is checked first."""
+    d = Path(config.data_dir)
+    why = ""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        why = f"{d} is a file, not a directory"
+    except NotADirectoryError:
+        why = f"cannot create the directory {d}: a part of its path is a file"
+    except OSError as e:
+        why = f"cannot create the directory {d}: {e.strerror or e}"
+    else:
+        if not os.access(d, os.W_OK | os.X_OK):
+            why = f"cannot write to the directory {d}"
+    if why:
+        raise ConfigError(source, [("data_dir", f"{why}; set data_dir to a directory the gateway can write")])
+
+
+def client_tls_config(config: Config, source: str) -> _core.TlsServerConfig | None:
+    """The client leg's TLS from ``tls``. Raises ``ConfigError`` naming the setting when a file is
+    not what it should be (a key that is not the certificate's, a file that is not PEM)."""
+    tls = config.tls
+    if tls is None:
+        return None
+    try:
+        return _core.TlsServerConfig(tls.cert, tls.key, tls.client_ca)
+    except _core.TlsError as e:
+        msg = str(e).removeprefix("TLS configuration: ")
+        if "KeyMismatch" in msg:
+            problem = ("tls.key", f"{tls.key} is not the private key of the certificate {tls.cert}")
+        elif "private key" in msg:
+            problem = ("tls.key", f"{tls.key} holds no PEM private key" if "no items found" in msg else msg)
+        elif tls.client_ca is not None and tls.client_ca in msg:
+            problem = ("tls.client_ca", msg)
+        elif tls.cert in msg:
+            problem = ("tls.cert", msg)
+        else:
+            problem = ("tls", msg)
+        raise ConfigError(source, [problem]) from None
+
+
+def check_admin_tls(config: Config, source: str) -> None:
+    """Loads the admin API's certificate and key once, so a key that is not the certificate's (or a
+    file that is not PEM) stops the start with ``ConfigError`` before anything else is opened."""
+    tls = config.admin.tls if config.admin is not None else None
+    if tls is None:
+        return
+    try:
+        server_ssl_context(tls.cert, tls.key)
+    except (ssl.SSLError, OSError) as e:
+        if "KEY_VALUES_MISMATCH" in str(e):
+            problem = ("admin.tls.key", f"{tls.key} is not the private key of the certificate {tls.cert}")
+        else:
+            problem = ("admin.tls", f"cannot use the certificate {tls.cert} with the key {tls.key}: {e}")
+        raise ConfigError(source, [problem]) from None
+
+
+def listen_problem(e: OSError, setting: str, host: str, port: int, source: str) -> ConfigError:
+    """What to fix when ``setting`` (``listen``, ``admin.listen``) cannot be bound: a port in use, a
+    host that is not this machine's, a privileged port."""
+    if e.errno == errno.EADDRINUSE:
+        where, msg = (
+            "port",
+            f"{host}:{port} is already in use by another process; stop it or choose another port",
+        )
+    elif e.errno == errno.EADDRNOTAVAIL:
+        where, msg = "host", f"{host} is not an address of this machine (0.0.0.0 listens on all of them)"
+    elif isinstance(e, socket.gaierror):
+        where, msg = "host", f"cannot resolve {host}: {e.strerror}"
+    elif e.errno == errno.EACCES:
+        where, msg = "port", f"not allowed to listen on port {port} (below 1024 needs privileges)"
+    else:
+        where, msg = "", f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return ConfigError(source, [(f"{setting}.{where}" if where else setting, msg)])
+
+
 class Gateway:
     def __init__(
         self,
@@ -109,6 +194,12 @@ class Gateway:
     ) -> None:
         self.config = config
         self.config_path = config_path
+        # Settings that can only be checked against the machine, checked before the audit trail or
+        # anything else is opened: a wrong one stops the start with ConfigError naming it.
+        source = config_path or "<config>"
+        prepare_data_dir(config, source)
+        self.client_tls = client_tls_config(config, source)
+        check_admin_tls(config, source)
         self.mask_key = load_mask_key(config)
         self.policy = CompiledPolicy(config, policy_version, self.mask_key)
         self._background: trio.Nursery | None = None
@@ -170,9 +261,6 @@ class Gateway:
         )
         self._deciding: dict[int, set[trio.CancelScope]] = {}
         self.admin_port: int | None = None
-        self.client_tls: _core.TlsServerConfig | None = None
-        if config.tls is not None:
-            self.client_tls = _core.TlsServerConfig(config.tls.cert, config.tls.key, config.tls.client_ca)
         self._upstream_tls: dict[str, _core.TlsClientConfig] = {}
         self._cancel: dict[tuple[int, int], CancelTarget] = {}
         self._cancel_by_session: dict[int, tuple[int, int]] = {}
@@ -420,7 +508,12 @@ class Gateway:
             if current != seen or self._reload_forced:
                 self._reload_forced = False
                 seen = current
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:
+                    # A bug in reading a new policy must not take the gateway down (invalid files
+                    # are ConfigError, handled in reload).
+                    log.exception("policy reload failed; version %s stays in force", self.policy.version[:12])
 
     async def _hangups(self) -> None:
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
@@ -500,10 +593,21 @@ class Gateway:
         finally:
             self._startups -= 1
 
-    async def _listen(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _open_listeners(self) -> list[trio.SocketListener]:
+        """Binds ``listen``; raises ``ConfigError`` naming the setting to fix when it cannot be."""
         lst = self.config.listen
-        listeners = await trio.open_tcp_listeners(lst.port, host=lst.host, backlog=lst.backlog)
+        try:
+            listeners = await trio.open_tcp_listeners(lst.port, host=lst.host, backlog=lst.backlog)
+        except OSError as e:
+            raise listen_problem(e, "listen", lst.host, lst.port, self.config_path or "<config>") from None
         self.listen_port = listeners[0].socket.getsockname()[1]
+        return listeners
+
+    async def _listen(
+        self,
+        listeners: list[trio.SocketListener],
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as accept:
                 await accept.start(
@@ -669,6 +773,17 @@ class Gateway:
     async def run(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED, *, handle_signals: bool = True
     ) -> None:
+        # Bound first: a port in use or a wrong host stops the start before anything runs.
+        listeners = await self._open_listeners()
+        try:
+            await self._run(listeners, task_status, handle_signals)
+        finally:
+            for listener in listeners:
+                listener.socket.close()  # idempotent; those that served are closed already
+
+    async def _run(
+        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[None], handle_signals: bool
+    ) -> None:
         async with trio.open_nursery() as nursery:
             self._background = await nursery.start(_background_nursery)
             for issuer in list(self.caches):
@@ -677,7 +792,13 @@ class Gateway:
             nursery.start_soon(self._watch_policy)
             await nursery.start(self.approvals.run)
             if self.config.admin is not None:
-                self.admin_port = await nursery.start(self._admin().run)
+                admin = self.config.admin.listen
+                try:
+                    self.admin_port = await nursery.start(self._admin().run)
+                except OSError as e:
+                    raise listen_problem(
+                        e, "admin.listen", admin.host, admin.port, self.config_path or "<config>"
+                    ) from None
             if self.audit is not None:
                 await nursery.start(self.audit.run)
                 for exp in build_exporters(self.config, self.audit.store):
@@ -690,7 +811,7 @@ class Gateway:
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._hangups)
             async with trio.open_nursery() as serving:
-                await serving.start(self._listen)
+                await serving.start(self._listen, listeners)
                 task_status.started()
                 log.info(
                     "listening on %s:%d with %d data-path worker(s)",
