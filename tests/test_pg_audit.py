@@ -479,3 +479,115 @@ def test_spool_keeps_statements_running_and_replays_with_the_chain_intact(
     found = cli("audit", "search", "--dsn", dsn, "--json", "--text", "spool-", "--kind", "statement")
     texts = {json.loads(x)["data"]["text"] for x in found.stdout.splitlines()}
     assert {f"select 'spool-{i}'" for i in range(30)} <= texts and "select 'spool-after'" in texts
+
+
+def freeze(cluster: PgCluster, sig: int) -> list[int]:
+    """Sends ``sig`` to the cluster's postmaster and every child of it (backends included)."""
+    postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True)
+    pids = [postmaster, *(int(p) for p in children.stdout.split())]
+    for pid in pids:
+        os.kill(pid, sig)
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,on_failure", [("async", "refuse"), ("sync", "refuse"), ("sync", "spool")])
+def test_a_frozen_postgres_store_fails_closed_and_recovers_when_it_thaws(
+    mode: str,
+    on_failure: str,
+    gateway_factory: GatewayFactory,
+    pg: PgCluster,
+    gateway_tls: TlsMaterial,
+    tmp_path: Path,
+    store_cluster: PgCluster,
+) -> None:
+    # A SIGSTOPped server answers nothing and refuses nothing (a network blackhole): writes must
+    # fail at store_timeout, as a refused connection does, not hang with statements still running.
+    dsn = store_dsn(store_cluster)
+    cfg = audit_config(
+        pg,
+        gateway_tls,
+        tmp_path,
+        store="postgres",
+        dsn=dsn,
+        mode=mode,
+        on_failure=on_failure,
+        store_timeout=1,
+        sync_timeout=3,
+    )
+    gw = gateway_factory(config=cfg)
+    ran: list[str] = []
+    with psycopg.connect(gw.dsn(user=OPS, password="ops-pw"), autocommit=True) as conn:
+        conn.execute("select 'frozen-before'")
+        ran.append("frozen-before")
+        pids = freeze(store_cluster, signal.SIGSTOP)
+        try:
+            frozen_at = time.monotonic()
+            refused_after = None
+            for i in range(100_000):
+                text = f"frozen-during-{i}"
+                try:
+                    conn.execute(f"select '{text}'")
+                except psycopg.Error as e:
+                    assert "audit trail" in str(e), e
+                    refused_after = time.monotonic() - frozen_at
+                    break
+                ran.append(text)
+                if on_failure == "spool" and i == 20:
+                    break
+            if on_failure == "refuse":
+                # store_timeout (1 s), a flush and a retry at most; a sync statement does not wait
+                # out sync_timeout (3 s), let alone the freeze.
+                assert refused_after is not None and refused_after < 2.5, refused_after
+                login = psql(gw, "-c", "select 'frozen-login'", user=OPS, password="ops-pw")
+                assert login.returncode != 0 and "audit trail is unavailable" in login.stderr, login.stderr
+            else:
+                assert refused_after is None and len(ran) == 22
+                spool = list((Path(cfg["data_dir"]) / "audit" / "spool").glob("*.jsonl"))
+                assert spool and spool[0].stat().st_size > 0
+            time.sleep(1.5)  # frozen a while longer: retries must not pile up or recover early
+        finally:
+            freeze(store_cluster, signal.SIGCONT)
+        assert pids
+
+    # Thawed: the gateway recovers as after a restart of the store.
+    def works() -> bool:
+        try:
+            with psycopg.connect(gw.dsn(user=OPS, password="ops-pw"), autocommit=True) as c:
+                c.execute("select 'frozen-after'")
+            return True
+        except psycopg.Error:
+            time.sleep(0.2)
+            return False
+
+    wait_for(works, timeout=20)
+    ran.append("frozen-after")
+    if on_failure == "spool":
+        spooled = Path(cfg["data_dir"]) / "audit" / "spool"
+        wait_for(lambda: not list(spooled.glob("*.jsonl")), timeout=20)
+    assert gw.stop() == 0
+    r = cli("audit", "verify", "--dsn", dsn)
+    assert r.returncode == 0, r.stdout + r.stderr
+    found = cli(
+        "audit",
+        "search",
+        "--dsn",
+        dsn,
+        "--json",
+        "--limit",
+        "1000000",
+        "--text",
+        "frozen-",
+        "--kind",
+        "statement",
+    )
+    texts = [json.loads(x)["data"]["text"] for x in found.stdout.splitlines()]
+    recorded = {t.split("'")[1] for t in texts}
+    # Every statement that ran has its record, once; nothing was dropped.
+    missing = [t for t in ran if t not in recorded]
+    assert not missing, missing[:5]
+    allowed = [json.loads(x) for x in found.stdout.splitlines() if json.loads(x)["verdict"] == "allow"]
+    assert len(allowed) == len({r["data"]["text"] for r in allowed})
+    lost = cli("audit", "search", "--dsn", dsn, "--json", "--kind", "admin", "--text", "records_lost")
+    assert lost.stdout.strip() == ""

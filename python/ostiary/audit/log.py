@@ -13,8 +13,21 @@ When the store cannot be written, records stay in memory in order (never dropped
 them), and ``on_failure`` decides: ``refuse`` refuses every statement and login until a retry
 succeeds, and ends sync sessions whose records wait; ``spool`` appends each batch to a local spool
 file (fsync'd, so sync sessions go on) and replays it into the store, in order, when it returns. If
-the store stays down beyond ``max_pending`` records, sessions are ended and further records are
-counted, not kept; the count is recorded once the store is back.
+``max_pending`` records wait, statements and logins are refused and sessions ended whatever the
+store's state, and further records are counted, not kept; a ``records_lost`` record gives the count
+once the store is back. Sync sessions wait at most ``sync_timeout`` for their records, however long
+a write takes (a task of its own expires them).
+
+A store that does not answer is down. Every store call runs through ``_call``: in a worker thread,
+one at a time, for at most ``store_timeout`` seconds. A call still running then is abandoned (a
+thread cannot be killed): the store is asked to ``interrupt`` it, which makes a PostgreSQL call
+blocked on a frozen or unreachable server fail at once, and until its thread has returned no other
+call starts, so abandoned threads never pile up. An abandoned (or failed) write may still have been
+committed, or may commit later when a frozen server resumes; the chain is not hurt by it: a record
+is sealed once, so any copy that lands holds the same seq and hash, and ``UNIQUE (writer, seq)``
+rejects a second one. So after any failed write the next attempt first reads the store's head for
+this writer and drops from ``pending`` what is already there (``_reconcile``); the spool's replay
+filters by the head the same way.
 
 Checkpoints cover only records confirmed in the store; each is signed, stored, and also written to
 ``<data_dir>/audit/head-<writer>.json`` (the newest), which ``audit verify`` compares with the store.
@@ -28,10 +41,11 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import trio
@@ -53,6 +67,15 @@ UNAVAILABLE = (
     "the gateway's audit trail cannot record statements right now, so they are refused; "
     "try again when it is back"
 )
+# Records written to the store per call: a store that is back after a long outage gets the backlog
+# in calls that each fit in ``store_timeout``.
+WRITE_CHUNK = 5000
+# Records removed per store call by a retention purge.
+PURGE_STEP = 10_000
+# Seconds between attempts to write to a store that failed.
+RETRY_INTERVAL = 1.0
+
+T = TypeVar("T")
 
 
 def store_dsn(config: Config) -> str:
@@ -157,6 +180,27 @@ class Spool:
         return self.path.exists()
 
 
+class StoreCall:
+    """One blocking store call, run by a worker thread; ``finished`` is set when it returns, which
+    the Trio side checks for a call it stopped waiting for."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.started = time.monotonic()
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> Any:
+        try:
+            return self.fn(*self.args)
+        except BaseException as e:
+            self.error = e
+            raise
+        finally:
+            self.finished.set()
+
+
 class AuditLog:
     def __init__(self, config: Config, store: AuditStore | None = None) -> None:
         a = config.audit
@@ -184,6 +228,15 @@ class AuditLog:
         self.healthy = True
         self.spooling = False
         self.dropped = 0
+        # Statements and logins are refused (store down without a spool, or ``max_pending`` reached).
+        self.refusing = False
+        # A write failed: its records may be in the store all the same; reconcile before writing.
+        self._unsure = False
+        # The store call abandoned at ``store_timeout`` whose thread has not returned yet.
+        self._abandoned: StoreCall | None = None
+        self._store_lock = trio.Lock()
+        self._unspooling = False
+        self._retry_at = 0.0
         self.engine: _core.Engine | None = None
         self.sessions: dict[int, SessionInfo] = {}
         # Approvals that let a held statement run, by session: its next statement record with that
@@ -231,8 +284,24 @@ class AuditLog:
 
     @property
     def accepting(self) -> bool:
-        """False while statements and logins must be refused (store down, ``on_failure: refuse``)."""
-        return self.healthy or self.spooling
+        """False while statements and logins must be refused (store down, ``on_failure: refuse``,
+        or ``max_pending`` records waiting)."""
+        return not self.refusing
+
+    def _refuse(self, why: str) -> None:
+        if self.refusing:
+            return
+        log.error("audit: %s; refusing statements and logins until it is back", why)
+        self.refusing = True
+        if self.engine is not None:
+            self.engine.refuse_statements(UNAVAILABLE_CODE, UNAVAILABLE)
+
+    def _accept(self) -> None:
+        if not self.refusing or len(self.pending) >= self.cfg.max_pending:
+            return
+        self.refusing = False
+        if self.engine is not None:
+            self.engine.refuse_statements(None)
 
     def append(
         self,
@@ -247,7 +316,7 @@ class AuditLog:
         data: dict[str, Any] | None = None,
     ) -> Sealed | None:
         if len(self.pending) >= self.cfg.max_pending:
-            self.dropped += 1
+            self._overflow()
             return None
         rec = self.chain.seal(
             kind,
@@ -322,40 +391,122 @@ class AuditLog:
     # -- writing ----------------------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The flusher and the checkpoint timer; cancelled at shutdown (call ``close`` after)."""
-        task_status.started()
-        next_checkpoint = trio.current_time() + self.cfg.checkpoint_interval
-        while True:
-            timeout = self.cfg.flush_interval if self.healthy else 1.0
-            with trio.move_on_after(timeout):
-                await self._wake.wait()
-            self._wake = trio.Event()
-            await self.flush()
-            self._expire_waiters()
-            if trio.current_time() >= next_checkpoint:
-                next_checkpoint = trio.current_time() + self.cfg.checkpoint_interval
-                await self.checkpoint()
-                await self.retention()
+        """The flusher, the sync waiters' expiry, the spool's replay and the checkpoint timer;
+        cancelled at shutdown (call ``close`` after)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire_loop)
+            task_status.started()
+            next_checkpoint = trio.current_time() + self.cfg.checkpoint_interval
+            while True:
+                if self.healthy or self.spooling:
+                    with trio.move_on_after(self.cfg.flush_interval):
+                        await self._wake.wait()
+                else:
+                    await trio.sleep(RETRY_INTERVAL)
+                self._wake = trio.Event()
+                await self.flush()
+                if self.spooling and not self._unspooling and trio.current_time() >= self._retry_at:
+                    self._unspooling = True
+                    nursery.start_soon(self._unspool)
+                if trio.current_time() >= next_checkpoint:
+                    next_checkpoint = trio.current_time() + self.cfg.checkpoint_interval
+                    await self.checkpoint()
+                    try:
+                        await self.retention()
+                    except StoreError as e:
+                        log.warning("audit retention: purge not done: %s", e)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs one blocking store call in a worker thread, one at a time, for at most
+        ``store_timeout`` seconds; raises ``StoreError`` when it fails or takes longer (see the
+        module's header). Every store call of a running gateway goes through here."""
+        async with self._store_lock:
+            old = self._abandoned
+            if old is not None:
+                if not old.finished.is_set():
+                    raise StoreError(
+                        f"audit store {self.store.description}: a call abandoned "
+                        f"{time.monotonic() - old.started:.0f} s ago has not returned yet"
+                    )
+                self._abandoned = None
+                log.warning(
+                    "audit store: the call abandoned %.1f s ago has returned (%s)",
+                    time.monotonic() - old.started,
+                    "failed" if old.error is not None else "succeeded",
+                )
+            call = StoreCall(fn, args)
+            try:
+                with trio.move_on_after(self.cfg.store_timeout):
+                    result: T = await trio.to_thread.run_sync(call.run, abandon_on_cancel=True)
+                    return result
+            finally:
+                if not call.finished.is_set():
+                    self._abandoned = call
+                    self.store.interrupt()
+            raise StoreError(
+                f"audit store {self.store.description}: no answer within {self.cfg.store_timeout:g} s "
+                "(audit.store_timeout)"
+            )
 
     async def flush(self) -> None:
+        """Writes what is pending to the store, in calls of at most ``WRITE_CHUNK`` records (or to
+        the spool while it is in use); on failure applies ``on_failure``."""
         async with self._flush_lock:
             if self.spooling:
-                await self._try_unspool()
-            if not self.pending:
+                if not await self._spool():
+                    self._refuse_and_end_waiters("the audit store and the spool cannot be written")
                 return
-            batch, self.pending = self.pending, []
-            try:
-                if self.spooling:
-                    raise StoreError("the spool is still being replayed")
-                await trio.to_thread.run_sync(self.store.append, batch)
-            except StoreError as e:
-                await self._failed(batch, e)
-                return
-            log.debug("audit: %d record(s) written, through seq %d", len(batch), batch[-1].seq)
-            self.stored = (batch[-1].seq, batch[-1].hash)
-            self._durable(batch[-1].seq)
-            if not self.healthy:
+            wrote = False
+            while self.pending or self._unsure:
+                try:
+                    if self._unsure:
+                        await self._reconcile()
+                    else:
+                        batch = self.pending[:WRITE_CHUNK]
+                        try:
+                            await self._call(self.store.append, batch)
+                        except StoreError:
+                            self._unsure = True
+                            raise
+                        # Only appends happen meanwhile, at the end: the front is still ``batch``.
+                        del self.pending[: len(batch)]
+                        self._stored(batch[-1])
+                        log.debug("audit: %d record(s) written, through seq %d", len(batch), batch[-1].seq)
+                except StoreError as e:
+                    await self._failed(e)
+                    return
+                wrote = True
+            if wrote:
                 self._recovered()
+
+    async def _reconcile(self) -> None:
+        """After a failed write: drops from ``pending`` the records the store holds all the same
+        (the write was committed although it failed or timed out, or committed late)."""
+        head = await self._call(self.store.head, self.writer)
+        self._unsure = False
+        if head is None:
+            return
+        n = 0
+        while n < len(self.pending) and self.pending[n].seq <= head[0]:
+            n += 1
+        if not n:
+            return
+        last = self.pending[n - 1]
+        if last.seq == head[0] and last.hash != head[1]:
+            log.error(
+                "audit store holds another record at seq %d of this writer's chain than the one sealed "
+                "here (hash %s, not %s)",
+                head[0],
+                head[1],
+                last.hash,
+            )
+        log.warning("audit: %d record(s) of a failed or abandoned write are in the store all the same", n)
+        del self.pending[:n]
+        self._stored(last)
+
+    def _stored(self, last: Sealed) -> None:
+        self.stored = (last.seq, last.hash)
+        self._durable(last.seq)
 
     def _durable(self, seq: int) -> None:
         if self.engine is None:
@@ -369,10 +520,20 @@ class AuditLog:
                 keep.append(w)
         self.waiters = keep
 
+    async def _expire_loop(self) -> None:
+        """Ends sync sessions whose records were not durable within ``sync_timeout``, whatever the
+        flusher is waiting for."""
+        tick = min(0.25, self.cfg.sync_timeout / 4)
+        while True:
+            await trio.sleep(tick)
+            self._expire_waiters()
+
     def _expire_waiters(self) -> None:
         if not self.waiters or self.engine is None:
             return
         limit = time.monotonic() - self.cfg.sync_timeout
+        if self.waiters[0][3] >= limit:
+            return  # the oldest is in time, so are the rest
         keep = []
         for w in self.waiters:
             if w[3] < limit:
@@ -386,25 +547,18 @@ class AuditLog:
                 keep.append(w)
         self.waiters = keep
 
-    async def _failed(self, batch: list[Sealed], err: StoreError) -> None:
-        if self.cfg.on_failure == "spool":
-            try:
-                await trio.to_thread.run_sync(self.spool.append, batch)
-            except OSError as e:
-                log.error("audit store down (%s) and the spool cannot be written either: %s", err, e)
-            else:
-                if not self.spooling:
-                    log.error("audit store unavailable (%s); spooling records to %s", err, self.spool.path)
-                self.spooling = True
-                self.healthy = False
-                self._durable(batch[-1].seq)
-                return
-        self.pending = batch + self.pending
+    async def _failed(self, err: StoreError) -> None:
         if self.healthy:
-            log.error("audit store unavailable: %s; refusing statements and logins until it is back", err)
-            self.healthy = False
-            if self.engine is not None:
-                self.engine.refuse_statements(UNAVAILABLE_CODE, UNAVAILABLE)
+            log.error("audit store unavailable: %s", err)
+        else:
+            log.debug("audit store still unavailable: %s", err)
+        self.healthy = False
+        if self.cfg.on_failure == "spool" and await self._spool():
+            return
+        self._refuse_and_end_waiters("the audit store cannot be written")
+
+    def _refuse_and_end_waiters(self, why: str) -> None:
+        self._refuse(why)
         # Sync sessions whose records wait: their statements are not run.
         if self.engine is not None:
             for w in self.waiters:
@@ -415,14 +569,46 @@ class AuditLog:
                     "session's statements, so they were not run",
                 )
         self.waiters = []
-        if len(self.pending) >= self.cfg.max_pending and self.engine is not None:
+
+    async def _spool(self) -> bool:
+        """Moves the pending records to the spool (``on_failure: spool``); False if it cannot be
+        written, and the records stay pending."""
+        batch = self.pending[:]
+        if batch:
+            try:
+                await trio.to_thread.run_sync(self.spool.append, batch)
+            except OSError as e:
+                log.error("audit store down and the spool %s cannot be written: %s", self.spool.path, e)
+                return False
+            del self.pending[: len(batch)]
+            self._durable(batch[-1].seq)
+        if not self.spooling:
+            log.error("audit store unavailable; spooling records to %s", self.spool.path)
+            self.spooling = True
+        self._accept()
+        return True
+
+    def _overflow(self) -> None:
+        """A record arrived with ``max_pending`` records waiting: it is counted, not kept, and the
+        gateway fails closed (once per overflow): statements and logins are refused and sessions
+        ended, since what they do can no longer be recorded."""
+        self.dropped += 1
+        if self.dropped > 1 and self.refusing:
+            return
+        self._refuse_and_end_waiters(f"{self.cfg.max_pending} records wait for the store (audit.max_pending)")
+        if self.engine is not None:
             self.engine.terminate(None, UNAVAILABLE_CODE, "terminating connection: " + UNAVAILABLE)
 
     def _recovered(self) -> None:
-        log.warning("audit store is back: %s", self.store.description)
-        self.healthy = True
-        if self.engine is not None:
-            self.engine.refuse_statements(None)
+        """A write went through: back to accepting (unless ``max_pending`` records still wait), and
+        the records dropped meanwhile, if any, are counted in the trail."""
+        if not self.healthy:
+            log.warning("audit store is back: %s", self.store.description)
+            self.healthy = True
+        self._accept()
+        self._note_lost()
+
+    def _note_lost(self) -> None:
         if self.dropped:
             n, self.dropped = self.dropped, 0
             self.append(
@@ -430,31 +616,54 @@ class AuditLog:
                 data={
                     "action": "records_lost",
                     "count": n,
-                    "reason": "the audit store was down beyond max_pending records",
+                    "reason": "more than max_pending records waited for the audit store",
                 },
             )
 
-    async def _try_unspool(self) -> None:
-        rows = await trio.to_thread.run_sync(self.spool.read)
+    async def _unspool(self) -> None:
+        """Replays the spool into the store, then goes back to writing to the store. The bulk is
+        replayed while the flusher goes on spooling; what it spooled meanwhile is replayed under
+        the flush lock, then the spool is cleared."""
         try:
-            await trio.to_thread.run_sync(self._replay, rows)
-        except StoreError:
+            rows = await trio.to_thread.run_sync(self.spool.read)
+            await self._replay_async(rows)
+            async with self._flush_lock:
+                rest = await trio.to_thread.run_sync(self.spool.read)
+                await self._replay_async(rest[len(rows) :])
+                await trio.to_thread.run_sync(self.spool.clear)
+                if rest:
+                    self.stored = (rest[-1].seq, rest[-1].hash)
+                self.spooling = False
+                self._unsure = False
+                self.healthy = True
+                log.warning(
+                    "audit store is back: replayed %d spooled record(s) into %s",
+                    len(rest),
+                    self.store.description,
+                )
+                self._accept()
+                self._note_lost()
+        except StoreError as e:
+            log.debug("audit store still unavailable: %s", e)
+            self._retry_at = trio.current_time() + RETRY_INTERVAL
+        finally:
+            self._unspooling = False
+
+    async def _replay_async(self, rows: list[Sealed]) -> None:
+        if not rows:
             return
-        await trio.to_thread.run_sync(self.spool.clear)
-        if rows:
-            self.stored = (rows[-1].seq, rows[-1].hash)
-        self.spooling = False
-        log.warning(
-            "audit store is back: replayed %d spooled record(s) into %s", len(rows), self.store.description
-        )
-        self.healthy = True
+        head = await self._call(self.store.head, self.writer)
+        done = head[0] if head else 0
+        todo = [r for r in rows if r.seq > done]
+        for i in range(0, len(todo), WRITE_CHUNK):
+            await self._call(self.store.append, todo[i : i + WRITE_CHUNK])
 
     def _replay(self, rows: list[Sealed]) -> None:
         head = self.store.head(self.writer)
         done = head[0] if head else 0
         todo = [r for r in rows if r.seq > done]
-        for i in range(0, len(todo), 5000):
-            self.store.append(todo[i : i + 5000])
+        for i in range(0, len(todo), WRITE_CHUNK):
+            self.store.append(todo[i : i + WRITE_CHUNK])
 
     def _replay_spool_now(self, rows: list[Sealed]) -> None:
         self._replay(rows)
@@ -499,7 +708,7 @@ class AuditLog:
         )
         signed = keysmod.sign(self.key, cp)
         try:
-            await trio.to_thread.run_sync(self.store.add_checkpoint, signed)
+            await self._call(self.store.add_checkpoint, signed)
         except StoreError as e:
             log.warning("audit checkpoint not written: %s", e)
             return None
@@ -531,18 +740,24 @@ class AuditLog:
         """Removes this writer's records older than ``cutoff_us``, after signing a checkpoint that
         names the last removed record, so the rest of the chain still verifies."""
         await self.flush()
-        through = await trio.to_thread.run_sync(self.store.last_seq_before, self.writer, cutoff_us)
+        through = await self._call(self.store.last_seq_before, self.writer, cutoff_us)
         # Keep at least the newest stored record: the chain needs an anchor.
         through = min(through, self.stored[0] - 1)
         if through <= 0:
             return 0
-        rec = await trio.to_thread.run_sync(self.store.record_at, self.writer, through)
+        rec = await self._call(self.store.record_at, self.writer, through)
         if rec is None:
             return 0  # purged already
         signed = await self.checkpoint(purged=(through, rec.hash))
         if signed is None:
             return 0
-        n = await trio.to_thread.run_sync(self.store.purge, self.writer, through)
+        # In steps, each well within ``store_timeout``, so that records go on being written between.
+        n = 0
+        while True:
+            done = await self._call(self.store.purge, self.writer, through, PURGE_STEP)
+            n += done
+            if done < PURGE_STEP:
+                break
         self.append("purge", data={"through_seq": through, "before_us": cutoff_us, "records": n})
         log.info("audit retention: purged %d record(s) up to seq %d", n, through)
         return n
@@ -555,8 +770,14 @@ class AuditLog:
         with trio.move_on_after(10):
             await self.flush()
             await self.checkpoint()
-        with contextlib.suppress(Exception):
-            self.store.close()
+        if self.pending:
+            log.error("audit: %d record(s) could not be written before shutdown", len(self.pending))
+        if self._abandoned is not None and not self._abandoned.finished.is_set():
+            # Its thread holds the store; closing would wait for it. The process is ending anyway.
+            self.store.interrupt()
+        else:
+            with contextlib.suppress(Exception):
+                self.store.close()
         self._lock_file.close()
 
 

@@ -5,12 +5,16 @@ Both stores hold the same tables: ``audit_records`` (one row per record: the sto
 ``audit_checkpoints`` (signed checkpoints) and ``audit_keys`` (each writer's public keys, for
 convenience: an auditor verifies with keys exported out of band, ``ostiary audit export-key``).
 Calls are blocking; the gateway runs them in a worker thread. A store is used by one thread at a
-time (a lock serialises calls).
+time (a lock serialises calls). ``interrupt`` is the exception: any thread may call it, at any time,
+to make a call that hangs (a frozen or unreachable server) fail now instead of whenever TCP gives
+up; the call raises ``StoreError`` and whether its write was committed is unknown.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -47,6 +51,7 @@ class AuditStore(Protocol):
     description: str
 
     def close(self) -> None: ...
+    def interrupt(self) -> None: ...
     def register_key(self, writer: str, name: str, key_id: str, public_pem: str) -> None: ...
     def keys(self) -> dict[str, dict[str, str]]: ...
     def head(self, writer: str) -> tuple[int, str] | None: ...
@@ -59,7 +64,7 @@ class AuditStore(Protocol):
     def search(self, f: SearchFilter) -> list[Sealed]: ...
     def record_at(self, writer: str, seq: int) -> Sealed | None: ...
     def last_seq_before(self, writer: str, ts: int) -> int: ...
-    def purge(self, writer: str, through_seq: int) -> int: ...
+    def purge(self, writer: str, through_seq: int, limit: int | None = None) -> int: ...
 
 
 def _sealed(row: Sequence[Any]) -> Sealed:
@@ -271,6 +276,11 @@ class SqliteStore(_SqlStore):
         with self._lock:
             self._db.close()
 
+    def interrupt(self) -> None:
+        # Thread-safe by SQLite's design: the running statement fails with SQLITE_INTERRUPT.
+        with contextlib.suppress(sqlite3.Error):
+            self._db.interrupt()
+
     def register_key(self, writer: str, name: str, key_id: str, public_pem: str) -> None:
         self._run(
             "INSERT OR IGNORE INTO audit_keys VALUES (?, ?, ?, ?, ?)",
@@ -296,12 +306,10 @@ class SqliteStore(_SqlStore):
             except sqlite3.Error as e:
                 raise StoreError(f"audit store {self.path}: {e}") from None
 
-    def purge(self, writer: str, through_seq: int) -> int:
+    def purge(self, writer: str, through_seq: int, limit: int | None = None) -> int:
         with self._lock:
             try:
-                cur = self._db.execute(
-                    "DELETE FROM audit_records WHERE writer = ? AND seq <= ?", (writer, through_seq)
-                )
+                cur = self._db.execute(*_purge_sql(writer, through_seq, limit, "?"))
                 return cur.rowcount
             except sqlite3.Error as e:
                 raise StoreError(f"audit store {self.path}: {e}") from None
@@ -362,6 +370,11 @@ class PostgresStore(_SqlStore):
         self.description = "postgres:" + _redact_dsn(dsn)
         self._lock = threading.Lock()
         self._conn: Any = None
+        # A duplicate of the connection's socket, for ``interrupt``: shutting it down wakes a call
+        # blocked on the connection without taking ``_lock``, which that call holds. Guarded by
+        # ``_sock_lock``, never held across I/O, so a descriptor is never shut down after its close.
+        self._sock: socket.socket | None = None
+        self._sock_lock = threading.Lock()
         with self._lock:
             conn = self._connect()
             try:
@@ -379,9 +392,21 @@ class PostgresStore(_SqlStore):
                 self._conn = self._psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
             except self._psycopg.Error as e:
                 raise StoreError(f"cannot reach the audit store {self.description}: {e}") from None
+            with self._sock_lock:
+                self._sock = socket.socket(fileno=os.dup(self._conn.fileno()))
         return self._conn
 
+    def interrupt(self) -> None:
+        with self._sock_lock:
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
     def _drop(self) -> None:
+        with self._sock_lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
@@ -428,17 +453,28 @@ class PostgresStore(_SqlStore):
                 self._drop()
                 raise StoreError(f"audit store {self.description}: {e}") from None
 
-    def purge(self, writer: str, through_seq: int) -> int:
+    def purge(self, writer: str, through_seq: int, limit: int | None = None) -> int:
         with self._lock:
             conn = self._connect()
             try:
-                cur = conn.execute(
-                    "DELETE FROM audit_records WHERE writer = %s AND seq <= %s", (writer, through_seq)
-                )
+                cur = conn.execute(*_purge_sql(writer, through_seq, limit, "%s"))
                 return int(cur.rowcount)
             except self._psycopg.Error as e:
                 self._drop()
                 raise StoreError(f"audit store {self.description}: {e}") from None
+
+
+def _purge_sql(writer: str, through_seq: int, limit: int | None, ph: str) -> tuple[str, tuple[Any, ...]]:
+    """Removes a writer's records up to ``through_seq``; with ``limit``, at most that many, oldest
+    first (a purge in short steps; one cut short leaves records the signed purge covers, which
+    ``audit verify`` accepts)."""
+    if limit is None:
+        return f"DELETE FROM audit_records WHERE writer = {ph} AND seq <= {ph}", (writer, through_seq)
+    return (
+        f"DELETE FROM audit_records WHERE id IN (SELECT id FROM audit_records WHERE writer = {ph} "
+        f"AND seq <= {ph} ORDER BY seq LIMIT {ph})",
+        (writer, through_seq, limit),
+    )
 
 
 def _redact_dsn(dsn: str) -> str:
