@@ -199,6 +199,17 @@ def fake_upstream(behave: Callable[[socket.socket], None]) -> Iterator[int]:
 # -- graceful shutdown -----------------------------------------------------------------------------
 
 
+def wait_active(pg: PgCluster, pid: tuple[Any, ...] | None) -> None:
+    """Waits until the backend `pid` (as fetched: a one-tuple) runs a statement."""
+    query = "select state from pg_stat_activity where pid = %s"
+    with superuser(pg) as su:
+        wait_for(
+            lambda: su.execute(query, pid).fetchone() == ("active",),
+            5,
+            "the statement to start upstream",
+        )
+
+
 def test_sigterm_drains_running_statement_then_ends_idle_sessions(
     gateway_factory: GatewayFactory, pg: PgCluster
 ) -> None:
@@ -223,15 +234,7 @@ def test_sigterm_drains_running_statement_then_ends_idle_sessions(
 
     th = threading.Thread(target=run_busy)
     th.start()
-    with superuser(pg) as su:
-        wait_for(
-            lambda: (
-                su.execute("select state from pg_stat_activity where pid = %s", busy_pid).fetchone()
-                == ("active",)
-            ),
-            5,
-            "pg_sleep to start upstream",
-        )
+    wait_active(pg, busy_pid)
     t0 = time.monotonic()
     gw.proc.send_signal(signal.SIGTERM)
 
@@ -338,15 +341,7 @@ def test_a_second_signal_ends_the_sessions_now(
 
     th = threading.Thread(target=run_busy)
     th.start()
-    with superuser(pg) as su:
-        wait_for(
-            lambda: (
-                su.execute("select state from pg_stat_activity where pid = %s", busy_pid).fetchone()
-                == ("active",)
-            ),
-            5,
-            "pg_sleep to start upstream",
-        )
+    wait_active(pg, busy_pid)
     first, second = (getattr(signal, name) for name in signals)
     gw.proc.send_signal(first)
     time.sleep(1.0)
