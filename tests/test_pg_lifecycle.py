@@ -8,6 +8,8 @@ closed port, a wrong password, a fake server and ``pg_terminate_backend``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
 import socket
@@ -363,6 +365,39 @@ def test_a_second_signal_ends_the_sessions_now(
             "the backend's pg_sleep to be cancelled",
         )
     busy.close()
+
+
+def tcp_sockets_of(pid: int) -> list[tuple[int, int, int]]:
+    """(local port, remote port, timer) of the process's established IPv4 TCP sockets, from
+    /proc/net/tcp: timer 2 is the keepalive timer, 0 none."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd))
+            if m:
+                inodes.add(m.group(1))
+    out = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "01" and f[9] in inodes:  # ESTABLISHED, ours
+            local, remote = (int(a.split(":")[1], 16) for a in (f[1], f[2]))
+            out.append((local, remote, int(f[5].split(":")[0], 16)))
+    return out
+
+
+def test_both_legs_have_tcp_keepalive(gateway: GatewayProcess, pg: PgCluster) -> None:
+    """A peer that vanishes without a FIN or reset (a host powered off, a NAT that forgot the flow)
+    must not hold a session and its backend forever: both legs of an established session have TCP
+    keepalive on (probes after a minute of silence, not Linux's default two hours)."""
+
+    def timers() -> tuple[list[int], list[int]]:
+        legs = tcp_sockets_of(gateway.proc.pid)
+        return [t[2] for t in legs if t[0] == gateway.port], [t[2] for t in legs if t[1] == pg.port]
+
+    with psycopg.connect(gateway.dsn(), autocommit=True) as c:
+        assert c.execute("select 1").fetchone() == (1,)
+        # (Right after a write a leg's timer is the retransmission timer until the ACK comes.)
+        wait_for(lambda: timers() == ([2], [2]), 5, f"a keepalive timer on both legs: {timers()}")
 
 
 # -- the upstream fails ----------------------------------------------------------------------------

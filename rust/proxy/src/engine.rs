@@ -480,6 +480,39 @@ fn sys_send(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
     byte_count(n)
 }
 
+/// TCP keepalive of both legs: a peer that vanished without a FIN or reset (a host powered off,
+/// a NAT or firewall that dropped the flow) is found after about `KEEPALIVE_IDLE` +
+/// `KEEPALIVE_COUNT` × `KEEPALIVE_INTERVAL` seconds of silence, and its session ends instead of
+/// holding a backend forever. Linux's default would wait two hours before the first probe.
+const KEEPALIVE_IDLE: libc::c_int = 60;
+const KEEPALIVE_INTERVAL: libc::c_int = 15;
+const KEEPALIVE_COUNT: libc::c_int = 4;
+
+fn set_keepalive(fd: &impl AsRawFd) -> io::Result<()> {
+    let opts = [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_COUNT),
+    ];
+    for (level, name, value) in opts {
+        // SAFETY: `value` is a c_int that lives for the call; its size is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn worker(
     link: Arc<WorkerLink>,
     inner: std::sync::Weak<Inner>,
@@ -730,6 +763,7 @@ impl Leg {
         let std = std::net::TcpStream::from(fd);
         std.set_nonblocking(true)?;
         std.set_nodelay(true)?;
+        set_keepalive(&std)?;
         // Registered for reading only: with write interest as well, every ACK that frees send
         // buffer space is an epoll event (EPOLLOUT, edge triggered) that wakes the worker for
         // nothing, which cost ~1.5 µs of CPU per short transaction. `flush` asks for writability
