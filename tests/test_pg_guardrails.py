@@ -25,6 +25,7 @@ from pgraw import (
     function_call,
     parse,
     query_message,
+    typed,
 )
 
 OPS, ANALYST, READER = "ops", "analyst", "reader"
@@ -289,6 +290,35 @@ def test_startup_parameters_are_judged_as_the_set_they_amount_to(
     assert rows[0][0] == "150ms", rows
     assert rows[0][-2] == "app", rows  # the grant's upstream role, whatever was asked
     assert rows[0][-1] == ("off" if user == OPS else "on"), rows
+
+
+def test_a_client_encoding_that_can_hide_a_backslash_is_refused(gw: GatewayProcess, unchanged: None) -> None:
+    """In SJIS (BIG5, GBK ...) a character's second byte can be 0x5C: PostgreSQL converts the text
+    before lexing, so `E'<0x95 0x5C>'` is a one-character string to it, while the bytes read as
+    UTF-8 hold an escaped quote and the string goes on: `E'..'; drop table guard_other; -- '` was
+    judged a SELECT and the DROP ran. Such encodings are refused in judged sessions: at login
+    (the client's parameter, or the upstream role's default), by SET and set_config, and a session
+    whose server reports one anyway is ended."""
+    exploit = b"select E'\x95\x5c'; drop table guard_other; -- '"
+    c = RawConn(gw.port)
+    c.start_tls(gw.tls.ca_cert)
+    with c:
+        with pytest.raises(EOFError):
+            c.login(OPS, "ops-pw", client_encoding="SJIS")
+            c.send(typed(b"Q", exploit + b"\0"))  # (only if the login was let through)
+            c.until_ready()
+        errors = errors_in(c.before_eof)
+        refused = [(e["C"], "client_encoding SJIS is not allowed" in e["M"]) for e in errors]
+        assert refused == [("42501", True)], errors
+    with conn(gw, OPS) as c2:
+        for sql in (
+            "set client_encoding = 'SJIS'",
+            "set names 'big5'",
+            "select set_config('client_encoding', 'GBK', false)",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="client_encoding must not"):
+                c2.execute(sql)
+        assert c2.execute("show client_encoding").fetchone() == ("UTF8",)
 
 
 def test_psql_sees_the_rule_and_goes_on(gw: GatewayProcess, unchanged: None) -> None:

@@ -478,7 +478,9 @@ class SessionPolicy:
                 return StatementDecision(
                     False,
                     "standard-conforming-strings",
-                    "standard_conforming_strings must stay on in sessions whose statements are judged",
+                    "standard_conforming_strings must stay on, and client_encoding must not become "
+                    "one whose characters can hide quotes (SJIS, BIG5, GBK, UHC, GB18030, JOHAB), "
+                    "in sessions whose statements are judged",
                     by_shape=by_shape,
                 )
             if self.pins_search_path and "search-path-change" in a.effects:

@@ -509,6 +509,17 @@ class PostgresStartup:
         assert isinstance(params, list) and isinstance(notices, list)
         assert isinstance(process_id, int) and isinstance(upstream_key, int) and isinstance(status, str)
         gw = self.gw
+        encoding = next((v for k, v in params if k == "client_encoding"), "")
+        if session_policy.guarded and _core.client_encoding_splits_bytes(str(encoding)):
+            # Asked for by the client or set for the upstream role: PostgreSQL lexes the text after
+            # converting it, the analysis the bytes as sent; in these encodings a character can end
+            # in a backslash (E'<lead>\'; ...), so the two could disagree on where a string ends.
+            raise Refusal(
+                "42501",
+                f"client_encoding {encoding} is not allowed under grant {grant.name}, whose "
+                "statements the gateway judges (its characters can hide quotes and backslashes)",
+                hint="use UTF8",
+            )
         mask, upstream_prefix = await self._mask_plan(session_policy, conn, upstream, upstream_prefix)
         session_id = gw.new_session_id()
         # The client sees the real backend pid (so pg_backend_pid() and the pid in notifications

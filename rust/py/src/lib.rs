@@ -1108,6 +1108,13 @@ fn may_leave_read_only(sql: &str) -> bool {
     ostiary_sql::read_only::may_leave_read_only(sql)
 }
 
+/// Whether a client encoding is one whose characters can hide quotes and backslashes from the
+/// gateway's analysis (see `ostiary_wire::pg::client_encoding_splits_bytes`).
+#[pyfunction]
+fn client_encoding_splits_bytes(name: &str) -> bool {
+    ostiary_wire::pg::client_encoding_splits_bytes(name)
+}
+
 /// Analyses every statement of `sql` with PostgreSQL's parser: a list of dicts with `start`, `len`
 /// (byte span), `kinds`, `reads`, `writes`, `functions`, `effects` (sorted lists of str) and
 /// `unbounded_write`. Raises `SqlError` when the text does not parse.
@@ -1174,6 +1181,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ssl_request, m)?)?;
     m.add_function(wrap_pyfunction!(cancel_request, m)?)?;
     m.add_function(wrap_pyfunction!(may_leave_read_only, m)?)?;
+    m.add_function(wrap_pyfunction!(client_encoding_splits_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(analyze_sql, m)?)?;
     m.add_function(wrap_pyfunction!(statement_shape, m)?)?;
     m.add("SqlError", m.py().get_type::<SqlError>())?;

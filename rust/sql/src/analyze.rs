@@ -218,7 +218,7 @@ impl Walk {
                         Some("transaction_read_only" | "default_transaction_read_only") => {
                             st.effects.insert("read-only-change");
                         }
-                        Some("standard_conforming_strings") => {
+                        Some("standard_conforming_strings" | "client_encoding") => {
                             st.effects.insert("lexer-change");
                         }
                         Some("search_path") => {
@@ -261,6 +261,11 @@ impl Walk {
                     "standard_conforming_strings" | "backslash_quote"
                         if !reset && !sets_true(n.get("args")) =>
                     {
+                        st.effects.insert("lexer-change");
+                    }
+                    // A multibyte client encoding whose characters can end in a backslash: the
+                    // server lexes the converted text, this analysis the bytes as sent.
+                    "client_encoding" if !reset && sets_splitting_encoding(n.get("args")) => {
                         st.effects.insert("lexer-change");
                     }
                     _ => {}
@@ -498,6 +503,47 @@ fn read_write_option(options: Option<&Value>) -> bool {
 }
 
 /// SET name = <constant true> (on, true, yes, 1): not a way out of read-only mode.
+/// `SET client_encoding`/`SET NAMES` to one of PostgreSQL's client-only multibyte encodings (the
+/// list of `ostiary_wire::pg::client_encoding_splits_bytes`, kept here as this crate does not
+/// depend on that one), or to a value that is not a constant.
+fn sets_splitting_encoding(args: Option<&Value>) -> bool {
+    let Some(Value::Array(items)) = args else {
+        return false; // SET client_encoding TO DEFAULT
+    };
+    let Some(value) = items
+        .first()
+        .and_then(|i| i.pointer("/A_Const/sval/sval"))
+        .and_then(Value::as_str)
+    else {
+        return true;
+    };
+    let clean: String = value
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    matches!(
+        clean.as_str(),
+        "sjis"
+            | "shiftjis"
+            | "mskanji"
+            | "win932"
+            | "windows932"
+            | "shiftjis2004"
+            | "big5"
+            | "win950"
+            | "windows950"
+            | "gbk"
+            | "win936"
+            | "windows936"
+            | "uhc"
+            | "win949"
+            | "windows949"
+            | "gb18030"
+            | "johab"
+    )
+}
+
 fn sets_true(args: Option<&Value>) -> bool {
     let Some(Value::Array(items)) = args else {
         return false;
@@ -771,5 +817,26 @@ mod tests {
             Err(AnalyzeError::Parse(_))
         ));
         assert!(analyze("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_client_encoding_that_splits_bytes_is_a_lexer_change() {
+        for sql in [
+            "set client_encoding = 'SJIS'",
+            "set client_encoding to 'shift_jis'",
+            "set names 'big5'",
+            "set session client_encoding = gbk",
+            "select set_config('client_encoding', 'UTF8', false)",
+        ] {
+            assert!(one(sql).effects.contains("lexer-change"), "{sql}");
+        }
+        for sql in [
+            "set client_encoding = 'UTF8'",
+            "set names 'latin1'",
+            "reset client_encoding",
+            "set client_encoding to default",
+        ] {
+            assert!(!one(sql).effects.contains("lexer-change"), "{sql}");
+        }
     }
 }

@@ -33,3 +33,37 @@ pub mod sqlstate {
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 }
+
+/// Whether `name` is one of PostgreSQL's client-only multibyte encodings (SJIS, BIG5, GBK, UHC,
+/// GB18030, JOHAB and their aliases), whose second bytes can be `\` and so on: PostgreSQL converts
+/// such text before lexing it, so a byte the gateway's analysis reads as a backslash can be part of
+/// a character for the server (`E'<lead>\'; drop ...`). Sessions whose statements are judged refuse
+/// them. Names are compared as PostgreSQL does (`clean_encoding_name`: letters and digits only,
+/// lower case). `ostiary_sql` keeps the same list for `SET client_encoding`.
+pub fn client_encoding_splits_bytes(name: &str) -> bool {
+    let clean: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    matches!(
+        clean.as_str(),
+        "sjis"
+            | "shiftjis"
+            | "mskanji"
+            | "win932"
+            | "windows932"
+            | "shiftjis2004"
+            | "big5"
+            | "win950"
+            | "windows950"
+            | "gbk"
+            | "win936"
+            | "windows936"
+            | "uhc"
+            | "win949"
+            | "windows949"
+            | "gb18030"
+            | "johab"
+    )
+}

@@ -976,6 +976,12 @@ impl SessionRelay {
                             .to_owned(),
                     ));
                 }
+                if name == "client_encoding" && super::client_encoding_splits_bytes(&value) {
+                    return Err(WireError::Refused(format!(
+                        "client_encoding {value} is not allowed in sessions whose statements the \
+                         gateway judges (its characters can hide quotes and backslashes)"
+                    )));
+                }
             }
             _ => {}
         }
@@ -1225,6 +1231,32 @@ mod tests {
         expected.extend(frontend::parse("s1", "select 2", &[]));
         assert_eq!(out, expected);
         assert_eq!(r.stats.statements, 3);
+    }
+
+    #[test]
+    fn gated_session_ends_when_client_encoding_turns_to_sjis() {
+        let status = |v: &str| msg(btag::PARAMETER_STATUS, &param_body("client_encoding", v));
+        let mut r = SessionRelay::new(Limits::default(), Gate::Consult, false);
+        let mut out = Vec::new();
+        for ok in ["UTF8", "LATIN1", "SQL_ASCII"] {
+            r.feed_backend(&status(ok), &mut out, &mut Vec::new())
+                .unwrap();
+        }
+        for bad in [
+            "SJIS",
+            "Shift_JIS",
+            "big5",
+            "GBK",
+            "UHC",
+            "GB18030",
+            "JOHAB",
+        ] {
+            let mut r = SessionRelay::new(Limits::default(), Gate::Consult, false);
+            assert!(matches!(
+                r.feed_backend(&status(bad), &mut out, &mut Vec::new()),
+                Err(WireError::Refused(_))
+            ));
+        }
     }
 
     #[test]
