@@ -8,9 +8,10 @@ against a frozen PostgreSQL is in ``test_pg_audit.py``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,19 @@ def stored(tmp: Path) -> list[Sealed]:
         store.close()
 
 
+@contextlib.asynccontextmanager
+async def running(cfg: Config, store: FrozenStore, engine: FakeEngine) -> AsyncIterator[AuditLog]:
+    """An AuditLog writing to `store`, telling `engine`, its writer running for the block; closed
+    after it."""
+    log = AuditLog(cfg, store=store)
+    log.engine = engine  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        yield log
+        nursery.cancel_scope.cancel()
+    await log.close()
+
+
 async def wait_until(pred: Any, timeout: float) -> float:
     start = trio.current_time()
     with trio.fail_after(timeout):
@@ -114,10 +128,7 @@ def test_a_hung_store_refuses_within_store_timeout_and_a_late_commit_is_not_writ
     engine = FakeEngine()
 
     async def main() -> AuditLog:
-        log = AuditLog(cfg, store=store)
-        log.engine = engine  # type: ignore[assignment]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(log.run)
+        async with running(cfg, store, engine) as log:
             for i in range(5):
                 log.append("admin", data={"action": f"before-{i}"})
             await wait_until(lambda: not log.pending, 5)
@@ -137,8 +148,6 @@ def test_a_hung_store_refuses_within_store_timeout_and_a_late_commit_is_not_writ
             assert engine.refusing is None and log.healthy
             log.append("admin", data={"action": "after"})
             await wait_until(lambda: not log.pending, 5)
-            nursery.cancel_scope.cancel()
-        await log.close()
         return log
 
     log = trio.run(main)
@@ -157,10 +166,7 @@ def test_sync_waiters_expire_at_sync_timeout_while_a_write_hangs(tmp_path: Path)
     engine = FakeEngine()
 
     async def main() -> None:
-        log = AuditLog(cfg, store=store)
-        log.engine = engine  # type: ignore[assignment]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(log.run)
+        async with running(cfg, store, engine) as log:
             await wait_until(lambda: not log.pending, 5)
             store.freeze()
             rec = log.append("admin", data={"action": "held"})
@@ -170,8 +176,6 @@ def test_sync_waiters_expire_at_sync_timeout_while_a_write_hangs(tmp_path: Path)
             assert 0.4 < took < 1.5, took
             assert not log.waiters
             store.thaw()
-            nursery.cancel_scope.cancel()
-        await log.close()
 
     trio.run(main)
 
@@ -184,10 +188,7 @@ def test_max_pending_refuses_and_ends_sessions_and_the_loss_is_recorded(tmp_path
     engine = FakeEngine()
 
     async def main() -> AuditLog:
-        log = AuditLog(cfg, store=store)
-        log.engine = engine  # type: ignore[assignment]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(log.run)
+        async with running(cfg, store, engine) as log:
             await wait_until(lambda: not log.pending, 5)
             store.freeze()
             for i in range(1010):
@@ -197,8 +198,6 @@ def test_max_pending_refuses_and_ends_sessions_and_the_loss_is_recorded(tmp_path
             store.thaw()
             await wait_until(lambda: log.accepting and not log.pending and not log.dropped, 10)
             assert engine.refusing is None
-            nursery.cancel_scope.cancel()
-        await log.close()
         return log
 
     log = trio.run(main)
@@ -218,10 +217,7 @@ def test_a_hung_store_switches_to_the_spool_and_replays_it_once_thawed(tmp_path:
     engine = FakeEngine()
 
     async def main() -> AuditLog:
-        log = AuditLog(cfg, store=store)
-        log.engine = engine  # type: ignore[assignment]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(log.run)
+        async with running(cfg, store, engine) as log:
             await wait_until(lambda: not log.pending, 5)
             store.freeze()
             for i in range(3):
@@ -237,8 +233,6 @@ def test_a_hung_store_switches_to_the_spool_and_replays_it_once_thawed(tmp_path:
             await wait_until(lambda: not log.spooling and log.healthy and not log.spool.exists(), 10)
             log.append("admin", data={"action": "after"})
             await wait_until(lambda: not log.pending, 5)
-            nursery.cancel_scope.cancel()
-        await log.close()
         return log
 
     log = trio.run(main)

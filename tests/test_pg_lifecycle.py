@@ -397,7 +397,7 @@ def test_both_legs_have_tcp_keepalive(gateway: GatewayProcess, pg: PgCluster) ->
     with psycopg.connect(gateway.dsn(), autocommit=True) as c:
         assert c.execute("select 1").fetchone() == (1,)
         # (Right after a write a leg's timer is the retransmission timer until the ACK comes.)
-        wait_for(lambda: timers() == ([2], [2]), 5, f"a keepalive timer on both legs: {timers()}")
+        wait_for(lambda: timers() == ([2], [2]), 5, "a keepalive timer on both legs")
 
 
 # -- the upstream fails ----------------------------------------------------------------------------

@@ -503,45 +503,17 @@ fn read_write_option(options: Option<&Value>) -> bool {
 }
 
 /// SET name = <constant true> (on, true, yes, 1): not a way out of read-only mode.
-/// `SET client_encoding`/`SET NAMES` to one of PostgreSQL's client-only multibyte encodings (the
-/// list of `ostiary_wire::pg::client_encoding_splits_bytes`, kept here as this crate does not
-/// depend on that one), or to a value that is not a constant.
+/// `SET client_encoding`/`SET NAMES` to an encoding whose characters can end in a backslash
+/// (`ostiary_wire::pg::client_encoding_splits_bytes`), or to a value that is not a constant.
 fn sets_splitting_encoding(args: Option<&Value>) -> bool {
     let Some(Value::Array(items)) = args else {
         return false; // SET client_encoding TO DEFAULT
     };
-    let Some(value) = items
+    items
         .first()
         .and_then(|i| i.pointer("/A_Const/sval/sval"))
         .and_then(Value::as_str)
-    else {
-        return true;
-    };
-    let clean: String = value
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    matches!(
-        clean.as_str(),
-        "sjis"
-            | "shiftjis"
-            | "mskanji"
-            | "win932"
-            | "windows932"
-            | "shiftjis2004"
-            | "big5"
-            | "win950"
-            | "windows950"
-            | "gbk"
-            | "win936"
-            | "windows936"
-            | "uhc"
-            | "win949"
-            | "windows949"
-            | "gb18030"
-            | "johab"
-    )
+        .is_none_or(ostiary_wire::pg::client_encoding_splits_bytes)
 }
 
 fn sets_true(args: Option<&Value>) -> bool {

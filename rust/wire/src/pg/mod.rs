@@ -39,7 +39,7 @@ pub mod sqlstate {
 /// such text before lexing it, so a byte the gateway's analysis reads as a backslash can be part of
 /// a character for the server (`E'<lead>\'; drop ...`). Sessions whose statements are judged refuse
 /// them. Names are compared as PostgreSQL does (`clean_encoding_name`: letters and digits only,
-/// lower case). `ostiary_sql` keeps the same list for `SET client_encoding`.
+/// lower case). `ostiary_sql` uses it for `SET client_encoding`.
 pub fn client_encoding_splits_bytes(name: &str) -> bool {
     let clean: String = name
         .chars()
