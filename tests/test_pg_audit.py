@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -22,6 +23,7 @@ import psycopg
 import pytest
 
 from conftest import APP_PASSWORD, GatewayFactory, GatewayProcess, gateway_config, psql
+from ostiary.approvals.store import ApprovalStore
 from ostiary.devcluster import PgCluster, TlsMaterial
 
 OPS = "ops"
@@ -591,3 +593,94 @@ def test_a_frozen_postgres_store_fails_closed_and_recovers_when_it_thaws(
     assert len(allowed) == len({r["data"]["text"] for r in allowed})
     lost = cli("audit", "search", "--dsn", dsn, "--json", "--kind", "admin", "--text", "records_lost")
     assert lost.stdout.strip() == ""
+
+
+@pytest.mark.slow
+def test_a_frozen_approval_store_refuses_the_held_statement_at_store_timeout(
+    gateway_factory: GatewayFactory,
+    pg: PgCluster,
+    gateway_tls: TlsMaterial,
+    tmp_path: Path,
+    store_cluster: PgCluster,
+) -> None:
+    """The approval store is the audit store's database. Frozen (a stopped server, a network black
+    hole), a statement that needs an approval used to wait for it for good; now it is refused at
+    store_timeout, and approvals work again once the store answers. The audit trail spools
+    meanwhile, so what is measured is the approvals' own bound."""
+    dsn = store_dsn(store_cluster)
+    cfg = audit_config(
+        pg, gateway_tls, tmp_path, store="postgres", dsn=dsn, on_failure="spool", store_timeout=1
+    )
+    cfg["clients"].append({"user": "alice", "password": "alice-pw"})
+    cfg["approvals"] = [
+        {"name": "writes", "match": {"kinds": ["update"]}, "approvers": ["alice"], "timeout": 30}
+    ]
+    cfg["grants"][0]["approvals"] = ["writes"]
+    gw = gateway_factory(config=cfg)
+    pg.execute(
+        "create table if not exists frozen_apr(id int); truncate frozen_apr; "
+        "insert into frozen_apr values (1)",
+        dbname="app",
+        user="app",
+        password=APP_PASSWORD,
+    )
+    with psycopg.connect(gw.dsn(user=OPS, password="ops-pw"), autocommit=True) as conn:
+        conn.execute("select 'before the freeze'")
+        freeze(store_cluster, signal.SIGSTOP)
+        try:
+            for i in (2, 3):
+                # In a thread, so that a statement that hangs fails the test instead of hanging it.
+                started = time.monotonic()
+                out: list[Any] = []
+                sql = f"update frozen_apr set id = {i}"
+                t = threading.Thread(target=lambda o, q: o.append(_run_catching(conn, q)), args=(out, sql))
+                t.start()
+                t.join(8)
+                assert not t.is_alive(), "the statement waited on the frozen approval store"
+                # store_timeout (1 s), not the freeze (nor TCP's retransmission timeout); the
+                # second while the first store call is still stuck (no new thread piles up).
+                assert time.monotonic() - started < 4
+                assert "approval store is unavailable" in str(out[0]), out
+                # The session stays usable.
+                assert conn.execute("select 'during the freeze'").fetchone() == ("during the freeze",)
+        finally:
+            freeze(store_cluster, signal.SIGCONT)
+
+        # Thawed: such a statement is held for approval again (a request in the store) once the
+        # store answers; until then it is refused at once.
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        deadline = time.monotonic() + 20
+        while True:
+            box: list[Any] = []
+            t = threading.Thread(
+                target=lambda out=box: out.append(_run_catching(conn, "update frozen_apr set id = 4"))
+            )
+            t.start()
+            while not notices and t.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if notices or time.monotonic() > deadline:
+                break
+            t.join()
+            assert "approval store is unavailable" in str(box[0]), box
+        found = re.search(r"held as request (apr-[0-9a-f]+)", notices[0] if notices else "")
+        assert found, notices
+        store = ApprovalStore.postgres(dsn)
+        try:
+            assert store.finish(found.group(1), "denied", "test") is not None
+        finally:
+            store.close()
+        t.join(20)
+        assert not t.is_alive() and isinstance(box[0], psycopg.Error), box
+    assert gw.stop() == 0
+    assert (
+        pg.execute("select id from frozen_apr", dbname="app", user="app", password=APP_PASSWORD).strip()
+        == "1"
+    )
+
+
+def _run_catching(conn: psycopg.Connection[Any], sql: str) -> Any:
+    try:
+        return conn.execute(sql).rowcount
+    except psycopg.Error as e:
+        return e

@@ -151,6 +151,21 @@ OPS_REFUSED = {
     "set standard_conforming_strings = off": "standard-conforming-strings",
     "select set_config('standard_conforming_strings', 'off', false)": "standard-conforming-strings",
     "create rule r as on insert to guard_other do instead delete from guard_canary": "no-unbounded-writes",
+    # Found by a hunt for bypasses (each ran before):
+    "select set_config('role', 'app', false)": "no-role-changes",
+    "select set_config('session_authorization', 'app', false)": "no-role-changes",
+    # Defaults of later sessions, judged as the SET they amount to.
+    "alter database app set role = 'app'": "no-role-changes",
+    "alter database app set search_path = secret, public": "search-path",
+    "alter database app set standard_conforming_strings = off": "standard-conforming-strings",
+    "merge into guard_canary t using (select 1) s on true when matched then delete": "no-unbounded-writes",
+    "merge into guard_canary t using guard_other s on 1 = 1 when matched then update set v = 'x'": (
+        "no-unbounded-writes"
+    ),
+    "alter table guard_canary drop column v": "no-destructive-ddl",
+    "alter schema secret rename to notsecret": "no-secrets",
+    "select query_to_xml('select * from secret.keys', false, false, '')": "dynamic-sql",
+    "select table_to_xml('secret.keys'::regclass, false, false, '')": "dynamic-sql",
 }
 
 ANALYST_REFUSED = {
@@ -165,6 +180,8 @@ ANALYST_REFUSED = {
     "select * from secret.keys": "analyst-reads.relations",
     "do $$ begin delete from guard_canary; end $$": "read-only",
     "create table guard_new(i int)": "read-only",
+    "select lo_from_bytea(0, 'x')": "read-only",
+    "select * from ts_stat('select k::tsvector from secret.keys')": "dynamic-sql",
 }
 
 
@@ -245,6 +262,47 @@ def test_pipelined_refusals_each_get_their_own_error(gw: GatewayProcess, unchang
     assert data_rows(got) == [["after"]]
 
 
+def test_a_read_only_session_without_rules_refuses_ways_out_that_carry_no_sql_it_checks(
+    gw: GatewayProcess, pg: PgCluster, unchanged: None
+) -> None:
+    """A fast-path FunctionCall of set_config turned default_transaction_read_only off and the next
+    INSERT ran; large objects can be written in read-only transactions. Both are refused now; the
+    large-object reads libpq's lo_* functions make through the fast path still work."""
+    set_config = 2078  # pg_catalog.set_config(text, text, boolean)
+    c = RawConn(gw.port)
+    c.start_tls(gw.tls.ca_cert)
+    with c:
+        c.login(READER, "reader-pw")
+        c.send(function_call(set_config, ("default_transaction_read_only", "off", "false")))
+        errors = errors_in(c.until_ready())
+        assert [e["C"] for e in errors] == ["42501"] and "fast-path function calls" in errors[0]["M"], errors
+        c.send(query_message("show default_transaction_read_only"))
+        assert data_rows(c.until_ready()) == [["on"]]
+        c.send(query_message("insert into guard_other values (777)"))
+        assert [e["C"] for e in errors_in(c.until_ready())] == ["25006"]  # read-only transaction
+        c.send(function_call(INT4PL, ("1", "2")))  # any other function: refused as well
+        assert [e["C"] for e in errors_in(c.until_ready())] == ["42501"]
+    with conn(gw, READER) as r:
+        for sql in ("select lo_from_bytea(0, 'x')", "select lo_create(0)", "select lo_unlink(1)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="large-object writes"):
+                r.execute(sql)
+        assert r.execute("select count(*) from pg_largeobject_metadata").fetchone() == (0,)
+    # The reads of libpq's large-object API (lo_open, loread, lo_close through the fast path).
+    from conftest import APP_PASSWORD
+
+    def upstream(sql: str) -> str:
+        return pg.execute(sql, dbname="app", user="app", password=APP_PASSWORD).strip()
+
+    loid = upstream("select lo_from_bytea(0, 'large object body')")
+    try:
+        out = gw.log_path.parent / "lo-export.bin"
+        r2 = psql(gw, "-c", f"\\lo_export {loid} '{out}'", user=READER, password="reader-pw")
+        assert r2.returncode == 0, r2.stderr
+        assert out.read_bytes() == b"large object body"
+    finally:
+        upstream(f"select lo_unlink({loid})")
+
+
 STARTUP_SETTINGS = [
     # (user, startup parameters, the rule that refuses them or None)
     (OPS, {"role": "app"}, "no-role-changes"),
@@ -321,6 +379,30 @@ def test_a_client_encoding_that_can_hide_a_backslash_is_refused(gw: GatewayProce
         assert c2.execute("show client_encoding").fetchone() == ("UTF8",)
 
 
+def test_a_database_default_that_turns_standard_conforming_strings_off_is_refused_at_login(
+    gw: GatewayProcess, pg: PgCluster, unchanged: None
+) -> None:
+    """Set outside the gateway (or before these rules), the database default made the next judged
+    session lex backslashes in strings, unlike the analysis: `select 'x\\''; drop table ...; --'`
+    was judged one SELECT and the DROP ran. Judged sessions are now refused at login."""
+    from conftest import APP_PASSWORD
+
+    def upstream(sql: str) -> None:
+        pg.execute(sql, dbname="app", user="app", password=APP_PASSWORD)
+
+    upstream("alter database app set standard_conforming_strings = off")
+    try:
+        for user in (OPS, ANALYST):
+            with pytest.raises(psycopg.OperationalError, match="standard_conforming_strings is off"):
+                conn(gw, user).close()
+        with conn(gw, READER) as r:  # not judged: the read-only text check reads both ways
+            assert r.execute("show standard_conforming_strings").fetchone() == ("off",)
+    finally:
+        upstream("alter database app reset standard_conforming_strings")
+    with conn(gw, OPS) as c:
+        assert c.execute("show standard_conforming_strings").fetchone() == ("on",)
+
+
 def test_psql_sees_the_rule_and_goes_on(gw: GatewayProcess, unchanged: None) -> None:
     r = psql(
         gw,
@@ -334,7 +416,8 @@ def test_psql_sees_the_rule_and_goes_on(gw: GatewayProcess, unchanged: None) -> 
         user=OPS,
         password="ops-pw",
     )
-    assert "ERROR:  no-destructive-ddl: destructive DDL (DROP, TRUNCATE) is not allowed" in r.stderr
+    refusal = "ERROR:  no-destructive-ddl: destructive DDL (DROP, DROP COLUMN, TRUNCATE) is not allowed"
+    assert refusal in r.stderr
     assert r.stdout.strip() == "3"
     # The refusal is in the log with the statement's fingerprint.
     refusals = [line for line in gw.log().splitlines() if "refused (no-destructive-ddl" in line]

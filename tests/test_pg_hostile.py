@@ -34,6 +34,7 @@ from conftest import (
     psql,
 )
 from ostiary.devcluster import PgCluster, TlsMaterial
+from ostiary.proxy.server import Throttle
 from pgraw import (
     SSL_REQUEST,
     SYNC,
@@ -352,12 +353,19 @@ def test_ssl_request_then_garbage_instead_of_client_hello(gw: GatewayProcess) ->
 
 
 def test_cancel_request_with_unknown_key_is_closed_quietly(gw: GatewayProcess) -> None:
+    """Closed without a word, as PostgreSQL does; a flood of them (someone guessing keys) is one
+    log line naming the peer, not a line per request."""
+    before = gw.log().count("cancel request with an unknown key")
     with bystander(gw):
-        for pid, key in [(1, 2), (0x7FFFFFFF, -1), (-5, 0)]:
+        for i in range(60):
+            pid, key = [(1, 2), (0x7FFFFFFF, -1), (-5, 0)][i % 3]
             with raw(gw) as c:
                 c.send(cancel_request(pid, key))
                 out = c.outcome(PROMPT + 3)
                 assert out.closed and out.elapsed < PROMPT and out.messages == [], out.describe()
+    lines = [ln for ln in gw.log().splitlines() if "cancel request with an unknown key" in ln]
+    assert len(lines) - before <= 1, lines  # at most one a minute (none if one was logged < 60 s ago)
+    assert not lines or "from 127.0.0.1" in lines[-1], lines
 
 
 def test_thousand_half_open_connections(gateway_factory: GatewayFactory) -> None:
@@ -594,3 +602,17 @@ def test_plaintext_startup_refused_when_tls_required(gw: GatewayProcess) -> None
         out = c.outcome(PROMPT + 3)
         assert_fatal(out, "28000", contains="requires TLS", within=PROMPT)
         assert errors_in(out.messages)
+
+
+def test_throttle_counts_what_it_does_not_log() -> None:
+    now = [100.0]
+    t = Throttle(60.0, clock=lambda: now[0])
+    assert t.hit() == 1  # the first is logged
+    assert [t.hit() for _ in range(5)] == [None] * 5
+    now[0] += 59.9
+    assert t.hit() is None
+    now[0] += 0.2
+    assert t.hit() == 7  # the six held back and this one
+    assert t.hit() is None
+    now[0] += 3600
+    assert t.hit() == 2

@@ -223,6 +223,15 @@ def test_notices_errors_and_notifications(gw: GatewayProcess) -> None:
         assert payloads and "card " in payloads[0]
         assert_clean(payloads)
 
+        # A reported setting made of data comes back in ParameterStatus (libpq keeps it).
+        c.execute(
+            "select set_config('application_name', (select email || ' ' || card from mask_people "
+            "where id = 1), false)"
+        )
+        reported = c.info.parameter_status("application_name") or ""
+        assert reported.count(" ") >= 1 and reported != "", reported
+        assert_clean([reported])
+
 
 def test_column_rules_and_strategies(gw: GatewayProcess) -> None:
     with connect(gw, "auditor") as c:

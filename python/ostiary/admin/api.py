@@ -30,7 +30,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-import trio
 
 from ostiary.admin import page
 from ostiary.admin.http import HttpError, HttpLimits, HttpServer, Request, Response, server_ssl_context
@@ -143,7 +142,7 @@ class AdminApi:
         return self._is_requester(ident, req) or self._is_approver(ident, req, policy)
 
     async def _load(self, rid: str) -> ApprovalRequest:
-        req: ApprovalRequest | None = await trio.to_thread.run_sync(self.approvals.store.get, rid)
+        req: ApprovalRequest | None = await self.approvals.call(self.approvals.store.get, rid)
         if req is None:
             raise HttpError(404, f"no approval request {rid}")
         return req
@@ -160,7 +159,7 @@ class AdminApi:
         raw_limit = request.query.get("limit", "100")
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
             raise HttpError(400, "limit must be a number from 1 to 1000")
-        reqs: list[ApprovalRequest] = await trio.to_thread.run_sync(
+        reqs: list[ApprovalRequest] = await self.approvals.call(
             self.approvals.store.requests, state, int(raw_limit)
         )
         policy = self.policy()

@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from ostiary.approvals.store import (
     new_id,
 )
 from ostiary.audit.records import now_us
+from ostiary.audit.store import StoreError
 
 if TYPE_CHECKING:
     from ostiary.audit.log import AuditEvents
@@ -46,6 +48,22 @@ POLL = 1.0
 Notifier = Callable[[str, Request], Awaitable[None]]
 
 
+class _Call:
+    """One blocking store call, run by a worker thread; ``finished`` is set when it returns."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.started = time.monotonic()
+        self.finished = threading.Event()
+
+    def run(self) -> Any:
+        try:
+            return self.fn(*self.args)
+        finally:
+            self.finished.set()
+
+
 class Approvals:
     def __init__(
         self,
@@ -54,8 +72,12 @@ class Approvals:
         policy: Callable[[], CompiledPolicy],
         audit: AuditEvents | None = None,
         approve_url: str = "",
+        store_timeout: float = 5.0,
     ) -> None:
         self.store = store
+        self.store_timeout = store_timeout
+        self._store_lock = trio.Lock()
+        self._abandoned: _Call | None = None
         self.gateway = gateway
         self.policy = policy
         self.audit = audit
@@ -66,8 +88,43 @@ class Approvals:
         # Statements held right now: request id -> how to tell their client something.
         self.holding: dict[str, Callable[[str], object]] = {}
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args)
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Runs one blocking store call in a worker thread, one at a time, for at most
+        ``store_timeout`` seconds (``audit.store_timeout``: the approval store is the audit
+        store's database); raises ``StoreError`` when it fails or takes longer. A frozen store
+        (a stopped server, a network black hole) then fails each request at once instead of
+        holding statements and worker threads until TCP gives up. A call whose caller was
+        cancelled (a held client went away) runs on; the next call waits for it within the same
+        limit. Every store call of a running gateway goes through here."""
+        async with self._store_lock:
+            old = self._abandoned
+            if old is not None:
+                # A call abandoned at its limit gets one more store_timeout to come back (an
+                # interrupted one returns in milliseconds; one still connecting, when the server
+                # has just woken up, needs its handshake), then callers are refused at once.
+                left = old.started + 2 * self.store_timeout - time.monotonic()
+                if not old.finished.is_set() and left > 0:
+                    await trio.to_thread.run_sync(old.finished.wait, left, abandon_on_cancel=True)
+                if not old.finished.is_set():
+                    raise StoreError(
+                        f"approval store {self.store.description}: a call started "
+                        f"{time.monotonic() - old.started:.0f} s ago has not returned yet"
+                    )
+                self._abandoned = None
+            call = _Call(fn, args)
+            limit = trio.move_on_after(self.store_timeout)
+            try:
+                with limit:
+                    return await trio.to_thread.run_sync(call.run, abandon_on_cancel=True)
+            finally:
+                if not call.finished.is_set():
+                    self._abandoned = call
+                    if limit.cancelled_caught:  # the store's fault, not a caller gone away
+                        self.store.interrupt()
+            raise StoreError(
+                f"approval store {self.store.description}: no answer within "
+                f"{self.store_timeout:g} s (audit.store_timeout)"
+            )
 
     def _audit(self, action: str, req: Request, **extra: Any) -> None:
         if self.audit is None:
@@ -156,7 +213,7 @@ class Approvals:
             origin=origin,
             gateway=self.gateway,
         )
-        await self._call(self.store.create, req)
+        await self.call(self.store.create, req)
         self._audit("requested", req)
         log.info(
             "approval %s requested by %s on %s (rule %s): %s",
@@ -179,7 +236,7 @@ class Approvals:
         statement: str,
         params: list[str | None] | None = None,
     ) -> Request | None:
-        req: Request | None = await self._call(
+        req: Request | None = await self.call(
             self.store.find_usable, connection, grant, requester, rule.name, statement, params or []
         )
         if req is not None:
@@ -189,13 +246,13 @@ class Approvals:
     async def wait(self, rid: str, deadline: float = math.inf) -> Request:
         """Until the request is final (or ``deadline``, trio time, passes: then as it is)."""
         while True:
-            req: Request | None = await self._call(self.store.get, rid)
+            req: Request | None = await self.call(self.store.get, rid)
             if req is None:
                 raise ApprovalError(f"no approval request {rid}")
             if req.state in FINAL:
                 return req
             if now_us() >= req.expires:
-                moved = await self._call(self.store.finish, rid, "expired", "nobody decided in time")
+                moved = await self.call(self.store.finish, rid, "expired", "nobody decided in time")
                 if moved is not None:
                     self._audit("expired", moved)
                 continue
@@ -208,7 +265,7 @@ class Approvals:
 
     async def decide(self, rid: str, approver: Identity, approve: bool, reason: str) -> Request:
         """An approver's vote. Raises ``ApprovalError`` with the reason when it is not theirs to give."""
-        req: Request | None = await self._call(self.store.get, rid)
+        req: Request | None = await self.call(self.store.get, rid)
         if req is None:
             raise ApprovalError(f"no approval request {rid}")
         policy = self.policy()
@@ -221,7 +278,7 @@ class Approvals:
             who = ", ".join(rule.approvers)
             raise ApprovalError(f"{approver.name} is not an approver of rule {rule.name} (approvers: {who})")
         try:
-            req = await self._call(self.store.vote, rid, approver.name, approve, reason, rule.grant_minutes)
+            req = await self.call(self.store.vote, rid, approver.name, approve, reason, rule.grant_minutes)
         except ApprovalError as e:
             self._audit("vote_refused", req, identity=approver.name, why=str(e))
             raise
@@ -287,7 +344,7 @@ class Approvals:
             # The session ended (or the gateway stops) while waiting: the request stays in the store;
             # approved later, the same statement run again by the requester passes once.
             with trio.CancelScope(shield=True):
-                cur = await self._call(self.store.get, req.id)
+                cur = await self.call(self.store.get, req.id)
                 if cur is not None:
                     self._audit("waiter_gone", cur)
             raise
@@ -295,7 +352,7 @@ class Approvals:
             self.holding.pop(req.id, None)
         if final.state == "approved":
             if final.scope == "statement":
-                used = await self._call(self.store.finish, req.id, "used", final.decision_reason, "approved")
+                used = await self.call(self.store.finish, req.id, "used", final.decision_reason, "approved")
                 if used is not None:
                     self._audit("used", used)
             return True, "", req.id
@@ -342,7 +399,7 @@ class Approvals:
     async def _sweep(self, nursery: trio.Nursery) -> None:
         while True:
             try:
-                for req in await self._call(self.store.expire_due):
+                for req in await self.call(self.store.expire_due):
                     self._audit("expired", req)
                     self._wake(req.id)
                     nursery.start_soon(self._notify, "expired", req)

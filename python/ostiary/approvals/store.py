@@ -10,7 +10,10 @@ locks the request, so two approvers racing on two gateways count correctly.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -124,6 +127,11 @@ class ApprovalStore:
         self.description = description
         self._lock = threading.Lock()
         self._conn: Any = None
+        # What ``interrupt`` uses to wake a call blocked on the connection without taking
+        # ``_lock`` (which that call holds): SQLite's connection, or a duplicate of PostgreSQL's
+        # socket. Guarded by ``_interrupt_lock``, never held across I/O.
+        self._interrupt_target: Any = None
+        self._interrupt_lock = threading.Lock()
         self.dsn = ""  # PostgreSQL: where decisions are announced (LISTEN/NOTIFY)
         with self._lock:
             self._with(lambda c: [c.execute(s) for s in SCHEMA])
@@ -161,6 +169,10 @@ class ApprovalStore:
         try:
             if self._conn is None:
                 self._conn = self._connect_fn()
+                with self._interrupt_lock:
+                    self._interrupt_target = (
+                        socket.socket(fileno=os.dup(self._conn.fileno())) if self._pg else self._conn
+                    )
             c = self._conn
             c.execute("BEGIN" if self._pg else "BEGIN IMMEDIATE")
             try:
@@ -171,13 +183,35 @@ class ApprovalStore:
                 c.execute("ROLLBACK")
                 raise
         except (sqlite3.Error, OSError) as e:
-            self._conn = None
+            self._drop()
             raise StoreError(f"approval store {self.description}: {e}") from None
         except Exception as e:
             if type(e).__module__.startswith("psycopg"):
-                self._conn = None
+                self._drop()
                 raise StoreError(f"approval store {self.description}: {e}") from None
             raise
+
+    def interrupt(self) -> None:
+        """Makes a call blocked on the store fail now (thread-safe): SQLite's running statement
+        fails with SQLITE_INTERRUPT; PostgreSQL's socket is shut down, so the connection breaks
+        and the next call opens a new one."""
+        with self._interrupt_lock:
+            target = self._interrupt_target
+            with contextlib.suppress(Exception):
+                if isinstance(target, socket.socket):
+                    target.shutdown(socket.SHUT_RDWR)
+                elif target is not None:
+                    target.interrupt()
+
+    def _drop(self) -> None:
+        with self._interrupt_lock:
+            if isinstance(self._interrupt_target, socket.socket):
+                self._interrupt_target.close()
+            self._interrupt_target = None
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
 
     def _q(self, sql: str) -> str:
         return sql.replace("?", self._ph)
@@ -402,8 +436,4 @@ class ApprovalStore:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                try:
-                    self._conn.close()
-                finally:
-                    self._conn = None
+            self._drop()

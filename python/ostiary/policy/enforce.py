@@ -16,7 +16,9 @@ Three shapes of session, decided once when it starts (``consult``):
   statement that mentions a way out of read-only mode (``ostiary_sql::read_only``: ``READ WRITE``,
   the ``transaction_read_only`` settings, ``set_config``, ``DO``, ``dblink``, ``U&`` escapes, after
   normalising comments, quotes, case and whitespace as PostgreSQL's lexer would, under both string
-  modes); only those reach this hook, which refuses them. Other statements never leave Rust.
+  modes); only those reach this hook, which refuses them, and so do fast-path FunctionCall
+  messages (no SQL to check), of which only large-object reads are let through. Other statements
+  never leave Rust.
 * A session with masking rules has the statements that mention COPY judged (``SessionPolicy.copy_check``):
   COPY TO a server file or program, COPY TO under column rules (COPY names no columns) and binary
   COPY TO under content rules are refused, since masking cannot cover them.
@@ -32,6 +34,11 @@ from typing import Literal
 
 from ostiary import _core
 from ostiary.hooks import Consult, Decision, SessionInfo, StatementInfo
+
+# Built-in function oids (stable across PostgreSQL versions): lo_open, lo_close, loread,
+# lo_lseek, lo_tell, lo_lseek64, lo_tell64, lo_get (both forms). Writes (lowrite, lo_creat,
+# lo_unlink ...) are not among them.
+READ_ONLY_FAST_PATH = frozenset({"952", "953", "954", "956", "958", "3170", "3171", "3458", "3459"})
 
 
 class PolicyHook:
@@ -73,6 +80,18 @@ class PolicyHook:
             return Decision(
                 False, code="42501", message=f"{d.rule}: {d.message}", remember=remember, rule=d.rule
             )
+        if statement.kind == "function_call":
+            # Fast-path calls carry a function's oid, no SQL: the read-only text check cannot see
+            # them (set_config through one turns read-only mode off), so a read-only session
+            # keeps only the large-object reads libpq's lo_* functions make.
+            oid = statement.text.rpartition(" ")[2]
+            if session.access == "read-only" and oid not in READ_ONLY_FAST_PATH:
+                return Decision.denied(
+                    f"grant {session.grant} is read-only: fast-path function calls other than "
+                    "large-object reads are refused",
+                    rule="read-only",
+                )
+            return Decision.allowed(remember=True)
         if policy is not None and policy.masking is not None:
             d = policy.copy_check(statement.text)
             if not d.allow:
@@ -84,7 +103,8 @@ class PolicyHook:
         if _core.may_leave_read_only(statement.text):
             return Decision.denied(
                 f"grant {session.grant} is read-only: statements that could turn read-only mode off "
-                "(READ WRITE, transaction_read_only, set_config, DO, dblink, U&) are refused",
+                "(READ WRITE, transaction_read_only, set_config, DO, dblink, U&) and large-object writes "
+                "are refused",
                 rule="read-only",
             )
         return Decision.allowed(remember=True)

@@ -490,6 +490,14 @@ class SessionPolicy:
                     "search_path cannot change under relation rules (unqualified names would move)",
                     by_shape=by_shape,
                 )
+            if self.pins_search_path and "dynamic-sql" in a.effects:
+                return StatementDecision(
+                    False,
+                    "dynamic-sql",
+                    "functions that read relations named in text (query_to_xml, table_to_xml, "
+                    "ts_stat ...) are refused under relation rules, which cannot see what they read",
+                    by_shape=by_shape,
+                )
             d = self.masking_refusal(a, text) or self.decide(a)
             if not d.allow:
                 return StatementDecision(d.allow, d.rule, d.message, by_shape=by_shape)

@@ -62,10 +62,21 @@ Effect = Literal[
     "config-change",  # set_config
     "lexer-change",  # standard_conforming_strings off: statements would no longer mean what analysis says
     "search-path-change",  # SET search_path, set_config('search_path'): unqualified names move
+    "dynamic-sql",  # query_to_xml, table_to_xml, ts_stat ...: read what their text or regclass names
+    "large-object-write",  # lo_create, lo_from_bytea, lo_put ... (read-only transactions allow them)
 ]
 # Effects a read-only grant refuses, whatever the statement's kinds.
 READ_ONLY_DENIED_EFFECTS = frozenset(
-    {"read-only-change", "privileges", "program", "server-files", "server-control", "remote", "code"}
+    {
+        "read-only-change",
+        "privileges",
+        "program",
+        "server-files",
+        "server-control",
+        "remote",
+        "code",
+        "large-object-write",
+    }
 )
 
 

@@ -23,12 +23,13 @@ PACKS: dict[str, Guardrail] = {
     "no-destructive-ddl": Guardrail(
         name="no-destructive-ddl",
         match=StatementMatch(kinds=["drop", "truncate"]),
-        message="destructive DDL (DROP, TRUNCATE) is not allowed",
+        message="destructive DDL (DROP, DROP COLUMN, TRUNCATE) is not allowed",
     ),
     "no-unbounded-writes": Guardrail(
         name="no-unbounded-writes",
-        match=StatementMatch(kinds=["update", "delete"], without_where=True),
-        message="UPDATE and DELETE need a WHERE clause",
+        match=StatementMatch(kinds=["update", "delete", "merge"], without_where=True),
+        message="UPDATE and DELETE need a WHERE clause (MERGE that updates or deletes, a join "
+        "condition on a column)",
     ),
     "no-privilege-changes": Guardrail(
         name="no-privilege-changes",

@@ -402,7 +402,7 @@ class PostgresStartup:
             elif kind == "cancel_request":
                 pid, key = ev[1], ev[2]
                 assert isinstance(pid, int) and isinstance(key, int)
-                await self.gw.forward_cancel(pid, key)
+                await self.gw.forward_cancel(pid, key, self.peer)
                 await self.ch.aclose()
                 return None
             elif kind == "startup":
@@ -519,6 +519,16 @@ class PostgresStartup:
                 f"client_encoding {encoding} is not allowed under grant {grant.name}, whose "
                 "statements the gateway judges (its characters can hide quotes and backslashes)",
                 hint="use UTF8",
+            )
+        conforming = next((v for k, v in params if k == "standard_conforming_strings"), "on")
+        if session_policy.guarded and conforming != "on":
+            # A database or role default (ALTER DATABASE ... SET standard_conforming_strings = off):
+            # PostgreSQL would then end strings at a backslash, the analysis does not.
+            raise Refusal(
+                "42501",
+                f"standard_conforming_strings is {conforming} for this session (a database or role "
+                f"default); grant {grant.name}'s statements are judged with it on",
+                hint="ALTER DATABASE ... RESET standard_conforming_strings (and the same for the role)",
             )
         mask, upstream_prefix = await self._mask_plan(session_policy, conn, upstream, upstream_prefix)
         session_id = gw.new_session_id()

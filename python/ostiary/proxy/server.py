@@ -182,6 +182,27 @@ def listen_problem(e: OSError, setting: str, host: str, port: int, source: str) 
     return ConfigError(source, [(f"{setting}.{where}" if where else setting, msg)])
 
 
+class Throttle:
+    """Says when to log a repeated event: the first time, then at most once per ``interval``
+    seconds, with how many happened since the last time it said so (those in between are counted,
+    not logged; a last burst is reported with the next occurrence after the interval)."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: float | None = None
+        self._count = 0
+
+    def hit(self) -> int | None:
+        """Counts one; the count to log, or None to stay quiet."""
+        now = self._clock()
+        self._count += 1
+        if self._last is not None and now - self._last < self.interval:
+            return None
+        count, self._count, self._last = self._count, 0, now
+        return count
+
+
 class Gateway:
     def __init__(
         self,
@@ -258,12 +279,15 @@ class Gateway:
             self.audit.writer if self.audit is not None else "",
             lambda: self.policy,
             self.audit_events,
+            store_timeout=config.audit.store_timeout,
         )
         self._deciding: dict[int, set[trio.CancelScope]] = {}
         self.admin_port: int | None = None
         self._upstream_tls: dict[str, _core.TlsClientConfig] = {}
         self._cancel: dict[tuple[int, int], CancelTarget] = {}
         self._cancel_by_session: dict[int, tuple[int, int]] = {}
+        # A client guessing cancel keys sends thousands: one log line a minute says how many.
+        self._unknown_cancels = Throttle(60.0)
         self._startups = 0
         self.draining = False
         self.listen_port: int | None = None
@@ -536,12 +560,20 @@ class Gateway:
         if target is not None and self._background is not None:
             self._background.start_soon(self._send_cancel, target)
 
-    async def forward_cancel(self, process_id: int, secret_key: int) -> None:
+    async def forward_cancel(self, process_id: int, secret_key: int, peer: str = "?") -> None:
         """Sends the client's CancelRequest to the backend its session uses. Unknown or wrong keys
-        are ignored silently, as PostgreSQL does."""
+        are ignored without a word to the client, as PostgreSQL does; the log says so at most once
+        a minute, with how many there were (a flood of them is someone guessing keys)."""
         target = self._cancel.get((process_id, secret_key))
         if target is None:
-            log.info("cancel request with an unknown key ignored")
+            count = self._unknown_cancels.hit()
+            if count is not None:
+                log.warning(
+                    "cancel request with an unknown key from %s ignored (%d such request(s) since "
+                    "the last message)",
+                    peer,
+                    count,
+                )
             return
         await self._send_cancel(target)
 

@@ -145,6 +145,17 @@ impl Walk {
         ) {
             st.literal_sensitive = true;
         }
+        if matches!(
+            key,
+            "AlterDatabaseSetStmt" | "AlterRoleSetStmt" | "AlterSystemStmt"
+        ) {
+            // A SET that later sessions start with: judged as that SET (role, search_path,
+            // read-only, lexer settings), on top of what the ALTER itself is.
+            if let Some(set) = n.get("setstmt").filter(|v| v.is_object()) {
+                set_effects(set, st);
+                st.literal_sensitive = true;
+            }
+        }
         let kinds = &mut st.kinds;
         match key {
             "SelectStmt" | "SetOperationStmt" => {
@@ -168,6 +179,24 @@ impl Walk {
             "MergeStmt" => {
                 kinds.insert("merge");
                 self.target(n.get("relation"));
+                // WHEN MATCHED THEN UPDATE/DELETE joined on a condition that names no column
+                // (ON true, ON 1 = 1): every row of the target, as an UPDATE or DELETE without WHERE.
+                let matched_write = n
+                    .get("mergeWhenClauses")
+                    .and_then(Value::as_array)
+                    .is_some_and(|clauses| {
+                        clauses.iter().any(|c| {
+                            let c = c.get("MergeWhenClause").unwrap_or(c);
+                            let matched = flag(c, "matched")
+                                || c.get("matchKind").and_then(Value::as_str)
+                                    == Some("MERGE_WHEN_MATCHED");
+                            let cmd = c.get("commandType").and_then(Value::as_str);
+                            matched && matches!(cmd, Some("CMD_UPDATE" | "CMD_DELETE"))
+                        })
+                    });
+                if matched_write && !mentions_column(n.get("joinCondition")) {
+                    st.unbounded_write = true;
+                }
             }
             "CopyStmt" => {
                 let from = flag(n, "is_from");
@@ -224,11 +253,15 @@ impl Walk {
                         Some("search_path") => {
                             st.effects.insert("search-path-change");
                         }
+                        Some("role" | "session_authorization") => {
+                            st.effects.insert("role-change");
+                        }
                         Some(_) => {}
                         None => {
                             st.effects.insert("read-only-change");
                             st.effects.insert("lexer-change");
                             st.effects.insert("search-path-change");
+                            st.effects.insert("role-change");
                         }
                     }
                 }
@@ -237,42 +270,12 @@ impl Walk {
             "VariableSetStmt" => {
                 let kind = n.get("kind").and_then(Value::as_str).unwrap_or("");
                 // RESET and RESET ALL: back to the session's defaults (the startup values).
-                let reset = kind.starts_with("VAR_RESET");
-                kinds.insert(if reset { "reset" } else { "set" });
-                let name = n
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_ascii_lowercase();
-                match name.as_str() {
-                    "role" | "session_authorization" => {
-                        st.effects.insert("role-change");
-                    }
-                    "search_path" if !reset => {
-                        st.effects.insert("search-path-change");
-                    }
-                    "transaction_read_only" | "default_transaction_read_only"
-                        if !reset && !sets_true(n.get("args")) =>
-                    {
-                        st.effects.insert("read-only-change");
-                    }
-                    // With it off, a backslash ends a string early: the text would no longer mean
-                    // what this analysis (which lexes with it on) says.
-                    "standard_conforming_strings" | "backslash_quote"
-                        if !reset && !sets_true(n.get("args")) =>
-                    {
-                        st.effects.insert("lexer-change");
-                    }
-                    // A multibyte client encoding whose characters can end in a backslash: the
-                    // server lexes the converted text, this analysis the bytes as sent.
-                    "client_encoding" if !reset && sets_splitting_encoding(n.get("args")) => {
-                        st.effects.insert("lexer-change");
-                    }
-                    _ => {}
-                }
-                if read_write_option(n.get("args")) {
-                    st.effects.insert("read-only-change");
-                }
+                kinds.insert(if kind.starts_with("VAR_RESET") {
+                    "reset"
+                } else {
+                    "set"
+                });
+                set_effects(n, st);
             }
             "TransactionStmt" => {
                 kinds.insert("transaction");
@@ -327,9 +330,18 @@ impl Walk {
             | "DropUserMappingStmt" => {
                 kinds.insert("drop");
                 if key == "DropStmt" {
+                    let schema =
+                        n.get("removeType").and_then(Value::as_str) == Some("OBJECT_SCHEMA");
                     if let Some(Value::Array(objects)) = n.get("objects") {
                         for o in objects {
-                            if let Some(items) = o.pointer("/List/items") {
+                            if schema {
+                                // DROP SCHEMA s: every relation in it (s.*), as relation rules see them.
+                                if let Some(name) =
+                                    o.pointer("/String/sval").and_then(Value::as_str)
+                                {
+                                    self.relations.push((format!("{name}.*"), true));
+                                }
+                            } else if let Some(items) = o.pointer("/List/items") {
                                 let name = dotted(Some(items));
                                 if !name.is_empty() {
                                     self.relations.push((name, true));
@@ -394,6 +406,19 @@ impl Walk {
                     self.target(Some(into));
                 }
             }
+            // ALTER SCHEMA s RENAME TO t moves every relation of s (s.*) out from under the rules
+            // that name it.
+            "RenameStmt"
+                if n.get("renameType").and_then(Value::as_str) == Some("OBJECT_SCHEMA") =>
+            {
+                kinds.insert("alter");
+                if let Some(old) = n.get("subname").and_then(Value::as_str) {
+                    self.relations.push((format!("{old}.*"), true));
+                }
+                if let Some(new) = n.get("newname").and_then(Value::as_str) {
+                    self.relations.push((format!("{new}.*"), true));
+                }
+            }
             "AlterTableStmt"
             | "RenameStmt"
             | "AlterOwnerStmt"
@@ -425,6 +450,12 @@ impl Walk {
                     self.target(Some(r));
                 }
             }
+            // ALTER TABLE ... DROP COLUMN destroys data as DROP does.
+            "AlterTableCmd"
+                if n.get("subtype").and_then(Value::as_str) == Some("AT_DropColumn") =>
+            {
+                kinds.insert("drop");
+            }
             "DiscardStmt" | "ListenStmt" | "UnlistenStmt" | "FetchStmt" | "ClosePortalStmt"
             | "DeclareCursorStmt" => {
                 kinds.insert("session");
@@ -448,6 +479,58 @@ impl Walk {
             _ => {}
         }
         true
+    }
+}
+
+/// The effects of a SET (a `VariableSetStmt`), also where one is embedded: `ALTER DATABASE ...
+/// SET`, `ALTER ROLE ... SET` and `ALTER SYSTEM SET` make it the default of later sessions.
+fn set_effects(n: &Value, st: &mut Statement) {
+    let kind = n.get("kind").and_then(Value::as_str).unwrap_or("");
+    let reset = kind.starts_with("VAR_RESET");
+    let name = n
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match name.as_str() {
+        "role" | "session_authorization" => {
+            st.effects.insert("role-change");
+        }
+        "search_path" if !reset => {
+            st.effects.insert("search-path-change");
+        }
+        "transaction_read_only" | "default_transaction_read_only"
+            if !reset && !sets_true(n.get("args")) =>
+        {
+            st.effects.insert("read-only-change");
+        }
+        // With it off, a backslash ends a string early: the text would no longer mean what this
+        // analysis (which lexes with it on) says.
+        "standard_conforming_strings" | "backslash_quote"
+            if !reset && !sets_true(n.get("args")) =>
+        {
+            st.effects.insert("lexer-change");
+        }
+        // A multibyte client encoding whose characters can end in a backslash: the server lexes
+        // the converted text, this analysis the bytes as sent.
+        "client_encoding" if !reset && sets_splitting_encoding(n.get("args")) => {
+            st.effects.insert("lexer-change");
+        }
+        _ => {}
+    }
+    if read_write_option(n.get("args")) {
+        st.effects.insert("read-only-change");
+    }
+}
+
+/// Whether an expression tree references a column anywhere.
+fn mentions_column(v: Option<&Value>) -> bool {
+    match v {
+        Some(Value::Object(map)) => map
+            .iter()
+            .any(|(k, child)| k == "ColumnRef" || mentions_column(Some(child))),
+        Some(Value::Array(items)) => items.iter().any(|i| mentions_column(Some(i))),
+        _ => false,
     }
 }
 
@@ -603,6 +686,25 @@ fn function_effects(name: &str) -> &'static [&'static str] {
         | "pg_file_rename"
         | "pg_file_unlink" => &["server-files"],
         n if n.starts_with("dblink") => &["remote"],
+        // PostgreSQL lets read-only transactions write large objects.
+        "lo_creat" | "lo_create" | "lo_from_bytea" | "lo_put" | "lo_unlink" | "lowrite"
+        | "lo_truncate" | "lo_truncate64" => &["large-object-write"],
+        // Built-ins that run a query or read a relation given as text or regclass: what they
+        // read is not in the statement's parse tree.
+        "query_to_xml"
+        | "query_to_xmlschema"
+        | "query_to_xml_and_xmlschema"
+        | "table_to_xml"
+        | "table_to_xmlschema"
+        | "table_to_xml_and_xmlschema"
+        | "schema_to_xml"
+        | "schema_to_xmlschema"
+        | "schema_to_xml_and_xmlschema"
+        | "database_to_xml"
+        | "database_to_xmlschema"
+        | "database_to_xml_and_xmlschema"
+        | "ts_stat"
+        | "ts_rewrite" => &["dynamic-sql"],
         _ => &[],
     }
 }
@@ -810,5 +912,140 @@ mod tests {
         ] {
             assert!(!one(sql).effects.contains("lexer-change"), "{sql}");
         }
+    }
+
+    #[test]
+    fn settings_made_the_default_of_later_sessions_are_judged_as_the_set() {
+        for (sql, effect) in [
+            ("alter database app set role = 'app_admin'", "role-change"),
+            (
+                "alter database app set session_authorization = 'x'",
+                "role-change",
+            ),
+            (
+                "alter database app set search_path = secret, public",
+                "search-path-change",
+            ),
+            (
+                "alter database app set standard_conforming_strings = off",
+                "lexer-change",
+            ),
+            (
+                "alter database app set client_encoding = 'SJIS'",
+                "lexer-change",
+            ),
+            (
+                "alter database app set default_transaction_read_only = off",
+                "read-only-change",
+            ),
+            ("alter role app set role = 'app_admin'", "role-change"),
+            (
+                "alter role app in database app set search_path = secret",
+                "search-path-change",
+            ),
+            (
+                "alter system set standard_conforming_strings = off",
+                "lexer-change",
+            ),
+        ] {
+            let s = one(sql);
+            assert!(s.effects.contains(effect), "{sql}: {:?}", s.effects);
+            assert!(s.kinds.contains("alter") && s.literal_sensitive, "{sql}");
+        }
+        for sql in [
+            "alter database app set work_mem = '64MB'",
+            "alter database app reset search_path",
+            "alter database app set standard_conforming_strings = on",
+        ] {
+            let s = one(sql);
+            assert!(
+                !s.effects.iter().any(|e| e.ends_with("-change")),
+                "{sql}: {:?}",
+                s.effects
+            );
+        }
+    }
+
+    #[test]
+    fn set_config_of_the_role_is_a_role_change() {
+        for sql in [
+            "select set_config('role', 'app_admin', false)",
+            "select set_config('ROLE', 'app_admin', true)",
+            "select set_config('session_authorization', 'x', false)",
+            "select set_config(n, v, false) from t",
+        ] {
+            assert!(one(sql).effects.contains("role-change"), "{sql}");
+        }
+        assert!(!one("select set_config('work_mem', '1MB', false)")
+            .effects
+            .contains("role-change"));
+    }
+
+    #[test]
+    fn merge_on_a_constant_condition_is_an_unbounded_write() {
+        for sql in [
+            "merge into t using (select 1) s on true when matched then delete",
+            "merge into t using s on 1 = 1 when matched then update set v = 'x'",
+            "merge into t using s on true when not matched then insert values (1) \
+             when matched then delete",
+        ] {
+            assert!(one(sql).unbounded_write, "{sql}");
+        }
+        for sql in [
+            "merge into t using s on t.id = s.id when matched then delete",
+            "merge into t using s on true when not matched then insert values (1)",
+        ] {
+            assert!(!one(sql).unbounded_write, "{sql}");
+        }
+    }
+
+    #[test]
+    fn dropping_a_column_is_a_drop() {
+        let s = one("alter table t drop column v");
+        assert!(s.kinds.contains("drop") && s.writes.contains("t"));
+        let s = one("alter table t add column w int, drop column if exists v");
+        assert!(s.kinds.contains("drop"));
+        assert!(!one("alter table t add column w int").kinds.contains("drop"));
+        assert!(!one("alter table t drop constraint c")
+            .kinds
+            .contains("drop"));
+    }
+
+    #[test]
+    fn a_schema_renamed_or_dropped_touches_every_relation_in_it() {
+        let s = one("alter schema secret rename to notsecret");
+        assert!(
+            s.writes.contains("secret.*") && s.writes.contains("notsecret.*"),
+            "{s:?}"
+        );
+        let s = one("drop schema secret cascade");
+        assert!(s.writes.contains("secret.*"), "{s:?}");
+        let s = one("drop table secret.keys");
+        assert!(s.writes.contains("secret.keys"), "{s:?}");
+    }
+
+    #[test]
+    fn functions_that_read_relations_named_in_text_are_dynamic_sql() {
+        for sql in [
+            "select query_to_xml('select * from secret.keys', false, false, '')",
+            "select table_to_xml('secret.keys'::regclass, false, false, '')",
+            "select * from ts_stat('select k::tsvector from secret.keys')",
+            "select pg_catalog.database_to_xml(true, true, '')",
+        ] {
+            assert!(one(sql).effects.contains("dynamic-sql"), "{sql}");
+        }
+    }
+
+    #[test]
+    fn large_object_writes_are_an_effect() {
+        for sql in [
+            "select lo_from_bytea(0, 'x')",
+            "select lo_create(0)",
+            "select pg_catalog.lo_unlink(16384)",
+            "select lo_put(16384, 0, 'x')",
+        ] {
+            assert!(one(sql).effects.contains("large-object-write"), "{sql}");
+        }
+        assert!(one("select lo_get(16384)").effects.is_empty());
     }
 }

@@ -9,7 +9,9 @@
 //! * `transaction_read_only` (both settings, whatever the assignment syntax),
 //! * `set_config` (the function form of SET), `dblink` (a second connection, not read-only),
 //! * `u&` (Unicode escapes could spell a setting's name in a quoted identifier or string),
-//! * the word `do` (anonymous code blocks can run dynamic SQL).
+//! * the word `do` (anonymous code blocks can run dynamic SQL),
+//! * large-object writes (`lo_creat`/`lo_create`, `lo_from_bytea`, `lo_import`, `lo_put`,
+//!   `lo_unlink`, `lowrite`, `lo_truncate`), which PostgreSQL allows in read-only transactions.
 //!
 //! The words are looked for in three normalisations of the text, and any hit flags it: the raw
 //! text with comment markers turned into spaces, and the text with comments removed as PostgreSQL's
@@ -57,7 +59,42 @@ fn flags(flat: &str) -> bool {
         "dblink",
         "u&",
     ];
-    NEEDLES.iter().any(|n| flat.contains(n)) || has_word(flat, "do")
+    // Called, not merely named: libpq's large-object API starts by looking these names up in
+    // pg_proc (as string constants), and its reads must keep working.
+    const LARGE_OBJECT_WRITES: [&str; 7] = [
+        "lo_creat",
+        "lo_from_bytea",
+        "lo_import",
+        "lo_put",
+        "lo_unlink",
+        "lowrite",
+        "lo_truncate",
+    ];
+    NEEDLES.iter().any(|n| flat.contains(n))
+        || has_word(flat, "do")
+        || LARGE_OBJECT_WRITES.iter().any(|n| calls(flat, n))
+}
+
+/// Whether `flat` has a call of a function whose name starts with `prefix`: the name, more
+/// identifier characters, at most one space (whitespace and comments are one space by now) and
+/// an opening parenthesis.
+fn calls(flat: &str, prefix: &str) -> bool {
+    let b = flat.as_bytes();
+    let mut from = 0;
+    while let Some(at) = flat[from..].find(prefix) {
+        let mut i = from + at + prefix.len();
+        while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+            i += 1;
+        }
+        if i < b.len() && b[i] == b' ' {
+            i += 1;
+        }
+        if i < b.len() && b[i] == b'(' {
+            return true;
+        }
+        from += at + prefix.len();
+    }
+    false
 }
 
 /// How comments are treated by `normalise`.
@@ -236,6 +273,17 @@ mod tests {
             "select e'a\\' /* '; begin read /*x*/ write; -- */'",
             "select $q$ /* $q$; begin read /*x*/ write; -- */",
             "select 1 -- line comment\n; begin read write",
+            // Large-object writes, which read-only transactions allow.
+            "select lo_from_bytea(0, 'x')",
+            "SELECT LO_CREATE(0)",
+            "select lo_creat(-1)",
+            "select pg_catalog.lo_put(16384, 0, 'x')",
+            "select lo_unlink(16384)",
+            "select lowrite(0, 'x')",
+            "select lo_truncate(0, 0)",
+            "select lo_import('/etc/passwd')",
+            "select lo_create /* x */ (0)",
+            r#"select "lo_truncate64"(0, 0)"#,
         ] {
             assert!(may_leave_read_only(sql), "{sql}");
         }
@@ -257,6 +305,12 @@ mod tests {
             "select done, domain, undo from t",
             "select 'read' as a, 'write' as b",
             "with x as (select 1) select * from x",
+            // libpq's large-object API looks the functions up before \lo_export reads one.
+            "select proname, oid from pg_catalog.pg_proc where proname in ('lo_open', 'lo_close', \
+             'lo_creat', 'lo_create', 'lo_unlink', 'lo_lseek', 'lo_lseek64', 'lo_tell', \
+             'lo_tell64', 'lo_truncate', 'lo_truncate64', 'loread', 'lowrite') and pronamespace = \
+             (select oid from pg_catalog.pg_namespace where nspname = 'pg_catalog')",
+            "select lo_get(16384)",
         ] {
             assert!(!may_leave_read_only(sql), "{sql}");
         }

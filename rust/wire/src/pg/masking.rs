@@ -360,6 +360,31 @@ impl MaskState {
                 write(out, tag, &new);
                 Ok(())
             }
+            // A setting's value can be made of data (set_config('application_name', (select
+            // email ...), false)), and the reported ones come back in ParameterStatus.
+            btag::PARAMETER_STATUS if masker.has_content() => {
+                let mut r = Reader::new(body, "ParameterStatus");
+                let name = r.cstr()?;
+                let value = r.cstr()?;
+                if !r.is_empty() {
+                    return Err(WireError::malformed(
+                        "ParameterStatus",
+                        "bytes after the value",
+                    ));
+                }
+                self.scratch.clear();
+                if self.mask_in_text(value, true) {
+                    let mut new = Vec::with_capacity(body.len());
+                    new.extend_from_slice(name);
+                    new.push(0);
+                    new.extend_from_slice(&self.scratch);
+                    new.push(0);
+                    write(out, tag, &new);
+                } else {
+                    write(out, tag, body);
+                }
+                Ok(())
+            }
             // Servers send CopyData only during COPY TO (or replication); masked either way.
             btag::COPY_DATA if masker.has_content() => {
                 self.scratch.clear();
@@ -1217,12 +1242,19 @@ mod tests {
         let mut note = 42i32.to_be_bytes().to_vec();
         note.extend_from_slice(b"chan\0pay 123456789\0");
         back.extend(msg(btag::NOTIFICATION_RESPONSE, &note));
+        // A reported setting whose value was made of data.
+        back.extend(msg(
+            btag::PARAMETER_STATUS,
+            b"application_name\0card 4111111111111111\0",
+        ));
+        back.extend(msg(btag::PARAMETER_STATUS, b"TimeZone\0UTC\0"));
         back.extend(msg(btag::READY_FOR_QUERY, b"I"));
         let out = run(plan, &front, &back).unwrap();
         let text = String::from_utf8_lossy(&out);
         assert!(text.contains("1\t####\t******\n"), "{text}");
         assert!(text.contains("saw ####") && text.contains("Key (card)=(####) exists"));
         assert!(text.contains("chan\0pay ####\0"));
+        assert!(text.contains("application_name\0card ####\0") && text.contains("TimeZone\0UTC\0"));
         assert!(!text.contains("4111") && !text.contains("123456789"));
 
         // Binary COPY cannot be masked: refused.

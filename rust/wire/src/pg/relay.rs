@@ -34,7 +34,8 @@ use crate::{Limits, WireError};
 pub enum Gate {
     AllowAll,
     Consult,
-    /// Consult only for statements whose text the predicate flags; allow the others at once.
+    /// Consult only for statements whose text the predicate flags, and for every FunctionCall
+    /// (an oid, no text to flag); allow the others at once.
     ConsultIf(fn(&str) -> bool),
     /// Consult like `Consult`, but remember verdicts under the key the function computes from the
     /// text (a statement's shape: the same statement with other constants hits the cache).
@@ -652,7 +653,8 @@ impl SessionRelay {
             return Ok(None);
         }
         if let Gate::ConsultIf(flags) = self.gate {
-            if !flags(&statement.text) {
+            // A FunctionCall carries an oid, not SQL: no text predicate can clear it.
+            if kind != StatementKind::FunctionCall && !flags(&statement.text) {
                 self.apply(&statement, raw, &Verdict::Allow, out)?;
                 return Ok(None);
             }
@@ -1231,6 +1233,21 @@ mod tests {
         expected.extend(frontend::parse("s1", "select 2", &[]));
         assert_eq!(out, expected);
         assert_eq!(r.stats.statements, 3);
+
+        // A FunctionCall (set_config's oid, say) has no text to clear: always held.
+        let mut r = SessionRelay::new(Limits::default(), Gate::ConsultIf(flags), false);
+        let mut body = 2078u32.to_be_bytes().to_vec();
+        body.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+        let mut out = Vec::new();
+        let FrontendStop::Hold { statement, .. } = r
+            .feed_frontend(&Framer::raw(ftag::FUNCTION_CALL, &body), &mut out)
+            .unwrap()
+        else {
+            panic!("a FunctionCall went through unconsulted")
+        };
+        assert_eq!(statement.kind, StatementKind::FunctionCall);
+        assert_eq!(statement.text, "function 2078");
+        assert!(out.is_empty());
     }
 
     #[test]
