@@ -259,6 +259,50 @@ def test_column_rules_and_strategies(gw: GatewayProcess) -> None:
         assert c.execute("select ssn from later_people").fetchone() == ("*******4320",)
 
 
+COLUMN_RULE_ESCAPES = [
+    # Each returned the masked column's value in clear before (no table in RowDescription).
+    "select name::varchar from mask_people where id = 1",
+    'select name collate "C" from mask_people where id = 1',
+    "select coalesce(name, '') from mask_people where id = 1",
+    "select name from mask_people where id = 1 union all select 'x'",
+    "select (select name from mask_people where id = 1)",
+    "select m from mask_people m where id = 1",
+    "select row_to_json(m) from mask_people m where id = 1",
+    "select json_agg(m.*) from mask_people m",
+    "select array_agg(ssn) from mask_people",
+    "select coalesce(w, '') from (select name from mask_people where id = 1) s(w)",
+    "with x(n) as (select ssn from mask_people) select n || '' from x",
+    "update mask_people set ssn = ssn where id = 1 returning ssn",
+    "create temp table copied as select ssn from mask_people",
+]
+
+
+def test_masked_columns_cannot_leave_through_expressions(gw: GatewayProcess) -> None:
+    """Column rules follow a result column to its table through RowDescription, which names one
+    only for a plain column reference: casts, set operations, whole rows, renamed subqueries and
+    copies carried masked columns out in clear. Under column rules they are refused (42501,
+    naming the column and the rule); plain references, aliases, subqueries and filters work."""
+    with connect(gw, "auditor") as c:
+        for sql in COLUMN_RULE_ESCAPES:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match=r"masking: .*masked") as e:
+                c.execute(sql)
+            assert "123-45-6789" not in str(e.value) and "Alice" not in str(e.value)
+        assert c.execute(
+            "select s.name, x.ssn from (select name, id from mask_people) s "
+            "join (select ssn, id from mask_people) x using (id) where s.id = 1"
+        ).fetchone() == ("#####", "*******6789")
+        assert c.execute(
+            "with p as (select name from mask_people where ssn like '123%') select p.name from p"
+        ).fetchone() == ("#####",)
+        assert c.execute("select count(*) from mask_people where name <> ''").fetchone() == (2,)
+        # binary format and prepared statements: the same rules
+        assert c.execute("select name from mask_people where id = %s", [1], binary=True).fetchone() == (
+            "#####",
+        )
+    with connect(gw, "worker") as c:  # no column rules on this grant: only the detectors apply
+        assert c.execute("select coalesce(name, '') from mask_people where id = 1").fetchone() == ("Alice",)
+
+
 EVIL = """
 create schema if not exists evil;
 create or replace function evil.never(name, text) returns boolean language sql as 'select false';

@@ -21,7 +21,10 @@ Three shapes of session, decided once when it starts (``consult``):
   never leave Rust.
 * A session with masking rules has the statements that mention COPY judged (``SessionPolicy.copy_check``):
   COPY TO a server file or program, COPY TO under column rules (COPY names no columns) and binary
-  COPY TO under content rules are refused, since masking cannot cover them.
+  COPY TO under content rules are refused, since masking cannot cover them. With column rules,
+  every statement shape is judged there: a masked column used where its values would leave
+  without the origin the data path matches (an expression, a cast, a set operation, a renamed
+  subquery, RETURNING, a copy into another relation, a whole row) is refused.
 * Any other session is not consulted at all.
 
 For a guarantee the database enforces whatever the gateway misjudges (functions that run dynamic
@@ -45,8 +48,13 @@ class PolicyHook:
     def consult(self, session: SessionInfo) -> Consult:
         if session.policy is not None and session.policy.guarded:
             return "always" if session.policy.by_text else "shapes"
+        # Column rules: every statement shape is checked for masked columns used where their
+        # values would leave without their origin (SessionPolicy.column_rule_refusal).
+        masking = session.policy.masking if session.policy is not None else None
+        if masking is not None and masking.globs:
+            return "shapes"
         # Masked sessions have COPY statements checked (COPY TO that masking cannot cover).
-        copy = session.policy is not None and session.policy.masking is not None
+        copy = masking is not None
         if session.access == "read-only":
             return "read-only-escapes+copy" if copy else "read-only-escapes"
         return "copy" if copy else "never"
@@ -92,6 +100,10 @@ class PolicyHook:
                     rule="read-only",
                 )
             return Decision.allowed(remember=True)
+        # Verdicts are remembered per shape when the session is consulted by shape (column
+        # rules); the read-only check below reads constants too, so those sessions keep its
+        # verdicts per text.
+        keep: bool | Literal["text"] = True
         if policy is not None and policy.masking is not None:
             d = policy.copy_check(statement.text)
             if not d.allow:
@@ -100,6 +112,8 @@ class PolicyHook:
                 )
             if session.access != "read-only":
                 return Decision.allowed(remember=True)
+            if policy.masking.globs:
+                keep = "text"
         if _core.may_leave_read_only(statement.text):
             return Decision.denied(
                 f"grant {session.grant} is read-only: statements that could turn read-only mode off "
@@ -107,4 +121,4 @@ class PolicyHook:
                 "are refused",
                 rule="read-only",
             )
-        return Decision.allowed(remember=True)
+        return Decision.allowed(remember=keep)

@@ -326,6 +326,10 @@ class StatementAnalysis:
     text: str = ""
     effects: frozenset[str] = frozenset()
     literal_sensitive: bool = False
+    # Column references whose values leave without their origin, relations used as whole rows
+    # (what column masking rules cannot follow; ostiary_sql::columns).
+    derived_columns: frozenset[str] = frozenset()
+    whole_rows: frozenset[str] = frozenset()
 
     @staticmethod
     def of(sql: str) -> list[StatementAnalysis]:
@@ -346,6 +350,8 @@ class StatementAnalysis:
                     text=raw[d["start"] : d["start"] + d["len"]].decode(errors="replace").strip(),
                     effects=frozenset(d["effects"]),
                     literal_sensitive=d["literal_sensitive"],
+                    derived_columns=frozenset(d["derived_columns"]),
+                    whole_rows=frozenset(d["whole_rows"]),
                 )
             )
         return out
@@ -504,11 +510,15 @@ class SessionPolicy:
         return StatementDecision(True, self.grant.name, by_shape=by_shape)
 
     def masking_refusal(self, a: StatementAnalysis, text: str) -> StatementDecision | None:
-        """COPY TO that masking cannot cover: to a server file or program (the data never passes the
-        gateway), under column rules (COPY names no columns), or in binary format."""
+        """What masking cannot cover: COPY TO a server file or program (the data never passes the
+        gateway), COPY TO under column rules (COPY names no columns) or in binary format; and,
+        under column rules, a masked column used where its values leave without their origin
+        (``column_rule_refusal``)."""
         m = self.masking
-        if m is None or "copy-to" not in a.kinds:
+        if m is None:
             return None
+        if "copy-to" not in a.kinds:
+            return self.column_rule_refusal(a) if m.globs else None
         if a.effects & {"server-files", "program"}:
             why = "COPY TO a server file or program would bypass masking"
         elif m.globs:
@@ -519,9 +529,42 @@ class SessionPolicy:
             return None
         return StatementDecision(False, "masking", why)
 
+    def column_rule_refusal(self, a: StatementAnalysis) -> StatementDecision | None:
+        """Column rules mask result columns that RowDescription traces to a table's column. A
+        masked column's value computed into an expression, cast, set operation, scalar or renamed
+        subquery, RETURNING, or copied into another relation, and a whole row of a table a rule
+        names, would leave unmasked: refused. Matched by the column name as written (and the
+        table's name for whole rows), whatever the alias: without the catalog, strictly."""
+        m = self.masking
+        if m is None or not m.globs:
+            return None
+        for ref in sorted(a.derived_columns):
+            column = ref.rsplit(".", 1)[-1]
+            for g in m.globs:
+                if g.matches_column(column):
+                    return StatementDecision(
+                        False,
+                        "masking",
+                        f"column {ref} is masked (rule {m.rule_name(g)}): select it as a plain "
+                        "column; expressions, casts, set operations, renamed subqueries, RETURNING "
+                        "and copies into other relations would carry it out unmasked",
+                    )
+        for rel in sorted(a.whole_rows):
+            for g in m.globs:
+                if g.matches_table(rel):
+                    shown = "* (every relation)" if rel == "*" else rel
+                    return StatementDecision(
+                        False,
+                        "masking",
+                        f"a whole row of {shown} holds a masked column (rule {m.rule_name(g)}): "
+                        "select its columns by name",
+                    )
+        return None
+
     def copy_check(self, text: str) -> StatementDecision:
         """For sessions not otherwise judged: only ``masking_refusal`` (what does not parse is left
-        to the server, which refuses it too)."""
+        to the server, which refuses it too). Sessions with column rules have every statement shape
+        checked here; others only the statements that mention COPY."""
         from ostiary.errors import SqlError
 
         try:

@@ -61,6 +61,20 @@ class ColumnGlob:
     column: str
     rule: int
 
+    def matches_column(self, name: str) -> bool:
+        """Whether a column called ``name`` (in any table) is covered by this glob's column part."""
+        return _glob_re2(self.column).fullmatch(name) is not None
+
+    def matches_table(self, relation: str) -> bool:
+        """Whether a whole row of ``relation`` (``schema.table``, ``table`` or ``*`` for any) may
+        hold a column this glob covers: any relation for a column-only glob."""
+        if self.table is None or relation == "*":
+            return True
+        schema, _, table = relation.rpartition(".")
+        if _glob_re2(self.table).fullmatch(table) is None:
+            return False
+        return self.schema is None or not schema or _glob_re2(self.schema).fullmatch(schema) is not None
+
     @staticmethod
     def parse(text: str, rule: int) -> ColumnGlob:
         parts = text.split(".")
@@ -91,6 +105,9 @@ class SessionMasking:
     @property
     def names(self) -> list[str]:
         return [r.name for r in self.rules]
+
+    def rule_name(self, g: ColumnGlob) -> str:
+        return self.rules[g.rule].name if 0 <= g.rule < len(self.rules) else "?"
 
     @property
     def has_content(self) -> bool:

@@ -1116,8 +1116,9 @@ fn client_encoding_splits_bytes(name: &str) -> bool {
 }
 
 /// Analyses every statement of `sql` with PostgreSQL's parser: a list of dicts with `start`, `len`
-/// (byte span), `kinds`, `reads`, `writes`, `functions`, `effects` (sorted lists of str) and
-/// `unbounded_write`. Raises `SqlError` when the text does not parse.
+/// (byte span), `kinds`, `reads`, `writes`, `functions`, `effects`, `derived_columns`,
+/// `whole_rows` (sorted lists of str), `unbounded_write` and `literal_sensitive`. Raises
+/// `SqlError` when the text does not parse.
 #[pyfunction]
 fn analyze_sql<'py>(py: Python<'py>, sql: &str) -> PyResult<Vec<Bound<'py, PyDict>>> {
     let statements =
@@ -1135,6 +1136,14 @@ fn analyze_sql<'py>(py: Python<'py>, sql: &str) -> PyResult<Vec<Bound<'py, PyDic
             d.set_item("effects", s.effects.into_iter().collect::<Vec<_>>())?;
             d.set_item("unbounded_write", s.unbounded_write)?;
             d.set_item("literal_sensitive", s.literal_sensitive)?;
+            d.set_item(
+                "derived_columns",
+                s.columns.derived.iter().collect::<Vec<_>>(),
+            )?;
+            d.set_item(
+                "whole_rows",
+                s.columns.whole_rows.iter().collect::<Vec<_>>(),
+            )?;
             Ok(d)
         })
         .collect()

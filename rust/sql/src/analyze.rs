@@ -34,6 +34,9 @@ pub struct Statement {
     /// Whether constant values took part in the judgement (SET values, set_config arguments,
     /// option values): then a verdict holds for this text only, not for its shape.
     pub literal_sensitive: bool,
+    /// Column references whose values leave without their origin, and relations referenced as
+    /// whole rows (`crate::columns`): what column masking rules cannot follow.
+    pub columns: crate::columns::ColumnRefs,
 }
 
 /// Why a text could not be analysed.
@@ -75,6 +78,7 @@ pub fn analyze(sql: &str) -> Result<Vec<Statement>, AnalyzeError> {
         };
         let mut walk = Walk::default();
         walk.value(tree, &mut st);
+        st.columns = crate::columns::column_refs(tree);
         for (rel, target) in walk.relations {
             if walk.ctes.contains(&rel) {
                 continue;

@@ -4,6 +4,7 @@
 //! path's verdict cache.
 
 pub mod analyze;
+pub mod columns;
 mod ffi;
 mod lex;
 pub mod read_only;

@@ -1,0 +1,408 @@
+//! Where a statement's column references can carry values out of reach of column-based masking.
+//!
+//! Column masking rules are applied by the data path to result columns whose RowDescription names
+//! a table and column (PostgreSQL fills those in only for a plain column reference, followed
+//! through subqueries and CTEs). A value that comes out any other way (a cast that adds a node,
+//! `coalesce(c, '')`, a set operation, a scalar subquery, a whole-row reference such as
+//! `row_to_json(t)`, a column renamed by a subquery and used in an expression outside it, or data
+//! copied into another relation by INSERT ... SELECT, CREATE TABLE AS or a view) reaches the client
+//! with no table to match. This module lists those references so the control plane can refuse
+//! statements that use a masked column that way:
+//!
+//! * `derived`: column references (as written, dotted) in positions whose value reaches the client
+//!   or another relation without its origin: inside target-list expressions, as targets of set
+//!   operation branches, scalar subqueries and renamed subqueries, in RETURNING, in the SET values of
+//!   UPDATE, in the targets of a SELECT whose rows go into a relation;
+//! * `whole_rows`: relations (by the name their alias stands for) referenced as a whole row
+//!   (`t`, `t.*` other than as a top-level target, `*` where the rows go into a relation).
+//!
+//! References in WHERE, JOIN conditions, GROUP BY, HAVING, ORDER BY and LIMIT only filter and order
+//! rows; they are not listed. Names are as the parser folded them, without catalog knowledge: the
+//! caller matches them against the column part of its rules, whatever the table.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
+
+/// See the module documentation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ColumnRefs {
+    pub derived: BTreeSet<String>,
+    pub whole_rows: BTreeSet<String>,
+}
+
+/// How a SELECT's targets reach the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ctx {
+    /// The statement's own result: plain column targets keep their origin.
+    Top,
+    /// A subquery in FROM or a CTE without column names: plain targets keep their origin when
+    /// they keep their name (the outer query refers to them by it).
+    Nested,
+    /// Targets lose their origin (set operation branches, scalar subqueries, renamed subqueries)
+    /// or go into a relation: every column reference in them is listed.
+    Derived,
+}
+
+/// The references of one statement's parse tree (the value under `stmt`).
+pub fn column_refs(stmt: &Value) -> ColumnRefs {
+    let mut w = Walker::default();
+    collect_aliases(stmt, &mut w.aliases);
+    w.statement(stmt);
+    w.refs
+}
+
+#[derive(Default)]
+struct Walker {
+    /// Range alias (or relation name) -> relation name as written.
+    aliases: BTreeMap<String, String>,
+    refs: ColumnRefs,
+}
+
+fn collect_aliases(v: &Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        Value::Object(map) => {
+            if let Some(rv) = map.get("RangeVar") {
+                let rel = rv.get("relname").and_then(Value::as_str).unwrap_or("");
+                let name = match rv.get("schemaname").and_then(Value::as_str) {
+                    Some(s) if !s.is_empty() => format!("{s}.{rel}"),
+                    _ => rel.to_owned(),
+                };
+                let alias = rv
+                    .pointer("/alias/aliasname")
+                    .and_then(Value::as_str)
+                    .unwrap_or(rel);
+                out.insert(alias.to_owned(), name);
+            }
+            for child in map.values() {
+                collect_aliases(child, out);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| collect_aliases(i, out)),
+        _ => {}
+    }
+}
+
+/// The String fields of a ColumnRef, and whether it ends in `*`.
+fn fields(cr: &Value) -> (Vec<String>, bool) {
+    let mut names = Vec::new();
+    let mut star = false;
+    if let Some(Value::Array(items)) = cr.get("fields") {
+        for f in items {
+            if let Some(s) = f.pointer("/String/sval").and_then(Value::as_str) {
+                names.push(s.to_owned());
+            } else if f.get("A_Star").is_some() {
+                star = true;
+            }
+        }
+    }
+    (names, star)
+}
+
+impl Walker {
+    fn statement(&mut self, v: &Value) {
+        let Some((key, n)) = v.as_object().and_then(|m| m.iter().next()) else {
+            return;
+        };
+        match key.as_str() {
+            "SelectStmt" => {
+                let ctx = if n.get("intoClause").is_some_and(|i| !i.is_null()) {
+                    Ctx::Derived // SELECT ... INTO: the rows go into a relation
+                } else {
+                    Ctx::Top
+                };
+                self.select(n, ctx);
+            }
+            // What these return is the inner query's result, as a SELECT's.
+            "DeclareCursorStmt" | "PrepareStmt" | "ExplainStmt" => {
+                if let Some(q) = n.get("query") {
+                    self.statement(q);
+                }
+            }
+            // Anything else: its SELECTs feed relations (INSERT ... SELECT, CREATE TABLE AS,
+            // views, COPY (query)), its RETURNING and SET values reach the client or a relation.
+            _ => self.other(n),
+        }
+    }
+
+    fn other(&mut self, v: &Value) {
+        match v {
+            Value::Object(map) => {
+                for (k, child) in map {
+                    match k.as_str() {
+                        "SelectStmt" => self.select(child, Ctx::Derived),
+                        "whereClause" | "quals" | "joinCondition" => {}
+                        "ColumnRef" => self.reference(child, true),
+                        _ => self.other(child),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| self.other(i)),
+            _ => {}
+        }
+    }
+
+    /// A SELECT (the object under `SelectStmt`, or a set operation branch).
+    fn select(&mut self, n: &Value, ctx: Ctx) {
+        if let Some(Value::Array(ctes)) = n.pointer("/withClause/ctes") {
+            for c in ctes {
+                let c = c.get("CommonTableExpr").unwrap_or(c);
+                let renamed = c
+                    .get("aliascolnames")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| !a.is_empty());
+                if let Some(q) = c.get("ctequery") {
+                    let inner = if renamed || ctx == Ctx::Derived {
+                        Ctx::Derived
+                    } else {
+                        Ctx::Nested
+                    };
+                    self.query(q, inner);
+                }
+            }
+        }
+        let setop = n
+            .get("op")
+            .and_then(Value::as_str)
+            .is_some_and(|op| op != "SETOP_NONE");
+        if setop {
+            for side in ["larg", "rarg"] {
+                if let Some(branch) = n.get(side) {
+                    self.select(branch, Ctx::Derived);
+                }
+            }
+            return;
+        }
+        if let Some(Value::Array(targets)) = n.get("targetList") {
+            for t in targets {
+                let t = t.get("ResTarget").unwrap_or(t);
+                let Some(val) = t.get("val") else { continue };
+                if let Some(cr) = val.get("ColumnRef") {
+                    let (names, star) = fields(cr);
+                    let renamed = t
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .is_some_and(|alias| Some(alias) != names.last().map(String::as_str));
+                    let keeps_origin = match ctx {
+                        Ctx::Top => true,
+                        Ctx::Nested => !renamed,
+                        Ctx::Derived => false,
+                    };
+                    if star {
+                        if !keeps_origin {
+                            self.whole_row(names.first().map(String::as_str));
+                        }
+                    } else if names.len() == 1 && self.aliases.contains_key(&names[0]) {
+                        self.whole_row(Some(&names[0]));
+                    } else if !keeps_origin {
+                        self.refs.derived.insert(names.join("."));
+                    }
+                } else {
+                    self.expression(val);
+                }
+            }
+        }
+        if let Some(from) = n.get("fromClause") {
+            self.from(from, ctx);
+        }
+        if let Some(values) = n.get("valuesLists") {
+            self.expression(values);
+        }
+        // WHERE, GROUP BY, HAVING, ORDER BY, LIMIT, WINDOW: they filter and order, not listed.
+    }
+
+    /// A node holding a SELECT (`{"SelectStmt": ...}`).
+    fn query(&mut self, q: &Value, ctx: Ctx) {
+        if let Some(n) = q.get("SelectStmt") {
+            self.select(n, ctx);
+        } else {
+            self.other(q);
+        }
+    }
+
+    fn from(&mut self, v: &Value, ctx: Ctx) {
+        match v {
+            Value::Array(items) => items.iter().for_each(|i| self.from(i, ctx)),
+            Value::Object(map) => {
+                if let Some(j) = map.get("JoinExpr") {
+                    for side in ["larg", "rarg"] {
+                        if let Some(s) = j.get(side) {
+                            self.from(s, ctx);
+                        }
+                    }
+                } else if let Some(rs) = map.get("RangeSubselect") {
+                    let renamed = rs
+                        .pointer("/alias/colnames")
+                        .and_then(Value::as_array)
+                        .is_some_and(|a| !a.is_empty());
+                    if let Some(q) = rs.get("subquery") {
+                        let inner = if renamed || ctx == Ctx::Derived {
+                            Ctx::Derived
+                        } else {
+                            Ctx::Nested
+                        };
+                        self.query(q, inner);
+                    }
+                } else if map.contains_key("RangeVar") {
+                } else {
+                    // Functions in FROM (unnest(array[c]), ...), table samples, XMLTABLE ...
+                    self.expression(v);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// An expression whose value reaches the result: every column reference in it is listed.
+    fn expression(&mut self, v: &Value) {
+        match v {
+            Value::Object(map) => {
+                for (k, child) in map {
+                    match k.as_str() {
+                        "ColumnRef" => self.reference(child, true),
+                        "SelectStmt" => self.select(child, Ctx::Derived),
+                        _ => self.expression(child),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| self.expression(i)),
+            _ => {}
+        }
+    }
+
+    fn reference(&mut self, cr: &Value, derived: bool) {
+        let (names, star) = fields(cr);
+        if star {
+            self.whole_row(names.first().map(String::as_str));
+        } else if names.len() == 1 && self.aliases.contains_key(&names[0]) {
+            self.whole_row(Some(&names[0]));
+        } else if derived && !names.is_empty() {
+            self.refs.derived.insert(names.join("."));
+        }
+    }
+
+    /// `alias` (None: a bare `*`) as a whole row: the relation it stands for, `*` for every one.
+    fn whole_row(&mut self, alias: Option<&str>) {
+        let rel = match alias {
+            Some(a) => self.aliases.get(a).cloned().unwrap_or_else(|| a.to_owned()),
+            None => "*".to_owned(),
+        };
+        self.refs.whole_rows.insert(rel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refs(sql: &str) -> ColumnRefs {
+        let json = crate::ffi::parse_json(sql).unwrap();
+        let v: Value = serde_json::from_str(&json).unwrap();
+        column_refs(v.pointer("/stmts/0/stmt").unwrap())
+    }
+
+    fn derived(sql: &str) -> Vec<String> {
+        refs(sql).derived.into_iter().collect()
+    }
+
+    fn whole(sql: &str) -> Vec<String> {
+        refs(sql).whole_rows.into_iter().collect()
+    }
+
+    #[test]
+    fn plain_columns_keep_their_origin() {
+        for sql in [
+            "select name, c.ssn as s from customers c where ssn like '1%' order by name",
+            "select * from customers",
+            "select c.* from customers c",
+            "select name from (select name from customers) s",
+            "with x as (select name, id from customers) select x.name from x where id = 1",
+            "select distinct name from customers group by name having count(ssn) > 1",
+            "declare c cursor for select name from customers",
+            "select name from customers where id in (select id from t where ssn = row_to_json(t)::text)",
+        ] {
+            let r = refs(sql);
+            assert!(r.derived.is_empty() && r.whole_rows.is_empty(), "{sql}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn values_computed_from_columns_are_listed() {
+        assert_eq!(derived("select name::varchar from customers"), ["name"]);
+        // Without the catalog a cast is a cast (PostgreSQL drops one to the column's own type and
+        // keeps the origin; listed anyway).
+        assert_eq!(derived("select name::text from customers"), ["name"]);
+        assert_eq!(
+            derived("select coalesce(c.name, '') from customers c"),
+            ["c.name"]
+        );
+        assert_eq!(
+            derived("select name collate \"C\" from customers"),
+            ["name"]
+        );
+        assert_eq!(
+            derived("select (select name from customers limit 1)"),
+            ["name"]
+        );
+        assert_eq!(
+            derived("select secretcol from customers union all select 'x'"),
+            ["secretcol"]
+        );
+        assert_eq!(
+            derived("select array_agg(secretcol) from customers"),
+            ["secretcol"]
+        );
+        assert_eq!(
+            derived("select n from (select name as n from customers) s"),
+            ["name"]
+        );
+        assert_eq!(
+            derived("select coalesce(w, '') from (select name from customers) s(w)"),
+            ["name", "w"]
+        );
+        assert_eq!(
+            derived("with x(n) as (select name from customers) select n from x"),
+            ["name"]
+        );
+        assert_eq!(
+            derived("delete from customers where id = 1 returning ssn"),
+            ["ssn"]
+        );
+        assert_eq!(derived("update t set other = ssn where id = 1"), ["ssn"]);
+        assert_eq!(derived("insert into t2 select ssn from customers"), ["ssn"]);
+        assert_eq!(
+            derived("create table t2 as select ssn from customers"),
+            ["ssn"]
+        );
+        assert_eq!(
+            derived("create view v as select ssn from customers"),
+            ["ssn"]
+        );
+        assert_eq!(derived("select ssn into t2 from customers"), ["ssn"]);
+        assert_eq!(
+            derived("select u from unnest(array[(select ssn from c)]) u"),
+            ["ssn"]
+        );
+    }
+
+    #[test]
+    fn whole_rows_are_listed_by_relation() {
+        assert_eq!(whole("select c from customers c"), ["customers"]);
+        assert_eq!(
+            whole("select row_to_json(m) from mask_people m"),
+            ["mask_people"]
+        );
+        assert_eq!(
+            whole("select row_to_json(m.*) from s.mask_people m"),
+            ["s.mask_people"]
+        );
+        assert_eq!(whole("select json_agg(c) from customers c"), ["customers"]);
+        assert_eq!(whole("select customers from customers"), ["customers"]);
+        assert_eq!(
+            whole("select * from customers union select * from customers"),
+            ["*"]
+        );
+        assert_eq!(whole("create table t2 as select * from customers"), ["*"]);
+        assert!(whole("select c.* from customers c").is_empty());
+    }
+}
