@@ -196,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     path = args.baseline or (REPO / "bench" / ("baseline-full.json" if args.full else "baseline.json"))
     if os.environ.get("OSTIARY_FAULT_SPIN_US"):
         say(f"fault injection on: OSTIARY_FAULT_SPIN_US={os.environ['OSTIARY_FAULT_SPIN_US']}")
+    if not args.write_baseline and not path.exists():
+        # Before the measurement (half an hour for --full), not after it.
+        extra = " --full" if args.full else ""
+        say(f"no baseline at {path}: write one first with")
+        say(f"  bench/perf_gate.py{extra} --repeat 5 --write-baseline")
+        return 2
     runs: list[dict[str, dict[str, float]]] = []
     for f in args.from_runs or []:
         data = json.loads(f.read_text())

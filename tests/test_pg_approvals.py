@@ -374,3 +374,32 @@ def test_extended_protocol_approvals_bind_the_parameters(
     assert value(pg, 3) == "bound-1"
     assert conn.execute("select 1").fetchone() == (1,)
     conn.close()
+
+
+def test_unqualified_names_are_held_by_rules_on_their_schema_and_sql_prepare_is_refused(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, accounts: None
+) -> None:
+    """A rule on `public.*` let `update apr_accounts ...` (unqualified) run unheld: names are
+    matched as written, and the default search_path finds it in public. Refusing and holding
+    rules now also see an unqualified name in the schemas it can resolve to. And an SQL PREPARE
+    approved once let every EXECUTE run with any values: refused, where a protocol-level prepare
+    holds each execution."""
+    cfg = approvals_config(
+        pg, gateway_tls, tmp_path, match={"kinds": ["update", "delete"], "relations": ["public.*"]}
+    )
+    gw = gateway_factory(config=cfg)
+    store = store_of(cfg)
+    held = Held(gw, "update apr_accounts set v = 'held' where id = 3")
+    req = pending(store)
+    assert req.statement == "update apr_accounts set v = 'held' where id = 3"
+    store.vote(req.id, "alice", False, "no", 60)
+    held.wait()
+    assert isinstance(held.error, psycopg.errors.InsufficientPrivilege)
+    assert value(pg, 3) == "c"
+    with psycopg.connect(gw.dsn(user="ci", password="ci-pw"), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="cannot be prepared with SQL PREPARE"):
+            c.execute("prepare p(int) as delete from apr_accounts where id = $1")
+        c.execute("prepare r as select v from apr_accounts where id = 1")  # nothing to hold
+        assert c.execute("execute r").fetchone() == ("a",)
+        assert not store.requests("pending")
+    held.conn.close()

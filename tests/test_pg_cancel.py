@@ -140,7 +140,8 @@ def test_cancel_request_with_wrong_key_cancels_nothing(gateway: GatewayProcess) 
         assert result["rows"] == [("", "completed")]
         assert result["elapsed"] >= 1.4
     log = gateway.log()
-    assert log.count("cancel request with an unknown key ignored") == 6
+    # Logged once (a flood of guesses is one line a minute, with the count).
+    assert log.count("cancel request with an unknown key from") == 1, log
     assert "cancel forwarded" not in log
 
 

@@ -616,3 +616,29 @@ def test_throttle_counts_what_it_does_not_log() -> None:
     assert t.hit() is None
     now[0] += 3600
     assert t.hit() == 2
+
+
+def test_too_many_clients_is_said_inside_tls(gateway_factory: GatewayFactory) -> None:
+    """Over `limits.max_connections`, a TLS client (every token client) got the 53300 error in
+    clear as the answer to its SSLRequest, which libpq cannot read ("server sent an error response
+    during SSL exchange"). It is now sent after the TLS handshake and startup packet, as
+    PostgreSQL does, and the log says so."""
+    gw = gateway_factory(limits={"max_connections": 1})
+    deadline = time.monotonic() + 10
+    while True:  # the factory's readiness probe may hold the one slot for a moment
+        try:
+            first = psycopg.connect(gw.dsn())
+            break
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    with first:
+        assert first.execute("select 1").fetchone() == (1,)
+        for mode in ("verify-full", "require", "prefer"):
+            with pytest.raises(psycopg.OperationalError, match="sorry, too many clients already") as e:
+                psycopg.connect(gw.dsn(sslmode=mode), connect_timeout=10).close()
+            assert "during SSL exchange" not in str(e.value)
+            assert e.value.sqlstate in (None, "53300")
+        assert first.execute("select 2").fetchone() == (2,)
+    assert "53300 sorry, too many clients already" in gw.log()

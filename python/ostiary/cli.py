@@ -14,9 +14,11 @@ gateway starts: a port in use, a TLS key that is not the certificate's, an unusa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -384,6 +386,16 @@ def _sessions_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{n} is not a positive number of seconds")
+    return n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ostiary", description="Access gateway for machines.")
     parser.add_argument("--version", action="version", version=f"ostiary {__version__}")
@@ -436,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mint.add_argument("--subject", required=True)
     mint.add_argument("--claim", action="append", default=[], metavar="KEY=VALUE")
     mint.add_argument("--audience", default="ostiary")
-    mint.add_argument("--lifetime", type=int, default=600, help="seconds (default 600)")
+    mint.add_argument("--lifetime", type=_positive_int, default=600, help="seconds (default 600)")
     mint.add_argument("--config", help="take data_dir from this configuration file")
     mint.add_argument("--data-dir", help="where the development key lives (default .ostiary)")
     mint.set_defaults(func=_mint)
@@ -475,7 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--data-dir", help="the data directory (default: the configuration's, .ostiary)")
 
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except BrokenPipeError:
+        # `ostiary ... | head`: the reader went away; stop quietly, as other tools do.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141
     return result
 
 

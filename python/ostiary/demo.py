@@ -133,8 +133,17 @@ def run_demo(data_dir: str, port: int) -> int:
         "workflow_ref": "acme/demo/.github/workflows/deploy.yml@refs/heads/main",
     }
     token = mint(str(state), "repo:acme/demo:ref:refs/heads/main", claims, lifetime=3600)
+    # The CLI as this shell can run it: `ostiary` when it is on PATH, else the virtualenv's path
+    # (make demo does not activate the virtualenv).
+    cli = "ostiary"
+    here = Path(sys.executable).parent / "ostiary"
+    if shutil.which("ostiary") is None and here.exists():
+        try:
+            cli = str(here.relative_to(Path.cwd()))
+        except ValueError:
+            cli = str(here)
     mint_cmd = (
-        f"ostiary token mint --dev --data-dir {state} --subject repo:acme/reports:ref:refs/heads/main "
+        f"{cli} token mint --dev --data-dir {state} --subject repo:acme/reports:ref:refs/heads/main "
         "--claim repository=acme/reports --claim ref=refs/heads/main"
     )
     print(
@@ -147,9 +156,9 @@ def run_demo(data_dir: str, port: int) -> int:
         f"  {mint_cmd}\n\n"
         "Every login, session and statement goes into the tamper-evident audit trail, and each\n"
         "session is recorded as its client saw it:\n\n"
-        f"  ostiary audit search --store {state}/audit.db\n"
-        f"  ostiary audit verify --store {state}/audit.db\n"
-        f"  ostiary sessions list --data-dir {state}\n\n"
+        f"  {cli} audit search --store {state}/audit.db\n"
+        f"  {cli} audit verify --store {state}/audit.db\n"
+        f"  {cli} sessions list --data-dir {state}\n\n"
         "Ctrl-C stops the gateway and removes the demo cluster and everything under\n"
         f"{base} (the audit trail and recordings included).\n",
         flush=True,

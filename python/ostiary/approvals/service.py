@@ -335,7 +335,7 @@ class Approvals:
         notice(
             f"approval required: {asked} held as request {req.id} (rule {rule.name}, "
             f"{rule.required} approval(s) from {', '.join(rule.approvers)}); approve with "
-            f"`ostiary approvals approve {req.id}`{where}; waiting up to {rule.timeout:g} s"
+            f"`ostiary approvals approve {req.id} --reason ...`{where}; waiting up to {rule.timeout:g} s"
         )
         self.holding[req.id] = notice
         try:

@@ -95,7 +95,7 @@ class PolicyHook:
             oid = statement.text.rpartition(" ")[2]
             if session.access == "read-only" and oid not in READ_ONLY_FAST_PATH:
                 return Decision.denied(
-                    f"grant {session.grant} is read-only: fast-path function calls other than "
+                    f"read-only: grant {session.grant} is read-only: fast-path function calls other than "
                     "large-object reads are refused",
                     rule="read-only",
                 )
@@ -116,9 +116,9 @@ class PolicyHook:
                 keep = "text"
         if _core.may_leave_read_only(statement.text):
             return Decision.denied(
-                f"grant {session.grant} is read-only: statements that could turn read-only mode off "
-                "(READ WRITE, transaction_read_only, set_config, DO, dblink, U&) and large-object writes "
-                "are refused",
+                f"read-only: grant {session.grant} is read-only: statements that could turn "
+                "read-only mode off (READ WRITE, transaction_read_only, set_config, DO, dblink, U&) "
+                "and large-object writes are refused",
                 rule="read-only",
             )
         return Decision.allowed(remember=keep)

@@ -368,9 +368,16 @@ class StatementDecision:
 
 
 class _Rule:
-    def __init__(self, g: Guardrail) -> None:
+    """One guardrail (or approval) rule's match. ``schemas``: for rules that refuse or hold, the
+    schemas an unqualified relation name can resolve to under the pinned default search_path
+    (``public`` and the login role's own); such a name then also matches as ``schema.name`` for
+    each, so `public.*` covers `accounts`. Allow rules match names as written (matching more
+    would let more through)."""
+
+    def __init__(self, g: Guardrail, schemas: tuple[str, ...] = ()) -> None:
         self.name = g.name
         self.deny = g.action == "deny"
+        self.schemas = schemas
         self.message = g.message or f"denied by rule {g.name}"
         m: StatementMatch = g.match
         self.kinds = frozenset(m.kinds)
@@ -383,7 +390,7 @@ class _Rule:
     def matches(self, a: StatementAnalysis) -> bool:
         if self.kinds and not (self.kinds & a.kinds):
             return False
-        if self.relations is not None and not any(self.relations.fullmatch(r) for r in a.reads | a.writes):
+        if self.relations is not None and not any(self.relations.fullmatch(r) for r in self._names(a)):
             return False
         if self.functions and not (self.functions & _function_names(a.functions)):
             return False
@@ -392,6 +399,13 @@ class _Rule:
         if self.without_where and not a.unbounded_write:
             return False
         return not (self.pattern is not None and not self.pattern.search(a.text))
+
+    def _names(self, a: StatementAnalysis) -> Iterable[str]:
+        for r in a.reads | a.writes:
+            yield r
+            if "." not in r:
+                for schema in self.schemas:
+                    yield f"{schema}.{r}"
 
 
 def _function_names(functions: frozenset[str]) -> frozenset[str]:
@@ -419,7 +433,16 @@ class SessionPolicy:
         names = list(dict.fromkeys([*(conn.guardrails if conn is not None else []), *grant.guardrails]))
         # The read-only pack means what a read-only grant means (kinds and effects), checked first.
         self.read_only_pack = "read-only" in names
-        self.rules = [_Rule(defined.get(n) or PACKS[n]) for n in names if n != "read-only"]
+        # Where an unqualified name can resolve (search_path "$user", public, pinned under
+        # relation rules): refusing and holding rules see it there too.
+        login = (
+            conn.credentials[grant.credential].user
+            if conn is not None and grant.credential is not None and grant.credential in conn.credentials
+            else (conn.upstream.user if conn is not None else "")
+        )
+        schemas = tuple(dict.fromkeys(s for s in ("public", login) if s))
+        rules = [defined.get(n) or PACKS[n] for n in names if n != "read-only"]
+        self.rules = [_Rule(g, schemas if g.action == "deny" else ()) for g in rules]
         # Unqualified names resolve through search_path: with relation rules it must not move.
         self.pins_search_path = self.relations is not None or any(r.relations is not None for r in self.rules)
         # Patterns look at the text, constants included: their verdicts hold per text only.
@@ -429,7 +452,7 @@ class SessionPolicy:
         # verdicts are never remembered by the data path).
         approvals = {a.name: a for a in policy.config.approvals}
         self.approvals = [
-            (_Rule(Guardrail(name=a.name, action="allow", match=a.match)), a)
+            (_Rule(Guardrail(name=a.name, action="allow", match=a.match), schemas), a)
             for a in (approvals[n] for n in grant.approvals if n in approvals)
         ]
         self.by_text = self.by_text or any(m.pattern is not None for m, _ in self.approvals)
@@ -507,6 +530,20 @@ class SessionPolicy:
             d = self.masking_refusal(a, text) or self.decide(a)
             if not d.allow:
                 return StatementDecision(d.allow, d.rule, d.message, by_shape=by_shape)
+            if "prepare" in a.kinds:
+                # Approval holds each execution with its values; an SQL PREPARE approved once
+                # would let every later EXECUTE run unheld.
+                for matcher, rule in self.approvals:
+                    if matcher.matches(a):
+                        return StatementDecision(
+                            False,
+                            rule.name,
+                            f"statements that approval rule {rule.name} holds cannot be prepared "
+                            "with SQL PREPARE (its EXECUTEs would not be held): run the statement "
+                            "itself, or prepare it through the protocol, where each execution is "
+                            "held with its parameters",
+                            by_shape=by_shape,
+                        )
         return StatementDecision(True, self.grant.name, by_shape=by_shape)
 
     def masking_refusal(self, a: StatementAnalysis, text: str) -> StatementDecision | None:

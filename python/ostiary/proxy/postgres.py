@@ -204,8 +204,13 @@ async def _connect_upstream(
 class PostgresStartup:
     """One client connection's startup phase."""
 
-    def __init__(self, gw: Gateway, stream: trio.SocketStream, peer: str) -> None:
+    def __init__(
+        self, gw: Gateway, stream: trio.SocketStream, peer: str, refuse: Refusal | None = None
+    ) -> None:
         self.gw = gw
+        # Refused once the client has negotiated TLS and sent its startup packet (as PostgreSQL
+        # reports "too many clients": a TLS client cannot read an error sent in clear).
+        self.refuse = refuse
         self.ch = Channel(stream)
         self.peer = peer
         self.machine = _core.ClientHandshake(gw.config.limits.max_startup)
@@ -420,6 +425,8 @@ class PostgresStartup:
                     # ``params``) were asked for: the gateway speaks 3.0 and says so first, as
                     # PostgreSQL does, and the client carries on with 3.0.
                     await self.ch.send(negotiate)
+                if self.refuse is not None:
+                    raise self.refuse
                 self.params = {str(k).lower(): str(v) for k, v in params}
                 conn = self._check_startup()
                 identity = await self._authenticate(conn)

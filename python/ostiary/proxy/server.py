@@ -67,7 +67,7 @@ from ostiary.policy.enforce import PolicyHook
 from ostiary.policy.evaluate import CompiledPolicy, policy_version
 from ostiary.policy.model import Connection
 from ostiary.proxy.channel import Channel, open_tcp
-from ostiary.proxy.postgres import CancelTarget, PostgresStartup, fatal
+from ostiary.proxy.postgres import CancelTarget, PostgresStartup, Refusal, fatal
 from ostiary.recording.live import LiveRecordings
 from ostiary.recording.objectstore import ObjectStoreClient, Uploader
 
@@ -182,6 +182,11 @@ def listen_problem(e: OSError, setting: str, host: str, port: int, source: str) 
     return ConfigError(source, [(f"{setting}.{where}" if where else setting, msg)])
 
 
+# Connections over max_connections that are told so inside their TLS session at once; beyond,
+# the error goes out in clear at once (a flood must not buy TLS handshakes).
+REFUSING_AT_ONCE = 32
+
+
 class Throttle:
     """Says when to log a repeated event: the first time, then at most once per ``interval``
     seconds, with how many happened since the last time it said so (those in between are counted,
@@ -288,6 +293,8 @@ class Gateway:
         self._cancel_by_session: dict[int, tuple[int, int]] = {}
         # A client guessing cancel keys sends thousands: one log line a minute says how many.
         self._unknown_cancels = Throttle(60.0)
+        self._refused_full = Throttle(60.0)
+        self._refusing = 0
         self._startups = 0
         self.draining = False
         self.listen_port: int | None = None
@@ -611,19 +618,36 @@ class Gateway:
         if self.draining:
             await _refuse_now(stream, "57P03", "the gateway is shutting down")
             return
+        refuse: Refusal | None = None
         if self._startups + self.engine.session_count() >= self.config.limits.max_connections:
-            await _refuse_now(stream, "53300", "sorry, too many clients already")
-            return
-        self._startups += 1
+            # Said after the client's TLS handshake and startup packet, so that TLS clients can
+            # read it (and a cancel request still gets through); a flood beyond a few dozen such
+            # handshakes at once gets the error in clear straight away.
+            if self._refusing >= REFUSING_AT_ONCE:
+                if (count := self._refused_full.hit()) is not None:
+                    log.warning(
+                        "%d connection(s) refused: too many clients (max_connections %d)",
+                        count,
+                        self.config.limits.max_connections,
+                    )
+                await _refuse_now(stream, "53300", "sorry, too many clients already")
+                return
+            refuse = Refusal("53300", "sorry, too many clients already")
+            self._refusing += 1
+        else:
+            self._startups += 1
         try:
-            await PostgresStartup(self, stream, peer).run()
+            await PostgresStartup(self, stream, peer, refuse=refuse).run()
         except Exception:
             # A bug in one connection's handling must not take the gateway down.
             log.exception("connection from %s failed unexpectedly", peer)
             with contextlib.suppress(Exception):
                 await stream.aclose()
         finally:
-            self._startups -= 1
+            if refuse is None:
+                self._startups -= 1
+            else:
+                self._refusing -= 1
 
     async def _open_listeners(self) -> list[trio.SocketListener]:
         """Binds ``listen``; raises ``ConfigError`` naming the setting to fix when it cannot be."""
@@ -789,15 +813,22 @@ class Gateway:
         grace = self.config.shutdown.grace
         if self.config.shutdown.close_idle:
             self.engine.drain(None, "57P01", SHUTDOWN_MESSAGE)
+        drain_started = trio.current_time()
         with trio.move_on_after(grace):
             while (self.engine.session_count() > 0 or self._startups > 0) and not self._hurry.is_set():
                 await trio.sleep(0.05)
         self.approvals.farewell("the gateway is shutting down")
+        waited = trio.current_time() - drain_started
         left = self.engine.terminate(None, "57P01", SHUTDOWN_MESSAGE)
         for session in list(self._cancel_by_session):
             self._cancel_running(session)
         if left:
-            log.info("ended %d session(s) still open after %g s", left, grace)
+            log.info(
+                "ended %d session(s) still open after %.0f s%s",
+                left,
+                waited,
+                " (a second signal cut the grace short)" if self._hurry.is_set() else "",
+            )
         with trio.move_on_after(5):
             while self.engine.session_count() > 0:
                 await trio.sleep(0.02)

@@ -7,6 +7,12 @@ use thiserror::Error;
 pub enum WireError {
     #[error("message length {length} is invalid (must be at least {min})")]
     LengthTooSmall { length: i64, min: usize },
+    #[error("{count} {what} exceed the limit of {limit}")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        limit: usize,
+    },
     #[error("{what} of {length} bytes exceeds the limit of {limit} bytes")]
     TooLarge {
         what: &'static str,

@@ -211,3 +211,23 @@ fn malformed_bodies_are_errors_not_panics() {
     });
     assert!(startup::decode(&no_user, &Limits::default()).is_err());
 }
+
+#[test]
+fn parameter_counts_are_unsigned_as_postgresql_reads_them() {
+    // 40,000 parameter types: the count's high bit is set (negative as an i16).
+    let types: Vec<u32> = (0..40_000).map(|i| 23 + (i % 2)).collect();
+    let mut body = Vec::new();
+    body.extend_from_slice(b"s1\0select 1\0");
+    body.extend_from_slice(&40_000u16.to_be_bytes());
+    for t in &types {
+        body.extend_from_slice(&t.to_be_bytes());
+    }
+    let (name, sql, got) = frontend::decode_parse(&body).unwrap();
+    assert_eq!((name, sql), (&b"s1"[..], &b"select 1"[..]));
+    assert_eq!(got, types);
+    let mut body = Vec::new();
+    body.extend_from_slice(b"s\0q\0");
+    body.extend_from_slice(&65_535u16.to_be_bytes());
+    body.extend(std::iter::repeat_n(0u8, 65_535 * 4));
+    assert_eq!(frontend::decode_parse(&body).unwrap().2.len(), 65_535);
+}

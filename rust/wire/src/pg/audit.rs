@@ -167,6 +167,50 @@ pub struct AuditTrack {
     starts: usize,
 }
 
+/// What a simple-query text frees with SQL that the protocol's Close would otherwise free.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SqlFree {
+    Statement(String),
+    AllStatements,
+    AllPortals,
+    Everything,
+}
+
+/// The DEALLOCATE [PREPARE] name|ALL, DISCARD ALL and CLOSE ALL statements of `text`, read
+/// word by word (a statement split by `;` inside a string or comment is misread at worst as
+/// freeing something, which only forgets what the trail would have named).
+fn sql_frees(text: &str) -> Vec<SqlFree> {
+    let mut out = Vec::new();
+    for stmt in text.split(';') {
+        let words: Vec<&str> = stmt.split_ascii_whitespace().collect();
+        let word = |i: usize| words.get(i).map(|w| w.to_ascii_lowercase());
+        match word(0).as_deref() {
+            Some("deallocate") => {
+                let at = if word(1).as_deref() == Some("prepare") {
+                    2
+                } else {
+                    1
+                };
+                match (word(at).as_deref(), words.get(at)) {
+                    (Some("all"), _) => out.push(SqlFree::AllStatements),
+                    (_, Some(raw)) => {
+                        let name = match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+                            Some(quoted) => quoted.replace("\"\"", "\""),
+                            None => raw.to_ascii_lowercase(),
+                        };
+                        out.push(SqlFree::Statement(name));
+                    }
+                    _ => {}
+                }
+            }
+            Some("discard") if word(1).as_deref() == Some("all") => out.push(SqlFree::Everything),
+            Some("close") if word(1).as_deref() == Some("all") => out.push(SqlFree::AllPortals),
+            _ => {}
+        }
+    }
+    out
+}
+
 fn params_size(params: &[Option<String>]) -> usize {
     params.iter().flatten().map(String::len).sum()
 }
@@ -274,9 +318,9 @@ impl AuditTrack {
 
     fn open_entry(&mut self, entry: AuditEntry) -> Result<(), WireError> {
         if self.open.len() >= MAX_OPEN {
-            return Err(WireError::TooLarge {
-                what: "statements waiting for the server",
-                length: self.open.len(),
+            return Err(WireError::TooMany {
+                what: "statements sent ahead of the server's answers (audited sessions)",
+                count: self.open.len() + 1,
                 limit: MAX_OPEN,
             });
         }
@@ -319,6 +363,9 @@ impl AuditTrack {
                     denied,
                     types: Arc::from(Vec::new()),
                 };
+                for freed in sql_frees(&p.text) {
+                    self.free(freed);
+                }
                 let e = self.entry(ExecKind::Query, String::new(), &p);
                 self.open_entry(e)?;
                 self.sent_blocks += 1;
@@ -421,6 +468,26 @@ impl AuditTrack {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Forgets what SQL freed (DEALLOCATE, DISCARD ALL, CLOSE ALL), as Close does for the
+    /// protocol's own messages: its budget is released.
+    fn free(&mut self, freed: SqlFree) {
+        let stmts: Vec<String> = match &freed {
+            SqlFree::Statement(name) => vec![name.clone()],
+            SqlFree::AllStatements | SqlFree::Everything => self.stmts.keys().cloned().collect(),
+            SqlFree::AllPortals => Vec::new(),
+        };
+        for name in stmts {
+            if let Some(old) = self.stmts.remove(&name) {
+                self.release(name.len() + old.text.len());
+            }
+        }
+        if matches!(freed, SqlFree::AllPortals | SqlFree::Everything) {
+            for (name, old) in std::mem::take(&mut self.portals) {
+                self.release(name.len() + old.stmt.len() + params_size(&old.params));
+            }
+        }
     }
 
     fn close(&mut self, mut open: Open, outcome: Outcome) {
@@ -779,6 +846,42 @@ mod tests {
             t.front(ftag::CLOSE, &close, None).unwrap();
         }
         assert!(t.budget_used < 10_000);
+    }
+
+    #[test]
+    fn statements_freed_with_sql_give_their_budget_back() {
+        // Drivers that prepare with Parse and free with SQL (DEALLOCATE), and poolers' DISCARD
+        // ALL: the budget must not fill with statements PostgreSQL no longer holds.
+        let mut t = AuditTrack::new(4096, false);
+        let text = "x".repeat(4000);
+        for i in 0..5000 {
+            let named = format!("S_{i}");
+            t.front(
+                ftag::PARSE,
+                body(&frontend::parse(&named, &text, &[])),
+                None,
+            )
+            .unwrap();
+            t.front(ftag::BIND, &bind("", &named, &[Some(b"1")], false), None)
+                .unwrap();
+            let free = match i % 4 {
+                0 => format!("DEALLOCATE \"{named}\""),
+                1 => format!("deallocate prepare \"{named}\"; select 1"),
+                2 => "DEALLOCATE ALL".to_owned(),
+                _ => "discard all".to_owned(),
+            };
+            t.front(ftag::QUERY, body(&frontend::query(&free)), None)
+                .unwrap();
+        }
+        assert!(t.budget_used < 10_000, "{}", t.budget_used);
+        assert_eq!(
+            sql_frees("deallocate s1; DEALLOCATE PREPARE \"Ab\"; close all; select 1"),
+            [
+                SqlFree::Statement("s1".into()),
+                SqlFree::Statement("Ab".into()),
+                SqlFree::AllPortals
+            ]
+        );
     }
 
     #[test]

@@ -45,6 +45,12 @@ impl<'a> Reader<'a> {
         Ok(i16::from_be_bytes(self.array::<2>()?))
     }
 
+    /// A 16-bit count, unsigned as PostgreSQL reads it (`pq_getmsgint(msg, 2)`): 0 to 65535
+    /// parameters, formats or columns.
+    pub fn count16(&mut self) -> Result<usize, WireError> {
+        Ok(usize::from(u16::from_be_bytes(self.array::<2>()?)))
+    }
+
     pub fn i32(&mut self) -> Result<i32, WireError> {
         Ok(i32::from_be_bytes(self.array::<4>()?))
     }

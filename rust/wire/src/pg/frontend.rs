@@ -66,11 +66,8 @@ pub fn decode_parse(body: &[u8]) -> Result<ParseFields<'_>, WireError> {
     let mut r = Reader::new(body, "Parse");
     let name = r.cstr()?;
     let sql = r.cstr()?;
-    let n = r.i16()?;
-    if n < 0 {
-        return Err(WireError::malformed("Parse", "negative parameter count"));
-    }
-    let mut types = Vec::with_capacity(n as usize);
+    let n = r.count16()?;
+    let mut types = Vec::with_capacity(n.min(r.remaining().len() / 4));
     for _ in 0..n {
         types.push(r.u32()?);
     }
@@ -154,8 +151,8 @@ pub fn parse_fields(body: &[u8], max_text: usize) -> (String, String, bool, Vec<
     let name = String::from_utf8_lossy(cstr_or_rest(&mut r)).into_owned();
     let (text, truncated) = cut(cstr_or_rest(&mut r), max_text);
     let mut types = Vec::new();
-    if let Ok(n) = r.i16() {
-        for _ in 0..n.max(0) {
+    if let Ok(n) = r.count16() {
+        for _ in 0..n {
             match r.u32() {
                 Ok(t) => types.push(t),
                 Err(_) => break,
@@ -169,17 +166,17 @@ pub fn parse_fields(body: &[u8], max_text: usize) -> (String, String, bool, Vec<
 /// marked with a last `"…"`).
 fn bind_params(r: &mut Reader<'_>, max_text: usize, types: &[u32]) -> Vec<Option<String>> {
     let mut out = Vec::new();
-    let Ok(nf) = r.i16() else { return out };
+    let Ok(nf) = r.count16() else { return out };
     let mut formats = Vec::new();
-    for _ in 0..nf.max(0) {
+    for _ in 0..nf {
         match r.i16() {
             Ok(f) => formats.push(f),
             Err(_) => return out,
         }
     }
-    let Ok(np) = r.i16() else { return out };
+    let Ok(np) = r.count16() else { return out };
     let mut room = max_text;
-    for i in 0..np.max(0) as usize {
+    for i in 0..np {
         let Ok(len) = r.i32() else {
             out.push(Some("…".into()));
             return out;

@@ -29,7 +29,7 @@
 //! are masked in place. In binary format scalars pass untouched (unless a column rule makes them
 //! NULL), and containers are masked with same-length `*` so their inner lengths stay valid.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use super::backend::tag as btag;
@@ -176,7 +176,8 @@ struct Portal {
 #[derive(Debug)]
 enum Expect {
     Simple,
-    Parse(String),
+    /// A Parse: the statement's name, and whether its text is SQL EXECUTE or FETCH.
+    Parse(String, bool),
     Bind {
         portal: String,
         stmt: String,
@@ -207,6 +208,10 @@ pub struct MaskState {
     plan: MaskPlan,
     expect: VecDeque<Expect>,
     stmts: HashMap<String, StmtDesc>,
+    /// Prepared statements whose text is SQL EXECUTE or FETCH: what they return is decided when
+    /// they run (the SQL statement or cursor they name can be replaced after a Describe), so
+    /// their statement-level description is not kept; a portal Describe still is.
+    utility: HashSet<String>,
     portals: HashMap<String, Portal>,
     current: Option<Current>,
     /// Some(format) while a COPY TO is sending data.
@@ -236,6 +241,7 @@ impl MaskState {
             plan,
             expect: VecDeque::new(),
             stmts: HashMap::new(),
+            utility: HashSet::new(),
             portals: HashMap::new(),
             current: None,
             copy_out: None,
@@ -270,20 +276,23 @@ impl MaskState {
         let mut r = Reader::new(&msg[5..], "client message");
         let e = match tag {
             ftag::QUERY | ftag::FUNCTION_CALL => Expect::Simple,
-            ftag::PARSE => Expect::Parse(lossy(r.cstr()?)),
+            ftag::PARSE => {
+                let name = lossy(r.cstr()?);
+                Expect::Parse(name, runs_named_sql(r.cstr()?))
+            }
             ftag::BIND => {
                 let portal = lossy(r.cstr()?);
                 let stmt = lossy(r.cstr()?);
-                let n = count(r.i16()?)?;
+                let n = r.count16()?;
                 r.bytes(2 * n)?;
-                let params = count(r.i16()?)?;
+                let params = r.count16()?;
                 for _ in 0..params {
                     let len = r.i32()?;
                     if len > 0 {
                         r.bytes(len as usize)?;
                     }
                 }
-                let n = count(r.i16()?)?;
+                let n = r.count16()?;
                 let mut formats = Vec::with_capacity(n);
                 for _ in 0..n {
                     formats.push(r.i16()?);
@@ -416,8 +425,18 @@ impl MaskState {
     fn on_back(&mut self, tag: u8, body: &[u8]) -> Result<Option<Current>, WireError> {
         match tag {
             btag::PARSE_COMPLETE => {
-                if let Some(Expect::Parse(name)) = self.pop_if(|e| matches!(e, Expect::Parse(_))) {
+                if let Some(Expect::Parse(name, utility)) =
+                    self.pop_if(|e| matches!(e, Expect::Parse(..)))
+                {
                     self.stmts.remove(&name);
+                    if utility {
+                        if self.utility.len() >= MAX_NAMED {
+                            self.utility.clear();
+                        }
+                        self.utility.insert(name);
+                    } else {
+                        self.utility.remove(&name);
+                    }
                 }
             }
             btag::BIND_COMPLETE => {
@@ -439,10 +458,14 @@ impl MaskState {
                 match self.expect.front() {
                     Some(Expect::DescribeStmt(_)) => {
                         if let Some(Expect::DescribeStmt(s)) = self.expect.pop_front() {
-                            if self.stmts.len() >= MAX_NAMED && !self.stmts.contains_key(&s) {
-                                self.stmts.clear();
+                            if self.utility.contains(&s) {
+                                self.stmts.remove(&s); // decided when it runs: not kept
+                            } else {
+                                if self.stmts.len() >= MAX_NAMED && !self.stmts.contains_key(&s) {
+                                    self.stmts.clear();
+                                }
+                                self.stmts.insert(s, StmtDesc::Rows(desc));
                             }
-                            self.stmts.insert(s, StmtDesc::Rows(desc));
                         }
                     }
                     Some(Expect::DescribePortal(_)) => {
@@ -564,7 +587,7 @@ impl MaskState {
 
     fn describe(&self, body: &[u8]) -> Result<Desc, WireError> {
         let mut r = Reader::new(body, "RowDescription");
-        let n = count(r.i16()?)?;
+        let n = r.count16()?;
         let mut cols = Vec::with_capacity(n);
         for _ in 0..n {
             let name = r.cstr()?;
@@ -603,7 +626,7 @@ impl MaskState {
         }
         let masker = Arc::clone(&self.plan.masker);
         let mut r = Reader::new(body, "DataRow");
-        let n = count(r.i16()?)?;
+        let n = r.count16()?;
         self.values.clear();
         let mut pos = 2usize;
         for _ in 0..n {
@@ -883,18 +906,48 @@ impl JsonStrings {
     }
 }
 
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+/// Whether a statement text is SQL EXECUTE or FETCH (after blanks and comments): its rows are
+/// those of another statement or cursor, chosen when it runs.
+fn runs_named_sql(sql: &[u8]) -> bool {
+    let mut i = 0;
+    loop {
+        while i < sql.len() && (sql[i].is_ascii_whitespace() || sql[i] == b'(') {
+            i += 1;
+        }
+        if sql[i..].starts_with(b"--") {
+            while i < sql.len() && sql[i] != b'\n' {
+                i += 1;
+            }
+        } else if sql[i..].starts_with(b"/*") {
+            let mut depth = 0usize;
+            while i < sql.len() {
+                if sql[i..].starts_with(b"/*") {
+                    depth += 1;
+                    i += 2;
+                } else if sql[i..].starts_with(b"*/") {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        } else {
+            break;
+        }
+    }
+    let word: Vec<u8> = sql[i..]
+        .iter()
+        .take_while(|b| b.is_ascii_alphabetic())
+        .map(u8::to_ascii_lowercase)
+        .collect();
+    word == b"execute" || word == b"fetch"
 }
 
-fn count(n: i16) -> Result<usize, WireError> {
-    if n < 0 {
-        return Err(WireError::malformed(
-            "message",
-            format!("negative count {n}"),
-        ));
-    }
-    Ok(n as usize)
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }
 
 fn write(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
@@ -1225,6 +1278,80 @@ mod tests {
         back2.extend(data_row(&[Some(b"1234567")]));
         let out = run(plan, &front, &back2).unwrap();
         assert!(out.windows(4).any(|w| w == b"####"));
+    }
+
+    #[test]
+    fn a_described_sql_execute_or_fetch_is_not_trusted_later() {
+        // Parse "execute q" (or "fetch next from c"), Describe it while q returns an unruled
+        // column, re-PREPARE q over a ruled one, then Bind and Execute without describing the
+        // portal: the rows are those of the new q, so the old description must not be used.
+        let p = || {
+            let mut p = plan();
+            p.columns.insert((500, 2), 0);
+            p.max_oid = 1000;
+            p
+        };
+        for text in ["execute q", " /* x */ FETCH next from c", "(execute q)"] {
+            let mut front = frontend::parse("s", text, &[]);
+            front.extend(named(ftag::DESCRIBE, Some(b'S'), "s", b""));
+            front.extend(frontend::sync());
+            front.extend(bind("", "s", &[]));
+            front.extend(named(ftag::EXECUTE, None, "", &0i32.to_be_bytes()));
+            front.extend(frontend::sync());
+            let mut back = msg(btag::PARSE_COMPLETE, b"");
+            back.extend(msg(btag::PARAMETER_DESCRIPTION, b"\0\0"));
+            back.extend(row_desc(&[("v", 500, 1, 25, 0)]));
+            back.extend(msg(btag::READY_FOR_QUERY, b"I"));
+            back.extend(msg(btag::BIND_COMPLETE, b""));
+            back.extend(data_row(&[Some(b"TOPSECRET")]));
+            assert!(
+                matches!(run(p, &front, &back), Err(WireError::Refused(_))),
+                "{text}"
+            );
+        }
+        // An ordinary prepared statement keeps its description.
+        let mut front = frontend::parse("s", "select v from t", &[]);
+        front.extend(named(ftag::DESCRIBE, Some(b'S'), "s", b""));
+        front.extend(frontend::sync());
+        front.extend(bind("", "s", &[]));
+        front.extend(named(ftag::EXECUTE, None, "", &0i32.to_be_bytes()));
+        front.extend(frontend::sync());
+        let mut back = msg(btag::PARSE_COMPLETE, b"");
+        back.extend(msg(btag::PARAMETER_DESCRIPTION, b"\0\0"));
+        back.extend(row_desc(&[("v", 500, 2, 25, 0)]));
+        back.extend(msg(btag::READY_FOR_QUERY, b"I"));
+        back.extend(msg(btag::BIND_COMPLETE, b""));
+        back.extend(data_row(&[Some(b"TOPSECRET")]));
+        back.extend(msg(btag::COMMAND_COMPLETE, b"SELECT 1\0"));
+        back.extend(msg(btag::READY_FOR_QUERY, b"I"));
+        let out = run(p, &front, &back).unwrap();
+        assert!(!String::from_utf8_lossy(&out).contains("TOPSECRET"));
+    }
+
+    #[test]
+    fn binds_with_more_than_32767_parameters_are_followed() {
+        // PostgreSQL reads the counts as unsigned (up to 65535); so must the masking state.
+        let mut bind = b"\0\0".to_vec(); // unnamed portal, unnamed statement
+        bind.extend_from_slice(&0u16.to_be_bytes()); // parameter formats: all text
+        bind.extend_from_slice(&40_000u16.to_be_bytes());
+        for _ in 0..40_000 {
+            bind.extend_from_slice(&1i32.to_be_bytes());
+            bind.push(b'1');
+        }
+        bind.extend_from_slice(&0u16.to_be_bytes()); // result formats: all text
+        let mut front = frontend::parse("", "select $1", &[]);
+        front.extend(msg(ftag::BIND, &bind));
+        front.extend(msg(ftag::DESCRIBE, b"P\0"));
+        front.extend(msg(ftag::EXECUTE, b"\0\0\0\0\0"));
+        front.extend(frontend::sync());
+        let mut back = msg(btag::PARSE_COMPLETE, b"");
+        back.extend(msg(btag::BIND_COMPLETE, b""));
+        back.extend(row_desc(&[("x", 0, 0, 25, 0)]));
+        back.extend(data_row(&[Some(b"card 4111111111111111")]));
+        back.extend(msg(btag::COMMAND_COMPLETE, b"SELECT 1\0"));
+        back.extend(msg(btag::READY_FOR_QUERY, b"I"));
+        let out = run(plan, &front, &back).unwrap();
+        assert!(String::from_utf8_lossy(&out).contains("card ####"));
     }
 
     #[test]

@@ -74,8 +74,8 @@ impl SimpleQuery {
                         });
                     }
                     let mut r = Reader::new(body, "DataRow");
-                    let n = r.i16()?;
-                    let mut row = Vec::with_capacity(n.max(0) as usize);
+                    let n = r.count16()?;
+                    let mut row = Vec::with_capacity(n.min(1664));
                     for _ in 0..n {
                         let len = r.i32()?;
                         row.push(if len < 0 {

@@ -639,15 +639,9 @@ fn cut_bind(f: &mut Framer, max_field: usize) -> Result<(), WireError> {
     let mut r = Reader::new(body, WHAT);
     r.cstr()?;
     r.cstr()?;
-    let formats = r.i16()?;
-    if formats < 0 {
-        return Err(WireError::malformed(WHAT, "negative format count"));
-    }
-    r.bytes(formats as usize * 2)?;
-    let params = r.i16()?;
-    if params < 0 {
-        return Err(WireError::malformed(WHAT, "negative parameter count"));
-    }
+    let formats = r.count16()?;
+    r.bytes(formats * 2)?;
+    let params = r.count16()?;
     let values_at = body.len() - r.remaining().len();
     let mut long = false;
     for _ in 0..params {
@@ -663,11 +657,8 @@ fn cut_bind(f: &mut Framer, max_field: usize) -> Result<(), WireError> {
             long |= len as usize > max_field;
         }
     }
-    let results = r.i16()?;
-    if results < 0 {
-        return Err(WireError::malformed(WHAT, "negative result format count"));
-    }
-    r.bytes(results as usize * 2)?;
+    let results = r.count16()?;
+    r.bytes(results * 2)?;
     if !r.is_empty() {
         return Err(WireError::malformed(WHAT, "bytes after the result formats"));
     }
@@ -686,7 +677,7 @@ fn cut_bind(f: &mut Framer, max_field: usize) -> Result<(), WireError> {
         let value = r.bytes(len as usize)?;
         let keep = value.len().min(max_field);
         if keep < value.len() {
-            f.truncs.push((i, len));
+            f.truncs.push((i16::try_from(i).unwrap_or(i16::MAX), len));
         }
         out.extend_from_slice(&(keep as i32).to_be_bytes());
         out.extend_from_slice(&value[..keep]);

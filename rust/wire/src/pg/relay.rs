@@ -42,6 +42,10 @@ pub enum Gate {
     ConsultBy(fn(&str) -> String),
 }
 
+/// PostgreSQL's limit for client messages other than those that carry statements, parameters,
+/// function arguments or COPY data (`PQ_SMALL_MESSAGE_LIMIT`, in bytes after the length word).
+pub const SMALL_MESSAGE_LIMIT: usize = 10_000;
+
 /// The verdict cache of a session is cleared when it would hold more than this many statements
 /// or bytes of statement text (statements with literals differ each time; the cache must not grow
 /// with them).
@@ -527,6 +531,26 @@ impl SessionRelay {
                 else {
                     break;
                 };
+                // PostgreSQL reads these with its small-message limit (PQ_SMALL_MESSAGE_LIMIT)
+                // and drops the connection above it; a session that captures them would
+                // otherwise wait for a body no client sends.
+                if matches!(
+                    tag,
+                    ftag::SYNC
+                        | ftag::FLUSH
+                        | ftag::DESCRIBE
+                        | ftag::EXECUTE
+                        | ftag::CLOSE
+                        | ftag::TERMINATE
+                        | ftag::COPY_DONE
+                ) && len > SMALL_MESSAGE_LIMIT
+                {
+                    return Err(WireError::TooLarge {
+                        what: "client control message",
+                        length: len,
+                        limit: SMALL_MESSAGE_LIMIT,
+                    });
+                }
                 let capture = self.wants_capture_front(tag);
                 if capture && len > self.limits.max_statement {
                     return Err(WireError::TooLarge {
@@ -1212,6 +1236,33 @@ mod tests {
                 .unwrap(),
             FrontendStop::Consumed
         );
+    }
+
+    #[test]
+    fn an_oversized_control_message_is_refused_at_its_header() {
+        // Sync with a 100,000-byte length and ten bytes of body: refused at once, whatever the
+        // session captures (it used to wait for the rest in masked sessions).
+        for gate in [Gate::AllowAll, Gate::Consult] {
+            let mut r = SessionRelay::new(Limits::default(), gate, false);
+            let mut input = vec![ftag::SYNC];
+            input.extend_from_slice(&100_004u32.to_be_bytes());
+            input.extend_from_slice(&[0; 10]);
+            let err = r.feed_frontend(&input, &mut Vec::new()).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    WireError::TooLarge {
+                        limit: SMALL_MESSAGE_LIMIT,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+        }
+        let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
+        let mut ok = vec![ftag::SYNC];
+        ok.extend_from_slice(&4u32.to_be_bytes());
+        r.feed_frontend(&ok, &mut Vec::new()).unwrap();
     }
 
     #[test]
