@@ -101,6 +101,7 @@ def test_example_file_is_valid_apart_from_its_paths(tmp_path: Path) -> None:
     for name in ("cert", "key"):
         (tmp_path / name).write_text("x")
         data["tls"][name] = str(tmp_path / name)
+        data["admin"]["tls"][name] = str(tmp_path / name)
     (tmp_path / "ca").write_text("x")
     data["connections"][0]["upstream"]["tls"]["ca"] = str(tmp_path / "ca")
     cfg = config.parse(data, "example", tmp_path)

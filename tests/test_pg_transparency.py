@@ -251,6 +251,24 @@ SCENARIOS: list[tuple[str, bytes, str]] = [
         q("select 'first' from pg_sleep(0.2)", "select 'second'"),
         "half-close",
     ),
+    # With no Sync, nothing says when the server is done: its answers to what was flushed still
+    # reach the client, as they do from PostgreSQL (they used to be dropped).
+    (
+        "Parse, Bind, Execute and Flush, then EOF",
+        parse("", "select 'flushed', g from generate_series(1, 3) g") + bind("", "") + execute() + FLUSH,
+        "half-close",
+    ),
+    ("a Parse error with Flush, then EOF", parse("", "select * from no_such_table") + FLUSH, "half-close"),
+    ("a Describe of no such statement, then EOF", describe("S", "nope") + FLUSH, "half-close"),
+    (
+        "Execute of 5,000 rows with Flush, then Terminate",
+        parse("", "select g, repeat('x', 100) from generate_series(1, 5000) g")
+        + bind("", "")
+        + execute()
+        + FLUSH
+        + TERMINATE,
+        "eof",
+    ),
     (
         "COPY FROM STDIN cut short by EOF",
         q("create temp table t4 (a int)", "copy t4 from stdin") + copy_data(b"1\n"),

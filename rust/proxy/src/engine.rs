@@ -1079,6 +1079,18 @@ impl Session {
                                  it was not passed unmasked"
                             ),
                         ),
+                        WireError::TooLarge {
+                            what: ostiary_wire::pg::relay::FOLLOWED_MESSAGE,
+                            length,
+                            limit,
+                        } => (
+                            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                            format!(
+                                "terminating connection: a client message of {length} bytes is \
+                                 over the {limit} bytes a masked session holds whole to follow \
+                                 it (limits.max_statement)"
+                            ),
+                        ),
                         _ => (
                             sqlstate::PROTOCOL_VIOLATION,
                             format!("protocol violation from the {side}: {err}"),
@@ -1169,7 +1181,7 @@ impl Session {
             }
             if half_closed.is_none() && self.relay.terminated() {
                 // (Nothing can be held or pending once the relay has passed the Terminate on.)
-                if !self.relay.server_owes_answer() {
+                if !self.relay.server_owes_answer() && !self.relay.unsynced() {
                     return Ok(("client_closed", String::new()));
                 }
                 half_closed = Some("");
@@ -1183,11 +1195,20 @@ impl Session {
                     && self.pending.is_empty()
                     && self.upstream.try_flush()?
                 {
-                    let rt = self.rt.clone();
-                    self.upstream.close(&rt).await;
+                    if !self.relay.terminated() {
+                        let rt = self.rt.clone();
+                        self.upstream.close(&rt).await;
+                    }
+                    // After the client's Terminate the server ends the session itself once it
+                    // has answered what came before; anything more from us (TLS close_notify)
+                    // would be unread when it exits, and its reset would drop the answers still
+                    // on their way.
                     self.upstream_shut = true;
                 }
-                if self.upstream_shut && !self.relay.server_owes_answer() {
+                // (Messages after the last Sync have no ReadyForQuery to wait for: then the
+                // server's closing the connection, after it read the EOF, ends the session.)
+                if self.upstream_shut && !self.relay.server_owes_answer() && !self.relay.unsynced()
+                {
                     match self.client.try_flush() {
                         Ok(true) => return Ok(("client_closed", why.into())),
                         Ok(false) => {} // the loop waits for room, as for any backlog
@@ -1296,7 +1317,8 @@ impl Session {
                         (Read::Closed(why), hold)
                             if self.relay.is_holding()
                                 || !self.pending.is_empty()
-                                || self.relay.server_owes_answer() =>
+                                || self.relay.server_owes_answer()
+                                || self.relay.unsynced() =>
                         {
                             // Answers are owed, or statements wait for a decision (as they would
                             // if the EOF had come a moment later, unread while they wait): finish

@@ -42,6 +42,11 @@ pub enum Gate {
     ConsultBy(fn(&str) -> String),
 }
 
+/// What a TooLarge error names for a client message a masked session (or one whose executions
+/// are held) must hold whole to follow it: a Bind with large parameters, say. Not a protocol
+/// violation: the gateway's own limit (`Limits::max_statement`).
+pub const FOLLOWED_MESSAGE: &str = "client message the session holds whole to follow it";
+
 /// PostgreSQL's limit for client messages other than those that carry statements, parameters,
 /// function arguments or COPY data (`PQ_SMALL_MESSAGE_LIMIT`, in bytes after the length word).
 pub const SMALL_MESSAGE_LIMIT: usize = 10_000;
@@ -315,6 +320,7 @@ pub struct SessionRelay {
     rows_since_complete: u64,
     bytes_since_complete: u64,
     terminated: bool,
+    unsynced: bool,
     /// Messages sent upstream that each end in a ReadyForQuery (Query, FunctionCall, Sync), minus
     /// the ReadyForQuery messages seen: zero when the server owes the client nothing.
     in_flight: u64,
@@ -355,6 +361,7 @@ impl SessionRelay {
             rows_since_complete: 0,
             bytes_since_complete: 0,
             terminated: false,
+            unsynced: false,
             in_flight: 0,
             last_status: b'I',
             mask: None,
@@ -442,6 +449,13 @@ impl SessionRelay {
     /// on whose ReadyForQuery has not come back, or a server message half-relayed.
     pub fn server_owes_answer(&self) -> bool {
         self.in_flight > 0 || !self.backend_at_boundary()
+    }
+
+    /// True when extended-protocol messages were sent after the last Sync or Query (Parse, Bind,
+    /// Execute, Describe, Flush ...): the server may still send their answers (a Flush, an error)
+    /// with no ReadyForQuery to say when it is done; only its closing the connection does.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
     }
 
     /// The transaction status of the last ReadyForQuery (b'I', b'T' or b'E').
@@ -551,10 +565,21 @@ impl SessionRelay {
                         limit: SMALL_MESSAGE_LIMIT,
                     });
                 }
+                self.unsynced = match tag {
+                    ftag::SYNC | ftag::QUERY | ftag::FUNCTION_CALL => false,
+                    ftag::TERMINATE | ftag::COPY_DATA | ftag::COPY_DONE | ftag::COPY_FAIL => {
+                        self.unsynced
+                    }
+                    _ => true,
+                };
                 let capture = self.wants_capture_front(tag);
                 if capture && len > self.limits.max_statement {
                     return Err(WireError::TooLarge {
-                        what: "statement",
+                        what: if self.gated(tag) {
+                            "statement"
+                        } else {
+                            FOLLOWED_MESSAGE
+                        },
                         length: len,
                         limit: self.limits.max_statement,
                     });
@@ -1236,6 +1261,26 @@ mod tests {
                 .unwrap(),
             FrontendStop::Consumed
         );
+    }
+
+    #[test]
+    fn messages_after_the_last_sync_are_unsynced() {
+        let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
+        let mut out = Vec::new();
+        assert!(!r.unsynced());
+        let mut m = frontend::parse("", "select 1", &[]);
+        m.extend(Framer::raw(ftag::FLUSH, b""));
+        r.feed_frontend(&m, &mut out).unwrap();
+        assert!(r.unsynced() && !r.server_owes_answer());
+        r.feed_frontend(&frontend::sync(), &mut out).unwrap();
+        assert!(!r.unsynced() && r.server_owes_answer());
+        r.feed_frontend(&frontend::terminate(), &mut out).unwrap();
+        assert!(!r.unsynced());
+        let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
+        let mut m = frontend::parse("", "select 1", &[]);
+        m.extend(frontend::terminate());
+        r.feed_frontend(&m, &mut out).unwrap();
+        assert!(r.unsynced() && r.terminated());
     }
 
     #[test]
