@@ -32,6 +32,7 @@ pub mod sqlstate {
     pub const INVALID_CATALOG_NAME: &str = "3D000";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    pub const SYNTAX_ERROR: &str = "42601";
 }
 
 /// Whether `name` is one of PostgreSQL's client-only multibyte encodings (SJIS, BIG5, GBK, UHC,

@@ -321,6 +321,7 @@ pub struct SessionRelay {
     bytes_since_complete: u64,
     terminated: bool,
     unsynced: bool,
+    marker_nonce: u64,
     /// Messages sent upstream that each end in a ReadyForQuery (Query, FunctionCall, Sync), minus
     /// the ReadyForQuery messages seen: zero when the server owes the client nothing.
     in_flight: u64,
@@ -362,6 +363,13 @@ impl SessionRelay {
             bytes_since_complete: 0,
             terminated: false,
             unsynced: false,
+            marker_nonce: {
+                let mut b = [0u8; 8];
+                // (Without the OS's randomness the nonce is zero: denials still work; only the
+                // guard against a client imitating a marker is lost.)
+                let _ = getrandom::getrandom(&mut b);
+                u64::from_le_bytes(b)
+            },
             in_flight: 0,
             last_status: b'I',
             mask: None,
@@ -447,6 +455,13 @@ impl SessionRelay {
 
     /// True while the server still owes the client an answer: a Query, FunctionCall or Sync passed
     /// on whose ReadyForQuery has not come back, or a server message half-relayed.
+    /// The stand-in text for denied statement `seq`: an identifier the server fails to parse,
+    /// with this session's random nonce, so that no other error (a client's own RAISE quoting
+    /// such text) is taken for a denial.
+    fn deny_marker(&self, seq: u64) -> String {
+        format!("{DENY_MARKER}{:016x}_{seq}", self.marker_nonce)
+    }
+
     pub fn server_owes_answer(&self) -> bool {
         self.in_flight > 0 || !self.backend_at_boundary()
     }
@@ -821,7 +836,7 @@ impl SessionRelay {
             }
             Verdict::Deny { code, message, .. } => {
                 self.stats.denied += 1;
-                let marker = format!("{DENY_MARKER}{}", statement.seq);
+                let marker = self.deny_marker(statement.seq);
                 let replacement = match statement.kind {
                     StatementKind::Parse => frontend::parse(&statement.name, &marker, &[]),
                     // A Parse that fails: the server then skips the rest of the pipeline to Sync.
@@ -940,10 +955,9 @@ impl SessionRelay {
             btag::ERROR_RESPONSE => {
                 let fields = ErrorFields::decode(body)?;
                 let msg = fields.message().unwrap_or("");
-                let hit = self
-                    .denials
-                    .iter()
-                    .position(|(marker, _, _)| msg.contains(marker.as_str()));
+                let hit = self.denials.iter().position(|(marker, _, _)| {
+                    fields.code() == Some(sqlstate::SYNTAX_ERROR) && msg.contains(marker.as_str())
+                });
                 if let Some(i) = hit {
                     // Denials before this one in the queue were skipped by the server (an earlier
                     // error in their pipeline); they produce no error of their own.
@@ -1482,12 +1496,12 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        assert_eq!(out, frontend::query("ostiary_denied_0"));
+        assert_eq!(out, frontend::query(&r.deny_marker(0)));
         // The server answers with a syntax error naming the marker, then ReadyForQuery.
         let mut server = backend::error_response(
             "ERROR",
             "42601",
-            "syntax error at or near \"ostiary_denied_0\"",
+            &format!("syntax error at or near \"{}\"", r.deny_marker(0)),
         );
         server.extend(ready_for_query(b'I'));
         let mut to_client = Vec::new();
@@ -1505,11 +1519,11 @@ mod tests {
     }
 
     /// What PostgreSQL answers a denial marker sent as a Query or a Parse.
-    fn marker_error(seq: u64) -> Vec<u8> {
+    fn marker_error(r: &SessionRelay, seq: u64) -> Vec<u8> {
         backend::error_response(
             "ERROR",
             "42601",
-            &format!("syntax error at or near \"ostiary_denied_{seq}\""),
+            &format!("syntax error at or near \"{}\"", r.deny_marker(seq)),
         )
     }
 
@@ -1542,7 +1556,7 @@ mod tests {
         ));
         let mut server = Vec::new();
         for seq in 0..3 {
-            server.extend(marker_error(seq));
+            server.extend(marker_error(&r, seq));
             server.extend(ready_for_query(b'I'));
         }
         let mut to_client = Vec::new();
@@ -1564,7 +1578,7 @@ mod tests {
         client.extend(frontend::query("select 3"));
         let mut out = Vec::new();
         r.feed_frontend(&client, &mut out).unwrap();
-        let mut server = marker_error(0);
+        let mut server = marker_error(&r, 0);
         server.extend(ready_for_query(b'I'));
         let mut to_client = Vec::new();
         r.feed_backend(&server, &mut to_client, &mut Vec::new())
@@ -1574,11 +1588,30 @@ mod tests {
             1,
             "only the Query's denial is still to come"
         );
-        let mut server = marker_error(2);
+        let mut server = marker_error(&r, 2);
         server.extend(ready_for_query(b'I'));
         r.feed_backend(&server, &mut to_client, &mut Vec::new())
             .unwrap();
         assert_eq!(to_client, refused(2));
+    }
+
+    #[test]
+    fn an_error_that_quotes_a_marker_is_not_taken_for_a_denial() {
+        // A client's own RAISE (any code but the syntax error the stand-in causes) naming
+        // markers: its error passes unchanged.
+        let mut r = SessionRelay::new(Limits::default(), Gate::Consult, false);
+        r.set_refusal(Some(("58030".into(), "cannot record".into())));
+        let mut out = Vec::new();
+        r.feed_frontend(&frontend::query("select 1"), &mut out)
+            .unwrap();
+        let spoof = format!("{} ostiary_denied_0 ostiary_denied_1", r.deny_marker(0));
+        let mut server = backend::error_response("ERROR", "P0001", &spoof);
+        server.extend(ready_for_query(b'I'));
+        let mut to_client = Vec::new();
+        r.feed_backend(&server, &mut to_client, &mut Vec::new())
+            .unwrap();
+        // (Even naming this session's own marker: only the server's syntax error about it is one.)
+        assert_eq!(to_client, server, "passed as the server sent it");
     }
 
     #[test]
