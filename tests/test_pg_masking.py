@@ -464,3 +464,26 @@ def test_policy_check_refuses_rules_the_engine_cannot_run(tmp_path: Path) -> Non
     cfg["masking"] = [{"name": "ok", "detectors": ["card"]}]
     cfg["connections"][0]["masking"] = ["missing"]
     assert "unknown masking rule 'missing'" in check(cfg)
+
+
+def test_views_created_before_the_session_are_masked_like_their_columns(
+    gw: GatewayProcess, pg: PgCluster
+) -> None:
+    """A view's plain column references carry their origin in the stored view query: such columns
+    get the origin's rules (a view over a masked column used to return it in clear)."""
+    from conftest import APP_PASSWORD
+
+    pg.execute(
+        "create or replace view mask_people_v as select id, name as who, ssn, email from mask_people",
+        dbname="app",
+        user="app",
+        password=APP_PASSWORD,
+    )
+    with connect(gw, "auditor") as c:
+        row = c.execute("select id, who, ssn from mask_people_v where id = 1").fetchone()
+        assert row == (1, "#####", "*******6789"), row
+        # And the view's whole row, like the table's, is refused under column rules.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masking"):
+            c.execute("select v from mask_people_v v")
+    with connect(gw, "worker") as c:  # no column rules: the view as it is (detectors still apply)
+        assert c.execute("select who from mask_people_v where id = 1").fetchone() == ("Alice",)

@@ -23,6 +23,11 @@ from ostiary import _core
 from ostiary.policy.globs import glob_to_re2
 from ostiary.policy.model import MaskingRule
 
+# A stored view query's target entries in pg_node_tree text: result column number, origin table
+# oid and column (an escape string literal, read the same in either string mode).
+_VIEW_ORIGINS_RE = r":resno (\d+) :resname [^:]* :ressortgroupref \d+ :resorigtbl (\d+) :resorigcol (\d+)"
+_VIEW_ORIGINS = "E'" + _VIEW_ORIGINS_RE.replace("\\", "\\\\").replace("'", "''") + "'"
+
 # Relations whose columns can appear in results: tables, partitioned tables, views, materialized
 # views, foreign tables.
 _RELKINDS = "'r','p','v','m','f'"
@@ -133,6 +138,20 @@ class SessionMasking:
             f"JOIN pg_catalog.pg_namespace n ON n.oid {eq} c.relnamespace "
             "WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped "
             f'AND c.relkind {eq} ANY (ARRAY[{_RELKINDS}]::pg_catalog."char"[]) '
+            f"AND a.attname OPERATOR(pg_catalog.~*) {literal} "
+            # View columns that are plain references to such a column (the stored view query's
+            # target entries carry their origin, as RowDescription would): the view's oid and
+            # column number with the origin's names, matched against the globs like the origin.
+            "UNION ALL SELECT v.ev_class::pg_catalog.int8, n.nspname, c.relname, "
+            "m.g[1]::pg_catalog.int4, a.attname "
+            "FROM pg_catalog.pg_rewrite v "
+            "CROSS JOIN LATERAL pg_catalog.regexp_matches("
+            f"v.ev_action::pg_catalog.text, {_VIEW_ORIGINS}, 'g') AS m(g) "
+            f"JOIN pg_catalog.pg_class c ON c.oid {eq} m.g[2]::pg_catalog.oid "
+            f"JOIN pg_catalog.pg_namespace n ON n.oid {eq} c.relnamespace "
+            f"JOIN pg_catalog.pg_attribute a ON a.attrelid {eq} c.oid "
+            f"AND a.attnum {eq} m.g[3]::pg_catalog.int2 "
+            f"WHERE v.ev_type {eq} '1' AND v.ev_class OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid "
             f"AND a.attname OPERATOR(pg_catalog.~*) {literal} "
             "UNION ALL SELECT (SELECT pg_catalog.max(oid)::pg_catalog.int8 FROM pg_catalog.pg_class), "
             "NULL, NULL, NULL, NULL"
