@@ -78,6 +78,9 @@ class FakeEngine:
         self.refusing = code
         return 0
 
+    def set_audit_backlog(self, pending: int, high: int, taken: int = 0) -> None:
+        self.backlog = (pending, high)
+
     def terminate(self, session: int | None, code: str, message: str) -> int:
         self.terminated.append(code)
         return 0

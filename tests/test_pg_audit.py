@@ -684,3 +684,67 @@ def _run_catching(conn: psycopg.Connection[Any], sql: str) -> Any:
         return conn.execute(sql).rowcount
     except psycopg.Error as e:
         return e
+
+
+def test_one_client_pipelining_faster_than_the_store_is_slowed_not_everyone_refused(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path
+) -> None:
+    """Async mode: one client pipelining statements faster than the store writes filled
+    `max_pending` within seconds, and then every session was ended and every login refused. At
+    half of it the data path's sessions now wait before handing over more entries, so the flood
+    is slowed, everyone else goes on, nothing is lost."""
+    from pgraw import SYNC, RawConn, bind, execute, parse
+
+    cfg = audit_config(pg, gateway_tls, tmp_path, max_pending=5000, flush_interval=0.2)
+    gw = gateway_factory(config=cfg)
+    n = 60_000
+    unit = parse("", "select 'flood'") + bind("", "") + execute() + SYNC
+    flood = RawConn(gw.port)
+    flood.start_tls(gw.tls.ca_cert)
+    flood.login(OPS, "ops-pw")
+    answers: dict[str, Any] = {"ready": 0, "errors": []}
+
+    def read() -> None:
+        while answers["ready"] < n:
+            m = flood.recv_message(60)
+            if m is None:
+                answers["errors"].append("closed")
+                return
+            if m[0] == b"Z":
+                answers["ready"] += 1
+            elif m[0] == b"E":
+                answers["errors"].append(m[1][:120])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    bystander_errors: list[str] = []
+    with psycopg.connect(gw.dsn(user=OPS, password="ops-pw"), autocommit=True) as by:
+        sender = threading.Thread(target=flood.send, args=(unit * n,), daemon=True)
+        sender.start()
+        while reader.is_alive():
+            try:
+                by.execute("select 'bystander'")
+                psycopg.connect(gw.dsn(user=OPS, password="ops-pw")).close()
+            except psycopg.Error as e:
+                bystander_errors.append(str(e))
+            reader.join(0.2)
+        sender.join(10)
+    flood.close()
+    assert answers["ready"] == n and not answers["errors"], answers["errors"][:3]
+    assert not bystander_errors, bystander_errors[:3]
+    assert "records_lost" not in gw.log() and "max_pending" not in gw.log()
+    assert gw.stop() == 0
+    found = cli(
+        "audit",
+        "search",
+        "--config",
+        str(gw.config_path),
+        "--json",
+        "--limit",
+        "1000000",
+        "--kind",
+        "statement",
+        "--text",
+        "'flood'",
+    )
+    assert len(found.stdout.splitlines()) == n

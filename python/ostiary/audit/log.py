@@ -293,6 +293,7 @@ class AuditLog:
             return
         log.error("audit: %s; refusing statements and logins until it is back", why)
         self.refusing = True
+        self._report_backlog()
         if self.engine is not None:
             self.engine.refuse_statements(UNAVAILABLE_CODE, UNAVAILABLE)
 
@@ -300,6 +301,7 @@ class AuditLog:
         if not self.refusing or len(self.pending) >= self.cfg.max_pending:
             return
         self.refusing = False
+        self._report_backlog()
         if self.engine is not None:
             self.engine.refuse_statements(None)
 
@@ -336,6 +338,17 @@ class AuditLog:
     def engine_batch(self, ack_session: int, ticket: int, entries: list[tuple[Any, ...]]) -> None:
         """Seals the statement entries of an ``("audit", ...)`` engine event. With ``ack_session``,
         that session waits until these records are durable."""
+        try:
+            self._seal_entries(entries)
+        finally:
+            # (Every event's entries are reported once, whatever happened, or the data path
+            # would count them as waiting for good.)
+            self._report_backlog(taken=len(entries))
+        if ack_session:
+            self.waiters.append((self.chain.seq, ack_session, ticket, time.monotonic()))
+            self._wake.set()
+
+    def _seal_entries(self, entries: list[tuple[Any, ...]]) -> None:
         mode = self.cfg.statements
         from ostiary.hooks import statement_fingerprint
 
@@ -384,9 +397,17 @@ class AuditLog:
                 rule=denied[2] if denied is not None else (info.grant if info is not None else ""),
                 data=data,
             )
-        if ack_session:
-            self.waiters.append((self.chain.seq, ack_session, ticket, time.monotonic()))
-            self._wake.set()
+
+    def _report_backlog(self, taken: int = 0) -> None:
+        """Tells the data path how many records wait: at half of ``max_pending`` its sessions
+        wait before handing over more (``Engine.set_audit_backlog``), so that a client pipelining
+        faster than the store writes is slowed down instead of filling ``max_pending`` and getting
+        everyone refused. Off while the store is down (refusing or spooling decide then)."""
+        if self.engine is not None:
+            healthy = not self.refusing and not self.spooling
+            self.engine.set_audit_backlog(
+                len(self.pending), self.cfg.max_pending // 2 if healthy else 0, taken
+            )
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -470,6 +491,7 @@ class AuditLog:
                             raise
                         # Only appends happen meanwhile, at the end: the front is still ``batch``.
                         del self.pending[: len(batch)]
+                        self._report_backlog()
                         self._stored(batch[-1])
                         log.debug("audit: %d record(s) written, through seq %d", len(batch), batch[-1].seq)
                 except StoreError as e:
@@ -585,6 +607,7 @@ class AuditLog:
         if not self.spooling:
             log.error("audit store unavailable; spooling records to %s", self.spool.path)
             self.spooling = True
+            self._report_backlog()
         self._accept()
         return True
 
@@ -634,6 +657,7 @@ class AuditLog:
                 if rest:
                     self.stored = (rest[-1].seq, rest[-1].hash)
                 self.spooling = False
+                self._report_backlog()
                 self._unsure = False
                 self.healthy = True
                 log.warning(

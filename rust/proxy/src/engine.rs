@@ -117,6 +117,10 @@ pub struct AuditSpec {
 /// Audit entries a worker gathers before handing them over without waiting for `audit_flush`.
 pub const AUDIT_BATCH: usize = 512;
 
+/// How long a session waits at most for the audit backlog to come down before it hands over its
+/// entries anyway (the control plane's own limit, `max_pending`, then decides).
+const AUDIT_BACKLOG_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub enum Command {
     Verdict {
@@ -241,6 +245,13 @@ struct Inner {
     events: Mutex<VecDeque<Event>>,
     event_fd: EventFd,
     next_worker: AtomicUsize,
+    /// Audit records the control plane holds unwritten, and the count at which sessions wait
+    /// before handing over more entries (0: never); see `Engine::set_audit_backlog`.
+    audit_backlog: AtomicUsize,
+    audit_high: AtomicUsize,
+    /// Audit entries handed over that the control plane has not yet made records of (it says so
+    /// in `set_audit_backlog`).
+    audit_queued: AtomicUsize,
 }
 
 impl Drop for Inner {
@@ -253,6 +264,12 @@ impl Drop for Inner {
 }
 
 impl Inner {
+    /// Audit entries handed over and not yet written: in the event queue, and (as the control
+    /// plane last said) records it holds.
+    fn audit_backlog(&self) -> usize {
+        self.audit_backlog.load(Ordering::Relaxed) + self.audit_queued.load(Ordering::Relaxed)
+    }
+
     fn push(&self, ev: Event) -> bool {
         let mut q = self.events.lock().expect("event queue lock");
         let was_empty = q.is_empty();
@@ -263,6 +280,18 @@ impl Inner {
             self.event_fd.notify();
         }
         full
+    }
+
+    /// Queues audit entries (counted in `audit_queued` until the control plane takes them).
+    async fn push_audit(
+        &self,
+        rt: &Rc<Runtime>,
+        entries: Vec<(u64, AuditEntry)>,
+        ack: Option<(u64, u64)>,
+    ) {
+        self.audit_queued
+            .fetch_add(entries.len(), Ordering::Relaxed);
+        self.push_waiting(rt, Event::Audit { entries, ack }).await;
     }
 
     /// Queues an event; if that filled the queue, waits until the control plane made room (a
@@ -304,6 +333,9 @@ impl Engine {
             events: Mutex::new(VecDeque::new()),
             event_fd,
             next_worker: AtomicUsize::new(0),
+            audit_backlog: AtomicUsize::new(0),
+            audit_high: AtomicUsize::new(0),
+            audit_queued: AtomicUsize::new(0),
         });
         for (i, link) in links.into_iter().enumerate() {
             let inner2 = Arc::downgrade(&inner);
@@ -375,6 +407,28 @@ impl Engine {
             .sum()
     }
 
+    /// The audit trail's backlog, as the control plane last counted it: with `pending` records
+    /// unwritten at or above `high`, a session about to hand over audit entries first waits
+    /// (for at most `AUDIT_BACKLOG_WAIT`) until the backlog is below half of `high`. A client
+    /// pipelining statements faster than the store writes is slowed down this way, instead of
+    /// filling the backlog until everyone is refused. `high` 0 turns it off (the store is down:
+    /// refusal or spooling take over).
+    ///
+    /// `taken`: audit entries of `("audit", ...)` events the control plane has now made records
+    /// of (they counted as queued until then).
+    pub fn set_audit_backlog(&self, pending: usize, high: usize, taken: usize) {
+        if taken > 0 {
+            let _ =
+                self.inner
+                    .audit_queued
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+                        Some(q.saturating_sub(taken))
+                    });
+        }
+        self.inner.audit_backlog.store(pending, Ordering::Relaxed);
+        self.inner.audit_high.store(high, Ordering::Relaxed);
+    }
+
     pub fn session_count(&self) -> usize {
         self.inner.sessions.lock().expect("sessions lock").len()
     }
@@ -385,6 +439,7 @@ impl Engine {
         let mut q = self.inner.events.lock().expect("event queue lock");
         let n = q.len().min(max);
         let out: Vec<Event> = q.drain(..n).collect();
+
         let more = !q.is_empty();
         drop(q);
         if more {
@@ -542,9 +597,7 @@ fn worker(
                 let Some(inner) = weak.upgrade() else { break };
                 let entries = AUDIT_BUF.with_borrow_mut(std::mem::take);
                 if !entries.is_empty() {
-                    inner
-                        .push_waiting(&rt2, Event::Audit { entries, ack: None })
-                        .await;
+                    inner.push_audit(&rt2, entries, None).await;
                 }
             }
         });
@@ -1139,9 +1192,7 @@ impl Session {
                 std::mem::take(b)
             });
             if !entries.is_empty() {
-                inner
-                    .push_waiting(&self.rt, Event::Audit { entries, ack: None })
-                    .await;
+                inner.push_audit(&self.rt, entries, None).await;
             }
         }
         (
@@ -1518,6 +1569,21 @@ impl Session {
             return;
         }
         let starts = a.starts() > 0;
+        let high = inner.audit_high.load(Ordering::Relaxed);
+        if high > 0 && inner.audit_backlog() >= high {
+            // Backpressure (see `Engine::set_audit_backlog`): this session reads no more from its
+            // client meanwhile; others carry on.
+            let until = std::time::Instant::now() + AUDIT_BACKLOG_WAIT;
+            while inner.audit_backlog() >= high / 2
+                && inner.audit_high.load(Ordering::Relaxed) > 0
+                && std::time::Instant::now() < until
+            {
+                self.rt.sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let Some(a) = self.relay.audit_mut() else {
+            return;
+        };
         let mine = a.take().into_iter().map(|e| (self.id, e));
         let (entries, ack) = AUDIT_BUF.with_borrow_mut(|b| {
             if b.is_empty() {
@@ -1534,9 +1600,7 @@ impl Session {
             }
         });
         if !entries.is_empty() {
-            inner
-                .push_waiting(&self.rt, Event::Audit { entries, ack })
-                .await;
+            inner.push_audit(&self.rt, entries, ack).await;
         }
     }
 

@@ -719,6 +719,15 @@ impl Engine {
         self.inner.broadcast(Command::Refuse { refusal })
     }
 
+    /// The audit trail's backlog: `pending` unwritten records, plus the entries of audit events
+    /// not yet made records of; sessions wait before handing over more entries while it is at or
+    /// above `high` (0: never), until it is below half of it. `taken`: entries of audit events
+    /// made records of since the last call (every audit event's entries must be reported once).
+    #[pyo3(signature = (pending, high, taken = 0))]
+    fn set_audit_backlog(&self, pending: usize, high: usize, taken: usize) {
+        self.inner.set_audit_backlog(pending, high, taken)
+    }
+
     /// Waiting events as tuples: ("statement", session, seq, kind, name, text, params),
     /// ("complete", session, tag, rows, bytes), ("error", session, code, message, denied),
     /// ("ready", session, status), ("ended", session, reason, detail, stats dict),
