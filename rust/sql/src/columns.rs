@@ -83,6 +83,19 @@ fn collect_aliases(v: &Value, out: &mut BTreeMap<String, String>) {
     }
 }
 
+/// How the targets of a subquery in FROM or a CTE reach the result: as the outer query's own
+/// (`Nested`), unless a column list renames them or the outer query's rows lose their origin.
+fn subquery_ctx(column_names: Option<&Value>, outer: Ctx) -> Ctx {
+    let renamed = column_names
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty());
+    if renamed || outer == Ctx::Derived {
+        Ctx::Derived
+    } else {
+        Ctx::Nested
+    }
+}
+
 /// The String fields of a ColumnRef, and whether it ends in `*`.
 fn fields(cr: &Value) -> (Vec<String>, bool) {
     let mut names = Vec::new();
@@ -147,17 +160,8 @@ impl Walker {
         if let Some(Value::Array(ctes)) = n.pointer("/withClause/ctes") {
             for c in ctes {
                 let c = c.get("CommonTableExpr").unwrap_or(c);
-                let renamed = c
-                    .get("aliascolnames")
-                    .and_then(Value::as_array)
-                    .is_some_and(|a| !a.is_empty());
                 if let Some(q) = c.get("ctequery") {
-                    let inner = if renamed || ctx == Ctx::Derived {
-                        Ctx::Derived
-                    } else {
-                        Ctx::Nested
-                    };
-                    self.query(q, inner);
+                    self.query(q, subquery_ctx(c.get("aliascolnames"), ctx));
                 }
             }
         }
@@ -231,17 +235,8 @@ impl Walker {
                         }
                     }
                 } else if let Some(rs) = map.get("RangeSubselect") {
-                    let renamed = rs
-                        .pointer("/alias/colnames")
-                        .and_then(Value::as_array)
-                        .is_some_and(|a| !a.is_empty());
                     if let Some(q) = rs.get("subquery") {
-                        let inner = if renamed || ctx == Ctx::Derived {
-                            Ctx::Derived
-                        } else {
-                            Ctx::Nested
-                        };
-                        self.query(q, inner);
+                        self.query(q, subquery_ctx(rs.pointer("/alias/colnames"), ctx));
                     }
                 } else if map.contains_key("RangeVar") {
                 } else {
