@@ -486,6 +486,30 @@ def test_2gib_message_after_auth(gw_plain: GatewayProcess, subtests: pytest.Subt
         assert gw_plain.rss_kib() - rss0 < 16 * 1024
 
 
+def test_messages_before_a_bad_length_are_answered_first(gw_plain: GatewayProcess, pg: PgCluster) -> None:
+    """PostgreSQL runs and answers the messages it read before one with an impossible length,
+    then closes. The gateway used to answer only with its FATAL: an INSERT sent just before ran
+    and committed, and the client never learned it."""
+    from conftest import APP_PASSWORD
+
+    pg.execute("create table if not exists badlen_t(v text)", dbname="app", user="app", password=APP_PASSWORD)
+    with bystander(gw_plain), plain_session(gw_plain) as c:
+        c.send(
+            typed(b"Q", b"insert into badlen_t values ('before the bad length') returning v\0")
+            + b"Q"
+            + struct.pack("!i", 0x7FFFFFFF)
+            + b"select 1"
+        )
+        out = c.outcome(PROMPT + 3)
+        assert out.closed, out.describe()
+        assert [t for t, _ in out.messages] == [b"T", b"D", b"C", b"Z", b"E"], out.describe()
+        err = out.errors[-1]
+        assert (err.get("S"), err.get("C")) == ("FATAL", "08P01") and "exceeds the limit" in err["M"], err
+    left = pg.execute("select count(*) from badlen_t", dbname="app", user="app", password=APP_PASSWORD)
+    assert left.strip() == "1"
+    pg.execute("drop table badlen_t", dbname="app", user="app", password=APP_PASSWORD)
+
+
 def test_query_without_nul_terminator_then_sync(gw_plain: GatewayProcess) -> None:
     """Whatever the server makes of it, the session ends with an error or carries on sanely."""
     with bystander(gw_plain), plain_session(gw_plain) as c:

@@ -1223,6 +1223,8 @@ impl Session {
         // the server closes. A client that is gone altogether (not just half-closed) makes the
         // first write after that fail, which ends the session just the same.
         let mut half_closed: Option<&'static str> = None;
+        // A client protocol error met while answers were owed: the session's end, once they are out.
+        let mut deferred: Option<SessionError> = None;
         loop {
             if !self.pending.is_empty() && !self.relay.is_holding() && !self.waiting {
                 let pending = std::mem::take(&mut self.pending);
@@ -1260,6 +1262,9 @@ impl Session {
                 // server's closing the connection, after it read the EOF, ends the session.)
                 if self.upstream_shut && !self.relay.server_owes_answer() && !self.relay.unsynced()
                 {
+                    if let Some(e) = deferred.take() {
+                        return Err(e);
+                    }
                     match self.client.try_flush() {
                         Ok(true) => return Ok(("client_closed", why.into())),
                         Ok(false) => {} // the loop waits for room, as for any backlog
@@ -1361,7 +1366,20 @@ impl Session {
                 Wake::Command(Some(c)) => self.on_command(c, inner).await?,
                 Wake::Command(None) => return Ok(("terminated", "engine stopped".into())),
                 Wake::Client => {
-                    let (outcome, hold, drained) = self.on_client_readable()?;
+                    let (outcome, hold, drained) = match self.on_client_readable() {
+                        Ok(read) => read,
+                        Err(e @ SessionError::Protocol { side: "client", .. })
+                            if deferred.is_none()
+                                && (self.relay.server_owes_answer() || self.relay.unsynced()) =>
+                        {
+                            // Answers to what the client sent before are owed: relay them as
+                            // after an EOF (`half_closed`), then end with this error.
+                            deferred = Some(e);
+                            half_closed = Some("");
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     drained.apply(&cfd);
                     match (outcome, hold) {
                         // (A statement returned as held is the one the relay now holds.)
@@ -1397,7 +1415,12 @@ impl Session {
                     };
                     match (step, half_closed) {
                         (Ok(None), _) => {}
-                        (Ok(Some(_)), Some(why)) => return Ok(("client_closed", why.into())),
+                        (Ok(Some(_)), Some(why)) => {
+                            if let Some(e) = deferred.take() {
+                                return Err(e);
+                            }
+                            return Ok(("client_closed", why.into()));
+                        }
                         (Ok(Some(why)), None) => return Ok(("upstream_closed", why.into())),
                         // After the client's EOF a failed write means it is gone, not a fault.
                         (Err(SessionError::Io(e)), Some(why)) => {
@@ -1498,10 +1521,15 @@ impl Session {
         if self.audit {
             self.relay.set_now(now_us());
         }
-        let stop = self
-            .relay
-            .feed_frontend(data, out)
-            .map_err(protocol("client"))?;
+        let stop = match self.relay.feed_frontend(data, out) {
+            Ok(stop) => stop,
+            Err(e) => {
+                // What came before the bad bytes goes on, as PostgreSQL runs the messages it read
+                // before one it cannot: the session then ends once their answers are relayed.
+                let _ = self.send_upstream(out, raw);
+                return Err(protocol("client")(e));
+            }
+        };
         if let Some((rec, _, _)) = self.recorder.as_mut() {
             // Only what was consumed: held bytes are scanned (and recorded) again later.
             let used = match &stop {
