@@ -31,6 +31,7 @@ from ostiary.approvals.store import (
     Request,
     new_id,
 )
+from ostiary.audit.log import StoreCall
 from ostiary.audit.records import now_us
 from ostiary.audit.store import StoreError
 
@@ -48,22 +49,6 @@ POLL = 1.0
 Notifier = Callable[[str, Request], Awaitable[None]]
 
 
-class _Call:
-    """One blocking store call, run by a worker thread; ``finished`` is set when it returns."""
-
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        self.fn = fn
-        self.args = args
-        self.started = time.monotonic()
-        self.finished = threading.Event()
-
-    def run(self) -> Any:
-        try:
-            return self.fn(*self.args)
-        finally:
-            self.finished.set()
-
-
 class Approvals:
     def __init__(
         self,
@@ -77,7 +62,7 @@ class Approvals:
         self.store = store
         self.store_timeout = store_timeout
         self._store_lock = trio.Lock()
-        self._abandoned: _Call | None = None
+        self._abandoned: StoreCall | None = None
         self.gateway = gateway
         self.policy = policy
         self.audit = audit
@@ -111,7 +96,7 @@ class Approvals:
                         f"{time.monotonic() - old.started:.0f} s ago has not returned yet"
                     )
                 self._abandoned = None
-            call = _Call(fn, args)
+            call = StoreCall(fn, args)
             limit = trio.move_on_after(self.store_timeout)
             try:
                 with limit:

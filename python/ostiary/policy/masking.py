@@ -14,6 +14,7 @@ by name. Values computed from a column are left to the content detectors.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ def _glob_posix(glob: str) -> str:
     return "^(" + "".join(out) + ")$"
 
 
+@functools.lru_cache(maxsize=1024)
 def _glob_re2(glob: str) -> Any:
     # Column globs take * and ? only (rule_problems), as the data path's name matching does.
     return re2.compile("(?i)" + glob_to_re2(glob))

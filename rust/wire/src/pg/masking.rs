@@ -1291,7 +1291,9 @@ mod tests {
             p.max_oid = 1000;
             p
         };
-        for text in ["execute q", " /* x */ FETCH next from c", "(execute q)"] {
+        // Parse `text` as "s", Describe it (the server answers for column `attnum` of table 500),
+        // then Bind and Execute it without describing the portal.
+        let exchange = |text: &str, attnum: i16| {
             let mut front = frontend::parse("s", text, &[]);
             front.extend(named(ftag::DESCRIBE, Some(b'S'), "s", b""));
             front.extend(frontend::sync());
@@ -1300,28 +1302,21 @@ mod tests {
             front.extend(frontend::sync());
             let mut back = msg(btag::PARSE_COMPLETE, b"");
             back.extend(msg(btag::PARAMETER_DESCRIPTION, b"\0\0"));
-            back.extend(row_desc(&[("v", 500, 1, 25, 0)]));
+            back.extend(row_desc(&[("v", 500, attnum, 25, 0)]));
             back.extend(msg(btag::READY_FOR_QUERY, b"I"));
             back.extend(msg(btag::BIND_COMPLETE, b""));
             back.extend(data_row(&[Some(b"TOPSECRET")]));
+            (front, back)
+        };
+        for text in ["execute q", " /* x */ FETCH next from c", "(execute q)"] {
+            let (front, back) = exchange(text, 1);
             assert!(
                 matches!(run(p, &front, &back), Err(WireError::Refused(_))),
                 "{text}"
             );
         }
         // An ordinary prepared statement keeps its description.
-        let mut front = frontend::parse("s", "select v from t", &[]);
-        front.extend(named(ftag::DESCRIBE, Some(b'S'), "s", b""));
-        front.extend(frontend::sync());
-        front.extend(bind("", "s", &[]));
-        front.extend(named(ftag::EXECUTE, None, "", &0i32.to_be_bytes()));
-        front.extend(frontend::sync());
-        let mut back = msg(btag::PARSE_COMPLETE, b"");
-        back.extend(msg(btag::PARAMETER_DESCRIPTION, b"\0\0"));
-        back.extend(row_desc(&[("v", 500, 2, 25, 0)]));
-        back.extend(msg(btag::READY_FOR_QUERY, b"I"));
-        back.extend(msg(btag::BIND_COMPLETE, b""));
-        back.extend(data_row(&[Some(b"TOPSECRET")]));
+        let (front, mut back) = exchange("select v from t", 2);
         back.extend(msg(btag::COMMAND_COMPLETE, b"SELECT 1\0"));
         back.extend(msg(btag::READY_FOR_QUERY, b"I"));
         let out = run(p, &front, &back).unwrap();
