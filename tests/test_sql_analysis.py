@@ -14,9 +14,15 @@ from ostiary.errors import SqlError
 from ostiary.policy.evaluate import CompiledPolicy, SessionPolicy, StatementAnalysis
 
 
-def session(tmp_path: Path, connection_guardrails: tuple[str, ...] = (), **grant: Any) -> SessionPolicy:
+def session(
+    tmp_path: Path,
+    connection_guardrails: tuple[str, ...] = (),
+    rules: tuple[dict[str, Any], ...] = (),
+    **grant: Any,
+) -> SessionPolicy:
     upstream = {"host": "db", "database": "app", "user": "u", "password": "p"}
     data = {
+        "guardrails": list(rules),
         "clients": [{"user": "ci", "password": "x"}],
         "connections": [{"name": "app", "upstream": upstream, "guardrails": list(connection_guardrails)}],
         "grants": [{"name": "g", "identities": ["ci"], "connection": "app", **grant}],
@@ -169,6 +175,38 @@ def test_kinds_and_relations_of_a_grant(tmp_path: Path) -> None:
     assert verdicts(s, "update orders set x = 1 where id = 1") == [False]
     # A relation hidden in a subquery of a function argument is still found.
     assert verdicts(s, "select coalesce((select max(k) from secret.keys), 0)") == [False]
+
+
+def test_upserts_and_merge_count_as_what_they_do(tmp_path: Path) -> None:
+    # An INSERT-only grant (an ingest job) takes VALUES, which read nothing, but not an upsert,
+    # which updates rows that exist (PostgreSQL wants the UPDATE privilege for it), nor a MERGE
+    # whose actions update or delete.
+    s = session(tmp_path, access="read-write", statements=["insert", "merge"])
+    assert verdicts(s, "insert into t values (1), (2)") == [True]
+    assert verdicts(s, "insert into t values (1) on conflict do nothing") == [True]
+    assert verdicts(s, "insert into t values ((select max(id) from u))") == [False]
+    [d] = [
+        s.decide(a)
+        for a in StatementAnalysis.of("insert into t values (1) on conflict (id) do update set x = 2")
+    ]
+    assert not d.allow and d.message == "grant g does not allow update", d
+    assert verdicts(
+        s, "merge into t using (values (1)) v(id) on t.id = v.id when not matched then insert values (v.id)"
+    ) == [
+        False  # the USING list is a select
+    ]
+    s = session(tmp_path, access="read-write", statements=["select", "insert", "merge"])
+    assert verdicts(s, "merge into t using u on t.id = u.id when not matched then insert values (u.id)") == [
+        True
+    ]
+    assert verdicts(s, "merge into t using u on t.id = u.id when matched then update set x = u.x") == [False]
+    assert verdicts(s, "merge into t using u on t.id = u.id when matched then delete") == [False]
+    # A rule on updates (an approval, a deny guardrail) sees an upsert and a MERGE that updates.
+    rule = {"name": "no-updates", "match": {"kinds": ["update"]}}
+    s = session(tmp_path, rules=(rule,), access="read-write", guardrails=["no-updates"])
+    assert verdicts(s, "insert into t values (1) on conflict (id) do update set x = excluded.x") == [False]
+    assert verdicts(s, "merge into t using u on t.id = u.id when matched then update set x = 1") == [False]
+    assert verdicts(s, "insert into t values (1) on conflict (id) do nothing") == [True]
 
 
 def test_a_10_kb_query() -> None:

@@ -104,6 +104,8 @@ struct Walk {
     /// Relation objects that are write targets (by address), so the generic walk skips them.
     targets: Vec<*const Value>,
     ctes: BTreeSet<String>,
+    /// The VALUES lists INSERTs take their rows from (by address): not a SELECT.
+    values_sources: Vec<*const Value>,
 }
 
 impl Walk {
@@ -163,11 +165,33 @@ impl Walk {
         let kinds = &mut st.kinds;
         match key {
             "SelectStmt" | "SetOperationStmt" => {
-                kinds.insert("select");
+                // The VALUES list an INSERT takes its rows from reads nothing (a subquery inside
+                // it is a SelectStmt of its own and counts).
+                if !self.values_sources.contains(&(n as *const Value)) {
+                    kinds.insert("select");
+                }
             }
             "InsertStmt" => {
                 kinds.insert("insert");
                 self.target(n.get("relation"));
+                if let Some(src) = n.get("selectStmt").and_then(|s| s.get("SelectStmt")) {
+                    if src
+                        .get("valuesLists")
+                        .and_then(Value::as_array)
+                        .is_some_and(|v| !v.is_empty())
+                    {
+                        self.values_sources.push(src as *const Value);
+                    }
+                }
+                // ON CONFLICT DO UPDATE changes rows that exist: PostgreSQL wants the UPDATE
+                // privilege for it, and rules on updates (approvals, statement kinds) see it.
+                if n.get("onConflictClause")
+                    .and_then(|c| c.get("action"))
+                    .and_then(Value::as_str)
+                    == Some("ONCONFLICT_UPDATE")
+                {
+                    kinds.insert("update");
+                }
             }
             "UpdateStmt" | "DeleteStmt" => {
                 kinds.insert(if key == "UpdateStmt" {
@@ -183,6 +207,29 @@ impl Walk {
             "MergeStmt" => {
                 kinds.insert("merge");
                 self.target(n.get("relation"));
+                // Each action counts as what it does (as PostgreSQL checks the INSERT, UPDATE and
+                // DELETE privileges MERGE's actions need): a rule on updates holds a MERGE that
+                // updates.
+                for c in n
+                    .get("mergeWhenClauses")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let c = c.get("MergeWhenClause").unwrap_or(c);
+                    match c.get("commandType").and_then(Value::as_str) {
+                        Some("CMD_UPDATE") => {
+                            kinds.insert("update");
+                        }
+                        Some("CMD_DELETE") => {
+                            kinds.insert("delete");
+                        }
+                        Some("CMD_INSERT") => {
+                            kinds.insert("insert");
+                        }
+                        _ => {}
+                    }
+                }
                 // WHEN MATCHED THEN UPDATE/DELETE joined on a condition that names no column
                 // (ON true, ON 1 = 1): every row of the target, as an UPDATE or DELETE without WHERE.
                 let matched_write = n
@@ -745,6 +792,39 @@ mod tests {
         assert_eq!(kinds("EXPLAIN DELETE FROM t"), ["explain"]);
         assert_eq!(kinds("EXPLAIN (analyze false) DELETE FROM t"), ["explain"]);
         assert_eq!(kinds("insert into t select * from u"), ["insert", "select"]);
+        assert_eq!(kinds("insert into t values (1), (2)"), ["insert"]);
+        assert_eq!(
+            kinds("insert into t values ((select x from u))"),
+            ["insert", "select"]
+        );
+        assert_eq!(
+            kinds("insert into t values (1) returning (select 1 from u)"),
+            ["insert", "select"]
+        );
+        assert_eq!(kinds("values (1)"), ["select"]);
+        assert_eq!(
+            kinds("insert into t values (1) on conflict (id) do update set x = excluded.x"),
+            ["insert", "update"]
+        );
+        assert_eq!(
+            kinds("insert into t values (1) on conflict do nothing"),
+            ["insert"]
+        );
+        assert_eq!(
+            kinds("insert into t select * from u on conflict (id) do update set x = 1"),
+            ["insert", "select", "update"]
+        );
+        assert_eq!(
+            kinds(
+                "merge into t using u on t.id = u.id when matched and u.gone then delete \
+                 when matched then update set x = u.x when not matched then insert values (u.id)"
+            ),
+            ["delete", "insert", "merge", "update"]
+        );
+        assert_eq!(
+            kinds("merge into t using u on t.id = u.id when matched then do nothing"),
+            ["merge"]
+        );
         assert_eq!(kinds("copy t to stdout"), ["copy-to"]);
         assert_eq!(kinds("copy (select 1) to stdout"), ["copy-to", "select"]);
         assert_eq!(kinds("copy t from stdin"), ["copy-from"]);
