@@ -237,6 +237,44 @@ def test_every_problem_at_once_with_lines(tmp_path: Path) -> None:
         assert leaf in text[line - 1], (path, where, text[line - 1])
 
 
+def test_type_problems_all_at_once_with_what_to_write(tmp_path: Path) -> None:
+    # Wrong types, unknown fields and enum values anywhere in the file: each reported (msgspec
+    # alone stops at the first), with the allowed values or the field meant, at its own line.
+    data = base_policy()
+    data["grants"][0]["access"] = "readwrite"
+    data["grants"][1]["acess"] = "read-only"
+    data["grants"][1]["statements"] = ["select", "upsert"]
+    data["connections"][0]["credentials"]["reader"]["sslmod"] = "x"
+    data["listen"] = {"port": "x"}
+    data["clients"] = ["bob"]
+    data["approval"] = []
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError) as e:
+        config.load(f)
+    found = dict(e.value.problems)
+    assert found == {
+        "listen.port": "Expected `int`, got `str`",
+        "clients[0]": "Expected `object`, got `str`",
+        "connections[0].credentials.reader.sslmod": (
+            "Object contains unknown field `sslmod`"
+            " (known: user, password, password_env, password_file, password_ref)"
+        ),
+        "grants[0].access": "Invalid enum value 'readwrite' (one of: read-only, read-write)",
+        "grants[1].acess": "Object contains unknown field `acess` (did you mean `access`?)",
+        "grants[1].statements[1]": found["grants[1].statements[1]"],
+        "approval": "Object contains unknown field `approval` (did you mean `approvals`?)",
+    }, found
+    assert found["grants[1].statements[1]"].startswith(
+        "Invalid enum value 'upsert' (one of: select, insert, update,"
+    )
+    text = f.read_text().splitlines()
+    for (path, _), where in zip(e.value.problems, e.value.locations, strict=True):
+        line = int(where.rsplit(":", 1)[1])
+        leaf = path.rsplit(".", 1)[-1].split("[")[0]
+        assert leaf in text[line - 1] or path.endswith("]"), (path, where, text[line - 1])
+
+
 def test_policy_directory_merges_lists_and_names_the_file(tmp_path: Path) -> None:
     data = base_policy()
     d = tmp_path / "policy.d"

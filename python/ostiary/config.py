@@ -10,11 +10,13 @@ rotating a secret needs no reload. The policy sections are checked by ``ostiary.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import msgspec
 import yaml
@@ -683,18 +685,117 @@ def parse(
     try:
         cfg = msgspec.convert(data, Config)
     except msgspec.ValidationError as e:
-        # msgspec reports one problem with its path, like "Expected `int`, got `str` - at `$.listen.port`".
-        msg = str(e)
-        path = ""
-        if " - at `$" in msg:
-            msg, _, rest = msg.partition(" - at `$")
-            path = rest.rstrip("`").lstrip(".")
-        raise ConfigError(source, [(path, msg)], marks) from None
+        # msgspec stops at the first problem; each section and each item of a list (each value of
+        # a mapping) is converted on its own to find them all.
+        raise ConfigError(
+            source, _type_problems(data, Config, "") or [_problem(e, "", Config)], marks
+        ) from None
     problems = _check(cfg, base)
     if problems:
         raise ConfigError(source, problems, marks)
     _resolve_paths(cfg, base)
     return cfg
+
+
+def _problem(e: msgspec.ValidationError, prefix: str, root: Any) -> tuple[str, str]:
+    """msgspec's "Expected `int`, got `str` - at `$.listen.port`" as (path, message), the path
+    under ``prefix``, with the allowed values of an enum and the fields of an object named."""
+    msg, path = str(e), ""
+    if " - at `$" in msg:
+        msg, _, rest = msg.partition(" - at `$")
+        path = rest.rstrip("`")
+    full = f"{prefix}{path}".lstrip(".")
+    at = _type_at(root, path)
+    if msg.startswith("Invalid enum value") and at is not None:
+        values = [v for v in _literal_values(at) if isinstance(v, str)]
+        if values:
+            msg += f" (one of: {', '.join(values)})"
+    elif msg.startswith("Object contains unknown field") and at is not None:
+        names = _field_names(at)
+        if names:
+            unknown = msg.rpartition("`")[0].rpartition("`")[2]
+            full = f"{full}.{unknown}".lstrip(".")
+            close = difflib.get_close_matches(unknown, names, n=1)
+            msg += f" (did you mean `{close[0]}`?)" if close else f" (known: {', '.join(names)})"
+    return full, msg
+
+
+def _members(t: Any) -> list[Any]:
+    """The types a hint stands for: the members of a union, else itself."""
+    if get_origin(t) in (Union, types.UnionType):
+        return [a for a in get_args(t) if a is not type(None)]
+    return [t]
+
+
+def _field_names(t: Any) -> list[str]:
+    for m in _members(t):
+        if isinstance(m, type) and issubclass(m, msgspec.Struct):
+            return [f.encode_name for f in msgspec.structs.fields(m)]
+    return []
+
+
+def _literal_values(t: Any) -> list[Any]:
+    return [v for m in _members(t) if get_origin(m) is Literal for v in get_args(m)]
+
+
+def _type_at(root: Any, path: str) -> Any:
+    """The type hint at a msgspec path (``.grants[0].access``, ``[...]`` for a mapping's values)
+    under ``root``, or None where it cannot be followed."""
+    t = root
+    for name, index in re.findall(r"\.([^.\[]+)|(\[[^\]]*\])", path):
+        nxt = None
+        for m in _members(t):
+            if name and isinstance(m, type) and issubclass(m, msgspec.Struct):
+                nxt = next((f.type for f in msgspec.structs.fields(m) if f.encode_name == name), None)
+            elif index and get_origin(m) in (list, tuple, set, frozenset) and get_args(m):
+                nxt = get_args(m)[0]
+            elif index and get_origin(m) is dict and len(get_args(m)) == 2:
+                nxt = get_args(m)[1]
+            if nxt is not None:
+                break
+        if nxt is None:
+            return None
+        t = nxt
+    return t
+
+
+def _type_problems(data: Any, t: Any, prefix: str) -> list[tuple[str, str]]:
+    """Every type problem of ``data`` against the struct ``t``: each field converted on its own,
+    lists item by item and mappings value by value, so that one problem does not hide the others.
+    Empty when the parts convert but the whole does not (then the caller reports msgspec's own)."""
+    if not (isinstance(t, type) and issubclass(t, msgspec.Struct) and isinstance(data, dict)):
+        return []
+    problems: list[tuple[str, str]] = []
+    fields = {f.encode_name: f.type for f in msgspec.structs.fields(t)}
+    for key, value in data.items():
+        where = f"{prefix}.{key}"
+        if key not in fields:
+            try:
+                msgspec.convert({key: value}, t)
+            except msgspec.ValidationError as e:
+                problems.append(_problem(e, prefix, t))
+            continue
+        ft = fields[key]
+        parts: list[tuple[str, Any, Any]] = []
+        origin = get_origin(ft)
+        if origin is list and isinstance(value, list):
+            parts = [(f"{where}[{i}]", item, get_args(ft)[0]) for i, item in enumerate(value)]
+        elif origin is dict and isinstance(value, dict):
+            parts = [(f"{where}.{k}", item, get_args(ft)[1]) for k, item in value.items()]
+        else:
+            parts = [(where, value, ft)]
+        for at, item, it in parts:
+            try:
+                msgspec.convert(item, it)
+            except msgspec.ValidationError as e:
+                inner = [
+                    p
+                    for m in _members(it)
+                    if isinstance(m, type) and issubclass(m, msgspec.Struct)
+                    for p in _type_problems(item, m, at)
+                ]
+                problems.extend(inner or [_problem(e, at, it)])
+    return problems
 
 
 def json_schema() -> str:

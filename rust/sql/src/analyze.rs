@@ -164,12 +164,12 @@ impl Walk {
         }
         let kinds = &mut st.kinds;
         match key {
-            "SelectStmt" | "SetOperationStmt" => {
-                // The VALUES list an INSERT takes its rows from reads nothing (a subquery inside
-                // it is a SelectStmt of its own and counts).
-                if !self.values_sources.contains(&(n as *const Value)) {
-                    kinds.insert("select");
-                }
+            // The VALUES list an INSERT takes its rows from reads nothing (a subquery inside it
+            // is a SelectStmt of its own and counts).
+            "SelectStmt" | "SetOperationStmt"
+                if !self.values_sources.contains(&(n as *const Value)) =>
+            {
+                kinds.insert("select");
             }
             "InsertStmt" => {
                 kinds.insert("insert");
