@@ -32,7 +32,7 @@ import re2
 
 from ostiary.identity import Identity, printable
 from ostiary.policy.globs import glob_to_re2
-from ostiary.policy.masking import SessionMasking, compile_rules
+from ostiary.policy.masking import ColumnGlob, SessionMasking, compile_rules
 from ostiary.policy.model import (
     READ_ONLY_DENIED_EFFECTS,
     READ_ONLY_KINDS,
@@ -448,6 +448,9 @@ class SessionPolicy:
         # Patterns look at the text, constants included: their verdicts hold per text only.
         self.by_text = any(r.pattern is not None for r in self.rules)
         self.masking = policy.masking(grant)
+        # View columns masked through what they come from, by their own names (set from the
+        # session's catalog query, ``SessionMasking.resolve``).
+        self.view_globs: list[ColumnGlob] = []
         # Approval rules: statements they match are held for people to decide, every time (their
         # verdicts are never remembered by the data path).
         approvals = {a.name: a for a in policy.config.approvals}
@@ -575,9 +578,10 @@ class SessionPolicy:
         m = self.masking
         if m is None or not m.globs:
             return None
+        globs = [*m.globs, *self.view_globs]
         for ref in sorted(a.derived_columns):
             column = ref.rsplit(".", 1)[-1]
-            for g in m.globs:
+            for g in globs:
                 if g.matches_column(column):
                     return StatementDecision(
                         False,
@@ -587,7 +591,7 @@ class SessionPolicy:
                         "and copies into other relations would carry it out unmasked",
                     )
         for rel in sorted(a.whole_rows):
-            for g in m.globs:
+            for g in globs:
                 if g.matches_table(rel):
                     shown = "* (every relation)" if rel == "*" else rel
                     return StatementDecision(

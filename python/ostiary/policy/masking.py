@@ -25,8 +25,13 @@ from ostiary.policy.globs import glob_to_re2
 from ostiary.policy.model import MaskingRule
 
 # A stored view query's target entries in pg_node_tree text: result column number, origin table
-# oid and column (an escape string literal, read the same in either string mode).
-_VIEW_ORIGINS_RE = r":resno (\d+) :resname [^:]* :ressortgroupref \d+ :resorigtbl (\d+) :resorigcol (\d+)"
+# oid and column (0 and 0 for a computed column; the table and 0 for a whole row). The column
+# name is one token, whatever it holds (PostgreSQL's outToken backslashes blanks, brackets and
+# backslashes: a name like "e:x", or one that spells out ":resorigtbl 1", stays inside it). An
+# escape string literal, read the same in either string mode.
+_VIEW_ORIGINS_RE = (
+    r":resno (\d+) :resname (?:[^ \n\t\\]|\\.)* :ressortgroupref \d+ :resorigtbl (\d+) :resorigcol (\d+)"
+)
 _VIEW_ORIGINS = "E'" + _VIEW_ORIGINS_RE.replace("\\", "\\\\").replace("'", "''") + "'"
 
 # Relations whose columns can appear in results: tables, partitioned tables, views, materialized
@@ -134,34 +139,60 @@ class SessionMasking:
         literal = "E'" + pattern.replace("\\", "\\\\").replace("'", "''") + "'"
         eq = "OPERATOR(pg_catalog.=)"
         return (
-            "SELECT c.oid::pg_catalog.int8, n.nspname, c.relname, a.attnum::pg_catalog.int4, a.attname "
+            # The target entries of every user view's stored query (materialized ones too).
+            "WITH RECURSIVE te AS (SELECT v.oid AS rule, v.ev_class AS view, "
+            "m.g[1]::pg_catalog.int4 AS resno, m.g[2]::pg_catalog.oid AS otbl, "
+            "m.g[3]::pg_catalog.int4 AS ocol "
+            "FROM pg_catalog.pg_rewrite v "
+            "CROSS JOIN LATERAL pg_catalog.regexp_matches("
+            f"v.ev_action::pg_catalog.text, {_VIEW_ORIGINS}, 'g') AS m(g) "
+            f"WHERE v.ev_type {eq} '1' AND v.ev_class OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid), "
+            # Where a view column's values come from: a plain reference to its origin (a whole row:
+            # column 0, any column of it); a computed column from every column the view's query
+            # uses (pg_depend of its rewrite rule, 2618 = pg_rewrite, 1259 = pg_class), since which
+            # of them it computes from is not recorded: strict, a view that uses a masked column
+            # anywhere has its computed columns masked.
+            "edge AS (SELECT view, resno, otbl AS src, ocol AS srccol FROM te "
+            "WHERE otbl OPERATOR(pg_catalog.<>) 0::pg_catalog.oid "
+            "UNION ALL SELECT te.view, te.resno, d.refobjid, d.refobjsubid FROM te "
+            f"JOIN pg_catalog.pg_depend d ON d.classid {eq} 2618::pg_catalog.oid "
+            f"AND d.objid {eq} te.rule AND d.refclassid {eq} 1259::pg_catalog.oid "
+            "AND d.refobjsubid OPERATOR(pg_catalog.>) 0 "
+            f"WHERE te.otbl {eq} 0::pg_catalog.oid), "
+            # Columns whose names the globs may cover, then the view columns fed by them, through
+            # views of views: each with the names of the column it comes from (matched against the
+            # globs like that column).
+            "masked(oid, attnum, nspname, relname, attname) AS ("
+            "SELECT c.oid, a.attnum::pg_catalog.int4, n.nspname, c.relname, a.attname "
             "FROM pg_catalog.pg_attribute a "
             f"JOIN pg_catalog.pg_class c ON c.oid {eq} a.attrelid "
             f"JOIN pg_catalog.pg_namespace n ON n.oid {eq} c.relnamespace "
             "WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped "
             f'AND c.relkind {eq} ANY (ARRAY[{_RELKINDS}]::pg_catalog."char"[]) '
             f"AND a.attname OPERATOR(pg_catalog.~*) {literal} "
-            # View columns that are plain references to such a column (the stored view query's
-            # target entries carry their origin, as RowDescription would): the view's oid and
-            # column number with the origin's names, matched against the globs like the origin.
-            "UNION ALL SELECT v.ev_class::pg_catalog.int8, n.nspname, c.relname, "
-            "m.g[1]::pg_catalog.int4, a.attname "
-            "FROM pg_catalog.pg_rewrite v "
-            "CROSS JOIN LATERAL pg_catalog.regexp_matches("
-            f"v.ev_action::pg_catalog.text, {_VIEW_ORIGINS}, 'g') AS m(g) "
-            f"JOIN pg_catalog.pg_class c ON c.oid {eq} m.g[2]::pg_catalog.oid "
+            "UNION SELECT e.view, e.resno, m.nspname, m.relname, m.attname FROM edge e "
+            f"JOIN masked m ON e.src {eq} m.oid "
+            f"AND (e.srccol {eq} m.attnum OR e.srccol {eq} 0)) "
+            # With each view column its own names (what statements call it by).
+            "SELECT m.oid::pg_catalog.int8, m.nspname, m.relname, m.attnum, m.attname, "
+            "n.nspname, c.relname, a.attname FROM masked m "
+            f"JOIN pg_catalog.pg_class c ON c.oid {eq} m.oid "
             f"JOIN pg_catalog.pg_namespace n ON n.oid {eq} c.relnamespace "
-            f"JOIN pg_catalog.pg_attribute a ON a.attrelid {eq} c.oid "
-            f"AND a.attnum {eq} m.g[3]::pg_catalog.int2 "
-            f"WHERE v.ev_type {eq} '1' AND v.ev_class OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid "
-            f"AND a.attname OPERATOR(pg_catalog.~*) {literal} "
+            f"LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid {eq} m.oid AND a.attnum {eq} m.attnum "
             "UNION ALL SELECT (SELECT pg_catalog.max(oid)::pg_catalog.int8 FROM pg_catalog.pg_class), "
-            "NULL, NULL, NULL, NULL"
+            "NULL, NULL, NULL, NULL, NULL, NULL, NULL"
         )
 
     def plan(self, rows: list[list[str | None]]) -> MaskPlanArg:
         """The engine's mask plan from the catalog rows (``Engine.adopt(mask=...)``)."""
+        return self.resolve(rows)[0]
+
+    def resolve(self, rows: list[list[str | None]]) -> tuple[MaskPlanArg, list[ColumnGlob]]:
+        """The engine's mask plan from the catalog rows (``Engine.adopt(mask=...)``), and the view
+        columns masked by what they come from, as globs of their own names (schema, view, column):
+        statements name them so, and ``SessionPolicy.column_rule_refusal`` must know them."""
         columns: dict[tuple[int, int], int] = {}
+        views: list[ColumnGlob] = []
         max_oid = 0
         compiled = [
             (
@@ -173,7 +204,7 @@ class SessionMasking:
             for g in self.globs
         ]
         for row in rows:
-            oid, schema, table, attnum, column = row
+            oid, schema, table, attnum, column = row[:5]
             if schema is None:
                 max_oid = int(oid) if oid is not None else 0
                 continue
@@ -188,9 +219,13 @@ class SessionMasking:
                     and (t is None or t.fullmatch(table))
                 ):
                     columns[key] = g.rule
+                    own = row[5:8]
+                    if len(own) == 3 and all(own) and tuple(own) != (schema, table, column):
+                        # (A name with * or ? in it, as a glob, covers more: strict.)
+                        views.append(ColumnGlob(str(own[0]), str(own[1]), str(own[2]), g.rule))
         names = [(g.column, g.rule) for g in self.globs if g.table is None]
         late = [(g.column, g.rule) for g in self.globs if g.table is not None]
-        return (self.maskset, columns, names, late, min(max_oid, 0xFFFFFFFF))
+        return (self.maskset, columns, names, late, min(max_oid, 0xFFFFFFFF)), views
 
     def content_plan(self) -> MaskPlanArg:
         """The plan of a session without column rules (no catalog query needed)."""

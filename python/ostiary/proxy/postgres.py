@@ -500,7 +500,8 @@ class PostgresStartup:
             )
         rows = result[1]
         assert isinstance(rows, list)
-        return masking.plan(rows), query.take_remaining()
+        plan, policy.view_globs = masking.resolve(rows)
+        return plan, query.take_remaining()
 
     async def _welcome(
         self,
