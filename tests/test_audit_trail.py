@@ -95,6 +95,33 @@ def test_purge_removes_only_records_older_than_the_cutoff_by_sequence(tmp_path: 
     assert not bad.ok and "bad signature" in (bad.first_problem() or "")
 
 
+def test_rows_edited_to_the_wrong_type_are_named_not_a_crash(tmp_path: Path) -> None:
+    # sqlite3's replace() turns a BLOB body into TEXT; a number column can be given text. Verify
+    # and search read such rows and name them as edited.
+    cfg = config(tmp_path)
+
+    async def main() -> AuditLog:
+        log = AuditLog(cfg)
+        for i in range(3):
+            log.append("admin", data={"n": i, "text": "select * from t"})
+        await log.flush()
+        await log.close()
+        return log
+
+    log = trio.run(main)
+    db = Path(cfg.data_dir) / "audit.db"
+    with sqlite3.connect(db) as c:
+        c.execute("update audit_records set body = replace(body, 'select *', 'select 1') where seq = 2")
+        c.execute("update audit_records set ts = 'soon' where seq = 3")
+        assert c.execute("select typeof(body) from audit_records where seq = 2").fetchone() == ("text",)
+    rep = verify(SqliteStore(db), [log.public])
+    assert not rep.ok
+    assert "seq 2" in (rep.first_problem() or "") and "edited" in (rep.first_problem() or ""), (
+        rep.first_problem()
+    )
+    assert len(SqliteStore(db).search(SearchFilter())) >= 3
+
+
 def test_writer_continues_its_chain_across_restarts_and_locks_its_slot(tmp_path: Path) -> None:
     cfg = config(tmp_path)
 

@@ -68,8 +68,52 @@ class AuditStore(Protocol):
 
 
 def _sealed(row: Sequence[Any]) -> Sealed:
+    """A stored row as a record. Values of the wrong type (a row edited by hand: SQLite keeps what
+    it is given, ``replace()`` turns a BLOB into TEXT) become values of the right type that do not
+    hash as the original did, so verification names the record as edited instead of crashing."""
     rid, writer, seq, ts, kind, session, identity, connection, verdict, rule, body, h = row
-    return Sealed(writer, seq, ts, kind, session, identity, connection, verdict, rule, bytes(body), h, id=rid)
+    writer, kind, session, identity, connection, verdict, rule, h = (
+        _text(v) for v in (writer, kind, session, identity, connection, verdict, rule, h)
+    )
+    return Sealed(
+        writer,
+        _int(seq),
+        _int(ts),
+        kind,
+        session,
+        identity,
+        connection,
+        verdict,
+        rule,
+        _blob(body),
+        h,
+        id=rid,
+    )
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).decode("utf-8", "replace")
+    return "" if v is None else str(v)
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return -1
+
+
+def _blob(v: Any) -> bytes:
+    if isinstance(v, str):
+        return v.encode("utf-8", "surrogateescape")
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    return b"" if v is None else str(v).encode()
 
 
 def _signed(row: Sequence[Any]) -> SignedCheckpoint:
