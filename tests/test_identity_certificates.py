@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 import trustme
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ostiary.errors import AuthenticationFailed
+from ostiary.identity import Identity
 from ostiary.identity.certificates import certificate_identity
 
 
@@ -92,3 +94,43 @@ def test_no_or_unparsable_certificate() -> None:
     with pytest.raises(AuthenticationFailed) as e:
         certificate_identity([b"\x30\x03\x02\x01\x00"])
     assert e.value.code == "28P01" and e.value.reason == "the client certificate cannot be parsed"
+
+
+def test_each_san_is_matched_on_its_own(tmp_path: Path) -> None:
+    # A glob over the SANs joined with commas matched across two names: a certificate for
+    # db-x.evil.example and ci.acme.internal matched "db-*.acme.internal". Each name is matched on
+    # its own, and a certificate matches when one of its names does.
+    from ostiary import config
+    from ostiary.policy.evaluate import CompiledPolicy
+
+    ca = trustme.CA()
+
+    def identity(*names: str) -> Identity:
+        leaf = ca.issue_cert(*names, common_name="c")
+        return certificate_identity([der(blob.bytes()) for blob in leaf.cert_chain_pems])
+
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        (tmp_path / name).write_text("x")
+    data = {
+        "tls": {"cert": "cert.pem", "key": "key.pem", "client_ca": "ca.pem"},
+        "identities": [
+            {"name": "db-hosts", "issuer": "certificate", "match": {"dns": "db-*.acme.internal"}},
+            {"name": "exact", "issuer": "certificate", "match": {"dns": "db-2.acme.internal"}},
+        ],
+        "connections": [
+            {"name": "app", "upstream": {"host": "h", "database": "d", "user": "u", "password": "p"}}
+        ],
+        "grants": [{"name": "g", "identities": ["db-hosts"], "connection": "app"}],
+    }
+    policy = CompiledPolicy(config.parse(data, "t", tmp_path))
+    mixed = identity("db-x.evil.example", "ci.acme.internal")
+    assert mixed.attributes["dns"] == "db-x.evil.example,ci.acme.internal"  # shown joined
+    assert mixed.values["dns"] == ("db-x.evil.example", "ci.acme.internal")
+    assert policy.names_of(mixed) == set()
+    chain: list[str] = []
+    assert policy.names_of(mixed, chain) == set()
+    assert any("'db-x.evil.example' nor 'ci.acme.internal'" in line for line in chain), chain
+    two = identity("db-2.acme.internal", "db-2")
+    assert policy.names_of(two) == {"db-hosts", "exact"}
+    assert policy.names_of(two, []) == {"db-hosts", "exact"}
+    assert policy.names_of(identity("db-1.acme.internal")) == {"db-hosts"}

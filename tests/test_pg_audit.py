@@ -96,6 +96,9 @@ def test_every_record_type_is_written_by_real_sessions_and_verifies(
     gw = gateway_factory(config=cfg)
     bad = psql(gw, "-c", "select 1", user=OPS, password="wrong-password")
     assert bad.returncode != 0
+    # A dotted static password is not a token: its hash is not kept (guessable offline).
+    dotted = psql(gw, "-c", "select 1", user=OPS, password="prod.db.password-for-svc-2024-rotate-me")
+    assert dotted.returncode != 0
     script = (
         "select id, email from audit_people order by id;\n"
         "select 1 as a \\; select 2 as b;\n"
@@ -126,6 +129,7 @@ def test_every_record_type_is_written_by_real_sessions_and_verifies(
     refused = [r for r in auths if r["verdict"] == "deny"]
     assert refused and refused[0]["data"]["code"] == "28P01" and refused[0]["connection"] == "app"
     assert all("wrong-password" not in json.dumps(r) and "ops-pw" not in json.dumps(r) for r in recs)
+    assert len(refused) == 2 and not any("token_sha256" in r["data"] for r in auths), auths
     allowed = [r for r in auths if r["verdict"] == "allow"]
     assert allowed and allowed[0]["identity"] == OPS and allowed[0]["rule"] == "ops-writes"
 

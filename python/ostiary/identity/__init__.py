@@ -38,6 +38,18 @@ class Identity:
     method: str  # "token", "certificate" or "password"
     attributes: dict[str, str] = field(default_factory=dict)
     expires: float | None = None
+    # Attributes with several values (a certificate's DNS, email and URI SANs): each value on its
+    # own, matched one by one (``attributes`` shows them joined with commas, for people only: a
+    # glob over the joined text would match across two names).
+    values: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def values_of(self, key: str) -> tuple[str, ...]:
+        """The values policy matches ``key`` against: each of a multi-valued attribute's, else the
+        attribute's one value, else none."""
+        if key in self.values:
+            return self.values[key]
+        value = self.attributes.get(key)
+        return () if value is None else (value,)
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,16 @@ def certificate_identity(der_chain: Sequence[bytes]) -> Identity:
     except x509.ExtensionNotFound:
         names = x509.SubjectAlternativeName([])
     uris = names.get_values_for_type(x509.UniformResourceIdentifier)
+    multi: dict[str, tuple[str, ...]] = {}
     for attribute, values in (
         ("dns", names.get_values_for_type(x509.DNSName)),
         ("email", names.get_values_for_type(x509.RFC822Name)),
         ("uri", uris),
     ):
         if values:
+            # Shown joined; matched name by name (Identity.values).
             attributes[attribute] = ",".join(values)
+            multi[attribute] = tuple(values)
     spiffe_ids = [uri for uri in uris if uri.startswith("spiffe://")]
     if len(spiffe_ids) == 1 and (trust_domain := spiffe_trust_domain(spiffe_ids[0])) is not None:
         attributes["spiffe_id"] = spiffe_ids[0]
@@ -71,4 +74,5 @@ def certificate_identity(der_chain: Sequence[bytes]) -> Identity:
         method="certificate",
         attributes=attributes,
         expires=not_after.timestamp(),
+        values=multi,
     )

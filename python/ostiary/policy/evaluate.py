@@ -81,11 +81,14 @@ class _Matcher:
         if identity.issuer != self.issuer:
             return False, f"issuer is {identity.issuer!r}, this identity needs {self.issuer!r}"
         for key, compiled, shown in self.tests:
-            value = identity.attributes.get(key)
-            if value is None:
+            values = identity.values_of(key)
+            if not values:
                 return False, f"no attribute {key!r} (expected {shown})"
-            if compiled.fullmatch(value) is None:
-                return False, f"{key} is {value!r}, expected {shown}"
+            if not any(compiled.fullmatch(v) is not None for v in values):
+                held = values[0] if len(values) == 1 else " nor ".join(repr(v) for v in values)
+                return False, f"{key} is {held!r}, expected {shown}" if len(values) == 1 else (
+                    f"{key} is {held}, expected {shown}"
+                )
         held = ", ".join(f"{k}={identity.attributes[k]!r}" for k, *_ in self.tests)
         return True, held or "every identity of this issuer"
 
@@ -112,13 +115,15 @@ class _MatcherIndex:
             s.Compile()
             self.sets.append((key, s, owners))
 
-    def names(self, attributes: dict[str, str]) -> list[str]:
+    def names(self, identity: Identity) -> list[str]:
         hits = [0] * len(self.matchers)
         for key, s, owners in self.sets:
-            value = attributes.get(key)
-            if value is not None:
-                for j in s.Match(value) or ():  # None when nothing matches
-                    hits[owners[j]] += 1
+            values = identity.values_of(key)
+            matched: set[int] = set()
+            for value in values:  # a matcher's test holds when one of the values matches it
+                matched.update(s.Match(value) or ())  # None when nothing matches
+            for j in matched:
+                hits[owners[j]] += 1
         return [m.name for m, h, n in zip(self.matchers, hits, self.needed, strict=True) if h == n]
 
 
@@ -183,7 +188,7 @@ class CompiledPolicy:
         if chain is None:
             index = self._index.get(identity.issuer)
             if index is not None:
-                names.update(index.names(identity.attributes))
+                names.update(index.names(identity))
         else:
             for m in self.matchers:
                 ok, why = m.check(identity)

@@ -30,6 +30,7 @@ from ostiary.config import resolve_secret
 from ostiary.errors import AuthenticationFailed, UpstreamUnavailable
 from ostiary.hooks import AuthAttempt, SessionInfo, peer_ip
 from ostiary.identity import ClientHello, Identity
+from ostiary.identity.tokens import looks_like_jwt
 from ostiary.policy.evaluate import CompiledPolicy, SessionPolicy
 from ostiary.policy.masking import MaskPlanArg
 from ostiary.policy.model import Connection, Credential, Grant
@@ -347,11 +348,14 @@ class PostgresStartup:
             ev = await self._next_event()
             secret = ev[1]
             assert ev[0] == "password" and isinstance(secret, bytes)
-            if secret.count(b".") == 2 and len(secret) > 32:
-                # Shaped like a JWT: the trail keeps its hash, never a static password's.
+            if looks_like_jwt(secret):
+                # A JWT (three base64url segments, a JSON header with alg): the trail keeps its
+                # hash, never a static password's (a dotted password is not one).
                 self.credential_id = token_id(secret)
             identity = await auth.by_password(hello, secret)
             self.method = identity.method
+            if identity.method != "token":
+                self.credential_id = ""
         self.identity = identity
         return identity
 
