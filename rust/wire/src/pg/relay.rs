@@ -21,6 +21,7 @@
 //! consistent without the gateway modelling PostgreSQL's state.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use super::audit::AuditTrack;
 use super::backend::{self, tag as btag, ErrorFields};
@@ -95,6 +96,9 @@ pub struct Statement {
 pub const EXEC_PARAMS_TEXT: usize = 64 * 1024;
 /// Bytes of statement text a session may keep for prepared statements whose executions are held.
 pub const EXEC_GATED_BYTES: usize = 4 << 20;
+/// Portals bound from prepared statements whose executions are held, at most (each keeps its
+/// parameters, up to `EXEC_PARAMS_TEXT`): past this the session ends.
+pub const GATED_PORTALS: usize = 1024;
 
 /// Whether a verdict is remembered in the session, and for which statements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,15 +335,22 @@ pub struct SessionRelay {
     /// While set, every statement is refused with this SQLSTATE and message (the audit trail
     /// cannot record it).
     refusal: Option<(String, String)>,
-    /// Prepared statements whose executions are held (name -> text), and the portals bound from
-    /// them (portal -> statement name, parameters).
-    exec_gated: HashMap<String, (String, Vec<u32>)>,
+    /// Prepared statements whose executions are held (name -> text, parameter types), and the
+    /// portals bound from them (portal -> statement name, its text, parameters). A portal keeps
+    /// the text it was bound with: in PostgreSQL it outlives its statement being closed or the
+    /// name being parsed again, and its Execute must still be held.
+    exec_gated: HashMap<String, (Arc<str>, Vec<u32>)>,
     exec_gated_bytes: usize,
-    gated_portals: HashMap<String, (String, Vec<Option<String>>)>,
+    gated_portals: HashMap<String, GatedPortal>,
+    gated_portals_overflow: bool,
     pub stats: RelayStats,
 }
 
 const DENY_MARKER: &str = "ostiary_denied_";
+
+/// A portal bound from a prepared statement whose executions are held: the statement's name, its
+/// text and the Bind's parameters.
+type GatedPortal = (String, Arc<str>, Vec<Option<String>>);
 
 /// A verdict-cache key: the kind, whether the string is the exact text (rather than the gate's key,
 /// a shape under `ConsultBy`), and the string.
@@ -378,6 +389,7 @@ impl SessionRelay {
             exec_gated: HashMap::new(),
             exec_gated_bytes: 0,
             gated_portals: HashMap::new(),
+            gated_portals_overflow: false,
             stats: RelayStats::default(),
         }
     }
@@ -489,9 +501,11 @@ impl SessionRelay {
             || self.follows_executions(tag)
     }
 
-    /// Bind, Execute and Close are read whole while executions of some prepared statement are held.
+    /// Bind, Execute and Close are read whole while executions of some prepared statement are
+    /// held, or a portal bound from one may still run.
     fn follows_executions(&self, tag: u8) -> bool {
-        !self.exec_gated.is_empty() && matches!(tag, ftag::BIND | ftag::EXECUTE | ftag::CLOSE)
+        (!self.exec_gated.is_empty() || !self.gated_portals.is_empty())
+            && matches!(tag, ftag::BIND | ftag::EXECUTE | ftag::CLOSE)
     }
 
     /// Follows Bind and Close for held executions; returns the Execute to hold, if this is one.
@@ -499,14 +513,19 @@ impl SessionRelay {
         match tag {
             ftag::BIND => {
                 let (_, stmt, _) = frontend::bind_fields(body, 0, &[]);
-                let types = self.exec_gated.get(&stmt).map(|(_, t)| t.clone());
-                let (portal, stmt, params) =
-                    frontend::bind_fields(body, EXEC_PARAMS_TEXT, types.as_deref().unwrap_or(&[]));
-                if types.is_some() {
-                    self.gated_portals.insert(portal, (stmt, params));
-                } else {
+                let Some((text, types)) = self.exec_gated.get(&stmt).cloned() else {
+                    let (portal, _, _) = frontend::bind_fields(body, 0, &[]);
                     self.gated_portals.remove(&portal);
+                    return None;
+                };
+                let (portal, stmt, params) = frontend::bind_fields(body, EXEC_PARAMS_TEXT, &types);
+                if self.gated_portals.len() >= GATED_PORTALS
+                    && !self.gated_portals.contains_key(&portal)
+                {
+                    // (Checked by the caller as a protocol error: the session ends.)
+                    self.gated_portals_overflow = true;
                 }
+                self.gated_portals.insert(portal, (stmt, text, params));
                 None
             }
             ftag::CLOSE => {
@@ -521,8 +540,8 @@ impl SessionRelay {
             }
             _ => {
                 let (portal, _, _) = frontend::bind_fields(body, 0, &[]);
-                let (stmt, params) = self.gated_portals.get(&portal)?.clone();
-                let text = self.exec_gated.get(&stmt)?.0.clone();
+                let (stmt, text, params) = self.gated_portals.get(&portal)?.clone();
+                let text = text.to_string();
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 Some(Statement {
@@ -608,7 +627,15 @@ impl SessionRelay {
                 Some(Done::Captured(buf)) if !self.gated(tag) => {
                     // Held whole for masking or for held executions, which follow it.
                     if self.follows_executions(tag) {
-                        if let Some(statement) = self.on_execution_message(tag, &buf) {
+                        let held = self.on_execution_message(tag, &buf);
+                        if self.gated_portals_overflow {
+                            return Err(WireError::TooLarge {
+                                what: "portals bound from prepared statements whose executions are held",
+                                length: self.gated_portals.len() + 1,
+                                limit: GATED_PORTALS,
+                            });
+                        }
+                        if let Some(statement) = held {
                             let raw = Framer::raw(tag, &buf);
                             let key = (StatementKind::Execute, true, statement.text.clone());
                             self.held = Some((statement.clone(), raw, key));
@@ -823,8 +850,10 @@ impl SessionRelay {
                     });
                 }
                 let (_, _, _, types) = frontend::parse_fields(&raw[5..], 0);
-                self.exec_gated
-                    .insert(statement.name.clone(), (statement.text.clone(), types));
+                self.exec_gated.insert(
+                    statement.name.clone(),
+                    (Arc::from(statement.text.as_str()), types),
+                );
             }
         }
         match verdict {
@@ -1241,6 +1270,56 @@ mod tests {
         close = msg(ftag::CLOSE, &close.split_off(0));
         r.feed_frontend(&close, &mut out).unwrap();
         assert!(r.exec_gated.is_empty());
+    }
+
+    #[test]
+    fn a_portal_bound_from_a_held_statement_stays_held_after_its_statement_goes() {
+        // PostgreSQL keeps a portal when its statement is closed or its name parsed again: the
+        // portal's Execute runs the statement it was bound from, so it is still held.
+        for after in ["reparse", "close"] {
+            let mut r = SessionRelay::new(Limits::default(), Gate::Consult, false);
+            let mut out = Vec::new();
+            let parse = frontend::parse("s1", "update t set v = $1", &[]);
+            let FrontendStop::Hold { statement, .. } = r.feed_frontend(&parse, &mut out).unwrap()
+            else {
+                panic!("parse not held");
+            };
+            r.resolve(
+                statement.seq,
+                Verdict::AllowHoldingExecutions,
+                true,
+                &mut out,
+            )
+            .unwrap();
+            out.clear();
+            let gone = if after == "close" {
+                msg(ftag::CLOSE, b"Ss1\0")
+            } else {
+                frontend::parse("s1", "select 1", &[])
+            };
+            let input = [bind_msg("p1", "s1", "BYPASS"), gone, execute_msg("p1")].concat();
+            let mut pos = 0;
+            let held = loop {
+                match r.feed_frontend(&input[pos..], &mut out).unwrap() {
+                    FrontendStop::Hold {
+                        consumed,
+                        statement,
+                    } => {
+                        if statement.kind == StatementKind::Execute {
+                            break Some(statement);
+                        }
+                        // The new Parse of "select 1" asks for its own verdict: allowed.
+                        pos += consumed;
+                        r.resolve(statement.seq, Verdict::Allow, true, &mut out)
+                            .unwrap();
+                    }
+                    _ => break None,
+                }
+            };
+            let statement = held.unwrap_or_else(|| panic!("{after}: the Execute ran unheld"));
+            assert_eq!(statement.text, "update t set v = $1", "{after}");
+            assert_eq!(statement.params, vec![Some("BYPASS".to_owned())], "{after}");
+        }
     }
 
     #[test]
