@@ -401,6 +401,17 @@ def test_unqualified_names_are_held_by_rules_on_their_schema_and_sql_prepare_is_
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="cannot be prepared with SQL PREPARE"):
             c.execute("prepare p(int) as delete from apr_accounts where id = $1")
         c.execute("prepare r as select v from apr_accounts where id = 1")  # nothing to hold
-        assert c.execute("execute r").fetchone() == (value(pg, 1),)
+        # SQL EXECUTE could as well run a statement prepared through the protocol, whose
+        # executions are held there: refused in sessions with approval rules.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="SQL EXECUTE is refused"):
+            c.execute("execute r")
         assert not store.requests("pending")
+    with psycopg.connect(gw.dsn(user="ci", password="ci-pw"), autocommit=True) as c:
+        # A statement prepared through the protocol (its executions held) and run by SQL EXECUTE:
+        # refused, as the hunt ran it with a raw Parse.
+        prepared = c.pgconn.prepare(b"s1", b"update apr_accounts set v = $1 where id = $2")
+        assert prepared.status == psycopg.pq.ExecStatus.COMMAND_OK, prepared.error_message
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="SQL EXECUTE is refused"):
+            c.execute("execute s1('bypass', 1)")
+        assert value(pg, 1) != "bypass"
     held.conn.close()

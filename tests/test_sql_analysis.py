@@ -18,14 +18,24 @@ def session(
     tmp_path: Path,
     connection_guardrails: tuple[str, ...] = (),
     rules: tuple[dict[str, Any], ...] = (),
+    approvals: tuple[dict[str, Any], ...] = (),
     **grant: Any,
 ) -> SessionPolicy:
     upstream = {"host": "db", "database": "app", "user": "u", "password": "p"}
     data = {
         "guardrails": list(rules),
-        "clients": [{"user": "ci", "password": "x"}],
+        "approvals": list(approvals),
+        "clients": [{"user": "ci", "password": "x"}, {"user": "dba", "password": "y"}],
         "connections": [{"name": "app", "upstream": upstream, "guardrails": list(connection_guardrails)}],
-        "grants": [{"name": "g", "identities": ["ci"], "connection": "app", **grant}],
+        "grants": [
+            {
+                "name": "g",
+                "identities": ["ci"],
+                "connection": "app",
+                **({"approvals": grant.pop("approvals_names")} if "approvals_names" in grant else {}),
+                **grant,
+            }
+        ],
     }
     p = CompiledPolicy(config.parse(data, "t", tmp_path))
     return p.compile_session(p.grants["g"])
@@ -259,3 +269,40 @@ def test_read_only_pack_on_a_read_write_grant_means_read_only(tmp_path: Path) ->
     ]:
         d = s.decide(StatementAnalysis.of(sql)[0])
         assert not d.allow and d.rule == "read-only", sql
+
+
+def test_approval_rules_fail_closed(tmp_path: Path) -> None:
+    notes = {"name": "notes", "match": {"kinds": ["update"], "relations": ["notes"]}, "approvers": ["dba"]}
+    billing = {
+        "name": "billing",
+        "match": {"kinds": ["delete"], "relations": ["billing.*"]},
+        "approvers": ["dba"],
+    }
+    s = session(
+        tmp_path, approvals=(notes, billing), access="read-write", approvals_names=["notes", "billing"]
+    )
+    assert s.approval_rule("update notes set x = 1 where id = 1") is not None
+    # One text that two rules hold: refused (approved under one rule, it would pass on that
+    # rule's approvers alone), two statements or one.
+    for text in (
+        "update notes set x = 1 where id = 1; delete from billing.invoices where id = 1",
+        "with d as (delete from billing.invoices returning 1) update notes set x = 1 where id = 1",
+    ):
+        d = s.judge(text)
+        assert not d.allow and d.rule == "approvals" and "notes, billing" in d.message, (text, d)
+    # A qualified name is held by a rule written without its schema (and without the database).
+    assert s.approval_rule("update public.notes set x = 1 where id = 1") is not None
+    assert s.approval_rule("update app.public.notes set x = 1 where id = 1") is not None
+    # Relation rules pin search_path (an unqualified name must not move to billing).
+    assert not s.judge("set search_path = billing").allow
+    assert not s.judge("alter role app set search_path = billing").allow
+    # SQL EXECUTE runs a prepared statement the text does not show (one prepared through the
+    # protocol, whose executions are held there): refused.
+    for text in ("execute s1('x', 1)", "explain analyze execute s1('x', 1)"):
+        d = s.judge(text)
+        assert not d.allow and "SQL EXECUTE" in d.message, (text, d)
+    assert s.judge("select 1").allow and s.judge("delete from billing.invoices where id = 1").allow
+    # A deny guardrail written without a schema refuses the qualified name too.
+    rule = {"name": "no-accounts-truncate", "match": {"kinds": ["truncate"], "relations": ["accounts"]}}
+    g = session(tmp_path, rules=(rule,), access="read-write", guardrails=["no-accounts-truncate"])
+    assert not g.judge("truncate public.accounts").allow and not g.judge("truncate accounts").allow

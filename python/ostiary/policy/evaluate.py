@@ -411,6 +411,13 @@ class _Rule:
             if "." not in r:
                 for schema in self.schemas:
                     yield f"{schema}.{r}"
+            elif self.schemas:
+                # Deny and hold rules (those with pinned schemas) fail closed: a glob written
+                # without a schema (accounts) or without the database (public.accounts) also
+                # holds public.accounts and app.public.accounts.
+                parts = r.split(".")
+                for i in range(1, len(parts)):
+                    yield ".".join(parts[i:])
 
 
 def _function_names(functions: frozenset[str]) -> frozenset[str]:
@@ -448,8 +455,6 @@ class SessionPolicy:
         schemas = tuple(dict.fromkeys(s for s in ("public", login) if s))
         rules = [defined.get(n) or PACKS[n] for n in names if n != "read-only"]
         self.rules = [_Rule(g, schemas if g.action == "deny" else ()) for g in rules]
-        # Unqualified names resolve through search_path: with relation rules it must not move.
-        self.pins_search_path = self.relations is not None or any(r.relations is not None for r in self.rules)
         # Patterns look at the text, constants included: their verdicts hold per text only.
         self.by_text = any(r.pattern is not None for r in self.rules)
         self.masking = policy.masking(grant)
@@ -464,6 +469,13 @@ class SessionPolicy:
             for a in (approvals[n] for n in grant.approvals if n in approvals)
         ]
         self.by_text = self.by_text or any(m.pattern is not None for m, _ in self.approvals)
+        # Unqualified names resolve through search_path: with relation rules (deny, allow, or the
+        # approvals that hold statements) it must not move.
+        self.pins_search_path = (
+            self.relations is not None
+            or any(r.relations is not None for r in self.rules)
+            or any(m.relations is not None for m, _ in self.approvals)
+        )
 
     @property
     def guarded(self) -> bool:
@@ -538,6 +550,18 @@ class SessionPolicy:
             d = self.masking_refusal(a, text) or self.decide(a)
             if not d.allow:
                 return StatementDecision(d.allow, d.rule, d.message, by_shape=by_shape)
+            if self.approvals and "execute" in a.kinds:
+                # SQL EXECUTE runs a prepared statement by name: one prepared through the protocol
+                # (whose executions are held there) or by SQL PREPARE; the text names neither what
+                # it runs nor its rules.
+                return StatementDecision(
+                    False,
+                    "approvals",
+                    "SQL EXECUTE is refused in sessions with approval rules (it runs a prepared "
+                    "statement the gateway cannot see here): run the statement itself, or execute "
+                    "it through the protocol, where each execution is held with its parameters",
+                    by_shape=by_shape,
+                )
             if "prepare" in a.kinds:
                 # Approval holds each execution with its values; an SQL PREPARE approved once
                 # would let every later EXECUTE run unheld.
@@ -552,6 +576,20 @@ class SessionPolicy:
                             "held with its parameters",
                             by_shape=by_shape,
                         )
+        if self.approvals:
+            held = list(dict.fromkeys(r.name for a in analyses for m, r in self.approvals if m.matches(a)))
+            if len(held) > 1:
+                # A request is approved under one rule, by its approvers: one text that several
+                # rules hold (two statements, or one that does both) would pass on the votes of
+                # one rule's approvers, or on a grant-scoped approval of the laxer one.
+                return StatementDecision(
+                    False,
+                    "approvals",
+                    f"this text matches approval rules {', '.join(held)}: a request is approved "
+                    "under one rule; send the statements one at a time (a single statement "
+                    "that several rules hold cannot be approved)",
+                    by_shape=by_shape,
+                )
         return StatementDecision(True, self.grant.name, by_shape=by_shape)
 
     def masking_refusal(self, a: StatementAnalysis, text: str) -> StatementDecision | None:
