@@ -5,6 +5,8 @@ tested in test_approvals_api.py)."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -179,6 +181,57 @@ def test_held_statement_runs_once_approved_and_is_refused_when_denied(
         timeout=60,
     )
     assert verify.returncode == 0, verify.stdout
+
+
+def test_cancel_ends_the_wait_and_the_statement_never_runs(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, accounts: None
+) -> None:
+    """psql's Ctrl-C (a CancelRequest) of a held statement was sent to the idle backend and changed
+    nothing: the statement ran once approved. Now the wait ends with 57014, as PostgreSQL cancels a
+    running statement; the session stays usable and a later approval does not run it."""
+    cfg = approvals_config(pg, gateway_tls, tmp_path)
+    gw = gateway_factory(config=cfg)
+    store = store_of(cfg)
+    before = value(pg, 1)
+    held = Held(gw, "update apr_accounts set v = 'cancelled' where id = 1")
+    req = pending(store)
+    held.conn.cancel_safe()
+    held.wait()
+    assert isinstance(held.error, psycopg.errors.QueryCanceled), held.error
+    assert held.conn.execute("select 1").fetchone() == (1,)
+    store.vote(req.id, "alice", True, "too late", 60)
+    time.sleep(0.5)
+    assert value(pg, 1) == before != "cancelled"
+    held.conn.close()
+
+
+def test_a_client_that_leaves_while_held_takes_its_statement_with_it(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, accounts: None
+) -> None:
+    """A psql killed while its DELETE waited for approval left the session open, and the DELETE ran
+    once approved, for nobody. The client's hang-up now ends the session and the statement never
+    runs; the request stays pending (the same statement run again would pass once)."""
+    cfg = approvals_config(pg, gateway_tls, tmp_path)
+    gw = gateway_factory(config=cfg)
+    store = store_of(cfg)
+    before = value(pg, 2)
+    held = Held(gw, "update apr_accounts set v = 'for nobody' where id = 2")
+    req = pending(store)
+    deadline = time.monotonic() + 5
+    while not held.notices and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held.notices
+    # As a killed process: the socket closes with no Terminate.
+    socket.socket(fileno=os.dup(held.conn.fileno())).shutdown(socket.SHUT_RDWR)
+    held.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "waited for approval" not in gw.log():
+        time.sleep(0.1)
+    assert "the client left while its statement waited for approval" in gw.log()
+    store.vote(req.id, "alice", True, "for nobody", 60)
+    time.sleep(0.5)
+    assert value(pg, 2) == before != "for nobody"
+    assert store.get(req.id).state == "approved"  # type: ignore[union-attr]
 
 
 def test_expiry_and_two_approvals(

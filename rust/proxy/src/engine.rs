@@ -140,8 +140,15 @@ pub enum Command {
     /// Refuse every statement from now on with this error, or stop refusing (None).
     Refuse { refusal: Option<(String, String)> },
     /// Send the client a NoticeResponse (at the next message boundary towards it), e.g. while a
-    /// statement of it is held for approval.
-    Notice { code: String, message: String },
+    /// statement of it is held for approval. `held`: the statement now waiting for a verdict waits
+    /// for people (an approval), so a client that leaves meanwhile ends the session: the statement
+    /// must not run for nobody once approved (a verdict that takes milliseconds is waited for, as
+    /// PostgreSQL runs what a client sent before its EOF).
+    Notice {
+        code: String,
+        message: String,
+        held: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -778,6 +785,8 @@ enum Wake {
     ClientWritable(io::Result<()>),
     UpstreamWritable(io::Result<()>),
     Deadline,
+    /// The client left while its statement waited for approval.
+    ClientGone,
 }
 
 /// What one read says about the socket's read readiness.
@@ -1009,6 +1018,8 @@ struct Session {
     ticket: u64,
     stash: Vec<u8>,
     waiting: bool,
+    /// The statement waited for is held for approval: the client's hang-up ends the session.
+    watch_hang_up: bool,
     recorder: Option<(Recorder, usize, std::time::Instant)>,
     /// Gateway-made notices waiting for a message boundary towards the client.
     notices: Vec<u8>,
@@ -1078,6 +1089,7 @@ impl Session {
             ticket: 0,
             stash: Vec::new(),
             waiting: false,
+            watch_hang_up: false,
             notices: Vec::new(),
             recorder: spec.record.map(|r| {
                 (
@@ -1307,6 +1319,7 @@ impl Session {
                 || half_closed.is_some()
                 || self.terminate.is_some()
                 || to_upstream;
+            let watch_hang_up = self.watch_hang_up && self.relay.is_holding();
             // Alternate which side is looked at first so neither can starve the other.
             upstream_first = !upstream_first;
             // One hand-written poll instead of `select!`: readiness is polled in place (no waiter
@@ -1320,6 +1333,9 @@ impl Session {
                     if Pin::new(sleep).poll(cx).is_ready() {
                         return Poll::Ready(Wake::Deadline);
                     }
+                }
+                if watch_hang_up && cfd.poll_hang_up(cx).is_ready() {
+                    return Poll::Ready(Wake::ClientGone);
                 }
                 if to_client {
                     if let Poll::Ready(r) = cfd.poll_write_ready(cx) {
@@ -1448,6 +1464,14 @@ impl Session {
                     return Ok((
                         "terminated",
                         "closed mid-message after the grace period".into(),
+                    ));
+                }
+                Wake::ClientGone => {
+                    // The held statement is dropped unsent (the control plane's wait is cancelled
+                    // when it hears of the end; the request stays pending, see `Approvals.hold`).
+                    return Ok((
+                        "client_closed",
+                        "the client left while its statement waited for approval".into(),
                     ));
                 }
             }
@@ -1727,6 +1751,7 @@ impl Session {
                 if self.audit {
                     self.relay.set_now(now_us());
                 }
+                self.watch_hang_up = false;
                 self.with_scratch(|this, s| {
                     s.out.clear();
                     this.relay
@@ -1755,9 +1780,16 @@ impl Session {
                 self.terminate = Some(ErrorFields::new("FATAL", &code, &message).encode_error());
             }
             Command::Refuse { refusal } => self.relay.set_refusal(refusal),
-            Command::Notice { code, message } => {
+            Command::Notice {
+                code,
+                message,
+                held,
+            } => {
                 self.notices
                     .extend(ErrorFields::new("NOTICE", &code, &message).encode_notice());
+                if held && self.relay.is_holding() {
+                    self.watch_hang_up = true;
+                }
             }
             Command::Drain { code, message } => {
                 self.drain = Some(backend::error_response("FATAL", &code, &message));

@@ -470,6 +470,16 @@ impl<T: AsRawFd> Registered<T> {
         Poll::Pending
     }
 
+    /// Ready once epoll reported a hang-up (the peer's FIN or reset), without reading: for a
+    /// session that reads nothing from the peer meanwhile but must know it left.
+    pub fn poll_hang_up(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.state.ready.get() & HUP != 0 {
+            return Poll::Ready(());
+        }
+        store_waker(&self.state.read_waker, cx);
+        Poll::Pending
+    }
+
     /// A read found nothing (EAGAIN): not readable until epoll reports a new edge.
     pub fn clear_read_ready(&self) {
         self.state.ready.set(self.state.ready.get() & !(READ | HUP));

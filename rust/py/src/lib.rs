@@ -699,14 +699,17 @@ impl Engine {
     }
 
     /// Sends the session's client a NoticeResponse (SQLSTATE `code`, default 00000) at the next
-    /// message boundary. False if the session has ended.
-    #[pyo3(signature = (session, message, code = "00000"))]
-    fn notice(&self, session: u64, message: &str, code: &str) -> bool {
+    /// message boundary. `held`: the statement waiting for a verdict is held for people to decide
+    /// (an approval), and the client's leaving meanwhile ends the session. False if the session
+    /// has ended.
+    #[pyo3(signature = (session, message, code = "00000", held = false))]
+    fn notice(&self, session: u64, message: &str, code: &str, held: bool) -> bool {
         self.inner.command(
             session,
             Command::Notice {
                 code: code.into(),
                 message: message.into(),
+                held,
             },
         )
     }
