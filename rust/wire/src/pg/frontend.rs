@@ -140,7 +140,18 @@ pub fn bind_fields(
     let mut r = Reader::new(body, "Bind");
     let portal = String::from_utf8_lossy(cstr_or_rest(&mut r)).into_owned();
     let stmt = String::from_utf8_lossy(cstr_or_rest(&mut r)).into_owned();
-    let params = bind_params(&mut r, max_text, types);
+    let rest = r.remaining();
+    let (mut params, cut) = bind_params(&mut r, max_text, types);
+    if cut {
+        // Cut: two executions that differ only past the cut must not read the same (an approval
+        // binds the parameters it was asked for): the digest of all of them follows the mark.
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(rest);
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        if let Some(Some(last)) = params.last_mut() {
+            last.push_str(&format!(" [parameters cut; sha256 {hex}]"));
+        }
+    }
     (portal, stmt, params)
 }
 
@@ -163,23 +174,27 @@ pub fn parse_fields(body: &[u8], max_text: usize) -> (String, String, bool, Vec<
 }
 
 /// Bind parameters as text, within `max_text` bytes in all (what does not fit is dropped and
-/// marked with a last `"…"`).
-fn bind_params(r: &mut Reader<'_>, max_text: usize, types: &[u32]) -> Vec<Option<String>> {
+/// marked with a last `"…"`), and whether any was.
+fn bind_params(r: &mut Reader<'_>, max_text: usize, types: &[u32]) -> (Vec<Option<String>>, bool) {
     let mut out = Vec::new();
-    let Ok(nf) = r.count16() else { return out };
+    let Ok(nf) = r.count16() else {
+        return (out, false);
+    };
     let mut formats = Vec::new();
     for _ in 0..nf {
         match r.i16() {
             Ok(f) => formats.push(f),
-            Err(_) => return out,
+            Err(_) => return (out, false),
         }
     }
-    let Ok(np) = r.count16() else { return out };
+    let Ok(np) = r.count16() else {
+        return (out, false);
+    };
     let mut room = max_text;
     for i in 0..np {
         let Ok(len) = r.i32() else {
             out.push(Some("…".into()));
-            return out;
+            return (out, true);
         };
         if len < 0 {
             out.push(None);
@@ -215,10 +230,10 @@ fn bind_params(r: &mut Reader<'_>, max_text: usize, types: &[u32]) -> Vec<Option
             let (t, _) = cut(text.as_bytes(), room.min(text.len()));
             text = t + "…";
             out.push(Some(text));
-            return out;
+            return (out, true);
         }
         room -= text.len();
         out.push(Some(text));
     }
-    out
+    (out, false)
 }

@@ -1273,6 +1273,32 @@ mod tests {
     }
 
     #[test]
+    fn parameters_cut_for_the_control_plane_still_tell_executions_apart() {
+        // An approval binds the parameters it was asked for: two that differ only past the cut
+        // must not read the same (the digest of all of them follows the mark).
+        let head = "x".repeat(EXEC_PARAMS_TEXT);
+        let fields = |tail: &str| {
+            let m = bind_msg("", "s", &format!("{head}{tail}"));
+            frontend::bind_fields(&m[5..], EXEC_PARAMS_TEXT, &[]).2
+        };
+        let (a, b) = (fields("approved"), fields("something else"));
+        assert_ne!(a, b);
+        let shown = a[0].as_deref().unwrap();
+        assert!(shown.len() < EXEC_PARAMS_TEXT + 100, "{}", shown.len());
+        assert!(
+            shown.contains("… [parameters cut; sha256 "),
+            "{}",
+            &shown[shown.len() - 80..]
+        );
+        // Not cut: as sent.
+        let m = bind_msg("", "s", "short…");
+        assert_eq!(
+            frontend::bind_fields(&m[5..], EXEC_PARAMS_TEXT, &[]).2,
+            vec![Some("short…".to_owned())]
+        );
+    }
+
+    #[test]
     fn a_portal_bound_from_a_held_statement_stays_held_after_its_statement_goes() {
         // PostgreSQL keeps a portal when its statement is closed or its name parsed again: the
         // portal's Execute runs the statement it was bound from, so it is still held.
