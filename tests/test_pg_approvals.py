@@ -234,6 +234,24 @@ def test_a_client_that_leaves_while_held_takes_its_statement_with_it(
     assert store.get(req.id).state == "approved"  # type: ignore[union-attr]
 
 
+def test_held_statements_must_be_valid_utf8(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, accounts: None
+) -> None:
+    """In LATIN1, 'é' and 'è' are bytes the data path cannot decode as UTF-8: both read as U+FFFD,
+    so an approval of one would bind the other's text too. A statement an approval rule holds must
+    be valid UTF-8; others are untouched."""
+    cfg = approvals_config(pg, gateway_tls, tmp_path)
+    gw = gateway_factory(config=cfg)
+    store = store_of(cfg)
+    with psycopg.connect(gw.dsn(user="ci", password="ci-pw"), autocommit=True, client_encoding="latin1") as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="must be valid UTF-8"):
+            c.execute("update apr_accounts set v = 'café' where id = 1")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="must be valid UTF-8"):
+            c.execute("update apr_accounts set v = %s where id = 1", ("café",), prepare=True)
+        assert c.execute("select 'café'").fetchone() == ("café",)
+    assert not store.requests("pending")
+
+
 def test_expiry_and_two_approvals(
     gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, accounts: None
 ) -> None:

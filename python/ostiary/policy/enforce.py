@@ -33,6 +33,7 @@ SQL are out of any statement check's reach), give read-only grants a reader role
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 from ostiary import _core
@@ -72,6 +73,8 @@ class PolicyHook:
                 rule = policy.approval_rule(statement.text)
                 if rule is None:
                     return Decision.allowed(remember=False)
+                if undecodable(statement.text, statement.params):
+                    return _undecodable(rule.name)
                 return Decision(True, remember=False, rule=rule.name, approval=rule)
             d = policy.judge(statement.text)
             # Remembered per shape in "shapes" sessions only when the verdict holds for every text of
@@ -79,6 +82,8 @@ class PolicyHook:
             remember: bool | Literal["text"] = True if d.by_shape or policy.by_text else "text"
             if d.allow:
                 rule = policy.approval_rule(statement.text)
+                if rule is not None and undecodable(statement.text, ()):
+                    return _undecodable(rule.name)
                 if rule is not None and statement.kind == "parse":
                     # Approval binds the parameters too: each execution is held, not the Parse.
                     return Decision(True, remember=False, rule=rule.name, hold_executions=True)
@@ -122,3 +127,19 @@ class PolicyHook:
                 rule="read-only",
             )
         return Decision.allowed(remember=keep)
+
+
+def undecodable(text: str, params: Iterable[str | None]) -> bool:
+    """Whether a statement's text or parameters held bytes that are not UTF-8: the data path
+    shows them as U+FFFD, so two different statements would read the same to approvers and to the
+    approval that binds the text."""
+    return "\ufffd" in text or any(p is not None and "\ufffd" in p for p in params)
+
+
+def _undecodable(rule: str) -> Decision:
+    return Decision.denied(
+        f"{rule}: a statement that approval rule {rule} holds must be valid UTF-8 (text and "
+        "parameters): approvers would see, and the approval would bind, a text with bytes "
+        "replaced; use client_encoding UTF8",
+        rule=rule,
+    )
