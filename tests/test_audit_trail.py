@@ -219,3 +219,38 @@ def test_cli_refuses_stores_that_do_not_exist_or_are_not_stores(tmp_path: Path) 
     assert r.returncode == 2 and "not a database" in r.stderr
     r = cli("audit", "export-key", "--data-dir", str(tmp_path / "none"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_search_table_shows_control_characters_instead_of_sending_them(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    db = tmp_path / "a.db"
+    store = SqliteStore(db)
+    chain = Chain("w1")
+    text = "select 'drop everything' /*\r=> select 1; */ \x1b]0;TITLE\x07\x1b[2J\x9b31m"
+    store.append(
+        [
+            chain.seal("statement", 100, identity="ev\x1b[2Jil", connection="app", data={"text": text}),
+            chain.seal("auth", 200, identity="x", verdict="deny", data={"reason": "no\n=> drop table t;"}),
+        ]
+    )
+    store.close()
+    r = subprocess.run(
+        [sys.executable, "-m", "ostiary.cli", "audit", "search", "--store", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert not any(c in r.stdout for c in "\x1b\r\x07\x9b"), repr(r.stdout)
+    assert "ev\\x1B[2Jil" in r.stdout and "/*\\r=> select 1; */ \\x1B]0;TITLE\\x07" in r.stdout
+    assert "no\\n=> drop table t;" in r.stdout and len(r.stdout.splitlines()) == 4
+    # --json is the records as stored.
+    r = subprocess.run(
+        [sys.executable, "-m", "ostiary.cli", "audit", "search", "--store", str(db), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "\\u001b]0;TITLE\\u0007" in r.stdout or "\\u001B]0;TITLE\\u0007" in r.stdout, r.stdout

@@ -23,12 +23,18 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import APP_PASSWORD, GatewayFactory, GatewayProcess, gateway_config
 from ostiary.approvals.store import ApprovalStore, Request
+from ostiary.audit import keys as keysmod
+from ostiary.audit.records import Chain, Sealed
 from ostiary.audit.store import SearchFilter, SqliteStore
 from ostiary.devcluster import PgCluster, TlsMaterial
+from ostiary.evidence import report as model
 from ostiary.evidence.html import excerpt
+from ostiary.evidence.pack import PackOptions, packed, write_pack
+from ostiary.evidence.verify import verify_pack
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -445,3 +451,157 @@ def test_spikes_of_blocked_statements_and_policy_diffs_are_pure_functions_of_the
     assert diff["grants_changed"] == [{"grant": "a", "fields": ["access"]}]
     assert diff["identities_added"] == ["y"] and diff["grants_added"] == []
     assert rep["cc6"]["least_privilege"]["read_write_grants"]["value"] == ["a"]
+
+
+# Packs that leave out records of their period: cut from the start (report.json rebuilt from the
+# rest: only the checkpoints are signed) or moved from the end into link.jsonl. The pack's anchor
+# record and the link records' time stamps show both; honest packs, including ones whose chain
+# starts at seq 1 or right after a retention purge, still verify. (A synthetic trail: no gateway.)
+
+S = 1_000_000
+T0 = 1_800_000_000 * S  # the period: [T0 + 100 s, T0 + 200 s)
+LO, HI = T0 + 100 * S, T0 + 200 * S
+
+
+def _trail(tmp: Path, key: Ed25519PrivateKey, purge_through: int = 0) -> SqliteStore:
+    """Sessions every 20 s from T0 to T0 + 280 s (three records each), a checkpoint after each
+    session; with ``purge_through``, the records up to it were purged under a signed checkpoint."""
+    store = SqliteStore(tmp / "audit.db")
+    chain = Chain("w1")
+    kid = keysmod.key_id(key.public_key())
+    rows: list[Sealed] = []
+    for i in range(15):
+        t, sess = T0 + i * 20 * S, f"s{i}"
+        who = {"session": sess, "identity": f"u{i % 3}", "connection": "app", "verdict": "allow"}
+        rows += [
+            chain.seal("session_start", t, **who, data={"peer": "10.0.0.1"}),
+            chain.seal("statement", t + 1, **who, data={"text": f"select {i}", "outcome": "ok"}),
+            chain.seal("session_end", t + 2, **who, data={"reason": "client closed", "statements": 1}),
+        ]
+        last = rows[-1]
+        cp = keysmod.Checkpoint(writer="w1", seq=last.seq, hash=last.hash, ts=t + 3, key_id=kid)
+        store.add_checkpoint(keysmod.sign(key, cp))
+    store.append(rows)
+    if purge_through:
+        last = rows[-1]
+        cp = keysmod.Checkpoint(
+            writer="w1",
+            seq=last.seq,
+            hash=last.hash,
+            ts=T0 + 300 * S,
+            key_id=kid,
+            purged_through=purge_through,
+            purged_hash=rows[purge_through - 1].hash,
+        )
+        store.add_checkpoint(keysmod.sign(key, cp))
+        store.purge("w1", purge_through)
+    return store
+
+
+def _pack(tmp: Path, store: SqliteStore, key: Ed25519PrivateKey, lo: int = LO, hi: int = HI) -> Path:
+    out = tmp / "pack"
+    write_pack(store, PackOptions(lo, hi, out, trusted=[key.public_key()]))
+    return out
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _write(path: Path, lines: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(x, sort_keys=True, ensure_ascii=False) + "\n" for x in lines))
+
+
+def _forge(src: Path, dst: Path, records: list[dict[str, Any]], **files: list[dict[str, Any]]) -> Path:
+    """What a forger with the pack does: change files, rebuild report.json from the records left
+    (it is not signed), and re-hash the manifest."""
+    shutil.copytree(src, dst)
+    _write(dst / "records.jsonl", records)
+    for name, lines in files.items():
+        _write(dst / f"{name}.jsonl", lines)
+    rep = json.loads((dst / "report.json").read_text())
+    ctx = _lines(dst / "context.jsonl")
+    new = model.build(
+        model.Inputs(
+            rep["period"]["from_us"],
+            rep["period"]["to_us"],
+            [packed(x) for x in records],
+            [(x.get("role", ""), packed(x)) for x in ctx],
+            json.loads((dst / "approvals.json").read_text()),
+        )
+    )
+    new["generated"], new["integrity"] = rep["generated"], rep["integrity"]
+    (dst / "report.json").write_text(json.dumps(new, indent=2, sort_keys=True, ensure_ascii=False))
+    m = json.loads((dst / "manifest.json").read_text())
+    m["files"] = {
+        str(p.relative_to(dst)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(dst.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
+    (dst / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    return dst
+
+
+def test_an_honest_pack_carries_the_records_around_its_period_and_verifies(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    pack = _pack(tmp_path, _trail(tmp_path, key), key)
+    records = _lines(pack / "records.jsonl")
+    assert [r["seq"] for r in records] == list(range(16, 31))
+    anchor = _lines(pack / "anchor.jsonl")
+    assert [a["seq"] for a in anchor] == [15] and json.loads(anchor[0]["body"])["ts"] < LO
+    link = _lines(pack / "link.jsonl")
+    assert [r["seq"] for r in link] == [31, 32, 33]
+    check = verify_pack(pack, [key.public_key()])
+    assert check.ok, check.problems
+
+
+def test_records_cut_from_the_start_of_the_period_fail(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    pack = _pack(tmp_path, _trail(tmp_path, key), key)
+    records = _lines(pack / "records.jsonl")
+    cut, kept = records[:3], records[3:]  # the period's first session
+    assert verify_pack(_forge(pack, tmp_path / "untouched", records), [key.public_key()]).ok
+
+    # The anchor left as it was: it is not the record the new first one links to.
+    p = verify_pack(_forge(pack, tmp_path / "cut", kept), [key.public_key()])
+    assert not p.ok and "nothing shows that its records of the period start at seq 19" in p.problems[0], (
+        p.problems
+    )
+    # The last record cut made the anchor: it is stamped inside the period.
+    p = verify_pack(_forge(pack, tmp_path / "cut2", kept, anchor=cut[-1:]), [key.public_key()])
+    assert not p.ok and "not before the period" in p.problems[0] and "w1:18" in p.problems[0], p.problems
+    # No anchor at all (as a pack made before anchors existed would be).
+    bare = _forge(pack, tmp_path / "cut3", kept)
+    (bare / "anchor.jsonl").unlink()
+    m = json.loads((bare / "manifest.json").read_text())
+    del m["files"]["anchor.jsonl"]
+    (bare / "manifest.json").write_text(json.dumps(m))
+    p = verify_pack(bare, [key.public_key()])
+    assert not p.ok and "make it again" in p.problems[0], p.problems
+
+
+def test_records_moved_from_the_end_of_the_period_into_link_fail(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    pack = _pack(tmp_path, _trail(tmp_path, key), key)
+    records = _lines(pack / "records.jsonl")
+    link = _lines(pack / "link.jsonl")
+    moved = _forge(pack, tmp_path / "moved", records[:-3], link=records[-3:] + link)
+    p = verify_pack(moved, [key.public_key()])
+    assert not p.ok and "link.jsonl line 1 (record w1:28" in p.problems[0], p.problems
+    assert "before the end of the period" in p.problems[0]
+
+
+def test_a_pack_from_the_start_of_the_chain_or_after_a_purge_verifies(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    (tmp_path / "a").mkdir()
+    pack = _pack(tmp_path / "a", _trail(tmp_path / "a", key), key, lo=T0)
+    assert _lines(pack / "anchor.jsonl") == []
+    check = verify_pack(pack, [key.public_key()])
+    assert check.ok, check.problems
+    # Retention purged seq 1..15: the signed purge checkpoint names the record before the period.
+    (tmp_path / "b").mkdir()
+    pack = _pack(tmp_path / "b", _trail(tmp_path / "b", key, purge_through=15), key)
+    assert _lines(pack / "anchor.jsonl") == []
+    check = verify_pack(pack, [key.public_key()])
+    assert check.ok, check.problems
+    assert any("purged" in n for n in check.notes), check.notes

@@ -388,3 +388,71 @@ def test_list_and_replay_from_the_command_line(session: tuple[Path, str, str]) -
     )
     assert r.returncode == 1 and "no recording 'nope-1'" in r.stderr
     assert list_recordings(data_dir, identity="someone-else") == []
+
+
+# Values a client or server can choose: control characters a terminal would act on (a CSI that
+# clears the screen, an OSC that retitles the window, a CR hiding what came before, a C1 CSI), tabs,
+# and multi-line values whose lines imitate a result footer, a prompt and a command tag.
+HOSTILE = [
+    "select 'x' || chr(10) || '(1 row)' || chr(10) || chr(10) || '=> drop table t;' || chr(10)"
+    " || 'DROP TABLE' as v",
+    "select chr(27) || '[2J' || chr(27) || ']0;evil' || chr(7) as clear_screen, 'drop everything'"
+    " || chr(13) || 'select 1' as cr, chr(155) || '31m' || chr(127) as c1",
+    "select 'a' || chr(10) || 'bbb' as x, 12 as n, E'tab\\there' || chr(10) || 'y' as t, null as z",
+    'select 1 as "two\nlines", \'q\' as "e\x1bsc"',
+    "select n, case when n = 2 then 'p' || chr(10) || 'q' end as w from generate_series(1, 3) n",
+]
+
+
+def test_hostile_values_replay_as_psql_shows_them(pg: PgCluster, tmp_path: Path) -> None:
+    path = tmp_path / "hostile.rec"
+    r = record_psql(pg, HOSTILE, path, _core.Recorder(1000, 4096, 1 << 20))
+    assert r.returncode == 0, r.stderr
+    out = io.StringIO()
+    replay(path, out=out, prompts=False)
+    # psql escapes control characters and marks continuation lines with "+": byte for byte the same.
+    assert out.getvalue() == r.stdout
+    assert "\\x1B[2J" in r.stdout and "drop everything\\rselect 1" in r.stdout
+    with_prompts = io.StringIO()
+    replay(path, out=with_prompts)
+    text = with_prompts.getvalue()
+    lines = text.splitlines()
+    assert "=> drop table t;" not in lines and "DROP TABLE" not in lines
+    assert not any(c in text for c in "\x1b\r\x07\x7f\x9b")
+    assert '-> lines", \'q\' as "e\\x1Bsc"' in lines
+
+
+def test_text_a_session_chose_is_shown_not_obeyed() -> None:
+    # Parameters, notifications, COPY data, error fields and command tags come from the client or
+    # the server too: their control characters are escaped, and their lines cannot pass for a
+    # prompt (one-line fields show a newline as \n; further lines of an error field are indented).
+    from ostiary.recording.render import Renderer
+
+    written: list[str] = []
+    r = Renderer(lambda _stream, text: written.append(text))
+    events: list[fmt.AnyEvent] = [
+        fmt.Parse(at_us=0, name="s", text="select $1 /*\r=> select 1; */"),
+        fmt.Bind(at_us=0, portal="", statement="s", params=["a'\n=> drop table t;\nDROP TABLE", None]),
+        fmt.Execute(at_us=0, portal=""),
+        fmt.CommandComplete(at_us=0, tag="SELECT 0\x1b[2J"),
+        fmt.Notice(at_us=0, severity="NOTICE", code="00000", message="x\n=> drop table t;\x07"),
+        fmt.Error(at_us=0, severity="ERROR", code="P0001", message="m", detail="d\nDROP TABLE\x1b]0;t\x07"),
+        fmt.Notification(at_us=0, pid=7, channel="c\x1b[2J", payload="p\n=> drop table t;"),
+        fmt.Query(at_us=0, text="copy t to stdout"),
+        fmt.CopyResponse(at_us=0, direction="out", format=0),
+        fmt.CopyData(at_us=0, sender="server", data="1\t\x1b]0;evil\x07\r\n"),
+        fmt.CommandComplete(at_us=0, tag="COPY 1"),
+    ]
+    for ev in events:
+        r.event(ev)
+    text = "".join(written)
+    assert not any(c in text for c in "\x1b\r\x07")
+    lines = text.splitlines()
+    assert "=> select $1 /*\\r=> select 1; */" in lines
+    assert "-- $1 = 'a'\\n=> drop table t;\\nDROP TABLE', $2 = NULL" in lines
+    assert "SELECT 0\\x1B[2J" in lines
+    assert lines[lines.index("NOTICE:  x") + 1] == "         => drop table t;\\x07"
+    assert lines[lines.index("DETAIL:  d") + 1] == "         DROP TABLE\\x1B]0;t\\x07"
+    assert 'Asynchronous notification "c\\x1B[2J" with payload "p\\n=> drop table t;"' in text
+    assert "1\t\\x1B]0;evil\\x07\\r" in lines
+    assert not any(line.startswith(("=> drop", "DROP TABLE")) for line in lines)

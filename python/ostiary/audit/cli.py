@@ -91,8 +91,11 @@ def _open(args: argparse.Namespace) -> tuple[AuditStore, Any]:
             from ostiary.audit.log import open_store, sqlite_path
 
             cfg = _load(args.config)
-            if cfg.audit.store == "sqlite" and not sqlite_path(cfg).is_file():
-                raise StoreError(f"there is no audit store at {sqlite_path(cfg)} (has the gateway run?)")
+            if cfg.audit.store == "sqlite":
+                if not sqlite_path(cfg).is_file():
+                    raise StoreError(f"there is no audit store at {sqlite_path(cfg)} (has the gateway run?)")
+                # Read as found: checking or searching a store must not add tables to it.
+                return SqliteStore(sqlite_path(cfg), create=False), cfg
             return open_store(cfg), cfg
     except StoreError as e:
         print(f"ostiary audit: {e}", file=sys.stderr)
@@ -134,10 +137,12 @@ def _verify(args: argparse.Namespace) -> int:
             )
             for p in w.problems:
                 print(f"  {p}")
+        if not report.writers:
+            print(f"the store holds no audit trail ({store.description})")
+        for p in report.problems:
+            print(f"FAILED: {p}")
         for n in report.notes:
             print(f"note: {n}")
-        if not report.writers:
-            print("the store holds no audit records")
     return 0 if report.ok else 1
 
 
@@ -222,11 +227,18 @@ def _search(args: argparse.Namespace) -> int:
         for r in rows:
             print(json.dumps(r.as_dict(), sort_keys=True))
         return 0
-    table = [("time", "kind", "identity", "connection", "verdict", "rule", "session", "what")]
+    from ostiary.recording.render import visible
+
+    table: list[tuple[str, ...]] = [
+        ("time", "kind", "identity", "connection", "verdict", "rule", "session", "what")
+    ]
     for r in rows:
         rec = r.as_dict()
         when = dt.datetime.fromtimestamp(r.ts / 1e6, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-        table.append((when, r.kind, r.identity, r.connection, r.verdict, r.rule, r.session, summary(rec)))
+        cells = (r.kind, r.identity, r.connection, r.verdict, r.rule, r.session, summary(rec))
+        # Statement text, identities, error messages: clients chose them, so a control character in
+        # them is shown (\x1B, \r ...), not sent to the terminal to act on.
+        table.append((when, *(visible(c) for c in cells)))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])

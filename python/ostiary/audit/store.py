@@ -294,18 +294,34 @@ class SqliteStore(_SqlStore):
     power cut)."""
 
     def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        """``create=False`` opens an existing file to read it (verify, search, evidence) and writes
+        nothing to it: not its journal mode, not the schema. Tables it lacks (an empty file) are
+        made as empty TEMP tables, which live in this connection only, so it reads as a store
+        without records instead of failing on every query."""
         self.path = Path(path)
         self.description = f"sqlite:{self.path}"
         self._lock = threading.Lock()
         if not create and not self.path.is_file():
             raise StoreError(f"there is no audit store at {self.path}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(SQLITE_SCHEMA)
+            if create:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(SQLITE_SCHEMA)
+            else:
+                import re
+
+                have = {
+                    r[0] for r in self._db.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'")
+                }
+                for stmt in SQLITE_SCHEMA.split(";"):
+                    m = re.match(r"\s*CREATE TABLE IF NOT EXISTS (\w+)", stmt)
+                    if m and m.group(1) not in have:
+                        self._db.execute(stmt.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open the audit store {self.path}: {e}") from None
 

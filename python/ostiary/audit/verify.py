@@ -7,6 +7,13 @@ header copies must equal the body's, its ``prev`` must be the hash of the record
 numbers must be contiguous and store ids must rise with them. Every signed checkpoint (and the
 head file the gateway keeps, when given) must match the record it names; a checkpoint beyond the
 chain's end means its tail was cut off. The first problem of each writer names the record.
+
+With the auditor's keys, a writer with records but no checkpoint signed by one of them fails: a
+well-chained run of records proves nothing by itself (anyone with write access can compute hashes),
+so such a writer was either never a gateway of theirs or had every checkpoint deleted. Records
+after the newest signed checkpoint of a writer that has one are reported (``signed_through`` below
+``last_seq``), not failed: a running gateway signs only every ``checkpoint_interval``. A head file
+whose writer has no record left in the store means that writer's trail was removed.
 """
 
 from __future__ import annotations
@@ -41,12 +48,17 @@ class Report:
     writers: list[WriterReport]
     trusted_keys: bool
     notes: list[str] = field(default_factory=list)
+    # Problems of the trail as a whole rather than of one writer's chain (an empty store that the
+    # auditor's keys say should hold records).
+    problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(not w.problems for w in self.writers)
+        return not self.problems and all(not w.problems for w in self.writers)
 
     def first_problem(self) -> str | None:
+        if self.problems:
+            return self.problems[0]
         for w in self.writers:
             if w.problems:
                 return w.problems[0]
@@ -58,6 +70,7 @@ class Report:
                 "ok": self.ok,
                 "trusted_keys": self.trusted_keys,
                 "notes": self.notes,
+                "problems": self.problems,
                 "writers": [w.__dict__ for w in self.writers],
             },
             indent=2,
@@ -90,11 +103,41 @@ def verify(
         )
     reports = []
     all_cps = store.checkpoints()
-    for writer in store.writers():
+    writers = store.writers()
+    for writer in writers:
         cps = [c for c in all_cps if c.checkpoint.writer == writer]
         cps += [h for h in heads or [] if h.checkpoint.writer == writer]
-        reports.append(_verify_writer(store, writer, cps, by_id))
-    return Report(reports, bool(trusted), notes)
+        rep = _verify_writer(store, writer, cps, by_id)
+        if rep.records and not rep.signed_through and not rep.problems:
+            if trusted:
+                rep.problems.append(
+                    f"writer {writer}: {rep.records} record(s) but no checkpoint signed by a verifying key "
+                    "covers any of them: nothing shows a gateway of yours wrote them (records added by "
+                    "hand, or every checkpoint of this writer was deleted)"
+                )
+            else:
+                notes.append(f"writer {writer}: no signed checkpoint covers its records")
+        reports.append(rep)
+    # A head file is a checkpoint the gateway also keeps outside the store: one whose writer left no
+    # trace in the store means the whole trail of that writer was removed.
+    for writer in sorted({h.checkpoint.writer for h in heads or []} - set(writers)):
+        seq = max(h.checkpoint.seq for h in heads or [] if h.checkpoint.writer == writer)
+        reports.append(
+            WriterReport(
+                writer,
+                problems=[
+                    f"writer {writer}: its head file (audit/head-{writer}.json) says its chain reached "
+                    f"seq {seq}, but the store holds no record of this writer: its trail was removed"
+                ],
+            )
+        )
+    problems = []
+    if trusted and not reports:
+        problems.append(
+            "the store holds no audit trail (no record, checkpoint or key of any writer), but a "
+            "verifying key was given: a gateway that ran with this store would have left records"
+        )
+    return Report(reports, bool(trusted), notes, problems)
 
 
 def _verify_writer(

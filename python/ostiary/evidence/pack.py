@@ -4,14 +4,19 @@ Theory of operation. For each writer (gateway process) the pack holds a contiguo
 from its first record stamped inside the period to its last one (``records.jsonl``, bodies exactly
 as stored). A record's ``prev`` names the one before it, so the run verifies on its own from the
 ``prev`` of its first record; to tie its end to a signature, ``link.jsonl`` holds the records after
-the period up to the first signed checkpoint at or after the run's last record (they are not
-counted in the report). ``context.jsonl`` holds earlier records the report refers to: the policy
-version in force when the period began, and for each identity and connection of the period its last
-session before it (which makes it "not first-time"). ``checkpoints.json`` has the signed checkpoints
-from the one before the run to the one that vouches for its end, ``public-keys/`` the keys to check
-them, ``approvals.json`` the approval tables' rows of the requests the period names (not
-hash-chained; the report marks what comes from them). ``manifest.json`` is written last and holds
-the SHA-256 of every other file.
+the period up to the first signed checkpoint after the run's last record (or at it, when none is
+after; they are not counted in the report). Nothing but the checkpoints is signed, so the pack also
+shows where the run starts: ``anchor.jsonl`` holds the record just before its first, stamped before
+the period (none when the run starts at seq 1; when retention purged that record,
+``checkpoints.json`` has the signed purge checkpoint naming it instead). Without it, records removed
+from the start of the period would leave a run that verifies just as well; records moved from its
+end into ``link.jsonl`` show by their time stamps. ``context.jsonl`` holds earlier records the
+report refers to: the policy version in force when the period began, and for each identity and
+connection of the period its last session before it (which makes it "not first-time").
+``checkpoints.json`` has the signed checkpoints from the one before the run to the one that vouches
+for its end, ``public-keys/`` the keys to check them, ``approvals.json`` the approval tables' rows of
+the requests the period names (not hash-chained; the report marks what comes from them).
+``manifest.json`` is written last and holds the SHA-256 of every other file.
 """
 
 from __future__ import annotations
@@ -132,6 +137,7 @@ def write_pack(store: AuditStore, opts: PackOptions) -> dict[str, Any]:
 
     period: list[Sealed] = []
     link: list[Sealed] = []
+    anchors: list[Sealed] = []
     context: list[tuple[str, Sealed]] = []
     checkpoints: list[SignedCheckpoint] = []
     policy_before: Sealed | None = None
@@ -150,11 +156,15 @@ def write_pack(store: AuditStore, opts: PackOptions) -> dict[str, Any]:
             for c in store.checkpoints(writer)
             if c.checkpoint.key_id in by_kid and keysmod.check_signature(by_kid[c.checkpoint.key_id], c)
         ]
-        vouching = min(
-            (c for c in cps if c.checkpoint.seq >= last), default=None, key=lambda c: c.checkpoint.seq
-        )
+        # A checkpoint after the last record, when there is one, brings the record after it into
+        # link.jsonl: stamped after the period, it shows where the period's records end.
+        after = [c for c in cps if c.checkpoint.seq > last]
+        at_last = [c for c in cps if c.checkpoint.seq == last]
+        vouching = min(after or at_last, default=None, key=lambda c: c.checkpoint.seq)
         end = vouching.checkpoint.seq if vouching else last
         for r in store.chain(writer):
+            if r.seq == first - 1:
+                anchors.append(r)
             if r.seq < first:
                 later = policy_before is None or (r.ts, r.id) > (policy_before.ts, policy_before.id)
                 if r.ts < lo and r.kind == "policy" and r.verdict == "applied" and later:
@@ -172,6 +182,10 @@ def write_pack(store: AuditStore, opts: PackOptions) -> dict[str, Any]:
                 (c for c in cps if c.checkpoint.seq < first), default=None, key=lambda c: c.checkpoint.seq
             )
             checkpoints += [c for c in cps if (before and c is before) or first <= c.checkpoint.seq <= end]
+            if first > 1 and not any(a.writer == writer for a in anchors):
+                # The record before the run was purged: the signed purge checkpoint names it.
+                purges = [c for c in cps if c.checkpoint.purged_through == first - 1]
+                checkpoints += [c for c in purges[-1:] if c not in checkpoints]
     if not period:
         raise PackError(f"the store holds no records between {model.iso(lo)} and {model.iso(hi)}")
     period.sort(key=lambda r: r.id)
@@ -225,6 +239,7 @@ def write_pack(store: AuditStore, opts: PackOptions) -> dict[str, Any]:
     files: dict[str, bytes] = {
         "records.jsonl": _jsonl([line_of(r) for r in period]),
         "link.jsonl": _jsonl([line_of(r) for r in sorted(link, key=lambda r: r.id)]),
+        "anchor.jsonl": _jsonl([line_of(r) for r in anchors if r.writer in writers]),
         "context.jsonl": _jsonl([line_of(r, role) for role, r in context]),
         "checkpoints.json": json.dumps([msgspec.to_builtins(c) for c in checkpoints], indent=2).encode(),
         "approvals.json": json.dumps(approvals, indent=2, sort_keys=True).encode(),

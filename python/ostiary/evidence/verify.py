@@ -8,6 +8,14 @@ verify with the pack's keys (or the auditor's ``--key``, which is what proves au
 signed checkpoint at or after each writer's last period record names exactly the hash the chain
 reaches there; finally the report's figures are rebuilt from the records and compared with
 ``report.json``. Every problem names the file and the record or figure.
+
+Only the checkpoints are signed: anyone can rebuild report.json, so its chain start proves nothing
+by itself. That no record of the period was left out is shown at both ends: the run starts at seq 1
+(from the genesis hash), or right after the record in ``anchor.jsonl``, which the first record links
+to and which is stamped before the period (or after a record that a signed checkpoint shows was
+stored before the period, or that a signed purge checkpoint names); every record of ``link.jsonl``
+is stamped at or after the period's end. Packs made before ``anchor.jsonl`` existed fail unless the
+run starts at seq 1 or such a checkpoint is in the pack: make them again.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ostiary.audit import keys as keysmod
 from ostiary.audit.keys import SignedCheckpoint
-from ostiary.audit.records import digest
+from ostiary.audit.records import GENESIS, digest
 from ostiary.evidence import report as model
 from ostiary.evidence.pack import body_of, packed
 
@@ -118,11 +126,19 @@ def verify_pack(directory: Path, trusted: list[Ed25519PublicKey] | None = None) 
     records = _rehash(_lines(d / "records.jsonl", check), check)
     link = _rehash(_lines(d / "link.jsonl", check), check)
     context = _rehash(_lines(d / "context.jsonl", check), check)
+    anchors = _rehash(_lines(d / "anchor.jsonl", check), check) if "anchor.jsonl" in listed else []
     check.records = len(records)
     try:
         report = json.loads((d / "report.json").read_text())
     except (OSError, ValueError) as e:
         check.problems.append(f"report.json: cannot be read ({e})")
+        return check
+    period = report.get("period", {}) if isinstance(report.get("period"), dict) else {}
+    try:
+        lo = _us(manifest.get("period", {}).get("from_us", period.get("from_us")))
+        hi = _us(manifest.get("period", {}).get("to_us", period.get("to_us")))
+    except ValueError as e:
+        check.problems.append(f"manifest.json: {e}")
         return check
 
     # Chains: contiguous, linked, and vouched for by a signature.
@@ -187,6 +203,7 @@ def verify_pack(directory: Path, trusted: list[Ed25519PublicKey] | None = None) 
             prev, seq = r["hash"], seq + 1
         if broken:
             continue
+        _check_ends(w, mine, tail, anchors, good, lo, hi, check)
         hashes = {r["seq"]: r["hash"] for r in mine + tail}
         last = mine[-1]["seq"]
         vouch = [c for c in good if c.checkpoint.writer == w and c.checkpoint.seq >= last]
@@ -221,10 +238,9 @@ def verify_pack(directory: Path, trusted: list[Ed25519PublicKey] | None = None) 
         check.notes.append("the figures were not recomputed: the records themselves did not verify")
         return check
     try:
-        period = report.get("period", {})
         inputs = model.Inputs(
-            _us(manifest.get("period", {}).get("from_us", period.get("from_us"))),
-            _us(manifest.get("period", {}).get("to_us", period.get("to_us"))),
+            lo,
+            hi,
             [packed(r) for r in records],
             [(str(r.get("role", "")), packed(r)) for r in context],
             json.loads((d / "approvals.json").read_text()),
@@ -245,6 +261,74 @@ def verify_pack(directory: Path, trusted: list[Ed25519PublicKey] | None = None) 
     if len(diffs) > 20:
         check.problems.append(f"report.json: ... and {len(diffs) - 20} more differences")
     return check
+
+
+def _check_ends(
+    w: str,
+    mine: list[dict[str, Any]],
+    tail: list[dict[str, Any]],
+    anchors: list[dict[str, Any]],
+    good: list[SignedCheckpoint],
+    lo: int,
+    hi: int,
+    check: PackCheck,
+) -> None:
+    """That the writer's run holds every record it has of the period: nothing before its first
+    record is of the period, and nothing after its last (the link records) is."""
+    first = mine[0]
+    seq, prev = first["seq"], first["_rec"].get("prev")
+    if seq == 1:
+        if prev != GENESIS:
+            check.problems.append(f"{first['_where']}: the chain's first record does not start from genesis")
+    else:
+        anchor = next((a for a in anchors if a["writer"] == w and a["seq"] == seq - 1), None)
+        mine_cps = [c.checkpoint for c in good if c.checkpoint.writer == w]
+        stored_before = [c for c in mine_cps if c.seq == seq - 1 and c.hash == prev and c.ts < lo]
+        purged = [c for c in mine_cps if c.purged_through == seq - 1 and c.purged_hash == prev]
+        if anchor is not None:
+            if anchor["hash"] != prev:
+                check.problems.append(
+                    f"{anchor['_where']}: is not the record the period's first record (seq {seq}) links to"
+                )
+            elif not _ts(anchor) < lo:
+                check.problems.append(
+                    f"{anchor['_where']}: the record before the first one of the pack is stamped "
+                    f"{_when(anchor)}, not before the period: records of the period are missing at its start"
+                )
+        elif purged:
+            check.notes.append(
+                f"writer {w}: its records before seq {seq} were purged (retention, signed at seq "
+                f"{purged[0].seq}): the period may have begun before the oldest record kept"
+            )
+        elif not stored_before:
+            check.problems.append(
+                f"writer {w}: nothing shows that its records of the period start at seq {seq}: the pack "
+                f"has no record before it (anchor.jsonl), so records at the start of the period may have "
+                "been removed (a pack made before anchor.jsonl existed: make it again)"
+            )
+    if not tail:
+        check.notes.append(
+            f"writer {w}: the pack holds no record after the period (none was signed when it was made): "
+            f"that its records of the period end at seq {mine[-1]['seq']} rests on the checkpoint there alone"
+        )
+    for r in tail:
+        if not _ts(r) >= hi:
+            check.problems.append(
+                f"{r['_where']}: stamped {_when(r)}, before the end of the period, but packed as "
+                "a record after it (a record of the period was moved out of records.jsonl)"
+            )
+            break
+
+
+def _ts(item: dict[str, Any]) -> float:
+    """A packed record's time stamp (NaN when it has none: it compares as neither before nor after)."""
+    ts = item["_rec"].get("ts")
+    return ts if isinstance(ts, int) and not isinstance(ts, bool) else float("nan")
+
+
+def _when(item: dict[str, Any]) -> str:
+    ts = _ts(item)
+    return model.iso(int(ts)) if ts == ts else "without a time"
 
 
 def _us(v: Any) -> int:

@@ -12,8 +12,19 @@ types (by type oid, as psql's ``column_type_alignment``) right-aligned, other va
 and not padded in the last column, NULL as the empty string, ``(N rows)`` and a blank line. A value
 the recorder cut ends in ``…``; rows the recorder did not keep are counted in a line
 ``(rows omitted from the recording: N)`` above the footer, and the footer counts them. Not
-reproduced: psql's wrapping of multi-line values (``+`` markers), ``\\pset`` and ``\\x`` modes,
-and error positions in lines longer than psql's 60-character window.
+reproduced: ``\\pset`` and ``\\x`` modes, and error positions in lines longer than psql's
+60-character window.
+
+What a session sent or received is shown, never obeyed: the client and the server choose that text,
+and a terminal acts on control characters (ESC starts sequences that retitle the window or clear the
+screen, CR returns to the start of the line and hides what was printed before it). So, as psql does
+in a table, a value's control characters are shown as ``\\r``, ``\\x1B`` (ASCII) or ``\\u009B``
+(C1, bidirectional overrides), tabs become spaces, and each further line of a multi-line value
+is its own line marked by a ``+`` after the line before it: no line of a value can pass for a
+prompt or a command tag. Statement text keeps its lines (each after ``-> ``) with the same escapes;
+parameters, notifications and error fields show theirs the same way, a newline in a one-line field
+as ``\\n``, further lines of an error field indented under its first. COPY data is shown line by
+line as it came, control characters escaped: a line of it is a row the client received.
 """
 
 from __future__ import annotations
@@ -33,6 +44,64 @@ from ostiary.recording.store import Recording, open_recording
 # psql right-aligns these types: int2, int4, int8, float4, float8, numeric, oid, xid, xid8, cid, money.
 NUMERIC_OIDS = frozenset({21, 23, 20, 700, 701, 1700, 26, 28, 5069, 29, 790})
 _ERROR_WINDOW = 60
+
+
+# Shown as an escape, never written as itself: besides the control characters (Unicode category
+# Cc: C0, DEL, C1), the bidirectional formatting characters, which reorder how text is displayed.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _escape(c: str) -> str:
+    if c == "\r":
+        return "\\r"
+    if c == "\n":
+        return "\\n"
+    n = ord(c)
+    return f"\\x{n:02X}" if n < 0x80 else f"\\u{n:04X}"
+
+
+def visible(text: str) -> str:
+    """``text`` with every character a terminal would act on written out as psql writes it in a
+    table (``\\r``, ``\\x1B``, ``\\u009B``; a newline as ``\\n``). Tabs are kept: they move the
+    cursor but hide nothing. Callers that show lines split the text at newlines first."""
+    if text.isprintable():
+        return text
+    return "".join(
+        _escape(c) if c != "\t" and (c in _BIDI or unicodedata.category(c) == "Cc") else c for c in text
+    )
+
+
+def _value_lines(value: str) -> list[str]:
+    """A table cell's display lines, as psql makes them: split at newlines, control characters
+    escaped, tabs expanded to the next multiple of 8 columns of the line."""
+    out = []
+    for line in value.split("\n"):
+        line = visible(line)
+        if "\t" in line:
+            parts: list[str] = []
+            w = 0
+            for c in line:
+                if c == "\t":
+                    parts.append(" " * (8 - w % 8))
+                    w += 8 - w % 8
+                else:
+                    parts.append(c)
+                    w += _width(c)
+            line = "".join(parts)
+        out.append(line)
+    return out
+
+
+def _field(label: str, text: str) -> list[str]:
+    """An error or notice field: its first line after ``label``, further lines indented under it."""
+    lines = visible_lines(text)
+    indent = " " * len(label)
+    return [label + lines[0], *(indent + line for line in lines[1:])]
+
+
+def visible_lines(text: str) -> list[str]:
+    """``text`` split at newlines, each line as ``visible`` shows it."""
+    return [visible(line) for line in text.split("\n")]
 
 
 def _width(s: str) -> int:
@@ -55,7 +124,10 @@ def _pad_left(s: str, w: int) -> str:
 def aligned_table(
     columns: list[f.Column], rows: list[list[str]], omitted: int = 0, right: list[bool] | None = None
 ) -> list[str]:
-    """The lines psql prints for a result (``rows`` already as display text), footer included."""
+    """The lines psql prints for a result (``rows`` already as display text), footer included.
+    Values are shown as psql shows them: control characters escaped, and a multi-line value (or
+    column name) over several lines, each but the last marked with ``+`` where the space after it
+    would be."""
     total = len(rows) + omitted
     footer = "(1 row)" if total == 1 else f"({total} rows)"
     note = [f"(rows omitted from the recording: {omitted})"] if omitted else []
@@ -63,37 +135,52 @@ def aligned_table(
         return ["--", *note, footer, ""]
     if right is None:
         right = [c.type_oid in NUMERIC_OIDS for c in columns]
-    names = [c.name for c in columns]
-    widths = [max([_width(n)] + [_width(r[i]) for r in rows]) for i, n in enumerate(names)]
-    header = []
-    for n, w in zip(names, widths, strict=True):
-        space = w - _width(n)
-        header.append(" " * (space // 2) + n + " " * ((space + 1) // 2))
-    lines = [" " + " | ".join(header) + " ", "-" + "-+-".join("-" * w for w in widths) + "-"]
+    names = [_value_lines(c.name) for c in columns]
+    cells = [[_value_lines(v) for v in r] for r in rows]
+    widths = [
+        max(_width(line) for cell in [names[i], *(r[i] for r in cells)] for line in cell)
+        for i in range(len(columns))
+    ]
     last = len(columns) - 1
-    for r in rows:
-        cells = []
-        for i, (v, w) in enumerate(zip(r, widths, strict=True)):
-            if right[i]:
-                cells.append(_pad_left(v, w))
-            elif i == last:
-                cells.append(v)
-            else:
-                cells.append(_pad_right(v, w))
-        lines.append(" " + " | ".join(cells))
+    lines = []
+    for k in range(max(len(n) for n in names)):
+        header = []
+        for n, w in zip(names, widths, strict=True):
+            text = n[k] if k < len(n) else ""
+            space = w - _width(text)
+            header.append(
+                " " * (space // 2) + text + " " * ((space + 1) // 2) + ("+" if k + 1 < len(n) else " ")
+            )
+        lines.append(" " + "| ".join(header))
+    lines.append("-" + "-+-".join("-" * w for w in widths) + "-")
+    for r in cells:
+        for k in range(max(len(v) for v in r)):
+            parts = []
+            for i, (v, w) in enumerate(zip(r, widths, strict=True)):
+                more = k + 1 < len(v)
+                if k >= len(v):
+                    text = " " * w if i < last else ""
+                elif right[i]:
+                    text = _pad_left(v[k], w)
+                elif i < last or more:
+                    text = _pad_right(v[k], w)
+                else:
+                    text = v[k]
+                parts.append(text + ("+" if more else " " if i < last else ""))
+            lines.append(" " + "| ".join(parts))
     return [*lines, *note, footer, ""]
 
 
 def _error_lines(ev: f.Error | f.Notice, query: str | None, show_context: bool) -> list[str]:
-    lines = [f"{ev.severity}:  {ev.message}"]
+    lines = _field(f"{visible(ev.severity)}:  ", ev.message)
     if ev.position is not None and query:
         lines += _position_lines(query, ev.position)
     if ev.detail is not None:
-        lines.append(f"DETAIL:  {ev.detail}")
+        lines += _field("DETAIL:  ", ev.detail)
     if ev.hint is not None:
-        lines.append(f"HINT:  {ev.hint}")
+        lines += _field("HINT:  ", ev.hint)
     if show_context and ev.context is not None:
-        lines.append(f"CONTEXT:  {ev.context}")
+        lines += _field("CONTEXT:  ", ev.context)
     return lines
 
 
@@ -109,7 +196,10 @@ def _position_lines(query: str, position: int) -> list[str]:
     if _width(line) > _ERROR_WINDOW or "\t" in line:
         return []
     prefix = f"LINE {number}: "
-    return [prefix + line, " " * (_width(prefix) + _width(query[start : position - 1])) + "^"]
+    return [
+        prefix + visible(line),
+        " " * (_width(prefix) + _width(visible(query[start : position - 1]))) + "^",
+    ]
 
 
 class Renderer:
@@ -140,11 +230,11 @@ class Renderer:
         self._query = text
         if not self._prompts:
             return
-        lines = text.split("\n") or [""]
+        lines = visible_lines(text)
         out = ["=> " + lines[0], *("-> " + line for line in lines[1:])]
         if params:
             shown = ", ".join(
-                f"${i} = NULL" if p is None else f"${i} = '{p}'" for i, p in enumerate(params, 1)
+                f"${i} = NULL" if p is None else f"${i} = '{visible(p)}'" for i, p in enumerate(params, 1)
             )
             out.append(f"-- {shown}")
         self._out(out)
@@ -171,7 +261,7 @@ class Renderer:
                 text, params = self._portals.get(ev.portal, (f"-- portal {ev.portal!r}", []))
                 self._prompt(text, params)
         elif isinstance(ev, f.FunctionCall):
-            args = ", ".join("NULL" if a is None else f"'{a}'" for a in ev.args)
+            args = ", ".join("NULL" if a is None else f"'{visible(a)}'" for a in ev.args)
             self._prompt(f"-- function call {ev.oid}({args})")
         elif isinstance(ev, f.Columns):
             self._flush_table()
@@ -190,7 +280,7 @@ class Renderer:
             if self._columns is not None:
                 self._flush_table()
             else:
-                self._out([ev.tag])
+                self._out([visible(ev.tag)])
             self._copy_out = False
         elif isinstance(ev, f.PortalSuspended):
             self._flush_table()
@@ -207,21 +297,22 @@ class Renderer:
             self._copy_out = ev.direction == "out"
         elif isinstance(ev, f.CopyData):
             if ev.sender == "server" and self._copy_out:
-                self._write("out", ev.data)
+                self._write("out", "\n".join(visible_lines(ev.data)))
         elif isinstance(ev, f.Notification):
-            payload = f' with payload "{ev.payload}"' if ev.payload else ""
+            payload = f' with payload "{visible(ev.payload)}"' if ev.payload else ""
+            channel = visible(ev.channel)
             self._out(
                 [
-                    f'Asynchronous notification "{ev.channel}"{payload} received from server process '
+                    f'Asynchronous notification "{channel}"{payload} received from server process '
                     f"with PID {ev.pid}."
                 ]
             )
         elif isinstance(ev, f.FramesLost):
             self._err([f"(frames lost from the recording: {ev.count})"])
         elif isinstance(ev, f.Undecodable):
-            self._err([f"(undecodable message from the {ev.sender}: {ev.reason})"])
+            self._err([f"(undecodable message from the {ev.sender}: {visible(ev.reason)})"])
         elif isinstance(ev, f.Stopped):
-            self._err([f"(recording stopped: {ev.reason})"])
+            self._err([f"(recording stopped: {visible(ev.reason)})"])
 
     def finish(self) -> None:
         """Shows a result the recording ends in the middle of."""
