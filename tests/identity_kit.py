@@ -1,9 +1,11 @@
 """Test kit for the identity package: real keys, a real HTTPS JWKS server, a clock tests can move.
 
 ``JwksServer`` serves documents over HTTPS on 127.0.0.1 (a trustme CA, whose PEM is at ``ca_path``)
-from a stdlib ``ThreadingHTTPServer`` in a thread; tests change ``documents``, take it ``up`` or down
-(503), add ``redirects`` and read ``requests`` (a count per path). ``run_caches`` runs a JWKS cache per
-issuer in a nursery, as the gateway does, for the duration of one async function.
+from a stdlib ``ThreadingHTTPServer`` in a thread; tests change ``documents``, take it ``up`` or
+down (503), make it slow (``delay`` seconds before each answer) or trickle its answers (``trickle``
+seconds between bytes), add ``redirects`` and read ``requests`` (a count per path). ``run_caches``
+runs a JWKS cache per issuer in a nursery, as the gateway does, for the duration of one async
+function.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class JwksServer:
         self.requests: collections.Counter[str] = collections.Counter()
         self.up = True
         self.send_length = True
+        self.delay = 0.0
+        self.trickle = 0.0
         self._lock = threading.Lock()
         owner = self
 
@@ -114,6 +118,14 @@ class JwksServer:
             def do_GET(self) -> None:
                 with owner._lock:
                     owner.requests[self.path] += 1
+                time.sleep(owner.delay)
+                if owner.trickle:
+                    # The status line and headers one byte at a time, each well within any per-read
+                    # timeout: only a bound on the whole fetch ends this.
+                    for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: " + b"." * 200:
+                        self.wfile.write(bytes([byte]))
+                        time.sleep(owner.trickle)
+                    return
                 if not owner.up:
                     self.send_error(503)
                     return

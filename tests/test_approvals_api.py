@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -387,6 +388,22 @@ def test_malformed_http_is_refused_and_the_server_goes_on(
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
     assert b"Connection: close" in answer
     assert gateway.call("GET", "/healthz")[0] == 200
+
+
+def test_deeply_nested_json_is_a_bad_request(gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    """JSON nested past the parser's recursion limit is answered 400, without a traceback in the log;
+    a vote's body is parsed only once its token was accepted."""
+    deep = b"[" * 50000
+    rid = gateway.ask("update orders set paid = true where id = 3")["id"]
+    with caplog.at_level("INFO", logger="ostiary.admin"):
+        for path in ("/approvals", f"/approvals/{rid}/approve"):
+            headers = {"Content-Type": "application/json"}
+            status, answer = gateway.call("POST", path, gateway.token("alice"), headers=headers, raw=deep)
+            assert (status, answer) == (400, {"error": "the body is nested too deeply"}), path
+            status, answer = gateway.call("POST", path, "not-a-token", headers=headers, raw=deep)
+            assert status == 401, (path, answer)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    assert gateway.call("GET", f"/approvals/{rid}", gateway.token("alice"))[1]["state"] == "pending"
 
 
 def test_slow_client_times_out(gateway: Gateway) -> None:

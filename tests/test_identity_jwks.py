@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -320,3 +321,89 @@ def test_tokens_without_kid(server: JwksServer) -> None:
         assert none.reason == "token has no kid and issuer ci has no key for 'EdDSA'"
 
     run_caches([issuer_for(server)], Clock(), body)
+
+
+def test_a_fetch_is_bounded_as_a_whole(server: JwksServer, caplog: pytest.LogCaptureFixture) -> None:
+    """An issuer (or anything on the way to it) that sends its status line and headers a byte at a
+    time, each byte well within any per-read timeout, does not hold a fetch open: the fetch fails
+    after fetch_timeout (logged), its worker thread ends too, and the next fetch happens."""
+    server.trickle = 0.1
+    issuer = issuer_for(server, fetch_timeout=1.0, jwks_refresh_min_interval=0)
+
+    async def main() -> None:
+        cache = JwksCache(issuer, clock=Clock())
+        async with trio.open_nursery() as nursery:
+            started = trio.current_time()
+            with trio.fail_after(5):
+                await nursery.start(cache.run)  # the first fetch, which trickles
+            assert trio.current_time() - started < 2.5
+            assert cache.key_count == 0 and "fetch_timeout" in (cache.last_error or "")
+            # The thread gave up at the same deadline: it does not keep a worker thread's token.
+            limiter = trio.to_thread.current_default_thread_limiter()
+            with trio.fail_after(2):
+                while limiter.borrowed_tokens:
+                    await trio.sleep(0.05)
+            server.trickle = 0
+            with trio.fail_after(5):
+                assert (await cache.key_for("rsa", "RS256")).key_id == "rsa"
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="ostiary.identity"):
+        trio.run(main)
+    assert "issuer ci: fetching keys failed (1 in a row), keeping 0 keys" in caplog.text
+    assert server.requests["/jwks"] == 2
+
+
+def test_a_login_waits_for_a_slow_refresh_only_as_long_as_it_is_told(server: JwksServer) -> None:
+    """A token naming a key the cache does not hold asks for a refresh; when the issuer is slow the
+    caller (a login, within its startup timeout) stops waiting after ``wait`` and is told the keys are
+    unavailable (28000, not a bad token); the fetch goes on and serves the next login."""
+    server.serve("/jwks", jwks(RSA))
+
+    async def body(caches: dict[str, JwksCache]) -> None:
+        cache = caches["ci"]
+        server.serve("/jwks", jwks(RSA, EC256))  # the issuer rotates ...
+        server.delay = 2.0  # ... and is slow
+        started = trio.current_time()
+        with pytest.raises(AuthenticationFailed) as e:
+            await cache.key_for("ec256", "ES256", wait=0.5)
+        assert trio.current_time() - started < 1.5
+        assert e.value.code == "28000"
+        assert e.value.reason == (
+            "keys of issuer ci are unavailable: fetching them for kid 'ec256' took longer than 0.5 s; "
+            "try again"
+        )
+        with trio.fail_after(5):
+            while cache.key_count != 2:
+                await trio.sleep(0.05)
+        assert (await cache.key_for("ec256", "ES256", wait=0.5)).key_id == "ec256"
+        assert server.requests["/jwks"] == 2
+
+    run_caches([issuer_for(server, fetch_timeout=5.0, jwks_refresh_min_interval=0)], Clock(), body)
+
+
+def test_a_changed_issuer_keeps_the_keys_of_the_same_source(server: JwksServer) -> None:
+    """A policy reload replaces the cache of an issuer whose entry changed. With the same key source
+    the keys carry over (and ``jwks_max_stale`` counts from the last real success), so an outage
+    during the reload does not refuse the issuer's tokens; another source or ``ca`` starts empty."""
+    clock = Clock()
+    issuer = issuer_for(server)
+
+    async def body(caches: dict[str, JwksCache]) -> None:
+        old = caches["ci"]
+        server.up = False
+        clock.advance(100)
+        same = JwksCache(replace(issuer, audiences=("ostiary", "other")), clock=clock, keys_from=old)
+        moved = JwksCache(replace(issuer, jwks_url=server.base_url + "/keys"), clock=clock, keys_from=old)
+        other_ca = JwksCache(replace(issuer, ca=None), clock=clock, keys_from=old)
+        async with trio.open_nursery() as nursery:
+            for cache in (same, moved, other_ca):
+                await nursery.start(cache.run)  # each fetch fails: the issuer is down
+            assert (await same.key_for("rsa", "RS256")).key_id == "rsa"
+            assert same.last_success == old.last_success
+            assert "HTTP 503" in (same.last_error or "")
+            for cache in (moved, other_ca):
+                assert (await failure(cache, "rsa", "RS256")).code == "28000"
+            nursery.cancel_scope.cancel()
+
+    run_caches([issuer], clock, body)

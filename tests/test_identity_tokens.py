@@ -277,11 +277,50 @@ def test_reused_jti(env: Env) -> None:
     issuer = replace(env.issuer, reject_reused_jti=True)
     token = RSA.sign(env.claims())
     first, second = env.validate(token, token, issuer=issuer)
-    assert isinstance(first, Identity)
+    assert isinstance(first, Identity) and first.jti == (issuer.issuer, jti_of(token))
+    # Held by the first login, which has not finished: refused, so two at once cannot both get in.
     assert isinstance(second, AuthenticationFailed) and second.code == "28P01"
-    assert second.reason == "token was already used (its jti was seen before)"
+    assert second.reason == "token is in use by another login that has not finished (its jti was seen before)"
     reason = env.reject(RSA.sign(env.claims(jti=REMOVE)), issuer)
     assert reason == "token has no jti claim, and issuer github rejects reused tokens"
+
+
+def jti_of(token: str) -> str:
+    return str(jwt.decode(token, options={"verify_signature": False})["jti"])
+
+
+def test_jti_is_used_up_by_a_session_only(env: Env) -> None:
+    """A login holds its token's jti; the jti is used up when the login becomes a session (commit)
+    and free again when it fails for another reason (release: no grant, the upstream down ...)."""
+    issuer = replace(env.issuer, reject_reused_jti=True)
+    token = RSA.sign(env.claims())
+
+    async def body(caches: dict[str, JwksCache]) -> None:
+        validator = TokenValidator([issuer], caches, clock=env.clock)
+        refused = await validator.validate(token)
+        validator.release(refused)  # e.g. several grants applied and none was chosen
+        validator.release(refused)  # twice is harmless
+        retry = await validator.validate(token)
+        with pytest.raises(AuthenticationFailed, match="in use by another login"):
+            await validator.validate(token)  # a second login while the retry is under way
+        validator.commit(retry)
+        validator.release(retry)  # after the commit: no effect
+        with pytest.raises(AuthenticationFailed, match="already used"):
+            await validator.validate(token)
+        assert len(validator.seen) == 1
+        # Validations that open no session (the admin API's) neither check nor change the memory.
+        looked = await validator.validate(token, remember=False)
+        assert looked.jti is None and looked.name == retry.name
+        other = RSA.sign(env.claims())
+        await validator.validate(other, remember=False)
+        validator.commit(await validator.validate(other))
+        assert len(validator.seen) == 2
+        # Freed entries expire like used ones.
+        env.clock.advance(300 + issuer.clock_skew)
+        await validator.validate(RSA.sign(env.claims()))
+        assert len(validator.seen) == 1
+
+    run_caches([issuer], env.clock, body)
 
 
 def test_jti_memory_is_bounded_and_fails_closed(env: Env) -> None:
@@ -300,10 +339,13 @@ def test_jti_memory_is_bounded_and_fails_closed(env: Env) -> None:
         env.clock.advance(10 + issuer.clock_skew)  # the short token's entry expires: room again
         await validator.validate(long[1])
         assert len(validator.seen) == 2
-        # A policy reload keeps the memory.
+        # A policy reload keeps the memory, held entries and used ones.
+        validator.seen.commit((issuer.issuer, jti_of(long[1])))
         validator.configure([issuer], caches)
-        with pytest.raises(AuthenticationFailed, match="already used"):
+        with pytest.raises(AuthenticationFailed, match="in use by another login"):
             await validator.validate(long[0])
+        with pytest.raises(AuthenticationFailed, match="already used"):
+            await validator.validate(long[1])
 
     run_caches([issuer], env.clock, body)
 

@@ -12,6 +12,8 @@ import json
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import yaml
 
 from conftest import READER_PASSWORD, GatewayFactory, GatewayProcess, gateway_config, psql
 from idp import LocalIdp, github_claims
-from ostiary.devcluster import PgCluster, TlsMaterial, make_tls_material
+from ostiary.devcluster import PgCluster, TlsMaterial, free_port, make_tls_material
 from pgraw import RawConn, password_message, startup_message
 
 SPIFFE_ID = "spiffe://acme.test/ns/payments/sa/ledger"
@@ -342,6 +344,71 @@ def test_replayed_token_refused_when_policy_asks(configured: Configured, idp: Lo
     assert "reused" in err or "jti" in err, err
 
 
+def test_a_token_is_used_up_by_a_session_not_by_a_refused_login(
+    configured: Configured, idp: LocalIdp
+) -> None:
+    """With reject_reused_jti a token opens one session: a login refused for reasons that are not
+    the token's (several grants apply and none was chosen, the upstream unreachable) leaves it
+    usable for the corrected try, which then uses it up."""
+    cfg = configured()
+    cfg["issuers"][0]["reject_reused_jti"] = True
+    down = copy.deepcopy(cfg["connections"][0])
+    down["name"] = "down"
+    down["upstream"]["port"] = free_port()  # nothing listens there
+    cfg["connections"].append(down)
+    cfg["grants"] += [
+        {"name": "shop-reads", "identities": ["shop-deploy"], "connection": "app", "access": "read-only"},
+        {"name": "shop-down", "identities": ["shop-deploy"], "connection": "down", "access": "read-only"},
+    ]
+    gw = configured.start(cfg)
+    token = idp.mint(github_claims())
+    assert "several grants apply" in refused(gw, token)
+    assert "cannot open the upstream session" in refused(gw, token, dbname="down")
+    with connect(gw, token, user="shop-reads") as c:
+        assert c.execute("select 1").fetchone() == (1,)
+    assert "token was already used" in refused(gw, token, user="shop-reads")
+
+
+def test_admin_api_calls_do_not_use_up_a_token(configured: Configured, idp: LocalIdp) -> None:
+    """The README's pipeline with reject_reused_jti: approvals request, polls of wait, then psql with
+    the same token. API calls open no session: only the database login uses the token up; an
+    approver's token is not used up by listing and then approving either."""
+    cfg = configured()
+    cfg["issuers"][0]["reject_reused_jti"] = True
+    admin_port = free_port()
+    cfg["admin"] = {"listen": {"host": "127.0.0.1", "port": admin_port}}
+    cfg["approvals"] = [{"name": "prod-writes", "match": {"kinds": ["update"]}, "approvers": ["readers"]}]
+    cfg["grants"][0]["approvals"] = ["prod-writes"]
+    gw = configured.start(cfg)
+    url = f"http://127.0.0.1:{admin_port}"
+
+    def call(method: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    ci = idp.mint(github_claims())
+    ask = {"connection": "app", "statement": "update t set v = 1", "reason": "release 42"}
+    status, req = call("POST", "/approvals", ci, ask)
+    assert status == 201, req
+    for _ in range(2):  # approvals wait polls
+        status, body = call("GET", f"/approvals/{req['id']}", ci)
+        assert status == 200 and body["state"] == "pending", body
+    approver = idp.mint(github_claims("acme/reports"))
+    assert call("GET", "/approvals", approver)[0] == 200
+    status, body = call("POST", f"/approvals/{req['id']}/approve", approver, {"reason": "ok"})
+    assert status == 200 and body["state"] == "approved", body
+    with connect(gw, ci) as c:
+        assert c.execute("select 1").fetchone() == (1,)
+    assert "token was already used" in refused(gw, ci)
+    assert call("GET", f"/approvals/{req['id']}", ci)[0] == 200
+
+
 # -- session lifetime and reload -----------------------------------------------------------------
 
 
@@ -455,3 +522,49 @@ def test_issuer_outage_within_bound_keeps_working(configured: Configured, idp: L
         assert "kid" in refused(gw, idp.mint(github_claims(), kid="rsa-9", key=idp.rsa, alg="RS256"))
     finally:
         idp.up = True
+
+
+def test_reload_during_an_issuer_outage_keeps_its_keys(configured: Configured, idp: LocalIdp) -> None:
+    """A reload that changes an issuer entry (one more audience) but not where its keys come from
+    keeps the keys it has: during an outage its tokens go on working for jwks_max_stale."""
+    cfg = configured()
+    gw = configured.start(cfg)
+    with connect(gw, idp.mint(github_claims())) as c:
+        c.execute("select 1")
+    idp.up = False
+    try:
+        new = copy.deepcopy(cfg)
+        new["listen"]["port"] = gw.port
+        new["issuers"][0]["audiences"].append("another-service")
+        gw.config_path.write_text(yaml.safe_dump(new))
+        gw.proc.send_signal(signal.SIGHUP)
+        _wait_for(gw, "applied")
+        for audience in ("ostiary-test", "another-service"):
+            with connect(gw, idp.mint(github_claims(), audience=audience)) as c:
+                assert c.execute("select 1").fetchone() == (1,)
+    finally:
+        idp.up = True
+
+
+def test_slow_issuer_gets_a_login_28000_within_the_startup_timeout(
+    configured: Configured, idp: LocalIdp
+) -> None:
+    """With the default fetch_timeout and startup_timeout (10 s each), a token naming a kid the
+    gateway has not fetched, while the issuer is slow, is answered 28000 "keys unavailable" after a
+    short wait, not cut off by the startup timeout (08P01)."""
+    gw = configured.start(configured())
+    with connect(gw, idp.mint(github_claims())) as c:
+        c.execute("select 1")
+    time.sleep(1.1)  # past jwks_refresh_min_interval since the first fetch
+    idp.server.delay = 20
+    try:
+        started = time.monotonic()
+        err = refused(gw, idp.mint(github_claims(), kid="rsa-rotated", key=idp.rsa, alg="RS256"))
+        took = time.monotonic() - started
+    finally:
+        idp.server.delay = 0
+    assert "keys of issuer github are unavailable" in err and "kid 'rsa-rotated'" in err, err
+    assert took < 8, f"refused after {took:.1f} s"
+    # Tokens with the keys the gateway holds are not held up meanwhile.
+    with connect(gw, idp.mint(github_claims())) as c:
+        assert c.execute("select 1").fetchone() == (1,)

@@ -191,8 +191,9 @@ class AdminApi:
                 fields = request.form()
                 ident = await self._identity(request, fields.get("token", ""))
             elif request.media_type in ("application/json", ""):
-                fields = {k: v for k, v in request.json().items() if isinstance(v, str)}
+                # The caller first: an unauthenticated body is never parsed.
                 ident = await self._identity(request)
+                fields = {k: v for k, v in request.json().items() if isinstance(v, str)}
             else:
                 raise HttpError(415, "send application/json (or the page's form)")
             req = await self._load(rid)

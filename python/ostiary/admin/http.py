@@ -85,6 +85,10 @@ class Request:
             data = json.loads(self.body or b"null")
         except ValueError:
             raise HttpError(400, "the body is not valid JSON") from None
+        except RecursionError:
+            # Arrays or objects nested deeper than the parser's recursion limit ("[" * 50000 fits
+            # in max_body): a bad request, not a failure of the server.
+            raise HttpError(400, "the body is nested too deeply") from None
         if not isinstance(data, dict):
             raise HttpError(400, "the body must be a JSON object")
         return data

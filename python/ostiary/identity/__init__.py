@@ -42,6 +42,10 @@ class Identity:
     # own, matched one by one (``attributes`` shows them joined with commas, for people only: a
     # glob over the joined text would match across two names).
     values: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # A token's (issuer URL, jti) when its issuer rejects reused tokens: held by the token validator
+    # from the login's validation until it becomes a session (``TokenValidator.commit``) or fails
+    # (``TokenValidator.release``). None for other identities and for validations that hold nothing.
+    jti: tuple[str, str] | None = field(default=None, compare=False)
 
     def values_of(self, key: str) -> tuple[str, ...]:
         """The values policy matches ``key`` against: each of a multi-valued attribute's, else the

@@ -4,8 +4,12 @@ Theory of operation. ``JwksCache.run`` (a task in the gateway's nursery) is the 
 once at start, then every ``jwks_ttl`` seconds, after a failure again on a backoff schedule, and sooner
 when ``key_for`` asks because a token names a key the cache does not hold or the keys went stale. Such
 asks are rate limited (one fetch per ``jwks_refresh_min_interval``) and every caller that asks while a
-fetch is under way waits for that same fetch, at most ``fetch_timeout`` seconds. A fetch is blocking
-stdlib I/O and parsing in a worker thread (``trio.to_thread``): the trio loop never blocks on it.
+fetch is under way waits for that same fetch, at most ``fetch_timeout`` seconds (or the shorter wait
+the caller gives: a login must not spend its whole startup timeout on a slow issuer); a fetch the
+caller stopped waiting for goes on. A fetch is blocking stdlib I/O and parsing in a worker thread
+(``trio.to_thread``): the trio loop never blocks on it. A policy reload that changes an issuer but not
+where its keys come from hands the old cache's keys to the new one (``keys_from``), so a reload during
+an issuer outage does not throw away keys ``jwks_max_stale`` still allows.
 
 Rules of this module:
 
@@ -13,7 +17,10 @@ Rules of this module:
   a redirect may not leave HTTPS; discovery's ``jwks_uri`` must be HTTPS and the discovery document
   must name our issuer. Nothing else (file:, ftp:, data:) can be opened by a fetch.
 * Bounded: each document is at most ``MAX_DOCUMENT_BYTES`` and a key set at most ``MAX_KEYS`` keys; a
-  fetch gives up after ``fetch_timeout`` (checked between reads; each read has that timeout too).
+  whole fetch (connection, TLS handshake, status line, headers, body, discovery included) gives up
+  after ``fetch_timeout``: each socket operation gets only the time left (``_DeadlineSocket``; a per
+  read timeout alone let a server sending a byte a second hold a fetch open for ever), and the trio
+  side stops waiting for the worker thread at the same deadline. Such a fetch is a failed one.
 * A fetched set replaces the previous one whole: a key the issuer withdrew stops working at the next
   refresh. A failed fetch, or a set without one usable key, keeps the previous set.
 * One unusable key never spoils the set: it is skipped and logged. Unusable: not for signatures
@@ -107,6 +114,37 @@ class _UnusableKey(Exception):
     """One key of a set cannot be used; the message says why."""
 
 
+class _DeadlineSocket(ssl.SSLSocket):
+    """A TLS socket whose every operation (handshake, read, write) gets only the time left before
+    ``deadline`` (monotonic), and none once it has passed. Made per fetch by ``_deadline_socket``."""
+
+    deadline = 0.0
+
+    def _time_left(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("took longer than fetch_timeout")
+        self.settimeout(left)
+
+    def do_handshake(self, *args: Any, **kwargs: Any) -> None:
+        self._time_left()
+        super().do_handshake(*args, **kwargs)
+
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        self._time_left()
+        return super().read(*args, **kwargs)
+
+    def send(self, *args: Any, **kwargs: Any) -> int:
+        self._time_left()
+        return super().send(*args, **kwargs)
+
+
+def _deadline_socket(deadline: float) -> type[ssl.SSLSocket]:
+    """A ``_DeadlineSocket`` class for one fetch (the TLS handshake runs as the socket is made, so the
+    deadline must be known by its class)."""
+    return type("_FetchSocket", (_DeadlineSocket,), {"deadline": deadline})
+
+
 class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(
         self,
@@ -123,9 +161,19 @@ class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
 
 class JwksCache:
-    """The keys of one issuer. Run ``run`` in a nursery; ask ``key_for`` for the key of a token."""
+    """The keys of one issuer. Run ``run`` in a nursery; ask ``key_for`` for the key of a token.
 
-    def __init__(self, issuer: ResolvedIssuer, *, clock: Callable[[], float] = time.time) -> None:
+    ``keys_from``: the cache this one replaces (a policy reload changed the issuer). When both take
+    their keys from the same place (``same_key_source``), its keys and the time of its last success
+    carry over: ``jwks_max_stale`` still counts from the last fetch that really succeeded."""
+
+    def __init__(
+        self,
+        issuer: ResolvedIssuer,
+        *,
+        clock: Callable[[], float] = time.time,
+        keys_from: JwksCache | None = None,
+    ) -> None:
         self.issuer = issuer
         self._clock = clock
         self._keys: tuple[_Key, ...] = ()
@@ -133,6 +181,10 @@ class JwksCache:
         self.last_attempt: float | None = None
         self.last_error: str | None = None
         self._failures = 0
+        if keys_from is not None and same_key_source(keys_from.issuer, issuer):
+            self._keys = keys_from._keys
+            self.last_success = keys_from.last_success
+            self.last_error = keys_from.last_error
         self._fetching = False
         self._wake = trio.Event()  # set by key_for to ask run for a fetch now
         self._fetched = trio.Event()  # set when the next fetch ends, then replaced
@@ -176,16 +228,26 @@ class JwksCache:
                 await self._wake.wait()
             await self._fetch()
 
-    async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK:
+    async def key_for(self, kid: str | None, alg: str, *, wait: float | None = None) -> jwt.PyJWK:
         """The key that verifies a token with header ``kid`` and ``alg`` (``alg`` already accepted by the
-        issuer). Raises AuthenticationFailed: 28P01 for a key the issuer does not have or that does not
-        fit ``alg``, 28000 when the issuer's keys are unavailable."""
+        issuer). A refresh this needs is waited for at most ``wait`` seconds (never more than
+        ``fetch_timeout``). Raises AuthenticationFailed: 28P01 for a key the issuer does not have or
+        that does not fit ``alg``, 28000 when the issuer's keys are unavailable, which includes a
+        refresh for an unknown kid that did not end within the wait (it goes on: a retry may find it)."""
+        waited = self.issuer.fetch_timeout if wait is None else min(wait, self.issuer.fetch_timeout)
+        ended = True
         if not self._with_kid(kid) or self._unusable_reason() is not None:
-            await self._refresh()
+            ended = await self._refresh(waited)
         if (unusable := self._unusable_reason()) is not None:
             raise AuthenticationFailed("28000", unusable)
         found = self._with_kid(kid)
         name = self.issuer.name
+        if not found and not ended:
+            raise AuthenticationFailed(
+                "28000",
+                f"keys of issuer {name} are unavailable: fetching them for kid {shown(kid)} took longer "
+                f"than {waited:g} s; try again",
+            )
         if kid is None:
             fitting = [key for key in found if key.unfit_for(alg) is None]
             if len(fitting) == 1:
@@ -221,26 +283,37 @@ class JwksCache:
             )
         return None
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, wait: float) -> bool:
         """Have ``run`` fetch (unless one started less than jwks_refresh_min_interval ago) and wait for
-        the fetch under way or asked for, at most fetch_timeout."""
+        the fetch under way or asked for, at most ``wait`` seconds. False if that fetch had not ended
+        by then (it goes on without this caller)."""
         if not self._fetching:
             if (
                 self.last_attempt is not None
                 and self._clock() - self.last_attempt < self.issuer.jwks_refresh_min_interval
             ):
-                return
+                return True
             self._wake.set()
         fetched = self._fetched
-        with trio.move_on_after(self.issuer.fetch_timeout):
+        with trio.move_on_after(wait):
             await fetched.wait()
+        return fetched.is_set()
 
     async def _fetch(self) -> None:
         self._wake = trio.Event()
         self._fetching = True
         self.last_attempt = self._clock()
         try:
-            keys, skipped = await trio.to_thread.run_sync(self._load, abandon_on_cancel=True)
+            # The worker thread keeps to the same deadline (``_load``), so it does not outlive an
+            # abandoned fetch by more than a moment; this bound also covers what the thread cannot
+            # (a name lookup, a proxy's CONNECT).
+            with trio.move_on_after(self.issuer.fetch_timeout) as waiting:
+                loaded = await trio.to_thread.run_sync(self._load, abandon_on_cancel=True)
+            if waiting.cancelled_caught:
+                raise _FetchError(
+                    f"{self.source}: no keys within fetch_timeout ({self.issuer.fetch_timeout:g} s)"
+                )
+            keys, skipped = loaded
         except Exception as e:
             # A fetch must not end the gateway: anything unforeseen counts as a failed fetch too.
             self._failures += 1
@@ -278,7 +351,7 @@ class JwksCache:
                 if len(data) > MAX_DOCUMENT_BYTES:
                     raise _FetchError(f"{self.source} is larger than {MAX_DOCUMENT_BYTES} bytes")
                 return _parse_key_set(data, self.source)
-            opener = self._opener()
+            opener = self._opener(deadline)
             url = self.issuer.jwks_url
             if url is None:
                 url = self._jwks_uri_from_discovery(opener, deadline)
@@ -286,9 +359,11 @@ class JwksCache:
         except (OSError, ValueError, RecursionError, http.client.HTTPException) as e:
             raise _FetchError(f"{type(e).__name__}: {e}") from e
 
-    def _opener(self) -> urllib.request.OpenerDirector:
-        """An opener that speaks HTTPS only (no http:, file:, ftp: or data: handlers)."""
+    def _opener(self, deadline: float) -> urllib.request.OpenerDirector:
+        """An opener that speaks HTTPS only (no http:, file:, ftp: or data: handlers), whose sockets
+        give up at ``deadline`` (monotonic)."""
         context = ssl.create_default_context(cafile=self.issuer.ca)
+        context.sslsocket_class = _deadline_socket(deadline)
         opener = urllib.request.OpenerDirector()
         for handler in (
             urllib.request.ProxyHandler(),
@@ -319,6 +394,17 @@ class JwksCache:
                 f"the discovery document at {url} has jwks_uri {shown(jwks_uri)}, not an https:// URL"
             )
         return jwks_uri
+
+
+def same_key_source(a: ResolvedIssuer, b: ResolvedIssuer) -> bool:
+    """Whether two issuer entries fetch the same keys the same way: the same JWKS URL, file or
+    discovery document (named by the issuer URL), trusted with the same ``ca``."""
+
+    def source(i: ResolvedIssuer) -> tuple[object, ...]:
+        where = i.jwks_file or i.jwks_url or i.issuer.rstrip("/")
+        return (i.jwks_file is not None, i.jwks_url is not None, where, i.ca)
+
+    return source(a) == source(b)
 
 
 def _get(opener: urllib.request.OpenerDirector, url: str, deadline: float) -> bytes:

@@ -11,11 +11,16 @@ Rules of this module:
   issuer's key for it. Times are checked here, against the injectable clock: ``exp`` and ``iat`` are
   required and finite, ``nbf`` optional, each with the issuer's ``clock_skew``; the lifetime (``exp``
   minus the earlier of ``iat`` and ``nbf``) may not exceed the issuer's ``max_lifetime``.
-* With ``reject_reused_jti``, a token's ``jti`` is remembered until its ``exp`` (plus skew) and a second
-  use is refused. The memory is bounded: when it is full of unexpired entries, tokens of such issuers
-  are refused (28000) rather than anything forgotten. It lives in this process only: gateway instances
-  behind one address do not share it (a shared store arrives with the audit/store work). It carries
-  over policy reloads (``configure``).
+* With ``reject_reused_jti``, a token opens one session: its ``jti`` is remembered until its ``exp``
+  (plus skew) and a second use is refused. A login validating the token only holds the jti (another
+  login with it is refused meanwhile, so two at once cannot both get in); the gateway commits it once
+  the session is admitted and logged in upstream, and releases it when the login fails for another
+  reason (no grant, several grants, the upstream down), so the token can be used for a corrected try.
+  Validations that open no session (the admin API's) pass ``remember=False`` and neither consult nor
+  change the memory. The memory is bounded: when it is full of unexpired entries, tokens of such
+  issuers are refused (28000) rather than anything forgotten. It lives in this process only: gateway
+  instances behind one address do not share it (a shared store arrives with the audit/store work). It
+  carries over policy reloads (``configure``).
 * Attributes (what policy matches on) are strings; see ``claim_attributes`` for how claims become them.
 """
 
@@ -111,22 +116,41 @@ def claim_at(claims: Mapping[str, Any], path: str) -> Any:
 
 
 class SeenTokens:
-    """The ``jti`` of tokens already accepted, each until its expiry, at most ``capacity`` at a time."""
+    """The ``jti`` of tokens already used or held by a login under way, each until its expiry, at most
+    ``capacity`` at a time. Keys are ``(issuer URL, jti)``. A key is used, held, or free (held by a
+    login that then failed: the next login may hold it again); free keys stay until they expire, so
+    a token tried again and again costs no more memory."""
 
     def __init__(self, capacity: int = DEFAULT_JTI_CAPACITY) -> None:
         self.capacity = capacity
         self._until: dict[tuple[str, str], float] = {}
         self._expiries: list[tuple[float, tuple[str, str]]] = []  # heap of (until, key)
+        self._held: set[tuple[str, str]] = set()
+        self._free: set[tuple[str, str]] = set()
 
     def __len__(self) -> int:
         return len(self._until)
 
-    def remember(self, issuer: str, jti: str, until: float, now: float) -> None:
-        """Record a first use, or raise AuthenticationFailed: 28P01 for a reuse, 28000 when full."""
+    def hold(self, key: tuple[str, str], until: float, now: float) -> None:
+        """Hold a key not used yet for a login, or raise AuthenticationFailed: 28P01 for a token used
+        already or held by another login, 28000 when full."""
         while self._expiries and self._expiries[0][0] <= now:
-            _, gone = heapq.heappop(self._expiries)
-            del self._until[gone]
-        key = (issuer, jti)
+            expiry, gone = heapq.heappop(self._expiries)
+            if self._until.get(gone) == expiry:
+                del self._until[gone]
+                self._held.discard(gone)
+                self._free.discard(gone)
+        if key in self._held:
+            raise AuthenticationFailed(
+                "28P01", "token is in use by another login that has not finished (its jti was seen before)"
+            )
+        if key in self._free:
+            self._free.discard(key)
+            self._held.add(key)
+            if until > self._until[key]:
+                self._until[key] = until
+                heapq.heappush(self._expiries, (until, key))
+            return
         if key in self._until:
             raise AuthenticationFailed("28P01", "token was already used (its jti was seen before)")
         if len(self._until) >= self.capacity:
@@ -136,7 +160,18 @@ class SeenTokens:
                 "forget one to accept another (reject_reused_jti): try again later",
             )
         self._until[key] = until
+        self._held.add(key)
         heapq.heappush(self._expiries, (until, key))
+
+    def commit(self, key: tuple[str, str]) -> None:
+        """A held key is used for good (until it expires)."""
+        self._held.discard(key)
+
+    def release(self, key: tuple[str, str]) -> None:
+        """A held key was not used after all: the next login may hold it."""
+        if key in self._held:
+            self._held.discard(key)
+            self._free.add(key)
 
 
 class TokenValidator:
@@ -149,8 +184,12 @@ class TokenValidator:
         *,
         clock: Callable[[], float] = time.time,
         jti_capacity: int = DEFAULT_JTI_CAPACITY,
+        key_wait: float | None = None,
     ) -> None:
+        """``key_wait``: how long a validation waits for a refresh of the issuer's keys (a token
+        naming a key not fetched yet) at most; None for the issuer's ``fetch_timeout``."""
         self._clock = clock
+        self.key_wait = key_wait
         self.seen = SeenTokens(jti_capacity)
         self._by_url: dict[str, ResolvedIssuer] = {}
         self._caches: Mapping[str, JwksCache] = {}
@@ -172,9 +211,11 @@ class TokenValidator:
         self._by_url = by_url
         self._caches = dict(caches)
 
-    async def validate(self, token: bytes | str) -> Identity:
+    async def validate(self, token: bytes | str, *, remember: bool = True) -> Identity:
         """The identity of a valid token; AuthenticationFailed (28P01 for the token, 28000 when the
-        gateway cannot decide, such as unavailable keys) otherwise."""
+        gateway cannot decide, such as unavailable keys) otherwise. With ``reject_reused_jti`` and
+        ``remember``, the token's jti is held for this login: the caller must ``commit`` or
+        ``release`` the identity (until then the token is refused to others, which fails closed)."""
         raw = _as_bytes(token)
         header, unverified = _unverified_parts(raw)
         alg = header.get("alg")
@@ -201,7 +242,7 @@ class TokenValidator:
                 f"(accepted: {', '.join(issuer.algorithms)})"
             )
 
-        key = await self._caches[issuer.name].key_for(kid, alg)
+        key = await self._caches[issuer.name].key_for(kid, alg, wait=self.key_wait)
         claims = _verified_claims(raw, key, alg, issuer, kid)
 
         now = self._clock()
@@ -228,11 +269,13 @@ class TokenValidator:
         if not isinstance(name, str) or not name:
             _reject(f"token has no {issuer.name_claim} claim (a non-empty string) to name the identity by")
 
+        held = None
         if issuer.reject_reused_jti:
             jti = claims.get("jti")
             if not isinstance(jti, str) or not jti:
                 _reject(f"token has no jti claim, and issuer {issuer.name} rejects reused tokens")
-            self.seen.remember(issuer.issuer, jti, exp + skew, now)
+            if remember:
+                held = (issuer.issuer, jti)
 
         attributes = claim_attributes(claims, issuer.attributes)
         attributes["issuer"] = issuer.issuer
@@ -240,7 +283,23 @@ class TokenValidator:
             attributes["subject"] = claims["sub"]
         audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
         attributes["aud"] = next(a for a in issuer.audiences if a in audiences)
-        return Identity(name=name, issuer=issuer.name, method="token", attributes=attributes, expires=exp)
+        if held is not None:
+            # Last: a validation that fails after holding would leave the token held until it expires.
+            self.seen.hold(held, exp + skew, now)
+        return Identity(
+            name=name, issuer=issuer.name, method="token", attributes=attributes, expires=exp, jti=held
+        )
+
+    def commit(self, identity: Identity) -> None:
+        """The login of ``identity`` became a session: its token's jti is used for good."""
+        if identity.jti is not None:
+            self.seen.commit(identity.jti)
+
+    def release(self, identity: Identity) -> None:
+        """The login of ``identity`` did not become a session: its token may be used again (no-op
+        once committed)."""
+        if identity.jti is not None:
+            self.seen.release(identity.jti)
 
 
 def _reject(reason: str) -> NoReturn:

@@ -306,6 +306,26 @@ class PostgresStartup:
         await self.ch.aclose()
 
     async def _run(self) -> None:
+        try:
+            admitted = await self._admit_and_connect()
+        finally:
+            # With reject_reused_jti the token's jti is held from its validation: committed below
+            # once the session is admitted and logged in upstream, free again for a login that
+            # failed for another reason (a no-op once committed).
+            if self.identity is not None:
+                self.gw.validator.release(self.identity)
+        if admitted is None:
+            return
+        identity, conn, grant, session_policy, upstream, ready, upstream_prefix = admitted
+        try:
+            await self._welcome(identity, conn, grant, session_policy, upstream, ready, upstream_prefix)
+        except BaseException:
+            await upstream.aclose()
+            raise
+
+    async def _admit_and_connect(
+        self,
+    ) -> tuple[Identity, Connection, Grant, SessionPolicy, Channel, tuple[object, ...], bytes] | None:
         cfg = self.gw.config
         try:
             with trio.fail_after(cfg.limits.startup_timeout):
@@ -315,7 +335,7 @@ class PostgresStartup:
                 "08P01", f"startup did not complete within {cfg.limits.startup_timeout:g} s"
             ) from None
         if admitted is None:
-            return
+            return None
         identity, conn, grant = admitted
         if self.gw.draining:
             raise Refusal("57P03", "the gateway is shutting down")
@@ -323,11 +343,8 @@ class PostgresStartup:
         session_policy = self.session_policy
         assert session_policy is not None
         upstream, ready, upstream_prefix = await _connect_upstream(self.gw, conn, self.settings, grant)
-        try:
-            await self._welcome(identity, conn, grant, session_policy, upstream, ready, upstream_prefix)
-        except BaseException:
-            await upstream.aclose()
-            raise
+        self.gw.validator.commit(identity)
+        return identity, conn, grant, session_policy, upstream, ready, upstream_prefix
 
     async def _authenticate(self, conn: Connection) -> Identity:
         certs = tuple(self.ch.tls.peer_certificates()) if self.ch.tls is not None else ()

@@ -61,7 +61,7 @@ from ostiary.hooks import (
 from ostiary.identity.authenticator import Authenticator
 from ostiary.identity.dev import resolved_issuers
 from ostiary.identity.issuers import ResolvedIssuer
-from ostiary.identity.jwks import JwksCache
+from ostiary.identity.jwks import JwksCache, same_key_source
 from ostiary.identity.tokens import TokenValidator
 from ostiary.policy.enforce import PolicyHook
 from ostiary.policy.evaluate import CompiledPolicy, policy_version
@@ -182,6 +182,14 @@ def listen_problem(e: OSError, setting: str, host: str, port: int, source: str) 
     return ConfigError(source, [(f"{setting}.{where}" if where else setting, msg)])
 
 
+def key_wait(config: Config) -> float:
+    """How long a login waits at most for a refresh of an issuer's keys (its token names a key not
+    fetched yet): well within ``limits.startup_timeout``, so that a slow issuer gets the client 28000
+    "keys unavailable" rather than a startup timeout (08P01). The fetch goes on in the background
+    (bounded by the issuer's ``fetch_timeout``) and a retry finds its keys."""
+    return min(5.0, config.limits.startup_timeout / 4)
+
+
 # Connections over max_connections that are told so inside their TLS session at once; beyond,
 # the error goes out in clear at once (a flood must not buy TLS handshakes).
 REFUSING_AT_ONCE = 32
@@ -231,7 +239,7 @@ class Gateway:
         self._background: trio.Nursery | None = None
         self.caches: dict[ResolvedIssuer, JwksCache] = {}
         self._cache_scopes: dict[ResolvedIssuer, trio.CancelScope] = {}
-        self.validator = TokenValidator([], {})
+        self.validator = TokenValidator([], {}, key_wait=key_wait(config))
         self.authenticator = Authenticator(config, self.validator)
         self._apply_identity(config)
         self.statement_hook: StatementHook = statement_hook or PolicyHook()
@@ -291,6 +299,8 @@ class Gateway:
         self._upstream_tls: dict[str, _core.TlsClientConfig] = {}
         self._cancel: dict[tuple[int, int], CancelTarget] = {}
         self._cancel_by_session: dict[int, tuple[int, int]] = {}
+        # Sessions whose statement waits for approval: the wait's scope (a CancelRequest ends it).
+        self._approval_waits: dict[int, trio.CancelScope] = {}
         # A client guessing cancel keys sends thousands: one log line a minute says how many.
         self._unknown_cancels = Throttle(60.0)
         self._refused_full = Throttle(60.0)
@@ -309,7 +319,14 @@ class Gateway:
         base = admin.base_url()
         self.approvals.approve_url = base
         self.approvals.notifiers = [webhook_notifier(h, base) for h in admin.webhooks]
-        api = AdminApi(self.approvals, lambda: self.policy, self.validator.validate, base)
+        # API calls open no session: they neither use up a token's jti (reject_reused_jti) nor are
+        # refused for one a session used (the documented flow: approvals request, wait, then psql).
+        api = AdminApi(
+            self.approvals,
+            lambda: self.policy,
+            lambda token: self.validator.validate(token, remember=False),
+            base,
+        )
         tls = admin.tls
         return admin_server(
             api,
@@ -329,20 +346,33 @@ class Gateway:
 
     async def _hold_for_approval(self, info: SessionInfo, statement: StatementInfo, rule: Any) -> Decision:
         ref = self.audit.session_ref(info.id) if self.audit is not None else str(info.id)
+        # The client's CancelRequest ends the wait (forward_cancel), as PostgreSQL cancels a
+        # running statement: the statement fails with 57014 and never runs; the request stays
+        # pending (approved later, the same statement run again passes once).
+        scope = trio.CancelScope()
+        self._approval_waits[info.id] = scope
         try:
-            ok, why, rid = await self.approvals.hold(
-                info,
-                ref,
-                rule,
-                statement.text,
-                lambda msg: self.engine.notice(info.id, msg),
-                params=list(statement.params),
-            )
+            with scope:
+                ok, why, rid = await self.approvals.hold(
+                    info,
+                    ref,
+                    rule,
+                    statement.text,
+                    lambda msg: self.engine.notice(info.id, msg, held=True),
+                    params=list(statement.params),
+                )
+            if scope.cancelled_caught:
+                return Decision(
+                    False, code="57014", message="canceling statement due to user request", rule=rule.name
+                )
         except ApprovalError as e:
             return Decision(False, message=f"approval: {e}", rule=rule.name)
         except StoreError as e:
             log.error("session %d: approvals unavailable: %s", info.id, e)
             return Decision(False, message="approval: the approval store is unavailable", rule=rule.name)
+        finally:
+            if self._approval_waits.get(info.id) is scope:
+                del self._approval_waits[info.id]
         if self.audit is not None and ok:
             self.audit.note_approval(info.id, statement.text, rid)
         return Decision(ok, message=why, rule=rule.name, remember=False)
@@ -433,11 +463,16 @@ class Gateway:
 
     def _apply_identity(self, cfg: Config) -> None:
         """Brings JWKS caches, the token validator and the authenticator in line with ``cfg``.
-        Caches of unchanged issuers (and the validator's memory of used token ids) carry over."""
+        Caches of unchanged issuers (and the validator's memory of used token ids) carry over; an
+        issuer whose entry changed gets a new cache, which keeps the old one's keys when they come
+        from the same place (during an issuer outage, a reload must not throw away keys that
+        ``jwks_max_stale`` still allows)."""
         issuers = resolved_issuers(cfg)
+        previous = dict(self.caches)
         for issuer in issuers:
             if issuer not in self.caches:
-                self.caches[issuer] = JwksCache(issuer)
+                same = next((c for i, c in previous.items() if same_key_source(i, issuer)), None)
+                self.caches[issuer] = JwksCache(issuer, keys_from=same)
                 if self._background is not None:
                     self._background.start_soon(self._run_cache, issuer)
         for gone in [i for i in self.caches if i not in issuers]:
@@ -581,6 +616,13 @@ class Gateway:
                     peer,
                     count,
                 )
+            return
+        wait = self._approval_waits.get(target.session)
+        if wait is not None:
+            # The statement waits for approval at the gateway; the backend runs nothing of it (a
+            # cancel sent there could hit the client's next statement instead).
+            log.info("session %d: cancel ends the wait for approval", target.session)
+            wait.cancel()
             return
         await self._send_cancel(target)
 
