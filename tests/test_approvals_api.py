@@ -572,3 +572,28 @@ def test_webhook_failures_raise_without_the_url(tmp_path: Path) -> None:
             assert "webhook ops" in str(e.value) and why in str(e.value) and "secret-path" not in str(e.value)
     finally:
         server.shutdown()
+
+
+def test_one_address_cannot_take_every_connection(gateway: Gateway) -> None:
+    # Idle connections from one address (here 127.0.0.2) take at most max_per_peer of the server's
+    # slots: more from it are closed unanswered while an approver elsewhere (127.0.0.1) is served.
+    limit = HttpLimits().max_per_peer
+    idle = []
+    try:
+        for _ in range(limit):
+            s = socket.create_connection(("127.0.0.1", gateway.port), source_address=("127.0.0.2", 0))
+            s.sendall(b"GET /healthz HTTP/1.1\r\n")  # a head never finished
+            idle.append(s)
+        extra = socket.create_connection(("127.0.0.1", gateway.port), source_address=("127.0.0.2", 0))
+        extra.settimeout(5)
+        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            got = extra.recv(100)
+        except ConnectionResetError:
+            got = b""
+        assert got == b"", got
+        extra.close()
+        assert gateway.call("GET", "/healthz") == (200, {"status": "ok"})
+    finally:
+        for s in idle:
+            s.close()

@@ -5,11 +5,12 @@ is unbounded. The head (request line and headers) is read in fixed-size chunks u
 ``HttpLimits.max_head`` bytes, the body only with a ``Content-Length`` of at most
 ``HttpLimits.max_body`` (checked before reading it; ``Transfer-Encoding`` is refused), and the whole
 request within ``HttpLimits.read_timeout`` seconds. At most ``max_connections`` connections are
-served at once; more are closed unanswered. What does not parse is answered 400 (431 for an
-oversized head, 413 for an oversized body, 408 for a slow client) and the connection closed; the
-server goes on serving others. Parsing (``parse_head``) is a pure function over bytes; only
-``HttpServer`` touches sockets. Handlers return a ``Response``; an exception in a handler is logged
-and answered 500 without its text.
+served at once, and at most ``max_per_peer`` from one address (so that one client holding idle
+connections open cannot lock approvers out); more are closed unanswered. What does not parse is
+answered 400 (431 for an oversized head, 413 for an oversized body, 408 for a slow client) and the
+connection closed; the server goes on serving others. Parsing (``parse_head``) is a pure function
+over bytes; only ``HttpServer`` touches sockets. Handlers return a ``Response``; an exception in a
+handler is logged and answered 500 without its text.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class HttpLimits:
     max_body: int = 64 * 1024
     read_timeout: float = 10.0
     write_timeout: float = 10.0
-    max_connections: int = 64
+    max_connections: int = 256
+    max_per_peer: int = 16
     chunk: int = 4096
 
 
@@ -217,6 +219,7 @@ class HttpServer:
         self.ssl_context = ssl_context
         self.limits = limits or HttpLimits()
         self._active = 0
+        self._per_peer: dict[str, int] = {}
 
     async def run(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
@@ -227,14 +230,18 @@ class HttpServer:
             task_status.started(self.port)
 
     async def _connection(self, tcp: trio.SocketStream) -> None:
-        if self._active >= self.limits.max_connections:
-            await trio.aclose_forcefully(tcp)
-            return
-        self._active += 1
         try:
             peer = tcp.socket.getpeername()[0]
         except OSError:
             peer = ""
+        if (
+            self._active >= self.limits.max_connections
+            or self._per_peer.get(peer, 0) >= self.limits.max_per_peer
+        ):
+            await trio.aclose_forcefully(tcp)
+            return
+        self._active += 1
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         stream: trio.abc.Stream = tcp
         if self.ssl_context is not None:
             stream = trio.SSLStream(tcp, self.ssl_context, server_side=True, https_compatible=True)
@@ -249,6 +256,9 @@ class HttpServer:
             log.debug("admin API: connection from %s broken: %s", peer, e)
         finally:
             self._active -= 1
+            left = self._per_peer.pop(peer, 1) - 1
+            if left > 0:
+                self._per_peer[peer] = left
             with trio.move_on_after(1) as scope:
                 scope.shield = True
                 await stream.aclose()
