@@ -303,6 +303,31 @@ def test_a_read_only_session_without_rules_refuses_ways_out_that_carry_no_sql_it
         upstream(f"select lo_unlink({loid})")
 
 
+def test_a_read_only_session_without_rules_refuses_what_read_only_transactions_allow(
+    gw: GatewayProcess, unchanged: None
+) -> None:
+    """PostgreSQL allows COPY to a program or a server file, ALTER SYSTEM, pg_reload_conf, signals,
+    WAL messages and replication slots in a read-only transaction: with a privileged upstream role
+    a plain read-only grant ran commands on the database host and turned statement logging off.
+    Such statements are analysed now and refused; COPY TO STDOUT and catalog reads still work."""
+    with conn(gw, READER) as r:
+        for sql, why in (
+            ("copy (select 1) to program 'true'", "program"),
+            ("copy guard_other to '/tmp/ostiary-never-written'", "server-files"),
+            ("alter system set log_statement = 'none'", "alter"),
+            ("select pg_reload_conf()", "server-control"),
+            ("select pg_logical_emit_message(false, 'p', 'x')", "server-control"),
+            ("select pg_cancel_backend(pg_backend_pid())", "server-control"),
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match=rf"read-only \({why}\)"):
+                r.execute(sql)
+        with r.cursor().copy("copy (select 1 as x) to stdout") as copy:
+            assert b"".join(bytes(b) for b in copy) == b"1\n"
+        assert r.execute("select count(*) > 0 from pg_proc where proname = 'pg_reload_conf'").fetchone() == (
+            True,
+        )
+
+
 STARTUP_SETTINGS = [
     # (user, startup parameters, the rule that refuses them or None)
     (OPS, {"role": "app"}, "no-role-changes"),

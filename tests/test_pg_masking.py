@@ -494,6 +494,20 @@ def test_views_created_before_the_session_are_masked_like_their_columns(
         assert c.execute("select who from mask_people_v where id = 1").fetchone() == ("Alice",)
 
 
+def test_do_blocks_are_refused_under_column_rules(gw: GatewayProcess) -> None:
+    """A DO block needs no privilege and its code is out of the statement check's sight: it read a
+    masked column and raised it in a notice or an error."""
+    with connect(gw, "auditor") as c:
+        for sql in (
+            "do $$ declare r record; begin for r in select ssn from mask_people loop "
+            "raise notice 'leak %', r; end loop; end $$",
+            "do $$ begin raise exception '%', (select string_agg(ssn, ',') from mask_people); end $$",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="DO blocks are refused"):
+                c.execute(sql)
+        assert c.execute("select 1").fetchone() == (1,)
+
+
 def test_computed_view_columns_and_views_of_views_are_masked(gw: GatewayProcess, pg: PgCluster) -> None:
     """A view column computed from a masked column (``upper(ssn)``), a whole row, a view of such a
     view and a column whose name spells out node-tree syntax: none carries its values out in clear.

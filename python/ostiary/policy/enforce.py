@@ -126,6 +126,14 @@ class PolicyHook:
                 "and large-object writes are refused",
                 rule="read-only",
             )
+        # What PostgreSQL allows in a read-only transaction but a read-only grant must not do
+        # (COPY to a file or program, ALTER SYSTEM, reload, signals, WAL messages, slots ...).
+        if (
+            session.access == "read-only"
+            and _core.may_act_on_server(statement.text)
+            and (why := read_only_refusal(statement.text))
+        ):
+            return Decision.denied(f"read-only: grant {session.grant} is read-only ({why})", rule="read-only")
         return Decision.allowed(remember=keep)
 
 
@@ -143,3 +151,22 @@ def _undecodable(rule: str) -> Decision:
         "replaced; use client_encoding UTF8",
         rule=rule,
     )
+
+
+def read_only_refusal(text: str) -> str | None:
+    """Why a read-only grant refuses ``text`` by what the parser finds (kinds other than reads,
+    effects a read-only grant denies), or None. Text that does not parse is refused."""
+    from ostiary.errors import SqlError
+    from ostiary.policy.evaluate import StatementAnalysis
+    from ostiary.policy.model import READ_ONLY_DENIED_EFFECTS, READ_ONLY_KINDS
+
+    try:
+        analyses = StatementAnalysis.of(text)
+    except SqlError as e:
+        return f"the gateway cannot analyse this statement: {e}"
+    for a in analyses:
+        if not a.kinds <= READ_ONLY_KINDS:
+            return ", ".join(sorted(a.kinds - READ_ONLY_KINDS))
+        if a.effects & READ_ONLY_DENIED_EFFECTS:
+            return ", ".join(sorted(a.effects & READ_ONLY_DENIED_EFFECTS))
+    return None

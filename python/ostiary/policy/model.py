@@ -64,6 +64,8 @@ Effect = Literal[
     "search-path-change",  # SET search_path, set_config('search_path'): unqualified names move
     "dynamic-sql",  # query_to_xml, table_to_xml, ts_stat ...: read what their text or regclass names
     "large-object-write",  # lo_create, lo_from_bytea, lo_put ... (read-only transactions allow them)
+    "sequence-write",  # nextval, setval
+    "row-lock",  # SELECT ... FOR UPDATE / SHARE
 ]
 # Effects a read-only grant refuses, whatever the statement's kinds.
 READ_ONLY_DENIED_EFFECTS = frozenset(
@@ -76,6 +78,8 @@ READ_ONLY_DENIED_EFFECTS = frozenset(
         "remote",
         "code",
         "large-object-write",
+        "sequence-write",
+        "row-lock",
     }
 )
 

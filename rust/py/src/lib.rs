@@ -559,11 +559,16 @@ impl Engine {
         let gate = match consult {
             "never" => Gate::AllowAll,
             "always" => Gate::Consult,
-            "read-only-escapes" => Gate::ConsultIf(ostiary_sql::read_only::may_leave_read_only),
+            "read-only-escapes" => Gate::ConsultIf(|sql| {
+                ostiary_sql::read_only::may_leave_read_only(sql)
+                    || ostiary_sql::read_only::may_act_on_server(sql)
+            }),
             "shapes" => Gate::ConsultBy(ostiary_sql::shape::shape),
             "copy" => Gate::ConsultIf(ostiary_sql::mentions_copy),
             "read-only-escapes+copy" => Gate::ConsultIf(|sql| {
-                ostiary_sql::read_only::may_leave_read_only(sql) || ostiary_sql::mentions_copy(sql)
+                ostiary_sql::read_only::may_leave_read_only(sql)
+                    || ostiary_sql::read_only::may_act_on_server(sql)
+                    || ostiary_sql::mentions_copy(sql)
             }),
             other => {
                 return Err(pyo3::exceptions::PyValueError::new_err(format!(
@@ -1120,6 +1125,14 @@ fn may_leave_read_only(sql: &str) -> bool {
     ostiary_sql::read_only::may_leave_read_only(sql)
 }
 
+/// Whether a statement could act on the server in ways a read-only transaction allows (COPY to a
+/// file or program, ALTER SYSTEM, signal, reload, WAL, slot, statistics and backup functions):
+/// read-only sessions have such statements analysed before they run.
+#[pyfunction]
+fn may_act_on_server(sql: &str) -> bool {
+    ostiary_sql::read_only::may_act_on_server(sql)
+}
+
 /// Whether a client encoding is one whose characters can hide quotes and backslashes from the
 /// gateway's analysis (see `ostiary_wire::pg::client_encoding_splits_bytes`).
 #[pyfunction]
@@ -1202,6 +1215,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ssl_request, m)?)?;
     m.add_function(wrap_pyfunction!(cancel_request, m)?)?;
     m.add_function(wrap_pyfunction!(may_leave_read_only, m)?)?;
+    m.add_function(wrap_pyfunction!(may_act_on_server, m)?)?;
     m.add_function(wrap_pyfunction!(client_encoding_splits_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(analyze_sql, m)?)?;
     m.add_function(wrap_pyfunction!(statement_shape, m)?)?;

@@ -80,9 +80,6 @@ pub fn analyze(sql: &str) -> Result<Vec<Statement>, AnalyzeError> {
         walk.value(tree, &mut st);
         st.columns = crate::columns::column_refs(tree);
         for (rel, target) in walk.relations {
-            if walk.ctes.contains(&rel) {
-                continue;
-            }
             if target {
                 st.writes.insert(rel);
             } else {
@@ -103,7 +100,11 @@ struct Walk {
     relations: Vec<(String, bool)>,
     /// Relation objects that are write targets (by address), so the generic walk skips them.
     targets: Vec<*const Value>,
-    ctes: BTreeSet<String>,
+    /// The WITH queries in scope where the walk is (innermost last): an unqualified name that is
+    /// one of them reads the CTE, not a relation. Scoped as PostgreSQL scopes them: a WITH's names
+    /// hold in its statement and, in a non-recursive WITH, in the CTEs after each one only (in
+    /// its own query, a CTE's name is the relation's), and never for a write target.
+    ctes: Vec<Vec<String>>,
     /// The VALUES lists INSERTs take their rows from (by address): not a SELECT.
     values_sources: Vec<*const Value>,
 }
@@ -113,16 +114,60 @@ impl Walk {
         match v {
             Value::Object(map) => {
                 if map.contains_key("relname") && map.contains_key("relpersistence") {
-                    if !self.targets.contains(&(v as *const Value)) {
-                        self.relations.push((relation_name(v), false));
+                    let qualified = ["schemaname", "catalogname"].iter().any(|k| {
+                        v.get(k)
+                            .and_then(Value::as_str)
+                            .is_some_and(|s| !s.is_empty())
+                    });
+                    let name = relation_name(v);
+                    let cte = !qualified && self.ctes.iter().any(|scope| scope.contains(&name));
+                    if !cte && !self.targets.contains(&(v as *const Value)) {
+                        self.relations.push((name, false));
                     }
                     return;
                 }
+                // A statement's fields with a WITH: its CTEs' names hold while the rest is walked.
+                let with = map
+                    .get("withClause")
+                    .and_then(|w| w.get("WithClause").or(Some(w)))
+                    .filter(|w| w.is_object());
+                let names: Vec<String> = with
+                    .and_then(|w| w.get("ctes"))
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| {
+                        let c = c.get("CommonTableExpr").unwrap_or(c);
+                        c.get("ctename").and_then(Value::as_str).map(str::to_owned)
+                    })
+                    .collect();
+                let recursive = with.is_some_and(|w| flag(w, "recursive"));
                 for (key, child) in map {
+                    if key == "withClause" && !names.is_empty() {
+                        // Each CTE sees those before it (all of them, itself too, if RECURSIVE).
+                        let ctes = with
+                            .and_then(|w| w.get("ctes"))
+                            .and_then(Value::as_array)
+                            .map(Vec::as_slice)
+                            .unwrap_or_default();
+                        for (i, cte) in ctes.iter().enumerate() {
+                            let seen = if recursive { names.len() } else { i };
+                            self.ctes.push(names[..seen.min(names.len())].to_vec());
+                            self.value(cte, st);
+                            self.ctes.pop();
+                        }
+                        continue;
+                    }
+                    if !names.is_empty() {
+                        self.ctes.push(names.clone());
+                    }
                     // Node types are capitalised (`SelectStmt`); field names are not.
                     let is_node = key.as_bytes().first().is_some_and(u8::is_ascii_uppercase);
                     if !is_node || self.node(key, child, st) {
                         self.value(child, st);
+                    }
+                    if !names.is_empty() {
+                        self.ctes.pop();
                     }
                 }
             }
@@ -170,6 +215,19 @@ impl Walk {
                 if !self.values_sources.contains(&(n as *const Value)) =>
             {
                 kinds.insert("select");
+                // FOR UPDATE / SHARE: row locks that hold other writers (refused when read-only).
+                if n.get("lockingClause")
+                    .and_then(Value::as_array)
+                    .is_some_and(|l| !l.is_empty())
+                {
+                    st.effects.insert("row-lock");
+                }
+                // SELECT ... INTO t creates t, as CREATE TABLE t AS does.
+                if let Some(into) = n.get("intoClause").filter(|i| i.is_object()) {
+                    let into = into.get("IntoClause").unwrap_or(into);
+                    kinds.insert("create");
+                    self.target(into.get("rel"));
+                }
             }
             "InsertStmt" => {
                 kinds.insert("insert");
@@ -275,11 +333,6 @@ impl Walk {
                     }
                 }
             }
-            "CommonTableExpr" => {
-                if let Some(name) = n.get("ctename").and_then(Value::as_str) {
-                    self.ctes.insert(name.to_owned());
-                }
-            }
             "FuncCall" => {
                 let name = dotted(n.get("funcname"));
                 let last = name.rsplit('.').next().unwrap_or("").to_owned();
@@ -342,13 +395,15 @@ impl Walk {
                 if !has_option(n.get("options"), "analyze") {
                     // Nothing runs: keep the inner statement's relations as reads, not its kinds.
                     let mut inner = Statement::default();
-                    let mut walk = Walk::default();
+                    let mut walk = Walk {
+                        ctes: self.ctes.clone(),
+                        ..Walk::default()
+                    };
                     if let Some(q) = n.get("query") {
                         walk.value(q, &mut inner);
                     }
                     self.relations
                         .extend(walk.relations.into_iter().map(|(r, _)| (r, false)));
-                    self.ctes.extend(walk.ctes);
                     st.functions.extend(inner.functions);
                     return false;
                 }
@@ -726,7 +781,31 @@ fn function_effects(name: &str) -> &'static [&'static str] {
         | "pg_rotate_logfile"
         | "pg_promote"
         | "pg_switch_wal"
-        | "pg_create_restore_point" => &["server-control"],
+        | "pg_create_restore_point"
+        // Allowed in read-only transactions, yet they write WAL, persistent slots or origins,
+        // reset statistics or start backups.
+        | "pg_logical_emit_message"
+        | "pg_create_logical_replication_slot"
+        | "pg_create_physical_replication_slot"
+        | "pg_copy_logical_replication_slot"
+        | "pg_copy_physical_replication_slot"
+        | "pg_drop_replication_slot"
+        | "pg_replication_slot_advance"
+        | "pg_logical_slot_get_changes"
+        | "pg_logical_slot_get_binary_changes"
+        | "pg_backup_start"
+        | "pg_backup_stop"
+        | "pg_start_backup"
+        | "pg_stop_backup"
+        | "pg_import_system_collations"
+        | "pg_log_backend_memory_contexts"
+        | "pg_wal_replay_pause"
+        | "pg_wal_replay_resume" => &["server-control"],
+        n if n.starts_with("pg_replication_origin_") || n.starts_with("pg_stat_reset") => {
+            &["server-control"]
+        }
+        // Sequences advance outside the transaction (PostgreSQL refuses them when read-only).
+        "nextval" | "setval" => &["sequence-write"],
         "lo_export"
         | "lo_import"
         | "pg_read_file"
@@ -772,6 +851,109 @@ mod tests {
 
     fn kinds(sql: &str) -> Vec<&'static str> {
         one(sql).kinds.into_iter().collect()
+    }
+
+    #[test]
+    fn effects_that_read_only_transactions_allow_or_the_pack_must_see() {
+        let effects = |sql: &str| one(sql).effects.into_iter().collect::<Vec<_>>();
+        assert_eq!(
+            effects("select pg_logical_emit_message(true, 'p', 'x')"),
+            ["server-control"]
+        );
+        assert_eq!(
+            effects("select pg_stat_reset_shared('bgwriter')"),
+            ["server-control"]
+        );
+        assert_eq!(
+            effects("select pg_replication_origin_create('o')"),
+            ["server-control"]
+        );
+        assert_eq!(
+            effects("select * from pg_create_logical_replication_slot('s', 'test_decoding')"),
+            ["server-control"]
+        );
+        assert_eq!(
+            effects("select nextval('s'), setval('s', 1)"),
+            ["sequence-write"]
+        );
+        assert_eq!(
+            effects("select * from t where id = 1 for update"),
+            ["row-lock"]
+        );
+        assert_eq!(
+            effects("select * from t for share skip locked"),
+            ["row-lock"]
+        );
+        assert!(effects("select currval('s') from t").is_empty());
+    }
+
+    #[test]
+    fn select_into_creates() {
+        let st = one("select 1 as x into pwn from t");
+        assert_eq!(
+            st.kinds.iter().copied().collect::<Vec<_>>(),
+            ["create", "select"]
+        );
+        assert_eq!(st.writes.into_iter().collect::<Vec<_>>(), ["pwn"]);
+        assert_eq!(st.reads.into_iter().collect::<Vec<_>>(), ["t"]);
+    }
+
+    #[test]
+    fn cte_names_are_scoped_as_postgresql_scopes_them() {
+        let reads = |sql: &str| one(sql).reads.into_iter().collect::<Vec<_>>();
+        let writes = |sql: &str| one(sql).writes.into_iter().collect::<Vec<_>>();
+        // The CTE is what the statement reads.
+        assert!(reads("with x as (select 1) select * from x").is_empty());
+        assert_eq!(reads("with x as (select * from t) select * from x"), ["t"]);
+        // A CTE defined in a subquery does not hide the table elsewhere.
+        assert_eq!(
+            reads("select s.* from (with secret as (select 1) select * from secret) a, secret s"),
+            ["secret"]
+        );
+        assert_eq!(
+            reads("select 1 from t where exists (with secret as (select 1) select 1 from secret) and (select 1 from secret) = 1"),
+            ["secret", "t"]
+        );
+        // A write target is never a CTE.
+        assert_eq!(
+            writes("with secret as (select 1) update secret set s = 'x' where id = 1"),
+            ["secret"]
+        );
+        assert_eq!(
+            writes("with secret as (select 1) delete from secret"),
+            ["secret"]
+        );
+        assert_eq!(
+            writes("with secret as (select 1) insert into secret select * from secret"),
+            ["secret"]
+        );
+        // In a non-recursive WITH, a CTE's own name in its query is the table; later CTEs see it.
+        assert_eq!(
+            reads("with secret as (select * from secret) select * from secret"),
+            ["secret"]
+        );
+        assert!(reads("with a as (select 1), b as (select * from a) select * from b").is_empty());
+        assert_eq!(
+            reads("with b as (select * from a), a as (select 1) select * from b"),
+            ["a"]
+        );
+        // RECURSIVE: its own name is the CTE.
+        assert!(reads(
+            "with recursive r(n) as (select 1 union all select n + 1 from r where n < 3) select * from r"
+        )
+        .is_empty());
+        // Qualified, it is the table.
+        assert_eq!(
+            reads("with secret as (select 1) select * from public.secret"),
+            ["public.secret"]
+        );
+        // EXPLAIN without ANALYZE keeps the same scoping.
+        assert_eq!(
+            reads(
+                "explain select * from (with secret as (select 1) select 1 from secret) a, secret"
+            ),
+            ["secret"]
+        );
     }
 
     #[test]

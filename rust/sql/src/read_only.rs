@@ -75,6 +75,63 @@ fn flags(flat: &str) -> bool {
         || LARGE_OBJECT_WRITES.iter().any(|n| calls(flat, n))
 }
 
+/// True when `sql` could act on the server in ways a read-only transaction allows: COPY (to a
+/// server file or a program), ALTER SYSTEM, and calls of the functions that signal backends,
+/// reload the configuration, write files, WAL messages, replication slots or origins, reset
+/// statistics or start backups. Such statements are analysed with the parser before they run
+/// (a reader role is the database's own guarantee; this one is the gateway's).
+pub fn may_act_on_server(sql: &str) -> bool {
+    [
+        normalise(sql, Comments::MarkersAsSpace),
+        normalise(
+            sql,
+            Comments::Removed {
+                backslash_quotes: false,
+            },
+        ),
+        normalise(
+            sql,
+            Comments::Removed {
+                backslash_quotes: true,
+            },
+        ),
+    ]
+    .iter()
+    .any(|flat| acts_on_server(flat))
+}
+
+fn acts_on_server(flat: &str) -> bool {
+    // By prefix: `pg_read_` covers pg_read_file and pg_read_binary_file, and so on.
+    const CALLS: [&str; 23] = [
+        "pg_terminate_backend",
+        "pg_cancel_backend",
+        "pg_reload_conf",
+        "pg_rotate_logfile",
+        "pg_promote",
+        "pg_switch_wal",
+        "pg_create_",
+        "pg_copy_",
+        "pg_drop_replication_slot",
+        "pg_replication_",
+        "pg_logical_",
+        "pg_backup_",
+        "pg_start_backup",
+        "pg_stop_backup",
+        "pg_stat_reset",
+        "pg_import_system_collations",
+        "pg_log_backend_memory_contexts",
+        "pg_wal_replay_",
+        "pg_read_",
+        "pg_ls_",
+        "pg_stat_file",
+        "pg_file_",
+        "lo_export",
+    ];
+    crate::mentions_copy(flat)
+        || flat.contains("alter system")
+        || CALLS.iter().any(|n| calls(flat, n))
+}
+
 /// Whether `flat` has a call of a function whose name starts with `prefix`: the name, more
 /// identifier characters, at most one space (whitespace and comments are one space by now) and
 /// an opening parenthesis.
@@ -348,5 +405,37 @@ mod tests {
         assert!(may_leave_read_only(
             "show transaction_read_only; begin read write"
         ));
+    }
+}
+
+#[cfg(test)]
+mod server_tests {
+    use super::may_act_on_server;
+
+    #[test]
+    fn server_actions_are_flagged_for_analysis() {
+        for sql in [
+            "copy (select 1) to program 'id'",
+            "COPY t TO '/tmp/x'",
+            "alter /* */ system set log_statement = 'none'",
+            "select pg_reload_conf()",
+            "select pg_terminate_backend(1)",
+            "select pg_logical_emit_message(true, 'p', 'x')",
+            "select * from pg_create_logical_replication_slot('s', 'test_decoding')",
+            "select pg_stat_reset()",
+            "select pg_read_file('/etc/passwd')",
+            "select lo_export(1, '/tmp/x')",
+            "select \"pg_reload_conf\"()",
+        ] {
+            assert!(may_act_on_server(sql), "{sql}");
+        }
+        for sql in [
+            "select * from t",
+            "select relname from pg_class",
+            "select 'pg_reload_conf' as name",
+            "show log_statement",
+        ] {
+            assert!(!may_act_on_server(sql), "{sql}");
+        }
     }
 }
