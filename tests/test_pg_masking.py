@@ -494,6 +494,24 @@ def test_views_created_before_the_session_are_masked_like_their_columns(
         assert c.execute("select who from mask_people_v where id = 1").fetchone() == ("Alice",)
 
 
+def test_masked_columns_cannot_leave_through_filters_or_full_join_merges(gw: GatewayProcess) -> None:
+    """A cast in WHERE printed the value in its error, pg_notify in WHERE sent it to a listener,
+    and a FULL JOIN ... USING merged column (a COALESCE to PostgreSQL) came out with no origin:
+    all refused now; plain comparisons, sorting and pure functions in filters still work."""
+    with connect(gw, "auditor") as c:
+        for sql in (
+            "select id from mask_people where ssn::int = 1",
+            "select id from mask_people order by email::int",
+            "select id from mask_people where pg_notify('c', ssn) is null",
+            "select ssn from mask_people full join (select null::text as ssn where false) s using (ssn)",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masking"):
+                c.execute(sql)
+        assert c.execute(
+            f"select id from mask_people where ssn = '{SSN}' and lower(email) like 'alice%' order by ssn"
+        ).fetchall() == [(1,)]
+
+
 def test_do_blocks_are_refused_under_column_rules(gw: GatewayProcess) -> None:
     """A DO block needs no privilege and its code is out of the statement check's sight: it read a
     masked column and raised it in a notice or an error."""

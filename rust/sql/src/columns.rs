@@ -16,9 +16,15 @@
 //! * `whole_rows`: relations (by the name their alias stands for) referenced as a whole row
 //!   (`t`, `t.*` other than as a top-level target, `*` where the rows go into a relation).
 //!
-//! References in WHERE, JOIN conditions, GROUP BY, HAVING, ORDER BY and LIMIT only filter and order
-//! rows; they are not listed. Names are as the parser folded them, without catalog knowledge: the
-//! caller matches them against the column part of its rules, whatever the table.
+//! References in WHERE, JOIN conditions, GROUP BY, HAVING, ORDER BY, LIMIT and window clauses only
+//! filter and order rows when they are compared, sorted or grouped as they are; they are listed when
+//! a function or a cast there takes them (`email::int = 1` prints the value in its error,
+//! `pg_notify('c', email)` and `set_config('x', ssn, false)` send it elsewhere), but for a few pure
+//! functions that cannot (`lower`, `length`, `count`, `max`, casts to text ...). The merged
+//! columns of a FULL JOIN with USING or NATURAL are `COALESCE(l.c, r.c)` to PostgreSQL, with no
+//! origin: references to them (and `*`) are listed. Names are as the parser folded them, without
+//! catalog knowledge: the caller matches them against the column part of its rules, whatever the
+//! table.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -97,6 +103,73 @@ fn subquery_ctx(column_names: Option<&Value>, outer: Ctx) -> Ctx {
 }
 
 /// The String fields of a ColumnRef, and whether it ends in `*`.
+/// Functions that cannot carry a value out of a filter (no side effect, no error that prints it).
+const PURE_FUNCTIONS: [&str; 19] = [
+    "lower",
+    "upper",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "length",
+    "char_length",
+    "character_length",
+    "octet_length",
+    "substr",
+    "substring",
+    "left",
+    "right",
+    "strpos",
+    "position",
+    "starts_with",
+    "count",
+    "min",
+    "max",
+];
+
+/// Casts that cannot fail (so print nothing).
+const TEXT_TYPES: [&str; 5] = ["text", "varchar", "bpchar", "name", "citext"];
+
+/// The columns FULL JOINs with USING merge in `from` (as written), and whether one is NATURAL
+/// (whose merged columns the catalog would name).
+fn full_join_merged(from: Option<&Value>) -> (BTreeSet<String>, bool) {
+    fn walk(v: &Value, merged: &mut BTreeSet<String>, natural: &mut bool) {
+        match v {
+            Value::Array(items) => items.iter().for_each(|i| walk(i, merged, natural)),
+            Value::Object(map) => {
+                if let Some(j) = map.get("JoinExpr") {
+                    if j.get("jointype").and_then(Value::as_str) == Some("JOIN_FULL") {
+                        if j.get("isNatural").and_then(Value::as_bool) == Some(true) {
+                            *natural = true;
+                        }
+                        for u in j
+                            .get("usingClause")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                        {
+                            if let Some(name) = u.pointer("/String/sval").and_then(Value::as_str) {
+                                merged.insert(name.to_owned());
+                            }
+                        }
+                    }
+                    for side in ["larg", "rarg"] {
+                        if let Some(s) = j.get(side) {
+                            walk(s, merged, natural);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut merged = BTreeSet::new();
+    let mut natural = false;
+    if let Some(f) = from {
+        walk(f, &mut merged, &mut natural);
+    }
+    (merged, natural)
+}
+
 fn fields(cr: &Value) -> (Vec<String>, bool) {
     let mut names = Vec::new();
     let mut star = false;
@@ -144,7 +217,7 @@ impl Walker {
                 for (k, child) in map {
                     match k.as_str() {
                         "SelectStmt" => self.select(child, Ctx::Derived),
-                        "whereClause" | "quals" | "joinCondition" => {}
+                        "whereClause" | "quals" | "joinCondition" => self.filter(child, false),
                         "ColumnRef" => self.reference(child, true),
                         _ => self.other(child),
                     }
@@ -177,12 +250,24 @@ impl Walker {
             }
             return;
         }
+        let (merged, natural) = full_join_merged(n.get("fromClause"));
         if let Some(Value::Array(targets)) = n.get("targetList") {
             for t in targets {
                 let t = t.get("ResTarget").unwrap_or(t);
                 let Some(val) = t.get("val") else { continue };
                 if let Some(cr) = val.get("ColumnRef") {
                     let (names, star) = fields(cr);
+                    // A FULL JOIN's merged column: COALESCE of both sides, no origin.
+                    if star && names.is_empty() && (natural || !merged.is_empty()) {
+                        self.whole_row(None);
+                        continue;
+                    }
+                    if !star && names.last().is_some_and(|c| merged.contains(c))
+                        || (!star && natural && names.len() == 1)
+                    {
+                        self.refs.derived.insert(names.join("."));
+                        continue;
+                    }
                     let renamed = t
                         .get("name")
                         .and_then(Value::as_str)
@@ -212,7 +297,66 @@ impl Walker {
         if let Some(values) = n.get("valuesLists") {
             self.expression(values);
         }
-        // WHERE, GROUP BY, HAVING, ORDER BY, LIMIT, WINDOW: they filter and order, not listed.
+        // WHERE, GROUP BY, HAVING, ORDER BY, LIMIT, WINDOW: they filter and order (see `filter`).
+        for clause in [
+            "whereClause",
+            "havingClause",
+            "groupClause",
+            "sortClause",
+            "windowClause",
+            "limitCount",
+            "limitOffset",
+            "distinctClause",
+        ] {
+            if let Some(c) = n.get(clause) {
+                self.filter(c, false);
+            }
+        }
+    }
+
+    /// A clause that filters, orders or groups rows: a column compared, sorted or grouped as it is
+    /// stays there, but one a function or a cast takes (`inside`) can come out in an error or a
+    /// side effect, and is listed (whole rows too), unless the function is one that cannot.
+    fn filter(&mut self, v: &Value, inside: bool) {
+        match v {
+            Value::Object(map) => {
+                for (k, child) in map {
+                    match k.as_str() {
+                        "ColumnRef" => {
+                            if inside {
+                                self.reference(child, true);
+                            }
+                        }
+                        "FuncCall" => {
+                            let name = child
+                                .get("funcname")
+                                .and_then(Value::as_array)
+                                .and_then(|n| n.last())
+                                .and_then(|n| n.pointer("/String/sval"))
+                                .and_then(Value::as_str)
+                                .unwrap_or("");
+                            self.filter(child, inside || !PURE_FUNCTIONS.contains(&name));
+                        }
+                        "TypeCast" => {
+                            let to = child
+                                .pointer("/typeName/names")
+                                .and_then(Value::as_array)
+                                .and_then(|n| n.last())
+                                .and_then(|n| n.pointer("/String/sval"))
+                                .and_then(Value::as_str)
+                                .unwrap_or("");
+                            self.filter(child, inside || !TEXT_TYPES.contains(&to));
+                        }
+                        "CoalesceExpr" | "MinMaxExpr" | "CaseExpr" | "A_Indirection"
+                        | "RowExpr" | "A_ArrayExpr" | "XmlExpr" | "XmlSerialize"
+                        | "CollateClause" => self.filter(child, true),
+                        _ => self.filter(child, inside),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| self.filter(i, inside)),
+            _ => {}
+        }
     }
 
     /// A node holding a SELECT (`{"SelectStmt": ...}`).
@@ -233,6 +377,9 @@ impl Walker {
                         if let Some(s) = j.get(side) {
                             self.from(s, ctx);
                         }
+                    }
+                    if let Some(q) = j.get("quals") {
+                        self.filter(q, false);
                     }
                 } else if let Some(rs) = map.get("RangeSubselect") {
                     if let Some(q) = rs.get("subquery") {
@@ -314,10 +461,17 @@ mod tests {
             "with x as (select name, id from customers) select x.name from x where id = 1",
             "select distinct name from customers group by name having count(ssn) > 1",
             "declare c cursor for select name from customers",
-            "select name from customers where id in (select id from t where ssn = row_to_json(t)::text)",
+            "select name from customers where id in (select id from t where ssn = 'x')",
+            "select name from customers where lower(email) = lower('A') and ssn::text like '1%'",
+            "select name from customers c join t on t.ssn = c.ssn order by ssn, length(email)",
+            "select name from customers left join t using (ssn)",
+            "update t set x = 1 where ssn = '1'",
         ] {
             let r = refs(sql);
-            assert!(r.derived.is_empty() && r.whole_rows.is_empty(), "{sql}: {r:?}");
+            assert!(
+                r.derived.is_empty() && r.whole_rows.is_empty(),
+                "{sql}: {r:?}"
+            );
         }
     }
 
@@ -378,6 +532,56 @@ mod tests {
             derived("select u from unnest(array[(select ssn from c)]) u"),
             ["ssn"]
         );
+    }
+
+    #[test]
+    fn functions_and_casts_in_filters_are_listed() {
+        assert_eq!(
+            derived("select name from customers where email::int = 1"),
+            ["email"]
+        );
+        assert_eq!(
+            derived("select name from customers order by ssn::int"),
+            ["ssn"]
+        );
+        assert_eq!(
+            derived("select name from customers c join t on t.id = c.card::int"),
+            ["c.card"]
+        );
+        assert_eq!(
+            derived("select name from customers where pg_notify('c', email || ssn) is null"),
+            ["email", "ssn"]
+        );
+        assert_eq!(
+            derived("select 1 from customers where set_config('x', ssn, false) is not null"),
+            ["ssn"]
+        );
+        assert_eq!(
+            derived("select 1 from t where exists (select pg_notify('c', email) from customers)"),
+            ["email"]
+        );
+        assert_eq!(
+            derived("delete from t where coalesce(ssn, '')::int = 1"),
+            ["ssn"]
+        );
+        assert_eq!(
+            whole("select 1 from t where row_to_json(t)::text::int = 1"),
+            ["t"]
+        );
+    }
+
+    #[test]
+    fn merged_columns_of_full_joins_are_listed() {
+        assert_eq!(
+            derived("select email from customers full join (select null::text as email) s using (email)"),
+            ["email"]
+        );
+        assert_eq!(
+            derived("select ssn from customers natural full join t"),
+            ["ssn"]
+        );
+        assert_eq!(whole("select * from customers natural full join t"), ["*"]);
+        assert!(derived("select email from customers left join t using (email)").is_empty());
     }
 
     #[test]
