@@ -53,6 +53,7 @@ def guard_config(pg: PgCluster, tls: TlsMaterial, tmp: Path) -> dict[str, Any]:
         {"user": OPS, "password": "ops-pw"},
         {"user": ANALYST, "password": "analyst-pw"},
         {"user": READER, "password": "reader-pw"},
+        {"user": "dev", "password": "dev-pw"},
     ]
     cfg["guardrails"] = [
         {
@@ -88,6 +89,14 @@ def guard_config(pg: PgCluster, tls: TlsMaterial, tmp: Path) -> dict[str, Any]:
         # Read-only without statement rules: the database enforces it, the data path only flags
         # ways out of read-only mode.
         {"name": "plain-reads", "identities": [READER], "connection": "app", "access": "read-only"},
+        # Judged, without relation rules (which refuse DO blocks): code the statement check cannot see into.
+        {
+            "name": "dev-writes",
+            "identities": ["dev"],
+            "connection": "app",
+            "access": "read-write",
+            "guardrails": ["no-destructive-ddl"],
+        },
     ]
     return cfg
 
@@ -454,13 +463,16 @@ def test_session_ends_when_dynamic_sql_turns_standard_conforming_strings_off(
 ) -> None:
     """A DO block may pass the rules and still change how later statements are lexed: the gateway
     sees the server's ParameterStatus and ends the session rather than misjudge what follows."""
-    with conn(gw, OPS) as c:
+    with conn(gw, "dev") as c:
         with pytest.raises(psycopg.Error, match="standard_conforming_strings was turned off"):
             c.execute("do $$ begin execute 'set standard_conforming_strings = off'; end $$")
         with pytest.raises(psycopg.OperationalError):
             c.execute("select 1")
-    with conn(gw, OPS) as c:
+    with conn(gw, "dev") as c:
         assert c.execute("show standard_conforming_strings").fetchone() == ("on",)
+    # Under relation rules, DO itself is refused.
+    with conn(gw, OPS) as c, pytest.raises(psycopg.errors.InsufficientPrivilege, match="DO blocks"):
+        c.execute("do $$ begin execute 'set standard_conforming_strings = off'; end $$")
 
 
 def test_verdicts_are_cached_per_shape_but_not_across_constants_that_matter(

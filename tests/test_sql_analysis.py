@@ -306,3 +306,28 @@ def test_approval_rules_fail_closed(tmp_path: Path) -> None:
     rule = {"name": "no-accounts-truncate", "match": {"kinds": ["truncate"], "relations": ["accounts"]}}
     g = session(tmp_path, rules=(rule,), access="read-write", guardrails=["no-accounts-truncate"])
     assert not g.judge("truncate public.accounts").allow and not g.judge("truncate accounts").allow
+
+
+def test_relation_rules_refuse_what_reaches_relations_unnamed(tmp_path: Path) -> None:
+    # An allow list (public.allowed*) and a deny rule (secret.*): statements that reach relations
+    # they do not name, code whose reads are out of sight, and catalog views publishing other
+    # relations' values are refused; the names GRANT ... IN SCHEMA, COMMENT and sequence
+    # functions act on are seen.
+    allow = session(tmp_path, access="read-write", relations=["public.allowed*"])
+    rule = {"name": "no-secret", "match": {"relations": ["secret.*"]}}
+    deny = session(tmp_path, rules=(rule,), access="read-write", guardrails=["no-secret"])
+    for s in (allow, deny):
+        for text in (
+            "truncate public.allowed_parent cascade",
+            "drop table public.allowed_orders cascade",
+            "drop owned by current_user",
+            "do $$ begin raise notice '%', (select 1); end $$",
+            "create function public.allowed_f() returns setof text language sql as 'select 1'",
+            "select most_common_vals from pg_stats where schemaname = 'secret'",
+            "grant select on all tables in schema secret to public",
+            "comment on table secret.accounts is 'owned'",
+            "select setval('secret.seq', 1)",
+        ):
+            assert not s.judge(text).allow, text
+    assert allow.judge("truncate public.allowed_parent").allow
+    assert deny.judge("select nextval('public.seq')").allow

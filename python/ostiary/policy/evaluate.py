@@ -543,13 +543,30 @@ class SessionPolicy:
                 return StatementDecision(
                     False,
                     "dynamic-sql",
-                    "functions that read relations named in text (query_to_xml, table_to_xml, "
-                    "ts_stat ...) are refused under relation rules, which cannot see what they read",
+                    "functions and views that read relations named in text or data (query_to_xml, "
+                    "table_to_xml, ts_stat, pg_stats ...) are refused under relation rules, which "
+                    "cannot see what they read",
                     by_shape=by_shape,
                 )
             d = self.masking_refusal(a, text) or self.decide(a)
             if not d.allow:
                 return StatementDecision(d.allow, d.rule, d.message, by_shape=by_shape)
+            if self.pins_search_path and "unnamed-relations" in a.effects:
+                return StatementDecision(
+                    False,
+                    "unnamed-relations",
+                    "TRUNCATE or DROP ... CASCADE, DROP OWNED and REASSIGN OWNED are refused under "
+                    "relation rules: they reach relations the statement does not name",
+                    by_shape=by_shape,
+                )
+            if self.pins_search_path and ("do" in a.kinds or "code" in a.effects):
+                return StatementDecision(
+                    False,
+                    "code",
+                    "DO blocks and functions, procedures, rules or triggers defined here are "
+                    "refused under relation rules: what their code reads is out of their sight",
+                    by_shape=by_shape,
+                )
             if self.approvals and "execute" in a.kinds:
                 # SQL EXECUTE runs a prepared statement by name: one prepared through the protocol
                 # (whose executions are held there) or by SQL PREPARE; the text names neither what

@@ -65,6 +65,7 @@ Effect = Literal[
     "dynamic-sql",  # query_to_xml, table_to_xml, ts_stat ...: read what their text or regclass names
     "large-object-write",  # lo_create, lo_from_bytea, lo_put ... (read-only transactions allow them)
     "sequence-write",  # nextval, setval
+    "unnamed-relations",  # TRUNCATE/DROP ... CASCADE, DROP OWNED, REASSIGN OWNED: relations named nowhere
     "row-lock",  # SELECT ... FOR UPDATE / SHARE
 ]
 # Effects a read-only grant refuses, whatever the statement's kinds.

@@ -121,6 +121,19 @@ impl Walk {
                     });
                     let name = relation_name(v);
                     let cte = !qualified && self.ctes.iter().any(|scope| scope.contains(&name));
+                    // Catalog views that publish sampled values of other relations' columns.
+                    if matches!(
+                        v.get("relname").and_then(Value::as_str),
+                        Some(
+                            "pg_stats"
+                                | "pg_stats_ext"
+                                | "pg_stats_ext_exprs"
+                                | "pg_statistic"
+                                | "pg_statistic_ext_data"
+                        )
+                    ) {
+                        st.effects.insert("dynamic-sql");
+                    }
                     if !cte && !self.targets.contains(&(v as *const Value)) {
                         self.relations.push((name, false));
                     }
@@ -325,6 +338,10 @@ impl Walk {
             }
             "TruncateStmt" => {
                 kinds.insert("truncate");
+                if n.get("behavior").and_then(Value::as_str) == Some("DROP_CASCADE") {
+                    // And every table with a foreign key to these, named nowhere.
+                    st.effects.insert("unnamed-relations");
+                }
                 if let Some(Value::Array(rels)) = n.get("relations") {
                     for r in rels {
                         if let Some(rv) = r.get("RangeVar") {
@@ -333,9 +350,55 @@ impl Walk {
                     }
                 }
             }
+            "CommentStmt" | "SecLabelStmt"
+                if matches!(
+                    n.get("objtype").and_then(Value::as_str),
+                    Some(
+                        "OBJECT_TABLE"
+                            | "OBJECT_VIEW"
+                            | "OBJECT_MATVIEW"
+                            | "OBJECT_FOREIGN_TABLE"
+                            | "OBJECT_SEQUENCE"
+                            | "OBJECT_COLUMN"
+                            | "OBJECT_INDEX"
+                    )
+                ) =>
+            {
+                kinds.insert("utility");
+                // The object as a name list: the relation (a column's: all but the last name).
+                if let Some(items) = n.pointer("/object/List/items") {
+                    let mut names: Vec<&str> = items
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|i| i.pointer("/String/sval").and_then(Value::as_str))
+                        .collect();
+                    if n.get("objtype").and_then(Value::as_str) == Some("OBJECT_COLUMN") {
+                        names.pop();
+                    }
+                    if !names.is_empty() {
+                        self.relations.push((names.join("."), true));
+                    }
+                }
+            }
             "FuncCall" => {
                 let name = dotted(n.get("funcname"));
                 let last = name.rsplit('.').next().unwrap_or("").to_owned();
+                // Sequence functions name their sequence in a string: a relation like any other.
+                if matches!(
+                    last.as_str(),
+                    "nextval" | "setval" | "currval" | "pg_sequence_last_value"
+                ) {
+                    if let Some(seq) = n
+                        .get("args")
+                        .and_then(Value::as_array)
+                        .and_then(|a| a.first())
+                        .and_then(string_constant)
+                    {
+                        let write = matches!(last.as_str(), "nextval" | "setval");
+                        self.relations.push((regclass_name(seq), write));
+                    }
+                }
                 for effect in function_effects(&last) {
                     st.effects.insert(effect);
                 }
@@ -426,6 +489,19 @@ impl Walk {
                 } else {
                     "revoke"
                 });
+                // ON ALL TABLES (SEQUENCES, ...) IN SCHEMA s: every relation in it, as s.*.
+                if n.get("targtype").and_then(Value::as_str) == Some("ACL_TARGET_ALL_IN_SCHEMA") {
+                    for o in n
+                        .get("objects")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        if let Some(name) = o.pointer("/String/sval").and_then(Value::as_str) {
+                            self.relations.push((format!("{name}.*"), true));
+                        }
+                    }
+                }
             }
             "DropStmt"
             | "DropRoleStmt"
@@ -435,6 +511,13 @@ impl Walk {
             | "DropSubscriptionStmt"
             | "DropUserMappingStmt" => {
                 kinds.insert("drop");
+                if key == "DropOwnedStmt"
+                    || n.get("behavior").and_then(Value::as_str) == Some("DROP_CASCADE")
+                {
+                    // CASCADE drops what depends on the objects (views, foreign keys, tables of
+                    // a schema); DROP OWNED everything a role owns: relations named nowhere.
+                    st.effects.insert("unnamed-relations");
+                }
                 if key == "DropStmt" {
                     let schema =
                         n.get("removeType").and_then(Value::as_str) == Some("OBJECT_SCHEMA");
@@ -464,6 +547,9 @@ impl Walk {
                     "alter"
                 });
                 st.effects.insert("privileges");
+                if key == "ReassignOwnedStmt" {
+                    st.effects.insert("unnamed-relations");
+                }
             }
             "AlterSystemStmt" => {
                 kinds.insert("alter");
@@ -652,6 +738,26 @@ fn relation_name(rv: &Value) -> String {
         Some(s) if !s.is_empty() => format!("{s}.{rel}"),
         _ => rel.to_owned(),
     }
+}
+
+/// The string of a constant argument (`'secret.seq'`, also cast: `'secret.seq'::regclass`).
+fn string_constant(v: &Value) -> Option<&str> {
+    let v = v.get("TypeCast").and_then(|c| c.get("arg")).unwrap_or(v);
+    v.pointer("/A_Const/sval/sval").and_then(Value::as_str)
+}
+
+/// A relation name as regclass input reads it: parts folded to lower case unless double-quoted.
+fn regclass_name(text: &str) -> String {
+    let mut out = String::new();
+    let mut quoted = false;
+    for ch in text.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            c if quoted => out.push(c),
+            c => out.extend(c.to_lowercase()),
+        }
+    }
+    out.trim().to_owned()
 }
 
 /// Joins a list of String nodes (`funcname`, `DropStmt` object names) with dots.
@@ -885,6 +991,60 @@ mod tests {
             ["row-lock"]
         );
         assert!(effects("select currval('s') from t").is_empty());
+    }
+
+    #[test]
+    fn statements_that_reach_relations_they_do_not_name() {
+        let st = one("truncate public.allowed_parent cascade");
+        assert!(st.effects.contains("unnamed-relations"));
+        assert!(!one("truncate t").effects.contains("unnamed-relations"));
+        assert!(one("drop table t cascade")
+            .effects
+            .contains("unnamed-relations"));
+        assert!(one("drop owned by current_user")
+            .effects
+            .contains("unnamed-relations"));
+        assert!(one("reassign owned by a to b")
+            .effects
+            .contains("unnamed-relations"));
+        assert_eq!(
+            one("grant select on all tables in schema secret to public")
+                .writes
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["secret.*"]
+        );
+        assert_eq!(
+            one("comment on table secret.accounts is 'x'")
+                .writes
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["secret.accounts"]
+        );
+        assert_eq!(
+            one("comment on column secret.accounts.card is 'x'")
+                .writes
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["secret.accounts"]
+        );
+        assert_eq!(
+            one("select setval('Secret.Seq', 1)")
+                .writes
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["secret.seq"]
+        );
+        assert_eq!(
+            one("select currval('\"S\".seq'::regclass)")
+                .reads
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["S.seq"]
+        );
+        assert!(one("select * from pg_stats where schemaname = 's'")
+            .effects
+            .contains("dynamic-sql"));
     }
 
     #[test]
