@@ -304,8 +304,9 @@ def gw(
     if request.param == "audit-sync":
         cfg["audit"] = {"mode": "sync", "flush_interval": 0.01}
     if request.param == "guarded-masked":
-        cfg["guardrails"] = [{"name": "no-secrets", "match": {"relations": ["secret*"]}, "message": "no"}]
-        cfg["grants"][0]["guardrails"] = ["no-destructive-ddl", "no-secrets"]
+        # (No relation rule: under one, DO blocks are refused, and a scenario raises from one.)
+        cfg["guardrails"] = [{"name": "no-lo-import", "match": {"functions": ["lo_import"]}, "message": "no"}]
+        cfg["grants"][0]["guardrails"] = ["no-destructive-ddl", "no-lo-import"]
         cfg["masking"] = [{"name": "pii", "detectors": ["email"]}]
         cfg["connections"][0]["masking"] = ["pii"]
     gw = gateway_factory(cfg)
