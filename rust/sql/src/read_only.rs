@@ -29,23 +29,23 @@ use crate::lex::{dollar_quote_end, is_ident_char, skip_block_comment, skip_quote
 
 /// True when `sql` could turn read-only mode off (see the module documentation).
 pub fn may_leave_read_only(sql: &str) -> bool {
+    any_reading(sql, flags)
+}
+
+/// Whether `test` holds for any of the three normalisations of `sql` (see the module
+/// documentation).
+fn any_reading(sql: &str, test: fn(&str) -> bool) -> bool {
     [
-        normalise(sql, Comments::MarkersAsSpace),
-        normalise(
-            sql,
-            Comments::Removed {
-                backslash_quotes: false,
-            },
-        ),
-        normalise(
-            sql,
-            Comments::Removed {
-                backslash_quotes: true,
-            },
-        ),
+        Comments::MarkersAsSpace,
+        Comments::Removed {
+            backslash_quotes: false,
+        },
+        Comments::Removed {
+            backslash_quotes: true,
+        },
     ]
-    .iter()
-    .any(|flat| flags(flat))
+    .into_iter()
+    .any(|mode| test(&normalise(sql, mode)))
 }
 
 fn flags(flat: &str) -> bool {
@@ -81,23 +81,7 @@ fn flags(flat: &str) -> bool {
 /// statistics or start backups. Such statements are analysed with the parser before they run
 /// (a reader role is the database's own guarantee; this one is the gateway's).
 pub fn may_act_on_server(sql: &str) -> bool {
-    [
-        normalise(sql, Comments::MarkersAsSpace),
-        normalise(
-            sql,
-            Comments::Removed {
-                backslash_quotes: false,
-            },
-        ),
-        normalise(
-            sql,
-            Comments::Removed {
-                backslash_quotes: true,
-            },
-        ),
-    ]
-    .iter()
-    .any(|flat| acts_on_server(flat))
+    any_reading(sql, acts_on_server)
 }
 
 fn acts_on_server(flat: &str) -> bool {
