@@ -220,6 +220,9 @@ impl Walk {
                 st.literal_sensitive = true;
             }
         }
+        for name in named_wholesale(key, n) {
+            self.relations.push((name, true));
+        }
         let kinds = &mut st.kinds;
         match key {
             // The VALUES list an INSERT takes its rows from reads nothing (a subquery inside it
@@ -740,6 +743,80 @@ fn relation_name(rv: &Value) -> String {
     }
 }
 
+/// Relations a statement names as a schema (`s.*`: every relation in it) or as a bare name list,
+/// where the parse tree holds no relation reference: default privileges, REINDEX SCHEMA, a
+/// publication of a schema's tables, IMPORT FOREIGN SCHEMA into a schema, ALTER EXTENSION ... ADD
+/// a relation.
+fn named_wholesale(key: &str, n: &Value) -> Vec<String> {
+    let strings = |v: Option<&Value>| -> Vec<String> {
+        v.and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.pointer("/String/sval").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect()
+    };
+    let schema = |s: &str| format!("{s}.*");
+    match key {
+        "AlterDefaultPrivilegesStmt" => n
+            .get("options")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o.get("DefElem"))
+            .filter(|d| d.get("defname").and_then(Value::as_str) == Some("schemas"))
+            .flat_map(|d| strings(d.pointer("/arg/List/items")))
+            .map(|s| schema(&s))
+            .collect(),
+        "ReindexStmt" if n.get("kind").and_then(Value::as_str) == Some("REINDEX_OBJECT_SCHEMA") => {
+            n.get("name")
+                .and_then(Value::as_str)
+                .map(schema)
+                .into_iter()
+                .collect()
+        }
+        "CreatePublicationStmt" | "AlterPublicationStmt" => n
+            .get("pubobjects")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o.get("PublicationObjSpec"))
+            .filter(|o| {
+                o.get("pubobjtype").and_then(Value::as_str)
+                    == Some("PUBLICATIONOBJ_TABLES_IN_SCHEMA")
+            })
+            .filter_map(|o| o.get("name").and_then(Value::as_str))
+            .map(schema)
+            .collect(),
+        "ImportForeignSchemaStmt" => n
+            .get("local_schema")
+            .and_then(Value::as_str)
+            .map(schema)
+            .into_iter()
+            .collect(),
+        "AlterExtensionContentsStmt"
+            if matches!(
+                n.get("objtype").and_then(Value::as_str),
+                Some(
+                    "OBJECT_TABLE"
+                        | "OBJECT_VIEW"
+                        | "OBJECT_MATVIEW"
+                        | "OBJECT_FOREIGN_TABLE"
+                        | "OBJECT_SEQUENCE"
+                )
+            ) =>
+        {
+            let names = strings(n.pointer("/object/List/items"));
+            if names.is_empty() {
+                Vec::new()
+            } else {
+                vec![names.join(".")]
+            }
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// The string of a constant argument (`'secret.seq'`, also cast: `'secret.seq'::regclass`).
 fn string_constant(v: &Value) -> Option<&str> {
     let v = v.get("TypeCast").and_then(|c| c.get("arg")).unwrap_or(v);
@@ -1045,6 +1122,24 @@ mod tests {
         assert!(one("select * from pg_stats where schemaname = 's'")
             .effects
             .contains("dynamic-sql"));
+    }
+
+    #[test]
+    fn schema_wide_statements_name_every_relation_of_the_schema() {
+        let writes = |sql: &str| one(sql).writes.into_iter().collect::<Vec<_>>();
+        for sql in [
+            "alter default privileges in schema secret grant select on tables to public",
+            "reindex schema secret",
+            "create publication p for tables in schema secret",
+            "import foreign schema x from server s into secret",
+        ] {
+            assert_eq!(writes(sql), ["secret.*"], "{sql}");
+        }
+        assert_eq!(
+            writes("alter extension e add table secret.accounts"),
+            ["secret.accounts"]
+        );
+        assert!(writes("alter default privileges grant select on tables to public").is_empty());
     }
 
     #[test]
