@@ -157,16 +157,10 @@ def read_only_refusal(text: str) -> str | None:
     """Why a read-only grant refuses ``text`` by what the parser finds (kinds other than reads,
     effects a read-only grant denies), or None. Text that does not parse is refused."""
     from ostiary.errors import SqlError
-    from ostiary.policy.evaluate import StatementAnalysis
-    from ostiary.policy.model import READ_ONLY_DENIED_EFFECTS, READ_ONLY_KINDS
+    from ostiary.policy.evaluate import StatementAnalysis, read_only_violation
 
     try:
         analyses = StatementAnalysis.of(text)
     except SqlError as e:
         return f"the gateway cannot analyse this statement: {e}"
-    for a in analyses:
-        if not a.kinds <= READ_ONLY_KINDS:
-            return ", ".join(sorted(a.kinds - READ_ONLY_KINDS))
-        if a.effects & READ_ONLY_DENIED_EFFECTS:
-            return ", ".join(sorted(a.effects & READ_ONLY_DENIED_EFFECTS))
-    return None
+    return next((why for a in analyses if (why := read_only_violation(a))), None)

@@ -420,6 +420,16 @@ class _Rule:
                     yield ".".join(parts[i:])
 
 
+def read_only_violation(a: StatementAnalysis) -> str | None:
+    """What a read-only grant refuses in a statement: its kinds other than reads, else the effects
+    a read-only grant denies (named, comma-separated), or None."""
+    if not a.kinds <= READ_ONLY_KINDS:
+        return ", ".join(sorted(a.kinds - READ_ONLY_KINDS))
+    if a.effects & READ_ONLY_DENIED_EFFECTS:
+        return ", ".join(sorted(a.effects & READ_ONLY_DENIED_EFFECTS))
+    return None
+
+
 def _function_names(functions: frozenset[str]) -> frozenset[str]:
     """Function names as called (``pg_catalog.lower``) and without their schema (``lower``)."""
     return functions | frozenset(f.rsplit(".", 1)[-1] for f in functions)
@@ -688,13 +698,8 @@ class SessionPolicy:
 
     def decide(self, a: StatementAnalysis) -> StatementDecision:
         g = self.grant.name
-        read_only = self.read_only or self.read_only_pack
-        if read_only and not a.kinds <= READ_ONLY_KINDS:
-            kinds = ", ".join(sorted(a.kinds - READ_ONLY_KINDS))
-            return StatementDecision(False, "read-only", f"grant {g} is read-only ({kinds})")
-        if read_only and a.effects & READ_ONLY_DENIED_EFFECTS:
-            effects = ", ".join(sorted(a.effects & READ_ONLY_DENIED_EFFECTS))
-            return StatementDecision(False, "read-only", f"grant {g} is read-only ({effects})")
+        if (self.read_only or self.read_only_pack) and (why := read_only_violation(a)):
+            return StatementDecision(False, "read-only", f"grant {g} is read-only ({why})")
         if self.kinds is not None and not a.kinds <= self.kinds:
             kinds = ", ".join(sorted(a.kinds - self.kinds))
             return StatementDecision(False, f"{g}.statements", f"grant {g} does not allow {kinds}")

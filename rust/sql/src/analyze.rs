@@ -353,37 +353,6 @@ impl Walk {
                     }
                 }
             }
-            "CommentStmt" | "SecLabelStmt"
-                if matches!(
-                    n.get("objtype").and_then(Value::as_str),
-                    Some(
-                        "OBJECT_TABLE"
-                            | "OBJECT_VIEW"
-                            | "OBJECT_MATVIEW"
-                            | "OBJECT_FOREIGN_TABLE"
-                            | "OBJECT_SEQUENCE"
-                            | "OBJECT_COLUMN"
-                            | "OBJECT_INDEX"
-                    )
-                ) =>
-            {
-                kinds.insert("utility");
-                // The object as a name list: the relation (a column's: all but the last name).
-                if let Some(items) = n.pointer("/object/List/items") {
-                    let mut names: Vec<&str> = items
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|i| i.pointer("/String/sval").and_then(Value::as_str))
-                        .collect();
-                    if n.get("objtype").and_then(Value::as_str) == Some("OBJECT_COLUMN") {
-                        names.pop();
-                    }
-                    if !names.is_empty() {
-                        self.relations.push((names.join("."), true));
-                    }
-                }
-            }
             "FuncCall" => {
                 let name = dotted(n.get("funcname"));
                 let last = name.rsplit('.').next().unwrap_or("").to_owned();
@@ -492,19 +461,6 @@ impl Walk {
                 } else {
                     "revoke"
                 });
-                // ON ALL TABLES (SEQUENCES, ...) IN SCHEMA s: every relation in it, as s.*.
-                if n.get("targtype").and_then(Value::as_str) == Some("ACL_TARGET_ALL_IN_SCHEMA") {
-                    for o in n
-                        .get("objects")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                    {
-                        if let Some(name) = o.pointer("/String/sval").and_then(Value::as_str) {
-                            self.relations.push((format!("{name}.*"), true));
-                        }
-                    }
-                }
             }
             "DropStmt"
             | "DropRoleStmt"
@@ -743,70 +699,65 @@ fn relation_name(rv: &Value) -> String {
     }
 }
 
-/// Relations a statement names as a schema (`s.*`: every relation in it) or as a bare name list,
-/// where the parse tree holds no relation reference: default privileges, REINDEX SCHEMA, a
-/// publication of a schema's tables, IMPORT FOREIGN SCHEMA into a schema, ALTER EXTENSION ... ADD
+/// Object types whose name lists (COMMENT ON, SECURITY LABEL ON, ALTER EXTENSION ... ADD) name
 /// a relation.
+const RELATION_OBJECTS: [&str; 6] = [
+    "OBJECT_INDEX",
+    "OBJECT_TABLE",
+    "OBJECT_VIEW",
+    "OBJECT_MATVIEW",
+    "OBJECT_FOREIGN_TABLE",
+    "OBJECT_SEQUENCE",
+];
+
+/// Relations a statement names as a schema (`s.*`: every relation in it) or as a bare name list,
+/// where the parse tree holds no relation reference: GRANT ... ON ALL TABLES IN SCHEMA, default
+/// privileges, REINDEX SCHEMA, a publication of a schema's tables, IMPORT FOREIGN SCHEMA into a
+/// schema; COMMENT, SECURITY LABEL and ALTER EXTENSION ... ADD on a relation (or a column's).
 fn named_wholesale(key: &str, n: &Value) -> Vec<String> {
-    let strings = |v: Option<&Value>| -> Vec<String> {
-        v.and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i.pointer("/String/sval").and_then(Value::as_str))
-            .map(str::to_owned)
-            .collect()
-    };
-    let schema = |s: &str| format!("{s}.*");
+    let field = |name: &str| n.get(name).and_then(Value::as_str);
+    let schemas = |names: Vec<&str>| names.into_iter().map(|s| format!("{s}.*")).collect();
     match key {
-        "AlterDefaultPrivilegesStmt" => n
-            .get("options")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|o| o.get("DefElem"))
-            .filter(|d| d.get("defname").and_then(Value::as_str) == Some("schemas"))
-            .flat_map(|d| strings(d.pointer("/arg/List/items")))
-            .map(|s| schema(&s))
-            .collect(),
-        "ReindexStmt" if n.get("kind").and_then(Value::as_str) == Some("REINDEX_OBJECT_SCHEMA") => {
-            n.get("name")
-                .and_then(Value::as_str)
-                .map(schema)
-                .into_iter()
-                .collect()
+        "GrantStmt" if field("targtype") == Some("ACL_TARGET_ALL_IN_SCHEMA") => {
+            schemas(strings(n.get("objects")))
         }
-        "CreatePublicationStmt" | "AlterPublicationStmt" => n
-            .get("pubobjects")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|o| o.get("PublicationObjSpec"))
-            .filter(|o| {
-                o.get("pubobjtype").and_then(Value::as_str)
-                    == Some("PUBLICATIONOBJ_TABLES_IN_SCHEMA")
-            })
-            .filter_map(|o| o.get("name").and_then(Value::as_str))
-            .map(schema)
-            .collect(),
-        "ImportForeignSchemaStmt" => n
-            .get("local_schema")
-            .and_then(Value::as_str)
-            .map(schema)
-            .into_iter()
-            .collect(),
-        "AlterExtensionContentsStmt"
-            if matches!(
-                n.get("objtype").and_then(Value::as_str),
-                Some(
-                    "OBJECT_TABLE"
-                        | "OBJECT_VIEW"
-                        | "OBJECT_MATVIEW"
-                        | "OBJECT_FOREIGN_TABLE"
-                        | "OBJECT_SEQUENCE"
-                )
-            ) =>
-        {
-            let names = strings(n.pointer("/object/List/items"));
+        "AlterDefaultPrivilegesStmt" => schemas(
+            n.get("options")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o.get("DefElem"))
+                .filter(|d| d.get("defname").and_then(Value::as_str) == Some("schemas"))
+                .flat_map(|d| strings(d.pointer("/arg/List/items")))
+                .collect(),
+        ),
+        "ReindexStmt" if field("kind") == Some("REINDEX_OBJECT_SCHEMA") => {
+            schemas(field("name").into_iter().collect())
+        }
+        "CreatePublicationStmt" | "AlterPublicationStmt" => schemas(
+            n.get("pubobjects")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o.get("PublicationObjSpec"))
+                .filter(|o| {
+                    o.get("pubobjtype").and_then(Value::as_str)
+                        == Some("PUBLICATIONOBJ_TABLES_IN_SCHEMA")
+                })
+                .filter_map(|o| o.get("name").and_then(Value::as_str))
+                .collect(),
+        ),
+        "ImportForeignSchemaStmt" => schemas(field("local_schema").into_iter().collect()),
+        "CommentStmt" | "SecLabelStmt" | "AlterExtensionContentsStmt" => {
+            let column =
+                field("objtype") == Some("OBJECT_COLUMN") && key != "AlterExtensionContentsStmt";
+            if !column && !field("objtype").is_some_and(|t| RELATION_OBJECTS.contains(&t)) {
+                return Vec::new();
+            }
+            let mut names = strings(n.pointer("/object/List/items"));
+            if column {
+                names.pop(); // a column's relation: all but the last name
+            }
             if names.is_empty() {
                 Vec::new()
             } else {
@@ -815,6 +766,15 @@ fn named_wholesale(key: &str, n: &Value) -> Vec<String> {
         }
         _ => Vec::new(),
     }
+}
+
+/// The strings of a list of String nodes (`funcname`, object names, schema names).
+pub(crate) fn strings(list: Option<&Value>) -> Vec<&str> {
+    list.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.pointer("/String/sval").and_then(Value::as_str))
+        .collect()
 }
 
 /// The string of a constant argument (`'secret.seq'`, also cast: `'secret.seq'::regclass`).
@@ -839,14 +799,7 @@ fn regclass_name(text: &str) -> String {
 
 /// Joins a list of String nodes (`funcname`, `DropStmt` object names) with dots.
 fn dotted(list: Option<&Value>) -> String {
-    let Some(Value::Array(items)) = list else {
-        return String::new();
-    };
-    items
-        .iter()
-        .filter_map(|i| i.pointer("/String/sval").and_then(Value::as_str))
-        .collect::<Vec<_>>()
-        .join(".")
+    strings(list).join(".")
 }
 
 fn has_option(options: Option<&Value>, name: &str) -> bool {

@@ -141,16 +141,11 @@ fn full_join_merged(from: Option<&Value>) -> (BTreeSet<String>, bool) {
                         if j.get("isNatural").and_then(Value::as_bool) == Some(true) {
                             *natural = true;
                         }
-                        for u in j
-                            .get("usingClause")
-                            .and_then(Value::as_array)
-                            .into_iter()
-                            .flatten()
-                        {
-                            if let Some(name) = u.pointer("/String/sval").and_then(Value::as_str) {
-                                merged.insert(name.to_owned());
-                            }
-                        }
+                        merged.extend(
+                            crate::analyze::strings(j.get("usingClause"))
+                                .into_iter()
+                                .map(str::to_owned),
+                        );
                     }
                     for side in ["larg", "rarg"] {
                         if let Some(s) = j.get(side) {
