@@ -187,6 +187,27 @@ def test_kinds_and_relations_of_a_grant(tmp_path: Path) -> None:
     assert verdicts(s, "select coalesce((select max(k) from secret.keys), 0)") == [False]
 
 
+def test_reading_kinds_only_mean_reading_on_a_read_write_grant(tmp_path: Path) -> None:
+    # statements: [select] on a read-write grant: a SELECT that writes (large objects, sequences,
+    # row locks) or signals the server is refused like it is under a read-only grant.
+    s = session(tmp_path, access="read-write", statements=["select", "show"])
+    assert verdicts(s, "select * from orders") == [True]
+    for sql in (
+        "select lo_from_bytea(0, 'x')",
+        "select lo_unlink(16400)",
+        "select nextval('orders_id_seq')",
+        "select * from orders for update",
+        "select pg_terminate_backend(1)",
+        "select lo_import('/etc/passwd')",
+    ):
+        [d] = [s.decide(a) for a in StatementAnalysis.of(sql)]
+        assert not d.allow and d.rule == "g.statements" and "reading statements only" in d.message, (sql, d)
+    # With a writing kind listed, those effects are the grant's to allow.
+    s = session(tmp_path, access="read-write", statements=["select", "insert"])
+    assert verdicts(s, "select nextval('orders_id_seq')") == [True]
+    assert verdicts(s, "select lo_from_bytea(0, 'x')") == [True]
+
+
 def test_upserts_and_merge_count_as_what_they_do(tmp_path: Path) -> None:
     # An INSERT-only grant (an ingest job) takes VALUES, which read nothing, but not an upsert,
     # which updates rows that exist (PostgreSQL wants the UPDATE privilege for it), nor a MERGE

@@ -449,6 +449,9 @@ class SessionPolicy:
         self.grant = grant
         self.read_only = grant.access == "read-only"
         self.kinds = frozenset(grant.statements) if grant.statements is not None else None
+        # Statement kinds that only read (select, show, explain ...): what a read-only grant
+        # refuses by effect is refused too, whatever the grant's access.
+        self.reads_only = self.kinds is not None and self.kinds <= READ_ONLY_KINDS
         self.relations = _union(grant.relations) if grant.relations is not None else None
         defined = {g.name: g for g in policy.config.guardrails}
         conn = policy.config.connection(grant.connection)
@@ -703,6 +706,14 @@ class SessionPolicy:
         if self.kinds is not None and not a.kinds <= self.kinds:
             kinds = ", ".join(sorted(a.kinds - self.kinds))
             return StatementDecision(False, f"{g}.statements", f"grant {g} does not allow {kinds}")
+        if self.reads_only and (writes := a.effects & READ_ONLY_DENIED_EFFECTS):
+            # A list of reading kinds only means reading: a SELECT that writes large objects,
+            # advances a sequence, locks rows or signals backends is not one.
+            return StatementDecision(
+                False,
+                f"{g}.statements",
+                f"grant {g} allows reading statements only ({', '.join(sorted(writes))})",
+            )
         if self.relations is not None:
             for rel in sorted(a.reads | a.writes):
                 if not self.relations.fullmatch(rel):
