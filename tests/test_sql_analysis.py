@@ -206,6 +206,24 @@ def test_reading_kinds_only_mean_reading_on_a_read_write_grant(tmp_path: Path) -
     s = session(tmp_path, access="read-write", statements=["select", "insert"])
     assert verdicts(s, "select nextval('orders_id_seq')") == [True]
     assert verdicts(s, "select lo_from_bytea(0, 'x')") == [True]
+    # A function that runs SQL text runs any kind: only a grant that allows DO allows it.
+    [d] = [s.decide(a) for a in StatementAnalysis.of("select query_to_xml('delete from t', true, false, '')")]
+    assert not d.allow and "does not allow do" in d.message and "query_to_xml" in d.message, d
+    s = session(tmp_path, access="read-write", statements=["select", "do"])
+    assert verdicts(s, "select query_to_xml('select 1', true, false, '')") == [True]
+
+
+def test_catalog_reads_are_not_the_grants_relations_to_list(tmp_path: Path) -> None:
+    # psql's \d, psycopg's TypeInfo.fetch, asyncpg's type lookup and SQLAlchemy's connect read
+    # the catalogs, often unqualified: a relations list need not (and could not usefully) name them.
+    s = session(tmp_path, access="read-only", relations=["public.*"])
+    assert verdicts(s, "select typname from pg_type where oid = 23") == [True]
+    assert verdicts(s, "select a.attname from pg_attribute a join pg_catalog.pg_class c on true") == [True]
+    assert verdicts(s, "select * from information_schema.tables") == [True]
+    assert verdicts(s, "select * from pg_foo") == [False]  # not a catalog: public.pg_foo
+    assert verdicts(s, "select * from secret.pg_type") == [False]
+    s = session(tmp_path, access="read-write", relations=["public.*"])
+    assert verdicts(s, "update pg_settings set setting = 'x' where name = 'work_mem'") == [False]
 
 
 def test_upserts_and_merge_count_as_what_they_do(tmp_path: Path) -> None:

@@ -119,21 +119,20 @@ class PolicyHook:
                 return Decision.allowed(remember=True)
             if policy.masking.globs:
                 keep = "text"
-        if _core.may_leave_read_only(statement.text):
-            return Decision.denied(
-                f"read-only: grant {session.grant} is read-only: statements that could turn "
-                "read-only mode off (READ WRITE, transaction_read_only, set_config, DO, dblink, U&) "
-                "and large-object writes are refused",
-                rule="read-only",
-            )
-        # What PostgreSQL allows in a read-only transaction but a read-only grant must not do
-        # (COPY to a file or program, ALTER SYSTEM, reload, signals, WAL messages, slots ...).
-        if (
-            session.access == "read-only"
-            and _core.may_act_on_server(statement.text)
-            and (why := read_only_refusal(statement.text))
+        # Text that mentions a way out of read-only mode (READ WRITE, the read-only settings,
+        # set_config, DO, dblink, U&, large-object writes, the lexer's settings), or what
+        # PostgreSQL allows in a read-only transaction but a read-only grant must not do (COPY to
+        # a file or program, ALTER SYSTEM, VACUUM, reload, signals, WAL messages, slots, functions
+        # that run SQL text ...): judged by what the parser finds in it, so a word in a string or
+        # a comment (`select 'to do'`, asyncpg's `set_config('jit', 'off', false)`) passes.
+        if _core.may_leave_read_only(statement.text) or (
+            session.access == "read-only" and _core.may_act_on_server(statement.text)
         ):
-            return Decision.denied(f"read-only: grant {session.grant} is read-only ({why})", rule="read-only")
+            if why := read_only_refusal(statement.text):
+                return Decision.denied(
+                    f"read-only: grant {session.grant} is read-only ({why})", rule="read-only"
+                )
+            return Decision.allowed(remember="text")
         return Decision.allowed(remember=keep)
 
 
@@ -163,4 +162,10 @@ def read_only_refusal(text: str) -> str | None:
         analyses = StatementAnalysis.of(text)
     except SqlError as e:
         return f"the gateway cannot analyse this statement: {e}"
-    return next((why for a in analyses if (why := read_only_violation(a))), None)
+    for a in analyses:
+        if why := read_only_violation(a):
+            return why
+        if "lexer-change" in a.effects:
+            # The parser reads text with standard-conforming strings in UTF-8; the server must too.
+            return "standard_conforming_strings must stay on and client_encoding must not split characters"
+    return None

@@ -420,6 +420,173 @@ class _Rule:
                     yield ".".join(parts[i:])
 
 
+# Relations of pg_catalog (PostgreSQL 13 to 18): an unqualified name among them resolves there
+# (pg_catalog is searched first, and search_path is pinned under relation rules).
+PG_CATALOG_RELATIONS = frozenset(
+    {
+        "pg_aggregate",
+        "pg_aios",
+        "pg_am",
+        "pg_amop",
+        "pg_amproc",
+        "pg_attrdef",
+        "pg_attribute",
+        "pg_auth_members",
+        "pg_authid",
+        "pg_available_extension_versions",
+        "pg_available_extensions",
+        "pg_backend_memory_contexts",
+        "pg_cast",
+        "pg_class",
+        "pg_collation",
+        "pg_config",
+        "pg_constraint",
+        "pg_conversion",
+        "pg_cursors",
+        "pg_database",
+        "pg_db_role_setting",
+        "pg_default_acl",
+        "pg_depend",
+        "pg_description",
+        "pg_enum",
+        "pg_event_trigger",
+        "pg_extension",
+        "pg_file_settings",
+        "pg_foreign_data_wrapper",
+        "pg_foreign_server",
+        "pg_foreign_table",
+        "pg_group",
+        "pg_hba_file_rules",
+        "pg_ident_file_mappings",
+        "pg_index",
+        "pg_indexes",
+        "pg_inherits",
+        "pg_init_privs",
+        "pg_language",
+        "pg_largeobject",
+        "pg_largeobject_metadata",
+        "pg_locks",
+        "pg_matviews",
+        "pg_namespace",
+        "pg_opclass",
+        "pg_operator",
+        "pg_opfamily",
+        "pg_parameter_acl",
+        "pg_partitioned_table",
+        "pg_policies",
+        "pg_policy",
+        "pg_prepared_statements",
+        "pg_prepared_xacts",
+        "pg_proc",
+        "pg_publication",
+        "pg_publication_namespace",
+        "pg_publication_rel",
+        "pg_publication_tables",
+        "pg_range",
+        "pg_replication_origin",
+        "pg_replication_origin_status",
+        "pg_replication_slots",
+        "pg_rewrite",
+        "pg_roles",
+        "pg_rules",
+        "pg_seclabel",
+        "pg_seclabels",
+        "pg_sequence",
+        "pg_sequences",
+        "pg_settings",
+        "pg_shadow",
+        "pg_shdepend",
+        "pg_shdescription",
+        "pg_shmem_allocations",
+        "pg_shmem_allocations_numa",
+        "pg_shseclabel",
+        "pg_stat_activity",
+        "pg_stat_all_indexes",
+        "pg_stat_all_tables",
+        "pg_stat_archiver",
+        "pg_stat_bgwriter",
+        "pg_stat_checkpointer",
+        "pg_stat_database",
+        "pg_stat_database_conflicts",
+        "pg_stat_gssapi",
+        "pg_stat_io",
+        "pg_stat_progress_analyze",
+        "pg_stat_progress_basebackup",
+        "pg_stat_progress_cluster",
+        "pg_stat_progress_copy",
+        "pg_stat_progress_create_index",
+        "pg_stat_progress_vacuum",
+        "pg_stat_recovery_prefetch",
+        "pg_stat_replication",
+        "pg_stat_replication_slots",
+        "pg_stat_slru",
+        "pg_stat_ssl",
+        "pg_stat_subscription",
+        "pg_stat_subscription_stats",
+        "pg_stat_sys_indexes",
+        "pg_stat_sys_tables",
+        "pg_stat_user_functions",
+        "pg_stat_user_indexes",
+        "pg_stat_user_tables",
+        "pg_stat_wal",
+        "pg_stat_wal_receiver",
+        "pg_stat_xact_all_tables",
+        "pg_stat_xact_sys_tables",
+        "pg_stat_xact_user_functions",
+        "pg_stat_xact_user_tables",
+        "pg_statio_all_indexes",
+        "pg_statio_all_sequences",
+        "pg_statio_all_tables",
+        "pg_statio_sys_indexes",
+        "pg_statio_sys_sequences",
+        "pg_statio_sys_tables",
+        "pg_statio_user_indexes",
+        "pg_statio_user_sequences",
+        "pg_statio_user_tables",
+        "pg_statistic",
+        "pg_statistic_ext",
+        "pg_statistic_ext_data",
+        "pg_stats",
+        "pg_stats_ext",
+        "pg_stats_ext_exprs",
+        "pg_subscription",
+        "pg_subscription_rel",
+        "pg_tables",
+        "pg_tablespace",
+        "pg_timezone_abbrevs",
+        "pg_timezone_names",
+        "pg_transform",
+        "pg_trigger",
+        "pg_ts_config",
+        "pg_ts_config_map",
+        "pg_ts_dict",
+        "pg_ts_parser",
+        "pg_ts_template",
+        "pg_type",
+        "pg_user",
+        "pg_user_mapping",
+        "pg_user_mappings",
+        "pg_views",
+        "pg_wait_events",
+    }
+)
+
+
+def catalog_read(rel: str) -> bool:
+    """Whether ``rel`` (as written) is a relation of the system catalogs: ``pg_catalog.*``,
+    ``information_schema.*``, or an unqualified name of pg_catalog."""
+    schema, _, name = rel.rpartition(".")
+    if schema:
+        return schema.rpartition(".")[2] in ("pg_catalog", "information_schema")
+    return name in PG_CATALOG_RELATIONS
+
+
+# Built-ins that run the SQL text they are given (effect runs-sql).
+RUNS_SQL = frozenset(
+    {"query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "ts_stat", "ts_rewrite"}
+)
+
+
 def read_only_violation(a: StatementAnalysis) -> str | None:
     """What a read-only grant refuses in a statement: its kinds other than reads, else the effects
     a read-only grant denies (named, comma-separated), or None."""
@@ -576,8 +743,9 @@ class SessionPolicy:
                 return StatementDecision(
                     False,
                     "code",
-                    "DO blocks and functions, procedures, rules or triggers defined here are "
-                    "refused under relation rules: what their code reads is out of their sight",
+                    "DO blocks and functions, procedures, rules, triggers or views defined here "
+                    "are refused under relation rules: what their code reads or writes is out of "
+                    "their sight",
                     by_shape=by_shape,
                 )
             if self.approvals and "execute" in a.kinds:
@@ -652,14 +820,23 @@ class SessionPolicy:
         if m is None or not m.globs:
             return None
         globs = [*m.globs, *self.view_globs]
-        if "do" in a.kinds:
+        if "do" in a.kinds or a.effects & {"code", "runs-sql"}:
             # The client's own code: what it reads and where it puts it (RAISE, an exception's
-            # text) is out of the statement check's sight.
+            # text, a function's result) is out of the statement check's sight.
             return StatementDecision(
                 False,
                 "masking",
-                "DO blocks are refused in sessions with column masking rules (their code could "
-                "read a masked column and raise it in a notice or an error)",
+                "DO blocks, functions that run SQL text and code defined in the session "
+                "(functions, procedures, rules, triggers, views) are refused in sessions with column "
+                "masking rules (their code could read a masked column and return or raise it)",
+            )
+        if "dynamic-sql" in a.effects:
+            return StatementDecision(
+                False,
+                "masking",
+                "statistics views (pg_stats) and built-ins that read a relation named in text "
+                "(table_to_xml ...) are refused in sessions with column masking rules (they show "
+                "column values without the column)",
             )
         for ref in sorted(a.derived_columns):
             column = ref.rsplit(".", 1)[-1]
@@ -680,7 +857,8 @@ class SessionPolicy:
                         False,
                         "masking",
                         f"a whole row of {shown} holds a masked column (rule {m.rule_name(g)}): "
-                        "select its columns by name",
+                        "select its columns by name (and without a column alias list, which "
+                        "renames them)",
                     )
         return None
 
@@ -706,6 +884,14 @@ class SessionPolicy:
         if self.kinds is not None and not a.kinds <= self.kinds:
             kinds = ", ".join(sorted(a.kinds - self.kinds))
             return StatementDecision(False, f"{g}.statements", f"grant {g} does not allow {kinds}")
+        if self.kinds is not None and "do" not in self.kinds and "runs-sql" in a.effects:
+            # query_to_xml('...') runs any statement, as a DO block would.
+            return StatementDecision(
+                False,
+                f"{g}.statements",
+                f"grant {g} does not allow do (a function that runs SQL text: "
+                f"{', '.join(sorted(_function_names(a.functions) & RUNS_SQL)) or 'query_to_xml'})",
+            )
         if self.reads_only and (writes := a.effects & READ_ONLY_DENIED_EFFECTS):
             # A list of reading kinds only means reading: a SELECT that writes large objects,
             # advances a sequence, locks rows or signals backends is not one.
@@ -715,7 +901,10 @@ class SessionPolicy:
                 f"grant {g} allows reading statements only ({', '.join(sorted(writes))})",
             )
         if self.relations is not None:
-            for rel in sorted(a.reads | a.writes):
+            # The system catalogs are read by every client (psql's \\d, drivers' type lookups,
+            # ORMs at connect) and guarded by the database's own privileges: reads of them are not
+            # the grant's to list. Writes are (UPDATE pg_settings).
+            for rel in sorted(a.writes | {r for r in a.reads if not catalog_read(r)}):
                 if not self.relations.fullmatch(rel):
                     return StatementDecision(False, f"{g}.relations", f"grant {g} does not cover {rel}")
         for rule in self.rules:

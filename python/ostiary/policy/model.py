@@ -58,11 +58,12 @@ Effect = Literal[
     "server-files",  # COPY to/from a server file, lo_export, pg_read_file ...
     "server-control",  # pg_terminate_backend, pg_reload_conf, ALTER SYSTEM, LOAD ...
     "remote",  # dblink
-    "code",  # CREATE FUNCTION / RULE / TRIGGER
+    "code",  # CREATE FUNCTION / RULE / TRIGGER / VIEW
     "config-change",  # set_config
     "lexer-change",  # standard_conforming_strings off: statements would no longer mean what analysis says
     "search-path-change",  # SET search_path, set_config('search_path'): unqualified names move
     "dynamic-sql",  # query_to_xml, table_to_xml, ts_stat ...: read what their text or regclass names
+    "runs-sql",  # query_to_xml, ts_stat, ts_rewrite: run the SQL text they are given (as DO does)
     "large-object-write",  # lo_create, lo_from_bytea, lo_put ... (read-only transactions allow them)
     "sequence-write",  # nextval, setval
     "unnamed-relations",  # TRUNCATE/DROP ... CASCADE, DROP OWNED, REASSIGN OWNED: relations named nowhere
@@ -78,6 +79,7 @@ READ_ONLY_DENIED_EFFECTS = frozenset(
         "server-control",
         "remote",
         "code",
+        "runs-sql",
         "large-object-write",
         "sequence-write",
         "row-lock",

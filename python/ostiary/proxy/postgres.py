@@ -31,6 +31,7 @@ from ostiary.errors import AuthenticationFailed, UpstreamUnavailable
 from ostiary.hooks import AuthAttempt, SessionInfo, peer_ip
 from ostiary.identity import ClientHello, Identity
 from ostiary.identity.tokens import looks_like_jwt
+from ostiary.policy.enforce import read_only_refusal
 from ostiary.policy.evaluate import CompiledPolicy, SessionPolicy
 from ostiary.policy.masking import MaskPlanArg
 from ostiary.policy.model import Connection, Credential, Grant
@@ -107,8 +108,8 @@ def startup_settings(params: dict[str, str], policy: SessionPolicy) -> list[tupl
                 why = f"{d.rule}: {d.message}"
             elif (rule := policy.approval_rule(text)) is not None:
                 why = f"{rule.name}: needs approval; set it with SET after connecting"
-        elif policy.read_only and _core.may_leave_read_only(text):
-            why = f"read-only: grant {policy.grant.name} is read-only"
+        elif policy.read_only and _core.may_leave_read_only(text) and (ro := read_only_refusal(text)):
+            why = f"read-only: grant {policy.grant.name} is read-only ({ro})"
         if why is not None:
             raise AuthenticationFailed("42501", f"startup parameter {name}={value!r} refused by {why}")
         out.append((name, value))
@@ -539,7 +540,9 @@ class PostgresStartup:
         assert isinstance(process_id, int) and isinstance(upstream_key, int) and isinstance(status, str)
         gw = self.gw
         encoding = next((v for k, v in params if k == "client_encoding"), "")
-        if session_policy.guarded and _core.client_encoding_splits_bytes(str(encoding)):
+        # Read-only sessions judge flagged text with the parser too.
+        judged = session_policy.guarded or session_policy.read_only
+        if judged and _core.client_encoding_splits_bytes(str(encoding)):
             # Asked for by the client or set for the upstream role: PostgreSQL lexes the text after
             # converting it, the analysis the bytes as sent; in these encodings a character can end
             # in a backslash (E'<lead>\'; ...), so the two could disagree on where a string ends.
@@ -550,7 +553,7 @@ class PostgresStartup:
                 hint="use UTF8",
             )
         conforming = next((v for k, v in params if k == "standard_conforming_strings"), "on")
-        if session_policy.guarded and conforming != "on":
+        if judged and conforming != "on":
             # A database or role default (ALTER DATABASE ... SET standard_conforming_strings = off):
             # PostgreSQL would then end strings at a backslash, the analysis does not.
             raise Refusal(

@@ -80,6 +80,17 @@ pub fn analyze(sql: &str) -> Result<Vec<Statement>, AnalyzeError> {
         walk.value(tree, &mut st);
         st.columns = crate::columns::column_refs(tree);
         for (rel, target) in walk.relations {
+            if target && matches!(rel.as_str(), "pg_settings" | "pg_catalog.pg_settings") {
+                // UPDATE pg_settings is set_config (of the setting its WHERE names): judged as a
+                // set_config of any setting.
+                st.effects.extend([
+                    "config-change",
+                    "read-only-change",
+                    "lexer-change",
+                    "search-path-change",
+                    "role-change",
+                ]);
+            }
             if target {
                 st.writes.insert(rel);
             } else {
@@ -369,6 +380,8 @@ impl Walk {
                     {
                         let write = matches!(last.as_str(), "nextval" | "setval");
                         self.relations.push((regclass_name(seq), write));
+                        // The relation is a constant: the verdict holds for this text only.
+                        st.literal_sensitive = true;
                     }
                 }
                 for effect in function_effects(&last) {
@@ -550,6 +563,11 @@ impl Walk {
             | "CreateTransformStmt"
             | "CreateAmStmt" => {
                 kinds.insert("create");
+                if key == "ViewStmt" {
+                    // A stored query: writes through an updatable view (and reads) reach
+                    // relations later statements do not name.
+                    st.effects.insert("code");
+                }
                 if let Some(r) = n.get("relation").or_else(|| n.get("view")) {
                     self.target(Some(r));
                 }
@@ -957,10 +975,11 @@ fn function_effects(name: &str) -> &'static [&'static str] {
         | "lo_truncate" | "lo_truncate64" => &["large-object-write"],
         // Built-ins that run a query or read a relation given as text or regclass: what they
         // read is not in the statement's parse tree.
-        "query_to_xml"
-        | "query_to_xmlschema"
-        | "query_to_xml_and_xmlschema"
-        | "table_to_xml"
+        // These run the SQL text they are given (set_config spelled in pieces, any write), as
+        // a DO block would.
+        "query_to_xml" | "query_to_xmlschema" | "query_to_xml_and_xmlschema" | "ts_stat"
+        | "ts_rewrite" => &["dynamic-sql", "runs-sql"],
+        "table_to_xml"
         | "table_to_xmlschema"
         | "table_to_xml_and_xmlschema"
         | "schema_to_xml"
@@ -968,9 +987,7 @@ fn function_effects(name: &str) -> &'static [&'static str] {
         | "schema_to_xml_and_xmlschema"
         | "database_to_xml"
         | "database_to_xmlschema"
-        | "database_to_xml_and_xmlschema"
-        | "ts_stat"
-        | "ts_rewrite" => &["dynamic-sql"],
+        | "database_to_xml_and_xmlschema" => &["dynamic-sql"],
         _ => &[],
     }
 }
@@ -1438,6 +1455,48 @@ mod tests {
                 s.effects
             );
         }
+    }
+
+    #[test]
+    fn writes_to_pg_settings_are_set_config() {
+        for sql in [
+            "update pg_catalog.pg_settings set setting = 'secret' where name = 'search_path'",
+            "update pg_settings set setting = 'off' where name = 'standard_conforming_strings'",
+            "with x as (update pg_settings set setting = 'on' where name = 'x' returning 1) select 1",
+        ] {
+            let st = one(sql);
+            for e in ["search-path-change", "lexer-change", "read-only-change", "role-change"] {
+                assert!(st.effects.contains(e), "{sql}: {e}");
+            }
+        }
+        assert!(!one("select * from pg_settings").effects.contains("search-path-change"));
+    }
+
+    #[test]
+    fn sequence_names_are_constants_judged_per_text() {
+        assert!(one("select nextval('secret.s')").literal_sensitive);
+        assert!(one("select pg_sequence_last_value('public.s1')").literal_sensitive);
+        assert!(!one("select 1 from t where id = 2").literal_sensitive);
+    }
+
+    #[test]
+    fn views_are_code() {
+        assert!(one("create view y.v as select id from public.orders").effects.contains("code"));
+        assert!(one("create or replace view v as select 1").effects.contains("code"));
+        assert!(!one("create table t (id int)").effects.contains("code"));
+    }
+
+    #[test]
+    fn functions_that_run_sql_text() {
+        for sql in [
+            "select query_to_xml('select 1', true, false, '')",
+            "select pg_catalog.query_to_xml_and_xmlschema($1, true, false, '')",
+            "select * from ts_stat('select v from t')",
+        ] {
+            let st = one(sql);
+            assert!(st.effects.contains("runs-sql") && st.effects.contains("dynamic-sql"), "{sql}");
+        }
+        assert!(!one("select table_to_xml('t', true, false, '')").effects.contains("runs-sql"));
     }
 
     #[test]

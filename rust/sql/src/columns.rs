@@ -54,6 +54,19 @@ enum Ctx {
 pub fn column_refs(stmt: &Value) -> ColumnRefs {
     let mut w = Walker::default();
     collect_aliases(stmt, &mut w.aliases);
+    let mut renamed = Vec::new();
+    collect_ranges(stmt, &mut w.ranges, &mut renamed);
+    resolve_ranges(&mut w.ranges);
+    // A column alias list (`customers c(i, n, e)`, `(a join b) j(x, y)`) renames a relation's
+    // columns by position: without the catalog the new names cannot be traced to the masked
+    // ones, so the relations behind it count as used whole.
+    for rels in renamed {
+        for rel in rels {
+            let expanded = w.ranges.get(&rel).cloned().unwrap_or_default();
+            w.refs.whole_rows.insert(rel);
+            w.refs.whole_rows.extend(expanded);
+        }
+    }
     w.statement(stmt);
     w.refs
 }
@@ -62,7 +75,111 @@ pub fn column_refs(stmt: &Value) -> ColumnRefs {
 struct Walker {
     /// Range alias (or relation name) -> relation name as written.
     aliases: BTreeMap<String, String>,
+    /// Names of subqueries in FROM, CTEs, aliased joins and functions -> the relations read
+    /// inside them (CTE names followed), so that a whole row of one is one of those relations.
+    ranges: BTreeMap<String, BTreeSet<String>>,
     refs: ColumnRefs,
+}
+
+/// A RangeVar's relation as written (`schema.rel` or `rel`).
+fn range_var_name(rv: &Value) -> String {
+    let rel = rv.get("relname").and_then(Value::as_str).unwrap_or("");
+    match rv.get("schemaname").and_then(Value::as_str) {
+        Some(s) if !s.is_empty() => format!("{s}.{rel}"),
+        _ => rel.to_owned(),
+    }
+}
+
+/// Every relation named (as a RangeVar) in `v`.
+fn relations_in(v: &Value, out: &mut BTreeSet<String>) {
+    match v {
+        Value::Object(map) => {
+            if let Some(rv) = map.get("RangeVar") {
+                out.insert(range_var_name(rv));
+            }
+            map.values().for_each(|c| relations_in(c, out));
+        }
+        Value::Array(items) => items.iter().for_each(|i| relations_in(i, out)),
+        _ => {}
+    }
+}
+
+fn has_colnames(alias: Option<&Value>) -> bool {
+    alias
+        .and_then(|a| a.get("colnames"))
+        .and_then(Value::as_array)
+        .is_some_and(|c| !c.is_empty())
+}
+
+/// Named ranges other than relations (see `Walker::ranges`), and the relations behind each
+/// column alias list.
+fn collect_ranges(
+    v: &Value,
+    ranges: &mut BTreeMap<String, BTreeSet<String>>,
+    renamed: &mut Vec<BTreeSet<String>>,
+) {
+    match v {
+        Value::Object(map) => {
+            for (k, n) in map {
+                let (name, body, alias): (Option<&str>, Vec<&Value>, Option<&Value>) =
+                    match k.as_str() {
+                        "RangeSubselect" | "RangeFunction" | "JoinExpr" => (
+                            n.pointer("/alias/aliasname").and_then(Value::as_str),
+                            vec![n],
+                            n.get("alias"),
+                        ),
+                        "CommonTableExpr" => (
+                            n.get("ctename").and_then(Value::as_str),
+                            n.get("ctequery").into_iter().collect(),
+                            None,
+                        ),
+                        "RangeVar" => (None, vec![], n.get("alias")),
+                        _ => (None, vec![], None),
+                    };
+                if name.is_some() || has_colnames(alias) {
+                    let mut rels = BTreeSet::new();
+                    if k == "RangeVar" {
+                        rels.insert(range_var_name(n));
+                    }
+                    body.iter().for_each(|b| relations_in(b, &mut rels));
+                    if has_colnames(alias) && k != "RangeSubselect" && k != "RangeFunction" {
+                        renamed.push(rels.clone());
+                    }
+                    if let Some(name) = name {
+                        ranges.entry(name.to_owned()).or_default().extend(rels);
+                    }
+                }
+                collect_ranges(n, ranges, renamed);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| collect_ranges(i, ranges, renamed)),
+        _ => {}
+    }
+}
+
+/// Follows names of ranges read inside other ranges (a CTE read by a subquery), to a fixed point.
+fn resolve_ranges(ranges: &mut BTreeMap<String, BTreeSet<String>>) {
+    for _ in 0..16 {
+        let mut changed = false;
+        let snapshot = ranges.clone();
+        for (name, rels) in ranges.iter_mut() {
+            let more: Vec<String> = rels
+                .iter()
+                .filter(|r| *r != name)
+                .filter_map(|r| snapshot.get(r))
+                .flatten()
+                .filter(|r| !rels.contains(*r))
+                .cloned()
+                .collect();
+            if !more.is_empty() {
+                changed = true;
+                rels.extend(more);
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
 }
 
 fn collect_aliases(v: &Value, out: &mut BTreeMap<String, String>) {
@@ -70,10 +187,7 @@ fn collect_aliases(v: &Value, out: &mut BTreeMap<String, String>) {
         Value::Object(map) => {
             if let Some(rv) = map.get("RangeVar") {
                 let rel = rv.get("relname").and_then(Value::as_str).unwrap_or("");
-                let name = match rv.get("schemaname").and_then(Value::as_str) {
-                    Some(s) if !s.is_empty() => format!("{s}.{rel}"),
-                    _ => rel.to_owned(),
-                };
+                let name = range_var_name(rv);
                 let alias = rv
                     .pointer("/alias/aliasname")
                     .and_then(Value::as_str)
@@ -124,6 +238,34 @@ const PURE_FUNCTIONS: [&str; 19] = [
     "count",
     "min",
     "max",
+];
+
+/// Nodes in a filter that pass a column's value on as it is (compared, combined by `AND`/`OR`,
+/// tested for NULL, sorted, grouped, or a subquery's own clauses).
+const FILTER_NODES: [&str; 23] = [
+    "A_Expr",
+    "BoolExpr",
+    "NullTest",
+    "BooleanTest",
+    "SortBy",
+    "GroupingSet",
+    "WindowDef",
+    "SubLink",
+    "SelectStmt",
+    "CommonTableExpr",
+    "ResTarget",
+    "RangeVar",
+    "JoinExpr",
+    "RangeSubselect",
+    "Alias",
+    "A_Const",
+    "ParamRef",
+    "String",
+    "Integer",
+    "Float",
+    "Boolean",
+    "List",
+    "A_Star",
 ];
 
 /// Casts that cannot fail (so print nothing).
@@ -276,7 +418,7 @@ impl Walker {
                         if !keeps_origin {
                             self.whole_row(names.first().map(String::as_str));
                         }
-                    } else if names.len() == 1 && self.aliases.contains_key(&names[0]) {
+                    } else if names.len() == 1 && self.is_range(&names[0]) {
                         self.whole_row(Some(&names[0]));
                     } else if !keeps_origin {
                         self.refs.derived.insert(names.join("."));
@@ -340,11 +482,21 @@ impl Walker {
                                 .and_then(|n| n.pointer("/String/sval"))
                                 .and_then(Value::as_str)
                                 .unwrap_or("");
-                            self.filter(child, inside || !TEXT_TYPES.contains(&to));
+                            // `::text[]` parses the text as an array literal, and fails.
+                            let array = child
+                                .pointer("/typeName/arrayBounds")
+                                .and_then(Value::as_array)
+                                .is_some_and(|b| !b.is_empty());
+                            self.filter(child, inside || array || !TEXT_TYPES.contains(&to));
                         }
-                        "CoalesceExpr" | "MinMaxExpr" | "CaseExpr" | "A_Indirection"
-                        | "RowExpr" | "A_ArrayExpr" | "XmlExpr" | "XmlSerialize"
-                        | "CollateClause" => self.filter(child, true),
+                        // Nodes that compare, combine or hold values as they are.
+                        k if FILTER_NODES.contains(&k) => self.filter(child, inside),
+                        // Any other node (COALESCE, CASE, ROW, arrays, XML, JSON(...), IS JSON,
+                        // what a newer grammar adds) may convert a value and print it: fail
+                        // closed. Lower-case keys are fields of the node above.
+                        k if k.starts_with(|c: char| c.is_ascii_uppercase()) => {
+                            self.filter(child, true)
+                        }
                         _ => self.filter(child, inside),
                     }
                 }
@@ -411,19 +563,32 @@ impl Walker {
         let (names, star) = fields(cr);
         if star {
             self.whole_row(names.first().map(String::as_str));
-        } else if names.len() == 1 && self.aliases.contains_key(&names[0]) {
+        } else if names.len() == 1 && self.is_range(&names[0]) {
             self.whole_row(Some(&names[0]));
         } else if derived && !names.is_empty() {
             self.refs.derived.insert(names.join("."));
         }
     }
 
-    /// `alias` (None: a bare `*`) as a whole row: the relation it stands for, `*` for every one.
+    /// Whether a bare name is a range of the statement (a relation, subquery, CTE, join or
+    /// function alias), which PostgreSQL may read as a whole row.
+    fn is_range(&self, name: &str) -> bool {
+        self.aliases.contains_key(name) || self.ranges.contains_key(name)
+    }
+
+    /// `alias` (None: a bare `*`) as a whole row: the relation it stands for (and, for a
+    /// subquery, CTE, join or function, every relation read inside it), `*` for every one.
     fn whole_row(&mut self, alias: Option<&str>) {
-        let rel = match alias {
-            Some(a) => self.aliases.get(a).cloned().unwrap_or_else(|| a.to_owned()),
-            None => "*".to_owned(),
+        let Some(a) = alias else {
+            self.refs.whole_rows.insert("*".to_owned());
+            return;
         };
+        let rel = self.aliases.get(a).cloned().unwrap_or_else(|| a.to_owned());
+        for key in [a, rel.as_str()] {
+            if let Some(inside) = self.ranges.get(key) {
+                self.refs.whole_rows.extend(inside.iter().cloned());
+            }
+        }
         self.refs.whole_rows.insert(rel);
     }
 }
@@ -563,6 +728,85 @@ mod tests {
             whole("select 1 from t where row_to_json(t)::text::int = 1"),
             ["t"]
         );
+        // A cast to an array of text parses the value as an array literal (and prints it).
+        assert_eq!(
+            derived("select id from customers where secret::text[] is null"),
+            ["secret"]
+        );
+        assert_eq!(
+            derived("select id from customers order by cast(ssn as varchar array)"),
+            ["ssn"]
+        );
+        // Nodes the walk does not know as harmless take what is under them: JSON(...) is a
+        // cast to json in PostgreSQL 15, a JsonParseExpr to the parser.
+        assert_eq!(
+            derived("select id from customers where json('\"' || secret) is null"),
+            ["secret"]
+        );
+        assert_eq!(
+            derived("select id from customers where secret is json"),
+            ["secret"]
+        );
+        // Comparisons, text casts and subqueries' own columns stay unlisted.
+        assert!(derived(
+            "select id from customers where secret::text = 'x' and id in \
+             (with w as (select id from t) select id from w)"
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn column_alias_lists_count_as_whole_rows() {
+        // `c(i, n, x)` renames the columns by position: `x || ''` would be the masked one.
+        assert_eq!(
+            whole("select x || '' from customers as c(i, n, x)"),
+            ["customers"]
+        );
+        assert_eq!(
+            whole("select j.x || '' from (customers c join other o on true) as j(i, x)"),
+            ["customers", "other"]
+        );
+        assert_eq!(
+            whole("with w as (select * from s.customers) select x || '' from w as v(i, x)"),
+            ["s.customers", "w"]
+        );
+        // Functions and VALUES lists are named with column lists all the time: no relation.
+        assert!(whole("select n from generate_series(1, 3) g(n)").is_empty());
+        assert!(whole("select a from (values (1)) v(a)").is_empty());
+    }
+
+    #[test]
+    fn whole_rows_of_subqueries_ctes_and_joins_are_their_relations() {
+        assert_eq!(
+            whole("select s from (select secret, ssn from customers) s"),
+            ["customers", "s"]
+        );
+        assert_eq!(
+            whole("select row_to_json(s) from (select secret from customers) s"),
+            ["customers", "s"]
+        );
+        assert_eq!(
+            whole("select (s).secret || '' from (select secret from customers) s"),
+            ["customers", "s"]
+        );
+        assert_eq!(
+            whole("with w as (select secret from customers) select w from w"),
+            ["customers", "w"]
+        );
+        assert_eq!(
+            whole(
+                "with a as (select secret from customers), b as (select * from a) \
+                 select to_jsonb(b) from b"
+            ),
+            ["a", "b", "customers"]
+        );
+        assert_eq!(
+            whole("select j from (customers join other using (id)) j"),
+            ["customers", "j", "other"]
+        );
+        assert_eq!(whole("select s from (select 1) s"), ["s"]);
+        // Plain columns of a subquery keep their origin.
+        assert!(whole("select s.secret from (select secret from customers) s").is_empty());
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! * `read write` (BEGIN / START TRANSACTION / SET TRANSACTION / SET SESSION CHARACTERISTICS),
 //! * `transaction_read_only` (both settings, whatever the assignment syntax),
 //! * `set_config` (the function form of SET), `dblink` (a second connection, not read-only),
+//!   `pg_settings` (whose UPDATE is set_config), `standard_conforming_strings`, `client_encoding`
+//!   and `set names` (how the server lexes later text),
 //! * `u&` (Unicode escapes could spell a setting's name in a quoted identifier or string),
 //! * the word `do` (anonymous code blocks can run dynamic SQL),
 //! * large-object writes (`lo_creat`/`lo_create`, `lo_from_bytea`, `lo_import`, `lo_put`,
@@ -52,12 +54,18 @@ fn flags(flat: &str) -> bool {
     if is_lone_show(flat) {
         return false;
     }
-    const NEEDLES: [&str; 5] = [
+    const NEEDLES: [&str; 9] = [
         "read write",
         "transaction_read_only",
         "set_config",
         "dblink",
         "u&",
+        // How the lexer could come to read text otherwise than the parser that judges it, and
+        // UPDATE pg_settings (set_config by another name).
+        "standard_conforming_strings",
+        "client_encoding",
+        "set names",
+        "pg_settings",
     ];
     // Called, not merely named: libpq's large-object API starts by looking these names up in
     // pg_proc (as string constants), and its reads must keep working.
@@ -76,9 +84,10 @@ fn flags(flat: &str) -> bool {
 }
 
 /// True when `sql` could act on the server in ways a read-only transaction allows: COPY (to a
-/// server file or a program), ALTER SYSTEM, and calls of the functions that signal backends,
-/// reload the configuration, write files, WAL messages, replication slots or origins, reset
-/// statistics or start backups. Such statements are analysed with the parser before they run
+/// server file or a program), ALTER SYSTEM, VACUUM, ANALYZE, CLUSTER, REINDEX, CHECKPOINT,
+/// NOTIFY, REFRESH, calls of the functions that signal backends, reload the configuration, write
+/// files, WAL messages, replication slots or origins, reset statistics or start backups, and of
+/// those that run SQL text (`query_to_xml`, `ts_stat`, `ts_rewrite`). Such statements are analysed with the parser before they run
 /// (a reader role is the database's own guarantee; this one is the gateway's).
 pub fn may_act_on_server(sql: &str) -> bool {
     any_reading(sql, acts_on_server)
@@ -86,7 +95,7 @@ pub fn may_act_on_server(sql: &str) -> bool {
 
 fn acts_on_server(flat: &str) -> bool {
     // By prefix: `pg_read_` covers pg_read_file and pg_read_binary_file, and so on.
-    const CALLS: [&str; 23] = [
+    const CALLS: [&str; 26] = [
         "pg_terminate_backend",
         "pg_cancel_backend",
         "pg_reload_conf",
@@ -110,10 +119,27 @@ fn acts_on_server(flat: &str) -> bool {
         "pg_stat_file",
         "pg_file_",
         "lo_export",
+        // Built-ins that run the SQL text they are given (set_config spelled in pieces).
+        "query_to_xml",
+        "ts_stat",
+        "ts_rewrite",
+    ];
+    // Utility statements a read-only transaction allows that rewrite tables, take their locks or
+    // signal other sessions (analysed: `explain analyze` is a read).
+    const UTILITIES: [&str; 8] = [
+        "vacuum",
+        "analyze",
+        "analyse",
+        "cluster",
+        "reindex",
+        "checkpoint",
+        "notify",
+        "refresh",
     ];
     crate::mentions_copy(flat)
         || flat.contains("alter system")
         || CALLS.iter().any(|n| calls(flat, n))
+        || UTILITIES.iter().any(|w| has_word(flat, w))
 }
 
 /// Whether `flat` has a call of a function whose name starts with `prefix`: the name, more
@@ -320,6 +346,10 @@ mod tests {
             "select lo_creat(-1)",
             "select pg_catalog.lo_put(16384, 0, 'x')",
             "select lo_unlink(16384)",
+            "set standard_conforming_strings = off",
+            "set client_encoding = 'SJIS'",
+            "SET NAMES 'BIG5'",
+            "update pg_catalog.pg_settings set setting = 'off' where name = 'x'",
             "select lowrite(0, 'x')",
             "select lo_truncate(0, 0)",
             "select lo_import('/etc/passwd')",
@@ -410,6 +440,15 @@ mod server_tests {
             "select pg_read_file('/etc/passwd')",
             "select lo_export(1, '/tmp/x')",
             "select \"pg_reload_conf\"()",
+            "select query_to_xml('select 1', true, false, '')",
+            "select pg_catalog.query_to_xml_and_xmlschema($1, true, false, '')",
+            "select ts_stat('select v from t')",
+            "vacuum full orders",
+            "cluster orders using orders_pkey",
+            "reindex table customers",
+            "notify ch, 'x'",
+            "ANALYZE orders",
+            "refresh materialized view mv",
         ] {
             assert!(may_act_on_server(sql), "{sql}");
         }
@@ -418,6 +457,8 @@ mod server_tests {
             "select relname from pg_class",
             "select 'pg_reload_conf' as name",
             "show log_statement",
+            "listen ch",
+            "select pg_notify_queue_usage()",
         ] {
             assert!(!may_act_on_server(sql), "{sql}");
         }

@@ -341,7 +341,9 @@ impl MaskState {
         let masker = Arc::clone(&self.plan.masker);
         match tag {
             btag::DATA_ROW => self.data_row(rows, body, out),
-            btag::ERROR_RESPONSE | btag::NOTICE_RESPONSE if masker.has_content() => {
+            btag::ERROR_RESPONSE | btag::NOTICE_RESPONSE
+                if masker.has_content() || self.plan.has_columns() =>
+            {
                 self.fields(tag, body, out)
             }
             btag::NOTIFICATION_RESPONSE if masker.has_content() => {
@@ -850,6 +852,19 @@ impl MaskState {
     fn fields(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
         let mut new = Vec::with_capacity(body.len());
         let mut changed = false;
+        // Column rules mask values where a result column names its origin; errors of classes
+        // 22 (data exception: `invalid input syntax for type integer: "<value>"`) and 23
+        // (integrity: `Failing row contains (...)`, `Key (c)=(<value>) already exists`) print
+        // values of any column with none. Their details, context and quoted values are withheld.
+        let withhold = if self.plan.has_columns() {
+            match sqlstate(body) {
+                Some(c) if c.starts_with(b"22") || c.starts_with(b"23") => true,
+                _ => false,
+            }
+        } else {
+            false
+        };
+        let content = self.plan.masker.has_content();
         let mut r = Reader::new(body, "ErrorResponse");
         loop {
             let code = r.u8()?;
@@ -864,9 +879,28 @@ impl MaskState {
                 break;
             }
             let value = r.cstr()?;
+            if withhold && matches!(code, b'D' | b'W' | b'M') {
+                changed = true;
+                if code == b'M' {
+                    // The message up to its first quoted value (`...: "`), which is dropped.
+                    let cut = value
+                        .windows(3)
+                        .position(|w| w == b": \"")
+                        .map_or(value.len(), |i| i);
+                    new.extend_from_slice(&value[..cut]);
+                    if cut < value.len() {
+                        new.extend_from_slice(WITHHELD_VALUE);
+                    }
+                } else {
+                    new.extend_from_slice(WITHHELD);
+                }
+                new.push(0);
+                continue;
+            }
             // Severity, SQLSTATE, source file/line/routine and positions carry no data.
             self.scratch.clear();
-            if !matches!(code, b'S' | b'V' | b'C' | b'F' | b'L' | b'R' | b'P' | b'p')
+            if content
+                && !matches!(code, b'S' | b'V' | b'C' | b'F' | b'L' | b'R' | b'P' | b'p')
                 && self.mask_in_text(value, true)
             {
                 changed = true;
@@ -879,6 +913,23 @@ impl MaskState {
         write(out, tag, if changed { &new } else { body });
         Ok(())
     }
+}
+
+const WITHHELD: &[u8] = b"(withheld by the gateway: errors of this class can show values of masked columns)";
+const WITHHELD_VALUE: &[u8] = b": (value withheld by the gateway)";
+
+/// The SQLSTATE (`C` field) of an ErrorResponse or NoticeResponse body.
+fn sqlstate(body: &[u8]) -> Option<&[u8]> {
+    let mut i = 0;
+    while i < body.len() && body[i] != 0 {
+        let code = body[i];
+        let end = i + 1 + body[i + 1..].iter().position(|&b| b == 0)?;
+        if code == b'C' {
+            return Some(&body[i + 1..end]);
+        }
+        i = end + 1;
+    }
+    None
 }
 
 /// Whether positions of a JSON text are inside a string; asked for increasing positions.
@@ -1386,6 +1437,42 @@ mod tests {
             run(plan, &front, &back),
             Err(WireError::Refused(_))
         ));
+    }
+
+    #[test]
+    fn errors_that_print_values_are_withheld_under_column_rules() {
+        let columns = || {
+            let mut p = plan();
+            p.columns.insert((500, 2), 0);
+            p
+        };
+        let front = frontend::query("update");
+        let mut back = crate::pg::backend::ErrorFields::new("ERROR", "23502", "null value in column \"id\"")
+            .with(b'D', "Failing row contains (null, Bob, zebra-octopus-42).")
+            .encode_error();
+        back.extend(
+            crate::pg::backend::ErrorFields::new(
+                "ERROR",
+                "22P02",
+                "invalid input syntax for type integer: \"mango-falcon\"",
+            )
+            .with(b'W', "JSON data, line 1: \"mango-falcon")
+            .encode_error(),
+        );
+        back.extend(
+            crate::pg::backend::ErrorFields::new("ERROR", "42501", "permission denied: \"x\"")
+                .with(b'D', "kept as it is")
+                .encode_error(),
+        );
+        back.extend(msg(btag::READY_FOR_QUERY, b"I"));
+        let text = String::from_utf8_lossy(&run(columns, &front, &back).unwrap()).into_owned();
+        assert!(!text.contains("zebra") && !text.contains("mango"), "{text}");
+        assert!(text.contains("null value in column \"id\"\0"), "{text}");
+        assert!(text.contains("invalid input syntax for type integer: (value withheld"));
+        assert!(text.contains("permission denied: \"x\"\0") && text.contains("kept as it is"));
+        // Without column rules the server's text passes (content rules still scan it).
+        let text = String::from_utf8_lossy(&run(plan, &front, &back).unwrap()).into_owned();
+        assert!(text.contains("zebra-octopus-42") && text.contains("mango-falcon"), "{text}");
     }
 
     #[test]
