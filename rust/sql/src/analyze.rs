@@ -1469,7 +1469,9 @@ mod tests {
                 assert!(st.effects.contains(e), "{sql}: {e}");
             }
         }
-        assert!(!one("select * from pg_settings").effects.contains("search-path-change"));
+        assert!(!one("select * from pg_settings")
+            .effects
+            .contains("search-path-change"));
     }
 
     #[test]
@@ -1481,8 +1483,12 @@ mod tests {
 
     #[test]
     fn views_are_code() {
-        assert!(one("create view y.v as select id from public.orders").effects.contains("code"));
-        assert!(one("create or replace view v as select 1").effects.contains("code"));
+        assert!(one("create view y.v as select id from public.orders")
+            .effects
+            .contains("code"));
+        assert!(one("create or replace view v as select 1")
+            .effects
+            .contains("code"));
         assert!(!one("create table t (id int)").effects.contains("code"));
     }
 
@@ -1494,9 +1500,14 @@ mod tests {
             "select * from ts_stat('select v from t')",
         ] {
             let st = one(sql);
-            assert!(st.effects.contains("runs-sql") && st.effects.contains("dynamic-sql"), "{sql}");
+            assert!(
+                st.effects.contains("runs-sql") && st.effects.contains("dynamic-sql"),
+                "{sql}"
+            );
         }
-        assert!(!one("select table_to_xml('t', true, false, '')").effects.contains("runs-sql"));
+        assert!(!one("select table_to_xml('t', true, false, '')")
+            .effects
+            .contains("runs-sql"));
     }
 
     #[test]

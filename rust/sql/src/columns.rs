@@ -152,7 +152,9 @@ fn collect_ranges(
                 collect_ranges(n, ranges, renamed);
             }
         }
-        Value::Array(items) => items.iter().for_each(|i| collect_ranges(i, ranges, renamed)),
+        Value::Array(items) => items
+            .iter()
+            .for_each(|i| collect_ranges(i, ranges, renamed)),
         _ => {}
     }
 }

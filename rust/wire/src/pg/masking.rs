@@ -856,14 +856,8 @@ impl MaskState {
         // 22 (data exception: `invalid input syntax for type integer: "<value>"`) and 23
         // (integrity: `Failing row contains (...)`, `Key (c)=(<value>) already exists`) print
         // values of any column with none. Their details, context and quoted values are withheld.
-        let withhold = if self.plan.has_columns() {
-            match sqlstate(body) {
-                Some(c) if c.starts_with(b"22") || c.starts_with(b"23") => true,
-                _ => false,
-            }
-        } else {
-            false
-        };
+        let withhold = self.plan.has_columns()
+            && matches!(sqlstate(body), Some(c) if c.starts_with(b"22") || c.starts_with(b"23"));
         let content = self.plan.masker.has_content();
         let mut r = Reader::new(body, "ErrorResponse");
         loop {
@@ -915,7 +909,8 @@ impl MaskState {
     }
 }
 
-const WITHHELD: &[u8] = b"(withheld by the gateway: errors of this class can show values of masked columns)";
+const WITHHELD: &[u8] =
+    b"(withheld by the gateway: errors of this class can show values of masked columns)";
 const WITHHELD_VALUE: &[u8] = b": (value withheld by the gateway)";
 
 /// The SQLSTATE (`C` field) of an ErrorResponse or NoticeResponse body.
@@ -1447,9 +1442,10 @@ mod tests {
             p
         };
         let front = frontend::query("update");
-        let mut back = crate::pg::backend::ErrorFields::new("ERROR", "23502", "null value in column \"id\"")
-            .with(b'D', "Failing row contains (null, Bob, zebra-octopus-42).")
-            .encode_error();
+        let mut back =
+            crate::pg::backend::ErrorFields::new("ERROR", "23502", "null value in column \"id\"")
+                .with(b'D', "Failing row contains (null, Bob, zebra-octopus-42).")
+                .encode_error();
         back.extend(
             crate::pg::backend::ErrorFields::new(
                 "ERROR",
@@ -1472,7 +1468,10 @@ mod tests {
         assert!(text.contains("permission denied: \"x\"\0") && text.contains("kept as it is"));
         // Without column rules the server's text passes (content rules still scan it).
         let text = String::from_utf8_lossy(&run(plan, &front, &back).unwrap()).into_owned();
-        assert!(text.contains("zebra-octopus-42") && text.contains("mango-falcon"), "{text}");
+        assert!(
+            text.contains("zebra-octopus-42") && text.contains("mango-falcon"),
+            "{text}"
+        );
     }
 
     #[test]
