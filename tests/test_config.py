@@ -61,6 +61,18 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert "unknown connection 'missing'" in found["grants[0].connection"]
 
 
+def test_type_problems_do_not_hide_the_others(tmp_path: Path) -> None:
+    # An enum typo used to be the only problem shown; the others came one fix at a time.
+    data = good(tmp_path)
+    data["grants"][0]["access"] = "rw"
+    data["grants"][0]["connection"] = "order"
+    data["listen"] = {"port": 70000}
+    found = dict(problems(data, tmp_path))
+    assert "Invalid enum value 'rw'" in found["grants[0].access"]
+    assert "unknown connection 'order'" in found["grants[0].connection"]
+    assert "70000 is not a TCP port" in found["listen.port"]
+
+
 def test_wrong_type_names_the_path(tmp_path: Path) -> None:
     data = good(tmp_path)
     data["listen"] = {"port": "six"}
@@ -237,10 +249,44 @@ def test_policy_check_warns_of_passwords_it_cannot_read(tmp_path: Path) -> None:
     p.write_text(yaml.safe_dump(data))
     r = run_cli("policy", "check", str(p))
     assert r.returncode == 0, r.stderr
-    warnings = [line for line in r.stdout.splitlines() if "warning:" in line]
+    warnings = [line for line in r.stdout.splitlines() if "warning:" in line and "password_" in line]
     assert len(warnings) == 3, r.stdout
     assert f"clients[0]: password_file: {tmp_path / 'missing.pw'} does not exist" in warnings[0]
     assert (
         "connections[0].upstream: password_env: environment variable OSTIARY_TEST_SURELY_UNSET" in warnings[1]
     )
     assert f"connections[0].credentials.dir: password_file: {tmp_path} is not a file" in warnings[2]
+
+
+def test_keys_given_twice_are_problems(tmp_path: Path) -> None:
+    """YAML loaders keep the last of two equal keys: `access: read-only` then `access: read-write`
+    granted writes without a word."""
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(good(tmp_path)) + "listen: {port: 1}\n")
+    text = p.read_text().replace(
+        "connection: app\n", "connection: app\n  access: read-only\n  access: read-write\n"
+    )
+    p.write_text(text)
+    r = run_cli("policy", "check", str(p))
+    assert r.returncode == 2
+    assert "grants[0].access is given twice" in r.stderr and "listen is given twice" not in r.stderr, r.stderr
+    p.write_text(yaml.safe_dump(good(tmp_path)) + "listen: {port: 1}\nlisten: {port: 2}\n")
+    r = run_cli("policy", "check", str(p))
+    assert r.returncode == 2 and "listen is given twice (also on line" in r.stderr, r.stderr
+
+
+def test_policy_check_warns_of_what_serve_would_refuse_or_expose(tmp_path: Path) -> None:
+    data = good(tmp_path)
+    data["admin"] = {"listen": {"host": "0.0.0.0", "port": 6480}}
+    data["audit"] = {"store": "postgres", "dsn_env": "OSTIARY_TEST_SURELY_UNSET_DSN"}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    r = run_cli("policy", "check", str(p))
+    assert r.returncode == 0, r.stderr
+    assert "tls: no TLS configured: every client of app is refused" in r.stdout, r.stdout
+    assert "admin.tls: the admin API listens on 0.0.0.0 without TLS" in r.stdout
+    assert "audit.dsn_env: environment variable OSTIARY_TEST_SURELY_UNSET_DSN is not set" in r.stdout
+    # serve says the same in one line, without a traceback.
+    r = run_cli("serve", "--config", str(p))
+    assert r.returncode == 1, r.stderr
+    assert "OSTIARY_TEST_SURELY_UNSET_DSN is not set" in r.stderr and "Traceback" not in r.stderr, r.stderr

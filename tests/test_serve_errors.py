@@ -223,3 +223,28 @@ def test_an_unreadable_client_password_looks_like_a_wrong_one(
     assert f"the password of static client '{CLIENT_USER}' cannot be read" in gw.log()
     assert str(missing) in gw.log()
     assert gw.proc.poll() is None
+
+
+# -- a --port out of range ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+@pytest.mark.parametrize("port", ["99999", "65536", "-1"])
+def test_port_out_of_range_is_a_usage_error(command: str, port: str, tmp_path: Path) -> None:
+    """Refused by the argument parser, before anything starts: the socket layer would take 99999
+    modulo 65536 and 65536 as any free port, and the demo failed only after initdb."""
+    data_dir = tmp_path / "demo"
+    extra = ["--data-dir", str(data_dir)] if command == "demo" else []
+    r = subprocess.run(
+        [sys.executable, "-m", "ostiary.cli", command, *extra, "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"usage: ostiary {command} "), r.stderr
+    lowest = 0 if command == "serve" else 1  # listen.port 0 (any free port) is valid in the file
+    assert f"error: argument --port: {port} is not a TCP port ({lowest}-65535)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not data_dir.exists()

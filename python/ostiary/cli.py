@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -396,6 +396,23 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _tcp_port(lowest: int) -> Callable[[str], int]:
+    """An argparse ``type`` for a port from ``lowest`` to 65535. Checked here because the socket
+    layer does not: it takes 99999 modulo 65536 (and 65536 as 0, any free port) and calls -1 a
+    resolution error; the demo would fail only after initdb, its directory left behind."""
+
+    def port(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lowest <= n <= 65535:
+            raise argparse.ArgumentTypeError(f"{n} is not a TCP port ({lowest}-65535)")
+        return n
+
+    return port
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ostiary", description="Access gateway for machines.")
     parser.add_argument("--version", action="version", version=f"ostiary {__version__}")
@@ -403,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", "-c", help="the YAML configuration file")
-    serve.add_argument("--port", type=int, help="override listen.port")
+    # 0 (any free port) as in the file's listen.port
+    serve.add_argument("--port", type=_tcp_port(0), help="override listen.port")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 
@@ -455,7 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="run the gateway in front of a throwaway local PostgreSQL")
     demo.add_argument("--data-dir", default=".ostiary/demo")
-    demo.add_argument("--port", type=int, default=6432)
+    # not 0: the demo prints the port to connect to
+    demo.add_argument("--port", type=_tcp_port(1), default=6432)
     demo.add_argument("--log-level", default="info")
     demo.set_defaults(func=_demo)
 

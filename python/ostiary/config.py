@@ -10,6 +10,7 @@ rotating a secret needs no reload. The policy sections are checked by ``ostiary.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -687,14 +688,48 @@ def parse(
     except msgspec.ValidationError as e:
         # msgspec stops at the first problem; each section and each item of a list (each value of
         # a mapping) is converted on its own to find them all.
-        raise ConfigError(
-            source, _type_problems(data, Config, "") or [_problem(e, "", Config)], marks
-        ) from None
+        found = _type_problems(data, Config, "") or [_problem(e, "", Config)]
+        raise ConfigError(source, found + _checks_without(data, found, base), marks) from None
     problems = _check(cfg, base)
     if problems:
         raise ConfigError(source, problems, marks)
     _resolve_paths(cfg, base)
     return cfg
+
+
+def _checks_without(data: dict[str, Any], found: list[tuple[str, str]], base: Path) -> list[tuple[str, str]]:
+    """The other checks' problems, so one run lists them all: the values with type problems are
+    left out (their defaults stand in) and the rest is checked. Nothing when that still does not
+    convert (a required field was wrong)."""
+    pruned = copy.deepcopy(data)
+    for path, _ in found:
+        _drop(pruned, path)
+    try:
+        cfg = msgspec.convert(pruned, Config)
+    except msgspec.ValidationError:
+        return []
+    bad = {path for path, _ in found}
+    return [p for p in _check(cfg, base) if p[0] not in bad]
+
+
+def _drop(data: Any, path: str) -> None:
+    """Removes the value at ``path`` (``grants[0].access``, ``listen.port``) when it is a mapping key."""
+    steps = [s for s in re.split(r"\.|(?=\[)", path) if s]
+    node = data
+    for i, step in enumerate(steps):
+        last = i == len(steps) - 1
+        if step.startswith("[") and step.endswith("]") and step[1:-1].isdigit():
+            idx = int(step[1:-1])
+            if not isinstance(node, list) or idx >= len(node) or last:
+                return
+            node = node[idx]
+        elif isinstance(node, dict) and step in node:
+            if last:
+                del node[step]
+                return
+            node = node[step]
+        else:
+            return
 
 
 def _problem(e: msgspec.ValidationError, prefix: str, root: Any) -> tuple[str, str]:
@@ -841,11 +876,37 @@ def _read_yaml(p: Path) -> tuple[Any, yaml.Node | None, bytes]:
         problem = f"not UTF-8: byte 0x{raw[e.start]:02x} (offset {e.start}); save the file as UTF-8"
         raise ConfigError(str(p), [(f"line {line}, column {column}", problem)]) from None
     try:
-        return yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader), raw
+        data, node = yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(str(p), [(where, f"not valid YAML: {getattr(e, 'problem', e)}")]) from None
+    if node is not None and (dups := _duplicate_keys(node, "")):
+        raise ConfigError(str(p), dups)
+    return data, node, raw
+
+
+def _duplicate_keys(node: yaml.Node, path: str) -> list[tuple[str, str]]:
+    """Keys given twice in one mapping: YAML loaders keep the last silently (`access: read-only`
+    then `access: read-write` would grant writes), so each is a problem, with both lines."""
+    out: list[tuple[str, str]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                child = f"{path}.{key.value}" if path else str(key.value)
+                line = key.start_mark.line + 1
+                if key.value in seen:
+                    out.append(
+                        (f"line {line}", f"{child} is given twice (also on line {seen[key.value]}): keep one")
+                    )
+                else:
+                    seen[key.value] = line
+                out += _duplicate_keys(value, child)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += _duplicate_keys(item, f"{path}[{i}]")
+    return out
 
 
 def policy_files(path: Path) -> list[Path]:

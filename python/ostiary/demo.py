@@ -3,13 +3,16 @@
 Clients authenticate with tokens of the development issuer (trusted here only because the demo turns
 dev mode on): the demo mints one shaped like a GitHub Actions token of ``acme/demo`` on main, which its
 policy lets read and write database ``app``; tokens of ``acme/reports`` may only read.
-Everything lives under the data directory and is removed on exit (Ctrl-C). Set
-``OSTIARY_DEMO_UPSTREAM`` to a libpq-style ``host:port:database:user:password`` to front an existing
-server instead.
+Everything lives under the data directory and is removed on exit (Ctrl-C). A running demo holds a
+lock there, so a second demo on the same directory refuses to start instead of deleting the first
+one's cluster and audit trail under it. Set ``OSTIARY_DEMO_UPSTREAM`` to a libpq-style
+``host:port:database:user:password`` to front an existing server instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -34,13 +37,93 @@ def _port_or_free(port: int) -> int:
             return int(s.getsockname()[1])
 
 
+# In the data directory, locked (flock) by the demo using it for as long as it runs; it holds that
+# demo's pid, for the message of a second one. A lock rather than a pid file alone: the kernel drops it
+# when its process dies however it dies, so a crashed demo never blocks the next.
+LOCK_NAME = "demo.lock"
+
+
+def _lock_demo_dir(base: Path) -> tuple[int | None, str]:
+    """Takes the lock of ``base`` (created if missing) for this process: (its descriptor, "") or,
+    when another demo holds it, (None, that demo's pid as it wrote it; "" if not yet written).
+
+    The lock file is removed when a demo ends, so the file locked may have been unlinked between
+    opening and locking it; then the lock guards nothing and is taken again on the file now there."""
+    lock = base / LOCK_NAME
+    while True:
+        base.mkdir(parents=True, exist_ok=True)
+        try:
+            # os.open's descriptors are not inherited: PostgreSQL, started by this process and
+            # possibly outliving it, must not keep the lock.
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # base removed by the demo ending just now
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            return None, pid
+        try:
+            on_disk = os.stat(lock)
+        except FileNotFoundError:
+            on_disk = None
+        held = os.fstat(fd)
+        if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd, ""
+        os.close(fd)
+
+
+def _clear_demo_dir(base: Path, *, ignore_errors: bool = False) -> None:
+    """Removes everything in ``base`` but the lock file, which guards the directory meanwhile."""
+    for entry in base.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=ignore_errors)
+            else:
+                entry.unlink()
+        except OSError:
+            if not ignore_errors:
+                raise
+
+
+def _remove_demo_dir(base: Path) -> None:
+    """Removes ``base`` at the end of a demo, the lock file last; the caller releases the lock only
+    after, so a demo starting meanwhile finds the directory either locked or free of anything of
+    this one's (rmdir fails, harmlessly, if that demo has already put its lock file in it)."""
+    _clear_demo_dir(base, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (base / LOCK_NAME).unlink()
+    with contextlib.suppress(OSError):
+        base.rmdir()
+
+
 def run_demo(data_dir: str, port: int) -> int:
+    base = Path(data_dir).resolve()
+    lock_fd, other = _lock_demo_dir(base)
+    if lock_fd is None:
+        print(
+            f"ostiary demo: another demo is running in {data_dir}"
+            + (f" (pid {other})" if other else "")
+            + "; stop it with Ctrl-C or use --data-dir to choose another directory",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return _run_demo(base, port)
+    finally:
+        os.close(lock_fd)  # releases the lock
+
+
+def _run_demo(base: Path, port: int) -> int:
     from ostiary.proxy.server import Gateway
 
-    base = Path(data_dir).resolve()
-    if base.exists():
-        shutil.rmtree(base)
-    base.mkdir(parents=True)
+    # What a previous demo left (one that crashed, or an old directory given to --data-dir).
+    _clear_demo_dir(base)
     cluster: PgCluster | None = None
     app_password = secrets.token_urlsafe(18)
     upstream_env = os.environ.get("OSTIARY_DEMO_UPSTREAM")
@@ -168,5 +251,5 @@ def run_demo(data_dir: str, port: int) -> int:
     finally:
         if cluster is not None:
             cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        _remove_demo_dir(base)
     return 0

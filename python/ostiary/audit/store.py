@@ -25,11 +25,12 @@ from typing import Any, Protocol
 
 from ostiary.audit.keys import Checkpoint, SignedCheckpoint
 from ostiary.audit.records import Sealed
+from ostiary.errors import OstiaryError
 
 COLUMNS = "id, writer, seq, ts, kind, session, identity, connection, verdict, rule, body, hash"
 
 
-class StoreError(Exception):
+class StoreError(OstiaryError):
     """The audit store cannot be read or written (it is down, full, or not an audit store)."""
 
 

@@ -8,7 +8,9 @@ and rules are checked for duplicates and dangling references.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
+import os
 import re
 import zoneinfo
 from pathlib import Path
@@ -268,4 +270,33 @@ def policy_warnings(cfg: Config) -> list[tuple[str, str]]:
             )
     if cfg.dev.issuer:
         out.append(("dev.issuer", "the development issuer is trusted: never do this in production"))
+    plain = [c.name for c in cfg.connections if not c.allow_plaintext]
+    if cfg.tls is None and plain:
+        out.append(
+            (
+                "tls",
+                f"no TLS configured: every client of {', '.join(plain)} is refused (tokens travel as "
+                "passwords); set tls: {cert, key}, or allow_plaintext on a connection for a trusted network",
+            )
+        )
+    if cfg.admin is not None and cfg.admin.tls is None and not _loopback(cfg.admin.listen.host):
+        out.append(
+            (
+                "admin.tls",
+                f"the admin API listens on {cfg.admin.listen.host} without TLS: approvers' tokens would "
+                "travel in clear; set admin.tls or listen on 127.0.0.1 behind a TLS proxy",
+            )
+        )
+    a = cfg.audit
+    if a.enabled and a.store == "postgres" and a.dsn_env is not None and a.dsn_env not in os.environ:
+        out.append(("audit.dsn_env", f"environment variable {a.dsn_env} is not set: serve cannot start"))
+    if a.enabled and a.store == "postgres" and importlib.util.find_spec("psycopg") is None:
+        out.append(("audit.store", "store: postgres needs psycopg: pip install 'ostiary[postgres]'"))
     return out
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -906,7 +906,14 @@ class SessionPolicy:
             # the grant's to list. Writes are (UPDATE pg_settings).
             for rel in sorted(a.writes | {r for r in a.reads if not catalog_read(r)}):
                 if not self.relations.fullmatch(rel):
-                    return StatementDecision(False, f"{g}.relations", f"grant {g} does not cover {rel}")
+                    # Names are matched as written: `customers` is not `public.customers`.
+                    qualified = any("." in r for r in self.grant.relations or ())
+                    hint = (
+                        f" (relations are matched as written: write public.{rel} if that is the one meant)"
+                        if "." not in rel and qualified
+                        else ""
+                    )
+                    return StatementDecision(False, f"{g}.relations", f"grant {g} does not cover {rel}{hint}")
         for rule in self.rules:
             if rule.matches(a):
                 if rule.deny:

@@ -478,6 +478,15 @@ class PostgresStartup:
         if self.ch.tls is None and (
             (cfg.tls is not None and cfg.tls.mode == "require") or not conn.allow_plaintext
         ):
+            if cfg.tls is None:
+                # Asking for TLS would not help: this gateway has none to offer.
+                raise Refusal(
+                    "28000",
+                    f"connection {conn.name} needs TLS (tokens travel as passwords) and this gateway "
+                    "has none configured",
+                    hint="the operator sets tls: {cert, key} in the gateway's file, or "
+                    f"allow_plaintext: true on connection {conn.name} for a trusted network",
+                )
             raise Refusal(
                 "28000",
                 "the gateway requires TLS, because tokens travel as passwords: connect with "
