@@ -555,6 +555,28 @@ def test_masked_columns_cannot_leave_through_renames_whole_rows_code_statistics_
         c.execute("select 'Alice'::int")
 
 
+def test_whole_rows_and_code_found_by_a_second_hunt_are_refused(gw: GatewayProcess) -> None:
+    """Round two: a LATERAL subquery's whole row of outer columns, an alias reused in another scope,
+    `public.mask_people.*`, the target's whole row in RETURNING and SET, operators and domains
+    created in the session (pg_notify as an operator in a filter), a cast to a text type of
+    another schema, and ALTER COLUMN TYPE (whose error names a value) carried masked values out."""
+    with connect(gw, "auditor") as c:
+        for sql in (
+            "select l from mask_people m, lateral (select m.name) l",
+            "select m from mask_people m where exists (select 1 from pg_class m)",
+            "select (public.mask_people.*)::text from mask_people",
+            "update mask_people set id = id where id = 1 returning mask_people",
+            "update mask_people set token = mask_people::text where id = 1",
+            "create operator public.#@# (leftarg = text, rightarg = text, function = pg_catalog.pg_notify)",
+            "create domain public.name as text check (value <> '')",
+            "select id from mask_people where name::public.name is not null",
+            "alter table mask_people alter column name type regclass",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masking"):
+                c.execute(sql)
+        assert c.execute("select token from mask_people where id = 2").fetchone() == ("none",)
+
+
 def test_do_blocks_are_refused_under_column_rules(gw: GatewayProcess) -> None:
     """A DO block needs no privilege and its code is out of the statement check's sight: it read a
     masked column and raised it in a notice or an error."""

@@ -563,9 +563,18 @@ impl Walk {
             | "CreateTransformStmt"
             | "CreateAmStmt" => {
                 kinds.insert("create");
-                if key == "ViewStmt" {
-                    // A stored query: writes through an updatable view (and reads) reach
-                    // relations later statements do not name.
+                if matches!(
+                    key,
+                    "ViewStmt"
+                        | "DefineStmt"
+                        | "CreateDomainStmt"
+                        | "CreateCastStmt"
+                        | "CreateConversionStmt"
+                        | "CreateTransformStmt"
+                ) {
+                    // A stored query (writes through an updatable view, and reads, reach
+                    // relations later statements do not name), or functions that run where a
+                    // statement shows no call: operators, aggregates, a domain's CHECK, casts.
                     st.effects.insert("code");
                 }
                 if let Some(r) = n.get("relation").or_else(|| n.get("view")) {
@@ -615,6 +624,9 @@ impl Walk {
                 } else {
                     "alter"
                 });
+                if key == "AlterDomainStmt" {
+                    st.effects.insert("code"); // ADD CONSTRAINT ... CHECK runs an expression
+                }
                 if let Some(r) = n.get("relation") {
                     self.target(Some(r));
                 }
@@ -1479,6 +1491,19 @@ mod tests {
         assert!(one("select nextval('secret.s')").literal_sensitive);
         assert!(one("select pg_sequence_last_value('public.s1')").literal_sensitive);
         assert!(!one("select 1 from t where id = 2").literal_sensitive);
+    }
+
+    #[test]
+    fn operators_domains_and_casts_are_code() {
+        for sql in [
+            "create operator public.#@# (leftarg = text, rightarg = text, function = pg_notify)",
+            "create domain public.name as text check (value <> '')",
+            "alter domain d add constraint c check (value <> '')",
+            "create aggregate a (text) (sfunc = textcat, stype = text)",
+            "create cast (text as int) with function f(text)",
+        ] {
+            assert!(one(sql).effects.contains("code"), "{sql}");
+        }
     }
 
     #[test]

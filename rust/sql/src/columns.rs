@@ -55,6 +55,7 @@ pub fn column_refs(stmt: &Value) -> ColumnRefs {
     let mut w = Walker::default();
     collect_aliases(stmt, &mut w.aliases);
     let mut renamed = Vec::new();
+    relations_in(stmt, &mut w.all_relations);
     collect_ranges(stmt, &mut w.ranges, &mut renamed);
     resolve_ranges(&mut w.ranges);
     // A column alias list (`customers c(i, n, e)`, `(a join b) j(x, y)`) renames a relation's
@@ -73,11 +74,13 @@ pub fn column_refs(stmt: &Value) -> ColumnRefs {
 
 #[derive(Default)]
 struct Walker {
-    /// Range alias (or relation name) -> relation name as written.
-    aliases: BTreeMap<String, String>,
+    /// Range alias (or relation name) -> the relation names as written it stands for.
+    aliases: BTreeMap<String, BTreeSet<String>>,
     /// Names of subqueries in FROM, CTEs, aliased joins and functions -> the relations read
     /// inside them (CTE names followed), so that a whole row of one is one of those relations.
     ranges: BTreeMap<String, BTreeSet<String>>,
+    /// Every relation the statement names.
+    all_relations: BTreeSet<String>,
     refs: ColumnRefs,
 }
 
@@ -94,8 +97,8 @@ fn range_var_name(rv: &Value) -> String {
 fn relations_in(v: &Value, out: &mut BTreeSet<String>) {
     match v {
         Value::Object(map) => {
-            if let Some(rv) = map.get("RangeVar") {
-                out.insert(range_var_name(rv));
+            if let Some(rv) = as_range_var(map, v) {
+                out.insert(range_var_name(&rv));
             }
             map.values().for_each(|c| relations_in(c, out));
         }
@@ -184,17 +187,32 @@ fn resolve_ranges(ranges: &mut BTreeMap<String, BTreeSet<String>>) {
     }
 }
 
-fn collect_aliases(v: &Value, out: &mut BTreeMap<String, String>) {
+/// The RangeVar an object is or holds: `{"RangeVar": {...}}` in lists, the bare fields where a
+/// node has a RangeVar field (UPDATE's, DELETE's and INSERT's target relation).
+fn as_range_var(map: &serde_json::Map<String, Value>, v: &Value) -> Option<Value> {
+    if let Some(rv) = map.get("RangeVar") {
+        return Some(rv.clone());
+    }
+    (map.contains_key("relname") && map.contains_key("relpersistence")).then(|| v.clone())
+}
+
+fn collect_aliases(v: &Value, out: &mut BTreeMap<String, BTreeSet<String>>) {
     match v {
         Value::Object(map) => {
-            if let Some(rv) = map.get("RangeVar") {
+            if let Some(rv) = as_range_var(map, v) {
                 let rel = rv.get("relname").and_then(Value::as_str).unwrap_or("");
-                let name = range_var_name(rv);
+                let name = range_var_name(&rv);
                 let alias = rv
                     .pointer("/alias/aliasname")
                     .and_then(Value::as_str)
                     .unwrap_or(rel);
-                out.insert(alias.to_owned(), name);
+                // One alias may stand for different relations in different scopes
+                // (`customers c ... exists (select 1 from t2 c)`): all of them.
+                out.entry(alias.to_owned())
+                    .or_default()
+                    .insert(name.clone());
+                // A whole row may be written with its schema (`public.customers.*`).
+                out.entry(name).or_default().insert(range_var_name(&rv));
             }
             for child in map.values() {
                 collect_aliases(child, out);
@@ -355,6 +373,16 @@ impl Walker {
             Value::Object(map) => {
                 for (k, child) in map {
                     match k.as_str() {
+                        // ALTER COLUMN ... TYPE converts every value (and an error names one).
+                        "AlterTableCmd"
+                            if child.get("subtype").and_then(Value::as_str)
+                                == Some("AT_AlterColumnType") =>
+                        {
+                            if let Some(col) = child.get("name").and_then(Value::as_str) {
+                                self.refs.derived.insert(col.to_owned());
+                            }
+                            self.other(child);
+                        }
                         "SelectStmt" => self.select(child, Ctx::Derived),
                         "whereClause" | "quals" | "joinCondition" => self.filter(child, false),
                         "ColumnRef" => self.reference(child, true),
@@ -418,8 +446,10 @@ impl Walker {
                     };
                     if star {
                         if !keeps_origin {
-                            self.whole_row(names.first().map(String::as_str));
+                            self.star_row(&names);
                         }
+                    } else if self.names_whole_row(&names) {
+                        self.whole_row(Some(&names.join(".")));
                     } else if names.len() == 1 && self.is_range(&names[0]) {
                         self.whole_row(Some(&names[0]));
                     } else if !keeps_origin {
@@ -477,13 +507,13 @@ impl Walker {
                             self.filter(child, inside || !PURE_FUNCTIONS.contains(&name));
                         }
                         "TypeCast" => {
-                            let to = child
-                                .pointer("/typeName/names")
-                                .and_then(Value::as_array)
-                                .and_then(|n| n.last())
-                                .and_then(|n| n.pointer("/String/sval"))
-                                .and_then(Value::as_str)
-                                .unwrap_or("");
+                            let names = crate::analyze::strings(child.pointer("/typeName/names"));
+                            // `public.name` may be a domain whose CHECK runs code: the text types
+                            // are pg_catalog's (written bare, they resolve there first).
+                            let to = match names.as_slice() {
+                                [t] | ["pg_catalog", t] => *t,
+                                _ => "",
+                            };
                             // `::text[]` parses the text as an array literal, and fails.
                             let array = child
                                 .pointer("/typeName/arrayBounds")
@@ -564,12 +594,39 @@ impl Walker {
     fn reference(&mut self, cr: &Value, derived: bool) {
         let (names, star) = fields(cr);
         if star {
-            self.whole_row(names.first().map(String::as_str));
+            self.star_row(&names);
+        } else if self.names_whole_row(&names) {
+            self.whole_row(Some(&names.join(".")));
         } else if names.len() == 1 && self.is_range(&names[0]) {
             self.whole_row(Some(&names[0]));
         } else if derived && !names.is_empty() {
             self.refs.derived.insert(names.join("."));
         }
+    }
+
+    /// `q.*` (`c.*`, `public.customers.*`, `app.public.customers.*`; a bare `*`: None) as a whole
+    /// row of what `q` stands for.
+    fn star_row(&mut self, qualifier: &[String]) {
+        if qualifier.is_empty() {
+            self.whole_row(None);
+        } else {
+            self.whole_row(Some(&qualifier.join(".")));
+            if qualifier.len() > 1 {
+                // `app.public.customers.*`: the relation as the FROM clause may name it.
+                let tail = qualifier[qualifier.len() - 2..].join(".");
+                self.whole_row(Some(&tail));
+                self.whole_row(qualifier.last().map(String::as_str));
+            }
+        }
+    }
+
+    /// `public.customers` (and `app.public.customers`) as a whole row: a qualified name that is a
+    /// relation of the statement, not a column of one.
+    fn names_whole_row(&self, names: &[String]) -> bool {
+        names.len() >= 2
+            && (self.aliases.contains_key(&names.join("."))
+                || (!self.aliases.contains_key(&names[0])
+                    && names.last().is_some_and(|l| self.aliases.contains_key(l))))
     }
 
     /// Whether a bare name is a range of the statement (a relation, subquery, CTE, join or
@@ -585,13 +642,19 @@ impl Walker {
             self.refs.whole_rows.insert("*".to_owned());
             return;
         };
-        let rel = self.aliases.get(a).cloned().unwrap_or_else(|| a.to_owned());
-        for key in [a, rel.as_str()] {
-            if let Some(inside) = self.ranges.get(key) {
-                self.refs.whole_rows.extend(inside.iter().cloned());
-            }
+        let rels = self
+            .aliases
+            .get(a)
+            .cloned()
+            .unwrap_or_else(|| BTreeSet::from([a.to_owned()]));
+        if rels.iter().any(|r| self.ranges.contains_key(r)) || self.ranges.contains_key(a) {
+            // A subquery, CTE, join or function: what it returns may come from any relation of
+            // the statement (a LATERAL subquery selects the outer query's columns), so all count.
+            self.refs
+                .whole_rows
+                .extend(self.all_relations.iter().cloned());
         }
-        self.refs.whole_rows.insert(rel);
+        self.refs.whole_rows.extend(rels);
     }
 }
 
@@ -775,6 +838,50 @@ mod tests {
         // Functions and VALUES lists are named with column lists all the time: no relation.
         assert!(whole("select n from generate_series(1, 3) g(n)").is_empty());
         assert!(whole("select a from (values (1)) v(a)").is_empty());
+    }
+
+    #[test]
+    fn whole_rows_found_by_a_second_round() {
+        // A LATERAL subquery selects the outer query's columns: its whole row is any relation's.
+        assert!(
+            whole("select l from customers c, lateral (select c.secret) l")
+                .contains(&"customers".to_owned())
+        );
+        // The same alias for another relation in another scope.
+        assert!(
+            whole("select c from customers c where exists (select 1 from t2 c)")
+                .contains(&"customers".to_owned())
+        );
+        // Whole rows written with their schema.
+        assert!(whole("select (public.customers.*)::text from customers")
+            .contains(&"customers".to_owned()));
+        assert!(
+            whole("select row_to_json(public.customers.*) from public.customers")
+                .contains(&"public.customers".to_owned())
+        );
+        assert!(whole("select public.customers from public.customers")
+            .contains(&"public.customers".to_owned()));
+        // The target of UPDATE/DELETE/INSERT as a whole row, in RETURNING and SET.
+        for sql in [
+            "update customers set name = name where id = 1 returning customers",
+            "update customers c set name = name returning c",
+            "delete from customers where id = 2 returning customers",
+            "update customers set name = customers::text where id = 1",
+            "insert into customers values (1) on conflict (id) do update set name = customers::text",
+        ] {
+            assert!(whole(sql).contains(&"customers".to_owned()), "{sql}");
+        }
+        // Casts to a text type of another schema (a domain with a CHECK) are not harmless.
+        assert_eq!(
+            derived("select id from customers where secret::public.name is not null"),
+            ["secret"]
+        );
+        assert!(derived("select id from customers where secret::pg_catalog.text = 'x'").is_empty());
+        // ALTER COLUMN ... TYPE converts every value of the column.
+        assert_eq!(
+            derived("alter table customers alter column secret type regclass"),
+            ["secret"]
+        );
     }
 
     #[test]

@@ -856,8 +856,9 @@ impl MaskState {
         // 22 (data exception: `invalid input syntax for type integer: "<value>"`) and 23
         // (integrity: `Failing row contains (...)`, `Key (c)=(<value>) already exists`) print
         // values of any column with none. Their details, context and quoted values are withheld.
-        let withhold = self.plan.has_columns()
-            && matches!(sqlstate(body), Some(c) if c.starts_with(b"22") || c.starts_with(b"23"));
+        let state = sqlstate(body).filter(|_| self.plan.has_columns());
+        let class22 = state.is_some_and(|c| c.starts_with(b"22"));
+        let withhold = class22 || state.is_some_and(|c| c.starts_with(b"23"));
         let content = self.plan.masker.has_content();
         let mut r = Reader::new(body, "ErrorResponse");
         loop {
@@ -876,14 +877,13 @@ impl MaskState {
             if withhold && matches!(code, b'D' | b'W' | b'M') {
                 changed = true;
                 if code == b'M' {
-                    // The message up to its first quoted value (`...: "`), which is dropped.
-                    let cut = value
-                        .windows(3)
-                        .position(|w| w == b": \"")
-                        .map_or(value.len(), |i| i);
-                    new.extend_from_slice(&value[..cut]);
-                    if cut < value.len() {
-                        new.extend_from_slice(WITHHELD_VALUE);
+                    if class22 {
+                        // Values are quoted in these messages (`value "..." is out of range`,
+                        // `invalid input syntax for type integer: "..."`): each quoted part goes.
+                        withhold_quoted(value, &mut new);
+                    } else {
+                        // Class 23 messages name constraints and relations, not values.
+                        new.extend_from_slice(value);
                     }
                 } else {
                     new.extend_from_slice(WITHHELD);
@@ -911,7 +911,25 @@ impl MaskState {
 
 const WITHHELD: &[u8] =
     b"(withheld by the gateway: errors of this class can show values of masked columns)";
-const WITHHELD_VALUE: &[u8] = b": (value withheld by the gateway)";
+const WITHHELD_VALUE: &[u8] = b"(value withheld by the gateway)";
+
+/// `text` with what stands between each pair of double quotes replaced by `WITHHELD_VALUE` (and
+/// everything after an unpaired quote).
+fn withhold_quoted(text: &[u8], out: &mut Vec<u8>) {
+    let mut rest = text;
+    while let Some(open) = rest.iter().position(|&b| b == b'"') {
+        out.extend_from_slice(&rest[..=open]);
+        out.extend_from_slice(WITHHELD_VALUE);
+        match rest[open + 1..].iter().position(|&b| b == b'"') {
+            Some(close) => {
+                out.push(b'"');
+                rest = &rest[open + 1 + close + 1..];
+            }
+            None => return,
+        }
+    }
+    out.extend_from_slice(rest);
+}
 
 /// The SQLSTATE (`C` field) of an ErrorResponse or NoticeResponse body.
 fn sqlstate(body: &[u8]) -> Option<&[u8]> {
@@ -1456,6 +1474,14 @@ mod tests {
             .encode_error(),
         );
         back.extend(
+            crate::pg::backend::ErrorFields::new(
+                "ERROR",
+                "22003",
+                "value \"zebra-99999999999\" is out of range for type integer",
+            )
+            .encode_error(),
+        );
+        back.extend(
             crate::pg::backend::ErrorFields::new("ERROR", "42501", "permission denied: \"x\"")
                 .with(b'D', "kept as it is")
                 .encode_error(),
@@ -1464,7 +1490,9 @@ mod tests {
         let text = String::from_utf8_lossy(&run(columns, &front, &back).unwrap()).into_owned();
         assert!(!text.contains("zebra") && !text.contains("mango"), "{text}");
         assert!(text.contains("null value in column \"id\"\0"), "{text}");
-        assert!(text.contains("invalid input syntax for type integer: (value withheld"));
+        assert!(text.contains(
+            "invalid input syntax for type integer: \"(value withheld by the gateway)\"\0"
+        ));
         assert!(text.contains("permission denied: \"x\"\0") && text.contains("kept as it is"));
         // Without column rules the server's text passes (content rules still scan it).
         let text = String::from_utf8_lossy(&run(plan, &front, &back).unwrap()).into_owned();
