@@ -131,7 +131,8 @@ def _check(args: argparse.Namespace) -> int:
             worst = 2
             continue
         warnings = policy_warnings(cfg) + configmod.secret_warnings(cfg)
-        print(f"{file}: OK ({len(cfg.grants)} grant(s), {len(cfg.issuers)} issuer(s))")
+        issuers = len(cfg.issuers) + (1 if cfg.dev.issuer else 0)  # the development issuer counts
+        print(f"{file}: OK ({len(cfg.grants)} grant(s), {issuers} issuer(s))")
         for where, msg in warnings:
             print(f"  warning: {where}: {msg}")
     return worst

@@ -388,6 +388,15 @@ def resolve_secret(obj: Credential | Client) -> str:
     raise KeyError("no password source")
 
 
+def _not_a_file(path: Path, shown: str) -> str | None:
+    """Why ``path`` cannot be read as a file (named ``shown``), or None."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return f"{shown} is a directory, not a file"
+    return f"file {shown} does not exist"
+
+
 def secret_warnings(cfg: Config) -> list[tuple[str, str]]:
     """Passwords of static clients and upstream credentials that cannot be read now: a missing or
     unreadable ``password_file``, an unset ``password_env``. Valid (secrets are read at each login
@@ -561,8 +570,8 @@ def admin_problems(a: Admin, base: Path) -> list[tuple[str, str]]:
     if a.tls is not None:
         for field in ("cert", "key"):
             value = getattr(a.tls, field)
-            if not (base / value).is_file():
-                problems.append((f"admin.tls.{field}", f"file {value} does not exist"))
+            if why := _not_a_file(base / value, value):
+                problems.append((f"admin.tls.{field}", why))
     if a.public_url is not None:
         u = urllib.parse.urlsplit(a.public_url)
         if u.scheme not in ("http", "https") or not u.netloc or u.query or u.fragment:
@@ -608,8 +617,8 @@ def _check(cfg: Config, base: Path) -> list[tuple[str, str]]:
     if cfg.tls is not None:
         for field in ("cert", "key", "client_ca"):
             value = getattr(cfg.tls, field)
-            if value is not None and not (base / value).is_file():
-                problems.append((f"tls.{field}", f"file {value} does not exist"))
+            if value is not None and (why := _not_a_file(base / value, value)):
+                problems.append((f"tls.{field}", why))
     problems += audit_problems(cfg.audit)
     store = cfg.audit.recordings.object_store
     if store is not None and store.ca is not None and not (base / store.ca).is_file():

@@ -329,11 +329,20 @@ class JwksCache:
         else:
             for why in skipped:
                 log.warning("issuer %s: skipped a key of %s: %s", self.issuer.name, self.source, why)
+            changed = {k.kid for k in keys} != {k.kid for k in self._keys} if self._keys else True
             self._keys = keys
             self.last_success = self._clock()
             self.last_error = None
             self._failures = 0
-            log.info("issuer %s: %d keys from %s", self.issuer.name, len(keys), self.source)
+            # Said when the keys change (at start, on rotation); a refresh that finds the same
+            # kids is a debug line, not one every TTL.
+            log.log(
+                logging.INFO if changed else logging.DEBUG,
+                "issuer %s: %d keys from %s",
+                self.issuer.name,
+                len(keys),
+                self.source,
+            )
         finally:
             self._fetching = False
             fetched, self._fetched = self._fetched, trio.Event()

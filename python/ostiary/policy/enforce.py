@@ -91,7 +91,7 @@ class PolicyHook:
                     return Decision(True, remember=False, rule=rule.name, approval=rule)
                 return Decision.allowed(remember=remember)
             return Decision(
-                False, code="42501", message=f"{d.rule}: {d.message}", remember=remember, rule=d.rule
+                False, code=d.code, message=f"{d.rule}: {d.message}", remember=remember, rule=d.rule
             )
         if statement.kind == "function_call":
             # Fast-path calls carry a function's oid, no SQL: the read-only text check cannot see

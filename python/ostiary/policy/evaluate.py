@@ -370,6 +370,8 @@ class StatementDecision:
     chain: tuple[str, ...] = field(default_factory=tuple)
     # Whether the verdict holds for every text of the statement's shape (constants played no part).
     by_shape: bool = True
+    # The SQLSTATE of a refusal: 42501, or 42601 for text that does not parse (as the server's).
+    code: str = "42501"
 
 
 class _Rule:
@@ -699,7 +701,11 @@ class SessionPolicy:
             if self.grant.allow_unparsed:
                 return StatementDecision(True, "unparsed", by_shape=False)
             return StatementDecision(
-                False, "unparsed", f"the gateway cannot analyse this statement: {e}", by_shape=False
+                False,
+                "unparsed",
+                f"the gateway cannot analyse this statement: {e}",
+                by_shape=False,
+                code="42601",
             )
         by_shape = not self.by_text and not any(a.literal_sensitive for a in analyses)
         for a in analyses:

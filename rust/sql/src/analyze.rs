@@ -145,6 +145,13 @@ impl Walk {
                     ) {
                         st.effects.insert("dynamic-sql");
                     }
+                    // Views of the server's configuration files.
+                    if matches!(
+                        v.get("relname").and_then(Value::as_str),
+                        Some("pg_hba_file_rules" | "pg_ident_file_mappings" | "pg_file_settings")
+                    ) {
+                        st.effects.insert("server-files");
+                    }
                     if !cte && !self.targets.contains(&(v as *const Value)) {
                         self.relations.push((name, false));
                     }
@@ -434,6 +441,19 @@ impl Walk {
                 if read_write_option(n.get("options")) {
                     st.effects.insert("read-only-change");
                 }
+                // Two-phase commit: PREPARE TRANSACTION keeps a transaction (and its locks) past
+                // the session and restarts; COMMIT/ROLLBACK PREPARED decide another session's.
+                // PostgreSQL allows all three in read-only transactions.
+                if matches!(
+                    n.get("kind").and_then(Value::as_str),
+                    Some(
+                        "TRANS_STMT_PREPARE"
+                            | "TRANS_STMT_COMMIT_PREPARED"
+                            | "TRANS_STMT_ROLLBACK_PREPARED"
+                    )
+                ) {
+                    st.effects.insert("server-control");
+                }
             }
             "VariableShowStmt" => {
                 kinds.insert("show");
@@ -641,6 +661,11 @@ impl Walk {
             | "DeclareCursorStmt" => {
                 kinds.insert("session");
             }
+            // LOCK TABLE ... IN ACCESS SHARE MODE (pg_dump's, for a consistent read) conflicts
+            // only with ACCESS EXCLUSIVE: a reader's step, not a utility.
+            "LockStmt" if n.get("mode").and_then(Value::as_i64) == Some(1) => {
+                kinds.insert("session");
+            }
             "NotifyStmt"
             | "LockStmt"
             | "VacuumStmt"
@@ -674,6 +699,15 @@ fn set_effects(n: &Value, st: &mut Statement) {
         .unwrap_or("")
         .to_ascii_lowercase();
     match name.as_str() {
+        // RESET ROLE, SET ROLE NONE, SET SESSION AUTHORIZATION DEFAULT: back to the login's
+        // own role (asyncpg-style pool resets do this), not a change of it.
+        "role" | "session_authorization"
+            if reset
+                || kind == "VAR_SET_DEFAULT"
+                || (name == "role"
+                    && n.pointer("/args/0/A_Const/sval/sval")
+                        .and_then(Value::as_str)
+                        == Some("none")) => {}
         "role" | "session_authorization" => {
             st.effects.insert("role-change");
         }
@@ -981,6 +1015,18 @@ fn function_effects(name: &str) -> &'static [&'static str] {
         | "pg_file_write"
         | "pg_file_rename"
         | "pg_file_unlink" => &["server-files"],
+        // pg_read_file_old, pg_ls_waldir, pg_ls_logdir, pg_ls_tmpdir ...
+        n if n.starts_with("pg_read_") || n.starts_with("pg_ls_") || n.starts_with("pg_file_") => {
+            &["server-files"]
+        }
+        // Index maintenance that writes the index and WAL in a read-only transaction.
+        n if n.starts_with("brin_summarize")
+            || n.starts_with("brin_desummarize")
+            || n == "gin_clean_pending_list"
+            || n.starts_with("pg_rotate_logfile") =>
+        {
+            &["server-control"]
+        }
         n if n.starts_with("dblink") => &["remote"],
         // PostgreSQL lets read-only transactions write large objects.
         "lo_creat" | "lo_create" | "lo_from_bytea" | "lo_put" | "lo_unlink" | "lowrite"
@@ -1491,6 +1537,53 @@ mod tests {
         assert!(one("select nextval('secret.s')").literal_sensitive);
         assert!(one("select pg_sequence_last_value('public.s1')").literal_sensitive);
         assert!(!one("select 1 from t where id = 2").literal_sensitive);
+    }
+
+    #[test]
+    fn two_phase_commit_maintenance_and_server_files_found_by_a_hunt() {
+        for (sql, effect) in [
+            ("prepare transaction 'px'", "server-control"),
+            ("commit prepared 'px'", "server-control"),
+            ("rollback prepared 'px'", "server-control"),
+            ("select brin_desummarize_range('i', 0)", "server-control"),
+            ("select brin_summarize_new_values('i')", "server-control"),
+            ("select gin_clean_pending_list('i')", "server-control"),
+            ("select pg_rotate_logfile_old()", "server-control"),
+            (
+                "select pg_read_file_old('/etc/hostname', 0, 100)",
+                "server-files",
+            ),
+            ("select * from pg_ls_waldir()", "server-files"),
+            ("table pg_hba_file_rules", "server-files"),
+            ("select * from pg_file_settings", "server-files"),
+        ] {
+            assert!(one(sql).effects.contains(effect), "{sql}");
+        }
+        assert!(one("commit").effects.is_empty());
+        assert_eq!(kinds("lock table t in access share mode"), ["session"]);
+        assert_eq!(kinds("lock table t"), ["utility"]);
+        assert_eq!(kinds("lock table t in row exclusive mode"), ["utility"]);
+    }
+
+    #[test]
+    fn returning_to_the_login_role_is_not_a_role_change() {
+        for sql in [
+            "reset role",
+            "set role none",
+            "reset session authorization",
+            "set session authorization default",
+            "reset all",
+        ] {
+            assert!(!one(sql).effects.contains("role-change"), "{sql}");
+        }
+        for sql in [
+            "set role admin",
+            "set role 'none2'",
+            "set session authorization admin",
+            "set local role admin",
+        ] {
+            assert!(one(sql).effects.contains("role-change"), "{sql}");
+        }
     }
 
     #[test]

@@ -95,7 +95,7 @@ pub fn may_act_on_server(sql: &str) -> bool {
 
 fn acts_on_server(flat: &str) -> bool {
     // By prefix: `pg_read_` covers pg_read_file and pg_read_binary_file, and so on.
-    const CALLS: [&str; 26] = [
+    const CALLS: [&str; 29] = [
         "pg_terminate_backend",
         "pg_cancel_backend",
         "pg_reload_conf",
@@ -123,10 +123,14 @@ fn acts_on_server(flat: &str) -> bool {
         "query_to_xml",
         "ts_stat",
         "ts_rewrite",
+        // Index maintenance that writes the index and WAL.
+        "brin_summarize",
+        "brin_desummarize",
+        "gin_clean_pending_list",
     ];
     // Utility statements a read-only transaction allows that rewrite tables, take their locks or
     // signal other sessions (analysed: `explain analyze` is a read).
-    const UTILITIES: [&str; 8] = [
+    const UTILITIES: [&str; 12] = [
         "vacuum",
         "analyze",
         "analyse",
@@ -135,9 +139,22 @@ fn acts_on_server(flat: &str) -> bool {
         "checkpoint",
         "notify",
         "refresh",
+        // LOCK TABLE in any mode; LOAD of a library; two-phase commit (PREPARE TRANSACTION keeps
+        // a transaction and its locks past the session; COMMIT/ROLLBACK PREPARED decide another's).
+        "lock",
+        "load",
+        "prepare",
+        "prepared",
+    ];
+    // Views of the server's configuration files.
+    const VIEWS: [&str; 3] = [
+        "pg_hba_file_rules",
+        "pg_ident_file_mappings",
+        "pg_file_settings",
     ];
     crate::mentions_copy(flat)
         || flat.contains("alter system")
+        || VIEWS.iter().any(|v| flat.contains(v))
         || CALLS.iter().any(|n| calls(flat, n))
         || UTILITIES.iter().any(|w| has_word(flat, w))
 }
@@ -449,6 +466,12 @@ mod server_tests {
             "notify ch, 'x'",
             "ANALYZE orders",
             "refresh materialized view mv",
+            "lock table t in access exclusive mode",
+            "load 'plpgsql'",
+            "prepare transaction 'px'",
+            "commit prepared 'px'",
+            "select brin_desummarize_range('i', 0)",
+            "table pg_hba_file_rules",
         ] {
             assert!(may_act_on_server(sql), "{sql}");
         }
