@@ -20,6 +20,10 @@ import pytest
 from ostiary.devcluster import free_port
 
 
+def demo_argv(data_dir: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "ostiary.cli", "demo", "--data-dir", str(data_dir), "--port", str(port)]
+
+
 @contextlib.contextmanager
 def running_demo(data_dir: Path, out: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """``ostiary demo`` on ``data_dir``, once it has printed its instructions (kept in ``out``);
@@ -28,16 +32,7 @@ def running_demo(data_dir: Path, out: Path) -> Iterator[tuple[subprocess.Popen[b
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     with open(out, "wb") as f:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ostiary.cli",
-                "demo",
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(port),
-            ],
+            demo_argv(data_dir, port),
             stdout=f,
             stderr=subprocess.STDOUT,
             env=env,
@@ -141,16 +136,7 @@ def test_a_second_demo_on_the_same_directory_leaves_the_first_alone(tmp_path: Pa
     with running_demo(data_dir, tmp_path / "first.out") as (first, text):
         started = time.monotonic()
         second = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ostiary.cli",
-                "demo",
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(free_port()),
-            ],
+            demo_argv(data_dir, free_port()),
             capture_output=True,
             text=True,
             timeout=30,

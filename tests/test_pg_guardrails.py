@@ -39,6 +39,7 @@ insert into guard_canary values (1, 'a'), (2, 'b'), (3, 'c');
 insert into secret.keys values ('k1');
 create sequence if not exists secret.seq;
 create sequence if not exists guard_seq;
+create or replace view guard_keys_v as select k from secret.keys;
 """
 
 
@@ -414,6 +415,16 @@ def test_relation_rules_hold_against_pg_settings_views_and_sequence_names(
         assert c.execute("select nextval('guard_seq') > 0").fetchone() == (True,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no-secrets"):
             c.execute("select nextval('secret.seq')")
+    with conn(gw, OPS) as c:
+        # A view made by the database's owner: reading through it is what it shows; a write
+        # through it writes secret.keys, which no-secrets refuses (found through the catalog).
+        assert c.execute("select count(*) from guard_keys_v").fetchone() == (1,)
+        for sql in (
+            "update guard_keys_v set k = 'x' where k = 'k1'",
+            "delete from public.guard_keys_v where k = 'k1'",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no-secrets"):
+                c.execute(sql)
     with conn(gw, ANALYST) as c:
         # A function that runs SQL text (any statement: set_config, a write).
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="query_to_xml"):

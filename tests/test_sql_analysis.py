@@ -226,6 +226,27 @@ def test_catalog_reads_are_not_the_grants_relations_to_list(tmp_path: Path) -> N
     assert verdicts(s, "update pg_settings set setting = 'x' where name = 'work_mem'") == [False]
 
 
+def test_writes_through_views_reach_the_rules_of_the_relations_under_them(tmp_path: Path) -> None:
+    rule = {"name": "no-secrets", "action": "deny", "match": {"relations": ["secret.*"]}}
+    s = session(tmp_path, rules=(rule,), access="read-write", guardrails=["no-secrets"])
+    assert s.needs_views
+    # As VIEWS_QUERY gives them: views of views followed to their tables.
+    s.set_views(
+        [
+            ["api", "keys", "secret", "keys"],
+            ["public", "keys_v", "api", "keys"],
+            ["public", "keys_v", "secret", "keys"],
+            ["api", "keys", None, None],
+        ]
+    )
+    assert s.view_bases["public.keys_v"] == frozenset({"api.keys", "secret.keys"})
+    assert verdicts(s, "update api.keys set k = 'x'") == [False]
+    assert verdicts(s, "delete from keys_v") == [False]  # public.keys_v -> api.keys -> secret.keys
+    assert verdicts(s, "select * from api.keys") == [True]  # reads show what the view's owner chose
+    assert verdicts(s, "update other set k = 'x'") == [True]
+    assert not session(tmp_path, access="read-write").needs_views
+
+
 def test_upserts_and_merge_count_as_what_they_do(tmp_path: Path) -> None:
     # An INSERT-only grant (an ingest job) takes VALUES, which read nothing, but not an upsert,
     # which updates rows that exist (PostgreSQL wants the UPDATE privilege for it), nor a MERGE

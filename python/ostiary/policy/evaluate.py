@@ -381,10 +381,16 @@ class _Rule:
     each, so `public.*` covers `accounts`. Allow rules match names as written (matching more
     would let more through)."""
 
-    def __init__(self, g: Guardrail, schemas: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, g: Guardrail, schemas: tuple[str, ...] = (), views: dict[str, frozenset[str]] | None = None
+    ) -> None:
         self.name = g.name
         self.deny = g.action == "deny"
         self.schemas = schemas
+        # Views of the database (schema.view -> the relations under it, views of views followed),
+        # filled from the catalog when the session starts: a rule that refuses or holds
+        # public.orders also sees a write through a view over it, whatever the view is called.
+        self.views = views if views is not None else {}
         self.message = g.message or f"denied by rule {g.name}"
         m: StatementMatch = g.match
         self.kinds = frozenset(m.kinds)
@@ -408,7 +414,17 @@ class _Rule:
         return not (self.pattern is not None and not self.pattern.search(a.text))
 
     def _names(self, a: StatementAnalysis) -> Iterable[str]:
-        for r in a.reads | a.writes:
+        yield from self._variants(a.reads | a.writes)
+        if self.schemas and self.views and a.writes:
+            # A write through a view writes the relations under it. (Reads through a view are
+            # what its owner chose to show, as PostgreSQL's privileges treat them.)
+            bases: set[str] = set()
+            for r in self._variants(a.writes):
+                bases.update(self.views.get(r, ()))
+            yield from self._variants(bases)
+
+    def _variants(self, names: Iterable[str]) -> Iterable[str]:
+        for r in names:
             yield r
             if "." not in r:
                 for schema in self.schemas:
@@ -583,6 +599,28 @@ def catalog_read(rel: str) -> bool:
     return name in PG_CATALOG_RELATIONS
 
 
+# Every user view with the relations its query reads, views of views followed to their tables
+# (pg_depend of the view's rewrite rule: 2618 = pg_rewrite, 1259 = pg_class). Run in the client's
+# session, whose search_path the client may have set at startup: everything is qualified.
+VIEWS_QUERY = (
+    "WITH RECURSIVE dep AS (SELECT DISTINCT r.ev_class AS view, d.refobjid AS rel "
+    "FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d "
+    "ON d.classid OPERATOR(pg_catalog.=) 2618::pg_catalog.oid "
+    "AND d.objid OPERATOR(pg_catalog.=) r.oid "
+    "AND d.refclassid OPERATOR(pg_catalog.=) 1259::pg_catalog.oid "
+    "WHERE r.ev_type OPERATOR(pg_catalog.=) '1' "
+    "AND r.ev_class OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid "
+    "AND d.refobjid OPERATOR(pg_catalog.<>) r.ev_class), "
+    "closure(view, rel) AS (SELECT view, rel FROM dep "
+    "UNION SELECT c.view, d.rel FROM closure c JOIN dep d ON d.view OPERATOR(pg_catalog.=) c.rel) "
+    "SELECT vn.nspname, v.relname, bn.nspname, b.relname FROM closure c "
+    "JOIN pg_catalog.pg_class v ON v.oid OPERATOR(pg_catalog.=) c.view "
+    "JOIN pg_catalog.pg_namespace vn ON vn.oid OPERATOR(pg_catalog.=) v.relnamespace "
+    "JOIN pg_catalog.pg_class b ON b.oid OPERATOR(pg_catalog.=) c.rel "
+    "JOIN pg_catalog.pg_namespace bn ON bn.oid OPERATOR(pg_catalog.=) b.relnamespace"
+)
+
+
 # Built-ins that run the SQL text they are given (effect runs-sql).
 RUNS_SQL = frozenset(
     {"query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "ts_stat", "ts_rewrite"}
@@ -636,7 +674,9 @@ class SessionPolicy:
         )
         schemas = tuple(dict.fromkeys(s for s in ("public", login) if s))
         rules = [defined.get(n) or PACKS[n] for n in names if n != "read-only"]
-        self.rules = [_Rule(g, schemas if g.action == "deny" else ()) for g in rules]
+        # The database's views, for the rules that refuse or hold (``set_views``).
+        self.view_bases: dict[str, frozenset[str]] = {}
+        self.rules = [_Rule(g, schemas, self.view_bases) if g.action == "deny" else _Rule(g) for g in rules]
         # Patterns look at the text, constants included: their verdicts hold per text only.
         self.by_text = any(r.pattern is not None for r in self.rules)
         self.masking = policy.masking(grant)
@@ -647,7 +687,7 @@ class SessionPolicy:
         # verdicts are never remembered by the data path).
         approvals = {a.name: a for a in policy.config.approvals}
         self.approvals = [
-            (_Rule(Guardrail(name=a.name, action="allow", match=a.match), schemas), a)
+            (_Rule(Guardrail(name=a.name, action="allow", match=a.match), schemas, self.view_bases), a)
             for a in (approvals[n] for n in grant.approvals if n in approvals)
         ]
         self.by_text = self.by_text or any(m.pattern is not None for m, _ in self.approvals)
@@ -658,6 +698,24 @@ class SessionPolicy:
             or any(r.relations is not None for r in self.rules)
             or any(m.relations is not None for m, _ in self.approvals)
         )
+
+    @property
+    def needs_views(self) -> bool:
+        """Whether rules that refuse or hold name relations: then the database's views are read
+        when the session starts (``VIEWS_QUERY``, ``set_views``)."""
+        return any(r.deny and r.relations is not None for r in self.rules) or any(
+            m.relations is not None for m, _ in self.approvals
+        )
+
+    def set_views(self, rows: list[list[str | None]]) -> None:
+        """The rows of ``VIEWS_QUERY``: (view schema, view, schema, relation under it)."""
+        bases: dict[str, set[str]] = {}
+        for row in rows:
+            if len(row) == 4 and all(row):
+                vs, vn, bs, bn = (str(x) for x in row)
+                bases.setdefault(f"{vs}.{vn}", set()).add(f"{bs}.{bn}")
+        self.view_bases.clear()
+        self.view_bases.update({k: frozenset(v) for k, v in bases.items()})
 
     @property
     def guarded(self) -> bool:

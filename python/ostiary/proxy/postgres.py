@@ -505,6 +505,27 @@ class PostgresStartup:
         sql = masking.catalog_query()
         if sql is None:
             return masking.content_plan(), prefix
+        rows, prefix = await self._catalog(sql, conn, upstream, prefix, "to apply its masking rules")
+        plan, policy.view_globs = masking.resolve(rows)
+        return plan, prefix
+
+    async def _views(
+        self, policy: SessionPolicy, conn: Connection, upstream: Channel, prefix: bytes
+    ) -> bytes:
+        """The database's views and the relations under them, for the rules that refuse or hold
+        relations (a write through a view reaches what it is over). Fails closed like masking."""
+        if not policy.needs_views:
+            return prefix
+        from ostiary.policy.evaluate import VIEWS_QUERY
+
+        rows, prefix = await self._catalog(VIEWS_QUERY, conn, upstream, prefix, "to follow its views")
+        policy.set_views(rows)
+        return prefix
+
+    async def _catalog(
+        self, sql: str, conn: Connection, upstream: Channel, prefix: bytes, purpose: str
+    ) -> tuple[list[list[str | None]], bytes]:
+        """The rows of a catalog query run in the session before the client's first statement."""
         query = _core.SimpleQuery(sql, self.gw.config.limits.max_statement)
         try:
             with trio.fail_after(conn.upstream.connect_timeout):
@@ -521,18 +542,15 @@ class PostgresStartup:
             OSError,
         ) as e:
             raise UpstreamUnavailable(
-                f"cannot read the catalog of connection {conn.name!r} to apply its masking rules: "
-                f"{str(e) or 'timed out'}"
+                f"cannot read the catalog of connection {conn.name!r} {purpose}: {str(e) or 'timed out'}"
             ) from None
         if result[0] == "failed":
             raise UpstreamUnavailable(
-                f"cannot read the catalog of connection {conn.name!r} to apply its masking rules: "
-                f"{result[2]} ({result[1]})"
+                f"cannot read the catalog of connection {conn.name!r} {purpose}: {result[2]} ({result[1]})"
             )
         rows = result[1]
         assert isinstance(rows, list)
-        plan, policy.view_globs = masking.resolve(rows)
-        return plan, query.take_remaining()
+        return rows, query.take_remaining()
 
     async def _welcome(
         self,
@@ -572,6 +590,7 @@ class PostgresStartup:
                 hint="ALTER DATABASE ... RESET standard_conforming_strings (and the same for the role)",
             )
         mask, upstream_prefix = await self._mask_plan(session_policy, conn, upstream, upstream_prefix)
+        upstream_prefix = await self._views(session_policy, conn, upstream, upstream_prefix)
         session_id = gw.new_session_id()
         # The client sees the real backend pid (so pg_backend_pid() and the pid in notifications
         # match what libpq reports) but a secret key of the gateway's: the real key never leaves it.
