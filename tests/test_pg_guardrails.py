@@ -5,6 +5,7 @@ name, the session stays usable, and the database is unchanged afterwards.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -533,6 +534,46 @@ def test_a_database_default_that_turns_standard_conforming_strings_off_is_refuse
         upstream("alter database app reset standard_conforming_strings")
     with conn(gw, OPS) as c:
         assert c.execute("show standard_conforming_strings").fetchone() == ("on",)
+
+
+def test_a_search_path_default_is_refused_at_login_under_relation_rules(
+    gw: GatewayProcess, pg: PgCluster, unchanged: None
+) -> None:
+    """Set outside the gateway, a database default search_path of `secret, public` made `keys`
+    mean secret.keys in sessions whose deny rule covers secret.*: refused at login now."""
+    from conftest import APP_PASSWORD
+
+    def upstream(sql: str) -> None:
+        pg.execute(sql, dbname="app", user="app", password=APP_PASSWORD)
+
+    upstream("alter database app set search_path = secret, public")
+    try:
+        for user in (OPS, ANALYST):
+            with pytest.raises(psycopg.OperationalError, match="search_path is secret, public"):
+                conn(gw, user).close()
+        with conn(gw, READER) as r:  # no relation rules: the default stands
+            assert r.execute("show search_path").fetchone() == ("secret, public",)
+    finally:
+        upstream("alter database app reset search_path")
+    with conn(gw, OPS) as c:
+        assert c.execute("select count(*) from guard_canary").fetchone() == (3,)
+
+
+def test_pg_dump_works_through_read_only_and_relation_rules(gw: GatewayProcess, unchanged: None) -> None:
+    """pg_dump sets restrict_nonsystem_relation_kind with `set_config(name, ...) FROM pg_settings
+    WHERE name = '...'` and search_path to '' with set_config: both were refused (any setting
+    could be meant; search_path cannot change under relation rules), so no grant but a plain
+    read-write one could take a backup."""
+    for user, password in ((READER, "reader-pw"), (OPS, "ops-pw")):
+        r = subprocess.run(
+            ["pg_dump", "-t", "guard_canary"],
+            env=gw.env(user=user, password=password),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, (user, r.stderr)
+        assert "CREATE TABLE public.guard_canary" in r.stdout and "COPY public.guard_canary" in r.stdout
 
 
 def test_psql_sees_the_rule_and_goes_on(gw: GatewayProcess, unchanged: None) -> None:

@@ -331,6 +331,32 @@ def test_read_only_pack_on_a_read_write_grant_means_read_only(tmp_path: Path) ->
         assert not d.allow and d.rule == "read-only", sql
 
 
+def test_rules_on_writes_hold_what_moves_or_rewrites_their_relations(tmp_path: Path) -> None:
+    """Found by a hunt: ALTER TABLE public.m SET SCHEMA other (then UPDATE other.m), INHERIT or
+    ATTACH PARTITION under another schema's table, a cascading foreign key to one, ALTER COLUMN
+    TYPE ... USING, TRUNCATE and a renamed view changed public rows without an approval."""
+    rule = {
+        "name": "prod",
+        "match": {"kinds": ["update", "delete"], "relations": ["public.*"]},
+        "approvers": ["dba"],
+    }
+    s = session(tmp_path, approvals=(rule,), access="read-write", approvals_names=["prod"])
+    s.set_views([["other", "ov", "public", "orders"]])
+    for sql in (
+        "alter table public.m1 set schema other",
+        "alter table public.m2 inherit other.hp",
+        "alter table other.np attach partition public.m3 for values from (0) to (100)",
+        "alter table public.m4 add constraint f foreign key (id) references other.p2(id) on delete cascade",
+        "alter table public.alt alter column v type text using ('x')",
+        "truncate public.orders",
+        "drop table orders",
+        "alter view other.ov rename to ov2",
+    ):
+        assert s.approval_rule(sql) is not None, sql
+    for sql in ("alter table other.t add column c int", "insert into public.orders values (1)", "select 1"):
+        assert s.approval_rule(sql) is None, sql
+
+
 def test_approval_rules_fail_closed(tmp_path: Path) -> None:
     notes = {"name": "notes", "match": {"kinds": ["update"], "relations": ["notes"]}, "approvers": ["dba"]}
     billing = {

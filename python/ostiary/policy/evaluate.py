@@ -402,9 +402,24 @@ class _Rule:
 
     def matches(self, a: StatementAnalysis) -> bool:
         if self.kinds and not (self.kinds & a.kinds):
-            return False
+            # A rule on writes that refuses or holds relations also takes what changes those
+            # relations' rows or where writes to them land: TRUNCATE, DROP, and ALTER (SET SCHEMA,
+            # INHERIT, ATTACH PARTITION, a cascading foreign key, ALTER COLUMN TYPE ... USING, a
+            # view renamed) of a relation it covers, named anywhere in the statement.
+            if not (
+                self.schemas
+                and self.relations is not None
+                and self.kinds & WRITE_KINDS
+                and a.kinds & STRUCTURAL_KINDS
+                and any(self.relations.fullmatch(r) for r in self._names(a, structural=True))
+            ):
+                return False
+            return self._rest(a)
         if self.relations is not None and not any(self.relations.fullmatch(r) for r in self._names(a)):
             return False
+        return self._rest(a)
+
+    def _rest(self, a: StatementAnalysis) -> bool:
         if self.functions and not (self.functions & _function_names(a.functions)):
             return False
         if self.effects and not (self.effects & a.effects):
@@ -413,13 +428,15 @@ class _Rule:
             return False
         return not (self.pattern is not None and not self.pattern.search(a.text))
 
-    def _names(self, a: StatementAnalysis) -> Iterable[str]:
+    def _names(self, a: StatementAnalysis, *, structural: bool = False) -> Iterable[str]:
         yield from self._variants(a.reads | a.writes)
-        if self.schemas and self.views and a.writes:
-            # A write through a view writes the relations under it. (Reads through a view are
-            # what its owner chose to show, as PostgreSQL's privileges treat them.)
+        # A write through a view writes the relations under it, and so does an ALTER of the view
+        # (renamed, it would leave the map read at session start). Reads through a view are what
+        # its owner chose to show, as PostgreSQL's privileges treat them.
+        through = (a.reads | a.writes) if structural else a.writes
+        if self.schemas and self.views and through:
             bases: set[str] = set()
-            for r in self._variants(a.writes):
+            for r in self._variants(through):
                 bases.update(self.views.get(r, ()))
             yield from self._variants(bases)
 
@@ -619,6 +636,10 @@ VIEWS_QUERY = (
     "JOIN pg_catalog.pg_class b ON b.oid OPERATOR(pg_catalog.=) c.rel "
     "JOIN pg_catalog.pg_namespace bn ON bn.oid OPERATOR(pg_catalog.=) b.relnamespace"
 )
+
+
+WRITE_KINDS = frozenset({"insert", "update", "delete", "merge", "copy-from"})
+STRUCTURAL_KINDS = frozenset({"truncate", "drop", "alter"})
 
 
 # Built-ins that run the SQL text they are given (effect runs-sql).

@@ -591,6 +591,25 @@ class PostgresStartup:
             )
         mask, upstream_prefix = await self._mask_plan(session_policy, conn, upstream, upstream_prefix)
         upstream_prefix = await self._views(session_policy, conn, upstream, upstream_prefix)
+        if session_policy.pins_search_path:
+            # Relation rules read unqualified names as "$user", public would resolve them, and
+            # search_path cannot change in the session; a database or role default that says
+            # otherwise (set outside the gateway) would move them before the first statement.
+            rows, upstream_prefix = await self._catalog(
+                "SELECT pg_catalog.current_setting('search_path')",
+                conn,
+                upstream,
+                upstream_prefix,
+                "to check its search_path",
+            )
+            path = str(rows[0][0]) if rows and rows[0] and rows[0][0] is not None else ""
+            if path.replace(" ", "").lower() not in ('"$user",public', "$user,public"):
+                raise Refusal(
+                    "42501",
+                    f"search_path is {path} for this session (a database or role default); grant "
+                    f'{grant.name}\'s relation rules read unqualified names with "$user", public',
+                    hint="ALTER ROLE ... RESET search_path (and the same for the database)",
+                )
         session_id = gw.new_session_id()
         # The client sees the real backend pid (so pg_backend_pid() and the pid in notifications
         # match what libpq reports) but a secret key of the gateway's: the real key never leaves it.

@@ -118,6 +118,45 @@ struct Walk {
     ctes: Vec<Vec<String>>,
     /// The VALUES lists INSERTs take their rows from (by address): not a SELECT.
     values_sources: Vec<*const Value>,
+    /// In `SELECT set_config(name, ...) FROM pg_settings WHERE name = 'x'` (pg_dump's form), the
+    /// setting `name` stands for: set by the SELECT being walked.
+    settings_row: Option<String>,
+}
+
+/// The setting a `SELECT ... FROM pg_settings WHERE name = '<constant>'` reads, if it is one.
+fn pg_settings_row(select: &Value) -> Option<String> {
+    let from = select.get("fromClause")?.as_array()?;
+    let [item] = from.as_slice() else { return None };
+    let rv = item.get("RangeVar")?;
+    let schema = rv
+        .get("schemaname")
+        .and_then(Value::as_str)
+        .unwrap_or("pg_catalog");
+    if rv.get("relname").and_then(Value::as_str) != Some("pg_settings") || schema != "pg_catalog" {
+        return None;
+    }
+    let e = select.pointer("/whereClause/A_Expr")?;
+    if e.get("kind").and_then(Value::as_str) != Some("AEXPR_OP") || strings(e.get("name")) != ["="]
+    {
+        return None;
+    }
+    fn is_name(v: Option<&Value>) -> bool {
+        v.and_then(|c| c.get("ColumnRef"))
+            .is_some_and(|c| strings(c.get("fields")) == ["name"])
+    }
+    fn constant(v: Option<&Value>) -> Option<String> {
+        v.and_then(|c| c.pointer("/A_Const/sval/sval"))
+            .and_then(Value::as_str)
+            .map(str::to_ascii_lowercase)
+    }
+    let (l, r) = (e.get("lexpr"), e.get("rexpr"));
+    if is_name(l) {
+        constant(r)
+    } else if is_name(r) {
+        constant(l)
+    } else {
+        None
+    }
 }
 
 impl Walk {
@@ -249,6 +288,7 @@ impl Walk {
                 if !self.values_sources.contains(&(n as *const Value)) =>
             {
                 kinds.insert("select");
+                self.settings_row = pg_settings_row(n);
                 // FOR UPDATE / SHARE: row locks that hold other writers (refused when read-only).
                 if n.get("lockingClause")
                     .and_then(Value::as_array)
@@ -398,11 +438,24 @@ impl Walk {
                     st.literal_sensitive = true;
                     // What it sets decides what it can do; a name that is not a constant could be
                     // anything.
-                    let setting = n
-                        .pointer("/args/0/A_Const/sval/sval")
-                        .and_then(Value::as_str)
-                        .map(str::to_ascii_lowercase);
+                    let by_row = n
+                        .pointer("/args/0/ColumnRef/fields")
+                        .is_some_and(|f| strings(Some(f)) == ["name"]);
+                    let setting = if by_row {
+                        self.settings_row.clone()
+                    } else {
+                        n.pointer("/args/0/A_Const/sval/sval")
+                            .and_then(Value::as_str)
+                            .map(str::to_ascii_lowercase)
+                    };
+                    let value = n
+                        .pointer("/args/1/A_Const/sval/sval")
+                        .and_then(Value::as_str);
                     match setting.as_deref() {
+                        // pg_dump's `set_config('search_path', '', false)`, or the default back:
+                        // unqualified names then resolve in pg_catalog only, or as the rules read
+                        // them.
+                        Some("search_path") if value.is_some_and(harmless_search_path) => {}
                         Some("transaction_read_only" | "default_transaction_read_only") => {
                             st.effects.insert("read-only-change");
                         }
@@ -666,8 +719,11 @@ impl Walk {
             "LockStmt" if n.get("mode").and_then(Value::as_i64) == Some(1) => {
                 kinds.insert("session");
             }
-            "NotifyStmt"
-            | "LockStmt"
+            // NOTIFY, like pg_notify() and LISTEN, is allowed in read-only transactions.
+            "NotifyStmt" => {
+                kinds.insert("session");
+            }
+            "LockStmt"
             | "VacuumStmt"
             | "ClusterStmt"
             | "ReindexStmt"
@@ -736,6 +792,15 @@ fn set_effects(n: &Value, st: &mut Statement) {
     if read_write_option(n.get("args")) {
         st.effects.insert("read-only-change");
     }
+}
+
+/// A search_path that moves no unqualified name away from where relation rules read it: empty
+/// (pg_catalog only) or the default.
+fn harmless_search_path(value: &str) -> bool {
+    let v: String = value.chars().filter(|c| !c.is_whitespace()).collect();
+    v.is_empty()
+        || v.eq_ignore_ascii_case("\"$user\",public")
+        || v.eq_ignore_ascii_case("$user,public")
 }
 
 /// Whether an expression tree references a column anywhere.
@@ -1537,6 +1602,46 @@ mod tests {
         assert!(one("select nextval('secret.s')").literal_sensitive);
         assert!(one("select pg_sequence_last_value('public.s1')").literal_sensitive);
         assert!(!one("select 1 from t where id = 2").literal_sensitive);
+    }
+
+    #[test]
+    fn pg_dumps_settings_are_judged_by_the_setting_they_name() {
+        let st = one(
+            "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings \
+                      WHERE name = 'restrict_nonsystem_relation_kind'",
+        );
+        assert!(st.effects.contains("config-change"));
+        for e in [
+            "read-only-change",
+            "lexer-change",
+            "search-path-change",
+            "role-change",
+        ] {
+            assert!(!st.effects.contains(e), "{e}");
+        }
+        let st = one("select set_config(name, 'off', false) from pg_settings \
+                      where name = 'default_transaction_read_only'");
+        assert!(st.effects.contains("read-only-change"));
+        // Another relation, or no constant: any setting could be meant.
+        let st = one("select set_config(name, 'x', false) from t where name = 'work_mem'");
+        assert!(st.effects.contains("read-only-change"));
+        let st = one("select set_config(name, 'x', false) from pg_settings where name like 'w%'");
+        assert!(st.effects.contains("search-path-change"));
+        // pg_dump's empty search_path and the default back do not move names.
+        assert!(
+            !one("SELECT pg_catalog.set_config('search_path', '', false)")
+                .effects
+                .contains("search-path-change")
+        );
+        assert!(
+            !one("select set_config('search_path', '\"$user\", public', false)")
+                .effects
+                .contains("search-path-change")
+        );
+        assert!(one("select set_config('search_path', 'secret', false)")
+            .effects
+            .contains("search-path-change"));
+        assert_eq!(kinds("notify ch, 'x'"), ["session"]);
     }
 
     #[test]

@@ -130,14 +130,13 @@ fn acts_on_server(flat: &str) -> bool {
     ];
     // Utility statements a read-only transaction allows that rewrite tables, take their locks or
     // signal other sessions (analysed: `explain analyze` is a read).
-    const UTILITIES: [&str; 12] = [
+    const UTILITIES: [&str; 11] = [
         "vacuum",
         "analyze",
         "analyse",
         "cluster",
         "reindex",
         "checkpoint",
-        "notify",
         "refresh",
         // LOCK TABLE in any mode; LOAD of a library; two-phase commit (PREPARE TRANSACTION keeps
         // a transaction and its locks past the session; COMMIT/ROLLBACK PREPARED decide another's).
@@ -463,7 +462,6 @@ mod server_tests {
             "vacuum full orders",
             "cluster orders using orders_pkey",
             "reindex table customers",
-            "notify ch, 'x'",
             "ANALYZE orders",
             "refresh materialized view mv",
             "lock table t in access exclusive mode",
