@@ -252,6 +252,40 @@ def test_held_statements_must_be_valid_utf8(
     assert not store.requests("pending")
 
 
+def test_binary_parameters_the_gateway_cannot_show_are_refused_when_held(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, accounts: None
+) -> None:
+    """Found by a hunt: a binary parameter of undeclared type was shown as hex, like a text
+    parameter holding that hex, so an approval of the text `\\x6f72696734` ran the binary 'orig4'
+    (a row the approved value could never match). Such parameters are refused when held; binary
+    text parameters of a declared type read as their text."""
+    import struct
+
+    from pgraw import SYNC, RawConn, cstr, errors_in, execute, parse, typed
+
+    cfg = approvals_config(pg, gateway_tls, tmp_path)
+    gw = gateway_factory(config=cfg)
+    store = store_of(cfg)
+
+    def binary_bind(value: bytes) -> bytes:
+        body = cstr("") + cstr("") + struct.pack("!hh", 1, 1) + struct.pack("!h", 1)
+        return typed(b"B", body + struct.pack("!i", len(value)) + value + struct.pack("!h", 0))
+
+    c = RawConn(gw.port)
+    c.start_tls(gw.tls.ca_cert)
+    with c:
+        c.login("ci", "ci-pw")
+        c.send(
+            parse("", "update apr_accounts set v = 'x' where v = $1")
+            + binary_bind(b"orig4")
+            + execute()
+            + SYNC
+        )
+        errors = errors_in(c.until_ready())
+        assert [e["C"] for e in errors] == ["42501"] and "binary parameter" in errors[0]["M"], errors
+    assert not store.requests("pending")
+
+
 def test_expiry_and_two_approvals(
     gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, accounts: None
 ) -> None:

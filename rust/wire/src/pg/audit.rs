@@ -781,7 +781,7 @@ mod tests {
         let e = t.take();
         assert!(e[0].truncated && e[0].text.len() <= 64);
         assert_eq!(e[0].outcome, Outcome::Incomplete);
-        assert_eq!(e[1].params, vec![Some("\\x01ff".into())]);
+        assert_eq!(e[1].params, vec![Some("\u{FFFD}binary:\\x01ff".into())]);
     }
 
     #[test]

@@ -173,6 +173,9 @@ pub fn parse_fields(body: &[u8], max_text: usize) -> (String, String, bool, Vec<
     (name, text, truncated, types)
 }
 
+/// How a binary Bind parameter the gateway cannot render starts (then `\x` and its bytes in hex).
+pub const BINARY_MARK: &str = "\u{FFFD}binary:";
+
 /// Bind parameters as text, within `max_text` bytes in all (what does not fit is dropped and
 /// marked with a last `"…"`), and whether any was.
 fn bind_params(r: &mut Reader<'_>, max_text: usize, types: &[u32]) -> (Vec<Option<String>>, bool) {
@@ -217,7 +220,12 @@ fn bind_params(r: &mut Reader<'_>, max_text: usize, types: &[u32]) -> (Vec<Optio
         let mut text = if known {
             String::from_utf8_lossy(&rendered).into_owned()
         } else if binary {
-            let mut s = String::with_capacity(2 + 2 * raw.len());
+            // A binary value of a type not rendered here (or not declared: the server resolves
+            // it from the statement) reads differently from a text parameter of the same hex:
+            // marked with U+FFFD, which text parameters shown to approvers never hold (held
+            // statements with it are refused), so the two cannot be taken for each other.
+            let mut s = String::with_capacity(10 + 2 * raw.len());
+            s.push_str(BINARY_MARK);
             s.push_str("\\x");
             for b in raw {
                 s.push_str(&format!("{b:02x}"));
