@@ -828,9 +828,9 @@ class SessionPolicy:
                 return StatementDecision(
                     False,
                     "code",
-                    "DO blocks and functions, procedures, rules, triggers or views defined here "
-                    "are refused under relation rules: what their code reads or writes is out of "
-                    "their sight",
+                    "DO blocks and functions, procedures, rules, triggers, views, operators, "
+                    "aggregates, domains or casts defined here are refused under relation rules: "
+                    "what their code reads or writes is out of their sight",
                     by_shape=by_shape,
                 )
             if self.approvals and "execute" in a.kinds:
