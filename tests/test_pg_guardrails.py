@@ -359,14 +359,12 @@ def test_a_read_only_session_without_rules_judges_flagged_text_with_the_parser(
                 "select 'READ WRITE', 'u&x', 'set_config', 'please dblink me'",
                 ("READ WRITE", "u&x", "set_config", "please dblink me"),
             ),
-            ("select current_setting('jit') as cur, set_config('jit', 'off', false) as new", (None, "off")),
+            # asyncpg's, before its type lookups (jit's old value depends on the server).
+            ("select set_config('jit', 'off', false) as new", ("off",)),
             ("select current_setting('transaction_read_only')", ("on",)),
             ("select 'standard_conforming_strings'", ("standard_conforming_strings",)),
         ):
-            row = r.execute(sql).fetchone()
-            assert row is not None and (row[1:] if expected[0] is None else row) == (
-                expected[1:] if expected[0] is None else expected
-            ), (sql, row)
+            assert r.execute(sql).fetchone() == expected, sql
         for sql, why in (
             (
                 "select query_to_xml('select pg_catalog.set_con'||'fig(''default_transaction_read_o''"

@@ -4,6 +4,7 @@ from typing import Any, Literal, Self, final
 __version__: str
 __all__ = [
     "ALPN_POSTGRESQL",
+    "BINARY_MARK",
     "MASK_DETECTORS",
     "ClientHandshake",
     "CoreError",
@@ -169,6 +170,8 @@ class MaskError(CoreError): ...
 
 MASK_DETECTORS: list[str]
 ALPN_POSTGRESQL: bytes
+# How an audit record or an approval shows a binary Bind parameter the data path cannot render.
+BINARY_MARK: str
 
 @final
 class MaskSet:

@@ -42,10 +42,6 @@ from ostiary.hooks import Consult, Decision, SessionInfo, StatementInfo
 # Built-in function oids (stable across PostgreSQL versions): lo_open, lo_close, loread,
 # lo_lseek, lo_tell, lo_lseek64, lo_tell64, lo_get (both forms). Writes (lowrite, lo_creat,
 # lo_unlink ...) are not among them.
-# How the data path shows a binary Bind parameter it cannot render (ostiary_wire's BINARY_MARK,
-# then \x and the bytes in hex): its value depends on a type the gateway does not know.
-BINARY_MARK = "\ufffdbinary:"
-
 READ_ONLY_FAST_PATH = frozenset({"952", "953", "954", "956", "958", "3170", "3171", "3458", "3459"})
 
 
@@ -77,7 +73,7 @@ class PolicyHook:
                 rule = policy.approval_rule(statement.text)
                 if rule is None:
                     return Decision.allowed(remember=False)
-                if any(p is not None and p.startswith(BINARY_MARK) for p in statement.params):
+                if any(p is not None and p.startswith(_core.BINARY_MARK) for p in statement.params):
                     return Decision.denied(
                         f"{rule.name}: a statement that approval rule {rule.name} holds cannot take a "
                         "binary parameter whose type the gateway cannot show (undeclared, or not one "

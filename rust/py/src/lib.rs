@@ -1205,6 +1205,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "ALPN_POSTGRESQL",
         PyBytes::new(m.py(), tls::ALPN_POSTGRESQL),
     )?;
+    m.add("BINARY_MARK", ostiary_wire::pg::frontend::BINARY_MARK)?;
     m.add_function(wrap_pyfunction!(mask_pattern_problem, m)?)?;
     m.add_function(wrap_pyfunction!(error_response, m)?)?;
     m.add_function(wrap_pyfunction!(auth_cleartext_password, m)?)?;

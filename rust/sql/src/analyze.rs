@@ -123,6 +123,12 @@ struct Walk {
     settings_row: Option<String>,
 }
 
+/// Whether a JSON object is a RangeVar's fields (under a `RangeVar` key in lists, bare where a
+/// node's field is one: UPDATE's, DELETE's and INSERT's target).
+pub(crate) fn is_range_var(map: &serde_json::Map<String, Value>) -> bool {
+    map.contains_key("relname") && map.contains_key("relpersistence")
+}
+
 /// The setting a `SELECT ... FROM pg_settings WHERE name = '<constant>'` reads, if it is one.
 fn pg_settings_row(select: &Value) -> Option<String> {
     let from = select.get("fromClause")?.as_array()?;
@@ -163,7 +169,7 @@ impl Walk {
     fn value(&mut self, v: &Value, st: &mut Statement) {
         match v {
             Value::Object(map) => {
-                if map.contains_key("relname") && map.contains_key("relpersistence") {
+                if is_range_var(map) {
                     let qualified = ["schemaname", "catalogname"].iter().any(|k| {
                         v.get(k)
                             .and_then(Value::as_str)

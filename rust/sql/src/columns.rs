@@ -98,7 +98,7 @@ fn relations_in(v: &Value, out: &mut BTreeSet<String>) {
     match v {
         Value::Object(map) => {
             if let Some(rv) = as_range_var(map, v) {
-                out.insert(range_var_name(&rv));
+                out.insert(range_var_name(rv));
             }
             map.values().for_each(|c| relations_in(c, out));
         }
@@ -189,11 +189,9 @@ fn resolve_ranges(ranges: &mut BTreeMap<String, BTreeSet<String>>) {
 
 /// The RangeVar an object is or holds: `{"RangeVar": {...}}` in lists, the bare fields where a
 /// node has a RangeVar field (UPDATE's, DELETE's and INSERT's target relation).
-fn as_range_var(map: &serde_json::Map<String, Value>, v: &Value) -> Option<Value> {
-    if let Some(rv) = map.get("RangeVar") {
-        return Some(rv.clone());
-    }
-    (map.contains_key("relname") && map.contains_key("relpersistence")).then(|| v.clone())
+fn as_range_var<'a>(map: &'a serde_json::Map<String, Value>, v: &'a Value) -> Option<&'a Value> {
+    map.get("RangeVar")
+        .or_else(|| crate::analyze::is_range_var(map).then_some(v))
 }
 
 fn collect_aliases(v: &Value, out: &mut BTreeMap<String, BTreeSet<String>>) {
@@ -201,7 +199,7 @@ fn collect_aliases(v: &Value, out: &mut BTreeMap<String, BTreeSet<String>>) {
         Value::Object(map) => {
             if let Some(rv) = as_range_var(map, v) {
                 let rel = rv.get("relname").and_then(Value::as_str).unwrap_or("");
-                let name = range_var_name(&rv);
+                let name = range_var_name(rv);
                 let alias = rv
                     .pointer("/alias/aliasname")
                     .and_then(Value::as_str)
@@ -212,7 +210,7 @@ fn collect_aliases(v: &Value, out: &mut BTreeMap<String, BTreeSet<String>>) {
                     .or_default()
                     .insert(name.clone());
                 // A whole row may be written with its schema (`public.customers.*`).
-                out.entry(name).or_default().insert(range_var_name(&rv));
+                out.entry(name.clone()).or_default().insert(name);
             }
             for child in map.values() {
                 collect_aliases(child, out);

@@ -1,8 +1,9 @@
-//! Could this statement turn a read-only session writable? An interim, conservative text check.
+//! Could this statement turn a read-only session writable? A cheap, conservative text check that
+//! picks the statements the control plane then analyses with the parser.
 //!
 //! A read-only grant's upstream session starts with `default_transaction_read_only=on`, so
 //! PostgreSQL refuses writes; `RESET` and `DISCARD ALL` return to that startup value. What remains
-//! is a client switching it off. Without a parser, this flags any statement that mentions a way to
+//! is a client switching it off. Without parsing, this flags any statement that mentions a way to
 //! do so:
 //!
 //! * `read write` (BEGIN / START TRANSACTION / SET TRANSACTION / SET SESSION CHARACTERISTICS),
@@ -23,7 +24,9 @@
 //! followed; ASCII letters are lowercased, double quotes dropped, whitespace runs made one space.
 //!
 //! A lone `SHOW name` is not flagged. False positives (a string literal that contains those words)
-//! are possible and accepted: a flagged statement is only refused in a read-only session. A
+//! are possible and cost one analysis: a flagged statement is refused by what the parser finds in
+//! it (`ostiary.policy.enforce.read_only_refusal`), which is why such sessions also keep the
+//! server's lexer where the parser's is (standard-conforming strings, no splitting encoding). A
 //! function already in the database that runs dynamic SQL is out of its reach; for a guarantee the
 //! database enforces, read-only grants should use a reader role.
 

@@ -224,12 +224,8 @@ fn bind_params(r: &mut Reader<'_>, max_text: usize, types: &[u32]) -> (Vec<Optio
             // it from the statement) reads differently from a text parameter of the same hex:
             // marked with U+FFFD, which text parameters shown to approvers never hold (held
             // statements with it are refused), so the two cannot be taken for each other.
-            let mut s = String::with_capacity(10 + 2 * raw.len());
-            s.push_str(BINARY_MARK);
-            s.push_str("\\x");
-            for b in raw {
-                s.push_str(&format!("{b:02x}"));
-            }
+            let mut s = BINARY_MARK.to_owned();
+            super::binary::bytea_hex(raw, &mut s);
             s
         } else {
             String::from_utf8_lossy(raw).into_owned()

@@ -1552,10 +1552,27 @@ mod tests {
 #[cfg(test)]
 mod render_tests {
     use super::render_binary;
+    use crate::pg::binary::render_param;
+
+    fn shown(render: fn(u32, &[u8], &mut Vec<u8>) -> bool, oid: u32, v: &[u8]) -> Option<String> {
+        let mut out = Vec::new();
+        render(oid, v, &mut out).then(|| String::from_utf8(out).unwrap())
+    }
 
     fn r(oid: u32, v: &[u8]) -> Option<String> {
-        let mut out = Vec::new();
-        render_binary(oid, v, &mut out).then(|| String::from_utf8(out).unwrap())
+        shown(render_binary, oid, v)
+    }
+
+    #[test]
+    fn text_params_read_as_their_text_and_bytea_as_its_hex() {
+        // As a text parameter of the same value would read (an approval binds what it shows).
+        let p = |oid, v| shown(render_param, oid, v);
+        assert_eq!(p(25, b"orig4").as_deref(), Some("orig4"));
+        assert_eq!(p(1043, "\u{e9}".as_bytes()).as_deref(), Some("\u{e9}"));
+        assert_eq!(p(17, b"\x01\xff").as_deref(), Some("\\x01ff"));
+        // Not UTF-8, or a type the server resolves itself: not rendered (the caller marks it).
+        assert_eq!(p(25, b"\xff"), None);
+        assert_eq!(p(0, b"orig4"), None);
     }
 
     #[test]
