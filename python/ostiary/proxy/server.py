@@ -228,6 +228,9 @@ class Gateway:
     ) -> None:
         self.config = config
         self.config_path = config_path
+        # The policy files as they were when the configuration was read: the watcher compares
+        # with this, so a change made while the gateway starts is not taken as the baseline.
+        self._policy_stamp = self._stamp_policy()
         # Settings that can only be checked against the machine, checked before the audit trail or
         # anything else is opened: a wrong one stops the start with ConfigError naming it.
         source = config_path or "<config>"
@@ -553,24 +556,27 @@ class Gateway:
                 )
             self.end_session(info.id, "28000", f"terminating connection: {why}")
 
+    def _stamp_policy(self) -> tuple[tuple[str, int, int], ...]:
+        """Names, mtimes and sizes of the policy files (empty without a config path)."""
+        if self.config_path is None:
+            return ()
+        try:
+            files = configmod.policy_files(Path(self.config_path))
+            return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+        except OSError:
+            return ()
+
     async def _watch_policy(self) -> None:
         """Reloads on SIGHUP and when the policy files change (polled every 2 s)."""
         if self.config_path is None:
             return
 
-        def stamp() -> tuple[tuple[str, int, int], ...]:
-            try:
-                files = configmod.policy_files(Path(self.config_path or "."))
-                return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
-            except OSError:
-                return ()
-
-        seen = stamp()
+        seen = self._policy_stamp
         while True:
             with trio.move_on_after(2.0):
                 await self._reload_requested.wait()
             self._reload_requested = trio.Event()
-            current = stamp()
+            current = self._stamp_policy()
             if current != seen or self._reload_forced:
                 self._reload_forced = False
                 seen = current
