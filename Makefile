@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build demo test test-rust test-python lint fmt bench bench-e2e perf-gate perf-gate-full fuzz clean
+.PHONY: help venv build demo test test-rust test-python lint fmt bench bench-e2e perf-gate perf-gate-full fuzz wheel clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ venv: $(STAMP) ## create or update the virtualenv
 
 build: $(STAMP) ## build the Rust extension (release) into the virtualenv
 	$(VENV)/bin/maturin develop --release --extras dev -q
+
+wheel: build ## the pip-installable wheel, stripped, into dist/
+	$(VENV)/bin/maturin build --release --strip -q -o dist
 
 demo: build ## run the gateway in front of a throwaway PostgreSQL; prints a psql command
 	$(VENV)/bin/ostiary demo
