@@ -55,7 +55,7 @@ def _env(site: Path) -> dict[str, str]:
 
 
 def test_wheel_installs_alone_and_imports_from_its_own_files(wheel_site: Path) -> None:
-    code = "import ostiary, ostiary._core, ostiary.cli; print(ostiary.__file__); print(ostiary._core.__file__)"
+    code = "import ostiary, ostiary._core, ostiary.cli; print(ostiary.__file__, ostiary._core.__file__)"
     r = subprocess.run(
         [sys.executable, "-c", code], env=_env(wheel_site), capture_output=True, text=True, timeout=60
     )

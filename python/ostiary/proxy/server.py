@@ -437,7 +437,14 @@ class Gateway:
         return self.sessions.pop(session, None)
 
     def report_authentication(self, attempt: AuthAttempt) -> None:
-        who = attempt.identity.name if attempt.identity is not None else "?"
+        if attempt.identity is not None:
+            who = attempt.identity.name
+        else:
+            # No identity was established (an expired or forged token, a wrong password): say what
+            # the client presented, never the secret: its user name and the token's digest.
+            who = f"user {attempt.user!r}"
+            if attempt.credential_id:
+                who += f" token {attempt.credential_id}"
         if attempt.outcome == "allowed":
             log.info(
                 "auth allowed: %s (%s via %s) from %s on %s under grant %s",
