@@ -286,7 +286,40 @@ def test_policy_check_warns_of_what_serve_would_refuse_or_expose(tmp_path: Path)
     assert "tls: no TLS configured: every client of app is refused" in r.stdout, r.stdout
     assert "admin.tls: the admin API listens on 0.0.0.0 without TLS" in r.stdout
     assert "audit.dsn_env: environment variable OSTIARY_TEST_SURELY_UNSET_DSN is not set" in r.stdout
+    # host db, tls disable, any method: an impostor could take the password.
+    assert "connections[0].upstream: tls.mode is disable and require_auth lets the server ask" in r.stdout
     # serve says the same in one line, without a traceback.
     r = run_cli("serve", "--config", str(p))
     assert r.returncode == 1, r.stderr
     assert "OSTIARY_TEST_SURELY_UNSET_DSN is not set" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("upstream", "warned"),
+    [
+        ({"tls": {"mode": "require"}}, True),
+        ({"tls": {"mode": "require"}, "require_auth": ["scram-sha-256", "password"]}, True),
+        ({"tls": {"mode": "require"}, "require_auth": ["scram-sha-256"]}, False),
+        ({"tls": {"mode": "disable"}, "require_auth": ["scram-sha-256", "md5"]}, False),
+        ({"tls": {"mode": "verify-full", "ca": "good.py"}}, False),
+        ({"host": "127.0.0.1"}, False),
+    ],
+)
+def test_weak_upstream_authentication_is_warned_of(
+    tmp_path: Path, upstream: dict[str, Any], warned: bool
+) -> None:
+    from ostiary.policy.check import policy_warnings
+
+    data = good(tmp_path)
+    (tmp_path / "good.py").write_text("a CA bundle")
+    data["connections"][0]["upstream"].update(upstream)
+    cfg = config.parse(data, "test.yaml", tmp_path)
+    found = [w for w, _ in policy_warnings(cfg) if w == "connections[0].upstream"]
+    assert bool(found) == warned
+
+
+def test_require_auth_names_known_methods(tmp_path: Path) -> None:
+    data = good(tmp_path)
+    data["connections"][0]["upstream"]["require_auth"] = ["scram-sha-256", "gss"]
+    (where, _), *_ = problems(data, tmp_path)
+    assert where == "connections[0].upstream.require_auth[1]", where

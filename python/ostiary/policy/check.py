@@ -287,6 +287,18 @@ def policy_warnings(cfg: Config) -> list[tuple[str, str]]:
                 "travel in clear; set admin.tls or listen on 127.0.0.1 behind a TLS proxy",
             )
         )
+    for i, conn in enumerate(cfg.connections):
+        up = conn.upstream
+        weak = not up.require_auth or {"none", "password"} & set(up.require_auth)
+        if up.tls.mode != "verify-full" and weak and not _loopback(up.host):
+            out.append(
+                (
+                    f"connections[{i}].upstream",
+                    f"tls.mode is {up.tls.mode} and require_auth lets the server ask for the cleartext "
+                    "password or for none: whoever can pose as the server can take the password or serve "
+                    "the sessions; set tls.mode: verify-full, or require_auth: [scram-sha-256]",
+                )
+            )
     a = cfg.audit
     if a.enabled and a.store == "postgres" and a.dsn_env is not None and a.dsn_env not in os.environ:
         out.append(("audit.dsn_env", f"environment variable {a.dsn_env} is not set: serve cannot start"))

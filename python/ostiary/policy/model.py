@@ -155,13 +155,20 @@ class Credential(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     password_ref: str | None = None
 
 
+UpstreamAuth = Literal["none", "password", "md5", "scram-sha-256"]
+
+
 class Upstream(Credential, forbid_unknown_fields=True, kw_only=True):
-    """Where the server is, and the default credential sessions use."""
+    """Where the server is, and the default credential sessions use. ``require_auth`` (libpq's
+    option of that name) lists the authentication methods the server may ask for; empty: any
+    (``none`` is a server that asks for no password). ``connect_timeout`` bounds the connection and
+    login together."""
 
     host: str
     port: int = 5432
     database: str
     tls: UpstreamTls = msgspec.field(default_factory=UpstreamTls)
+    require_auth: list[UpstreamAuth] = msgspec.field(default_factory=list)
     connect_timeout: float = 10.0
 
 

@@ -29,7 +29,7 @@ from ostiary.audit.log import token_id
 from ostiary.config import resolve_secret
 from ostiary.errors import AuthenticationFailed, UpstreamUnavailable
 from ostiary.hooks import AuthAttempt, SessionInfo, peer_ip
-from ostiary.identity import ClientHello, Identity
+from ostiary.identity import ClientHello, Identity, printable
 from ostiary.identity.tokens import looks_like_jwt
 from ostiary.policy.enforce import read_only_refusal
 from ostiary.policy.evaluate import CompiledPolicy, SessionPolicy
@@ -134,14 +134,17 @@ async def _connect_upstream(
         raise UpstreamUnavailable(
             f"the upstream password of connection {conn.name!r} ({cred.user}) is unavailable: {e}"
         ) from None
+    # One deadline for the connection and the login together (a server that answers each step
+    # just in time must not hold the client for several timeouts).
+    deadline = trio.current_time() + up.connect_timeout
     try:
-        with trio.fail_after(up.connect_timeout):
+        with trio.fail_at(deadline):
             stream = await open_tcp(up.host, up.port)
     except (OSError, trio.TooSlowError) as e:
         raise UpstreamUnavailable(f"cannot reach {up.host}:{up.port}: {str(e) or 'timed out'}") from None
     ch = Channel(stream)
     try:
-        with trio.fail_after(up.connect_timeout):
+        with trio.fail_at(deadline):
             if up.tls.mode != "disable":
                 await ch.send_raw(_core.ssl_request())
                 answer = await ch.receive_raw(1)
@@ -157,7 +160,7 @@ async def _connect_upstream(
                 # The session default; RESET and DISCARD ALL return to it. Statements that would turn
                 # it off are the guardrails' to refuse.
                 params.append(("default_transaction_read_only", "on"))
-            machine = _core.UpstreamHandshake(params, password)
+            machine = _core.UpstreamHandshake(params, password, list(up.require_auth))
             await ch.send(machine.start())
             while True:
                 step = machine.step()
@@ -165,16 +168,30 @@ async def _connect_upstream(
                     machine.receive_data(await ch.receive())
                 elif step[0] == "send":
                     await ch.send(step[1])
+                elif step[0] == "derive":
+                    # PBKDF2 with the server's iteration count (up to 10,000,000: about a second):
+                    # in a worker thread, so the event loop serves every other session meanwhile.
+                    await trio.to_thread.run_sync(machine.derive, abandon_on_cancel=True)
                 elif step[0] == "failed":
-                    fields: dict[str, str] = step[1]
+                    fields: dict[str, str] = {k: _without_secret(v, password) for k, v in step[1].items()}
                     code = fields.get("code", "08006")
                     if code.startswith("28"):
-                        # The gateway's credentials were refused: not the client's fault.
+                        # The gateway's credentials were refused: not the client's fault, nor the
+                        # client's to read (the server names the upstream role); the log says why.
+                        log.warning(
+                            "the upstream of connection %r refused the login of %s: %s %s",
+                            conn.name,
+                            cred.user,
+                            code,
+                            printable(fields.get("message", "")),
+                        )
                         raise UpstreamUnavailable(
                             f"the upstream refused the gateway's credentials for connection {conn.name!r}"
                         )
                     # The server's own refusal (an unknown or invalid setting, too many
                     # connections ...), as it would reach a client connected directly.
+                    if not _is_sqlstate(code):
+                        raise _core.ProtocolError(f"an ErrorResponse with SQLSTATE {printable(code)!r}")
                     raise Refusal(
                         code,
                         fields.get("message", "the upstream refused the session"),
@@ -201,6 +218,24 @@ async def _connect_upstream(
     except BaseException:
         await ch.aclose()
         raise
+
+
+def _without_secret(text: str, secret: str) -> str:
+    """The upstream's text with the gateway's password blanked out (a server that echoes it must not
+    hand it to the client or the log); short passwords are left, they would blank ordinary words."""
+    return text.replace(secret, "****") if len(secret) >= 6 else text
+
+
+def _unreadable_catalog(conn: Connection, purpose: str, e: Exception) -> UpstreamUnavailable:
+    """Rows of a catalog query that are not what PostgreSQL answers (fails closed, as 08006)."""
+    log.warning("the catalog of connection %r answered rows the gateway cannot read: %r", conn.name, e)
+    return UpstreamUnavailable(
+        f"cannot read the catalog of connection {conn.name!r} {purpose}: its answer is not a catalog's"
+    )
+
+
+def _is_sqlstate(code: str) -> bool:
+    return len(code) == 5 and code.isascii() and code.isalnum() and code.upper() == code
 
 
 class PostgresStartup:
@@ -506,7 +541,10 @@ class PostgresStartup:
         if sql is None:
             return masking.content_plan(), prefix
         rows, prefix = await self._catalog(sql, conn, upstream, prefix, "to apply its masking rules")
-        plan, policy.view_globs = masking.resolve(rows)
+        try:
+            plan, policy.view_globs = masking.resolve(rows)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+            raise _unreadable_catalog(conn, "to apply its masking rules", e) from None
         return plan, prefix
 
     async def _views(
@@ -519,7 +557,10 @@ class PostgresStartup:
         from ostiary.policy.evaluate import VIEWS_QUERY
 
         rows, prefix = await self._catalog(VIEWS_QUERY, conn, upstream, prefix, "to follow its views")
-        policy.set_views(rows)
+        try:
+            policy.set_views(rows)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+            raise _unreadable_catalog(conn, "to follow its views", e) from None
         return prefix
 
     async def _catalog(

@@ -648,13 +648,24 @@ class Gateway:
                 try:
                     if up.tls.mode != "disable":
                         await ch.send_raw(_core.ssl_request())
-                        if await ch.receive_raw(1) == b"S":
-                            ch.start_tls(
-                                _core.TlsSession.client(
-                                    self.upstream_tls(target.connection), up.tls.server_name or up.host
-                                )
+                        if await ch.receive_raw(1) != b"S":
+                            # As at login: never in plaintext when TLS is asked for (the backend's
+                            # key is the upstream's secret, and an impostor would collect it).
+                            log.warning(
+                                "session %d: cancel not forwarded: %s:%d does not accept TLS "
+                                "(tls.mode is %s)",
+                                target.session,
+                                up.host,
+                                up.port,
+                                up.tls.mode,
                             )
-                            await ch.handshake()
+                            return
+                        ch.start_tls(
+                            _core.TlsSession.client(
+                                self.upstream_tls(target.connection), up.tls.server_name or up.host
+                            )
+                        )
+                        await ch.handshake()
                     await ch.send(_core.cancel_request(target.process_id, target.upstream_key))
                 finally:
                     await ch.aclose()

@@ -167,12 +167,31 @@ struct UpstreamHandshake {
 
 #[pymethods]
 impl UpstreamHandshake {
+    /// `require_auth`: the methods the upstream may ask for ("none", "password", "md5",
+    /// "scram-sha-256"); empty: any.
     #[new]
-    fn new(params: Vec<(String, String)>, password: String) -> PyResult<Self> {
+    #[pyo3(signature = (params, password, require_auth = Vec::new()))]
+    fn new(
+        params: Vec<(String, String)>,
+        password: String,
+        require_auth: Vec<String>,
+    ) -> PyResult<Self> {
+        let methods = require_auth
+            .iter()
+            .map(|m| {
+                handshake::AuthMethod::parse(m).ok_or_else(|| {
+                    pyo3::exceptions::PyValueError::new_err(format!(
+                        "unknown authentication method {m:?}"
+                    ))
+                })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
         let (inner, first) =
             handshake::UpstreamHandshake::new(params, &password, Limits::default())
                 .map_err(wire_err)?;
-        let inner = inner.with_scram_cache(SCRAM_CACHE.clone());
+        let inner = inner
+            .with_scram_cache(SCRAM_CACHE.clone())
+            .with_require_auth(methods);
         Ok(UpstreamHandshake {
             inner,
             first: Some(first),
@@ -191,11 +210,19 @@ impl UpstreamHandshake {
         bytes(py, &self.inner.take_remaining())
     }
 
-    /// ("need_data",) | ("send", bytes) | ("failed", {field: value}) |
+    /// The SCRAM key derivation `step` asked for with ("derive",); releases the GIL (call it
+    /// from a worker thread: it can take a second).
+    fn derive(&mut self, py: Python<'_>) -> PyResult<()> {
+        let inner = &mut self.inner;
+        py.allow_threads(|| inner.derive()).map_err(wire_err)
+    }
+
+    /// ("need_data",) | ("send", bytes) | ("derive",) | ("failed", {field: value}) |
     /// ("ready", [(name, value)], process_id, secret_key, status, [notice bytes]).
     fn step<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         Ok(match self.inner.step().map_err(wire_err)? {
             UpstreamStep::NeedData => PyTuple::new(py, ["need_data"])?,
+            UpstreamStep::Derive => PyTuple::new(py, ["derive"])?,
             UpstreamStep::Send(b) => ("send", bytes(py, &b)).into_pyobject(py)?,
             UpstreamStep::Failed(fields) => {
                 ("failed", error_dict(py, &fields)?).into_pyobject(py)?

@@ -305,7 +305,13 @@ fn fuzz_startup_and_handshakes() {
             if u.receive_data(c).is_err() {
                 break;
             }
-            while let Ok(UpstreamStep::Send(_)) = u.step() {}
+            loop {
+                match u.step() {
+                    Ok(UpstreamStep::Send(_)) => {}
+                    Ok(UpstreamStep::Derive) if u.derive().is_ok() => {}
+                    _ => break,
+                }
+            }
         }
         let _ = Authentication::decode(&input);
         let _ = ErrorFields::decode(&input);

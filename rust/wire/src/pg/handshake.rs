@@ -166,7 +166,48 @@ pub enum UpstreamStep {
     Ready(UpstreamReady),
     /// The upstream refused (bad credentials, unknown database, too many connections ...).
     Failed(ErrorFields),
+    /// The SCRAM salted password must be derived (PBKDF2: up to a second of CPU for a server that
+    /// asks for many iterations): call `derive` (off the event loop), then `step` again.
+    Derive,
 }
+
+/// The upstream authentication methods a login may use (libpq's `require_auth`): `None` is a
+/// server that lets the login in without asking for a password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    None,
+    Password,
+    Md5,
+    ScramSha256,
+}
+
+impl AuthMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMethod::None => "none",
+            AuthMethod::Password => "password",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            AuthMethod::None,
+            AuthMethod::Password,
+            AuthMethod::Md5,
+            AuthMethod::ScramSha256,
+        ]
+        .into_iter()
+        .find(|m| m.name() == name)
+    }
+}
+
+/// What the upstream may have the gateway hold before ReadyForQuery: its NoticeResponses and
+/// ParameterStatus messages together (they are passed on to the client).
+pub const STARTUP_HELD_LIMIT: usize = 1 << 20;
+/// The largest ParameterStatus accepted (libpq refuses longer ones as a loss of synchronisation).
+pub const MAX_PARAMETER_STATUS: usize = 30_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamReady {
@@ -187,6 +228,15 @@ pub struct UpstreamHandshake {
     authenticated: bool,
     ready: UpstreamReady,
     limits: Limits,
+    /// Methods the login may use; empty: any.
+    require_auth: Vec<AuthMethod>,
+    /// The method the gateway answered with; a second request after it is refused.
+    answered: Option<AuthMethod>,
+    /// A SCRAM server-first message waiting for `derive`, then the reply to send.
+    pending_first: Option<Vec<u8>>,
+    pending_send: Option<Vec<u8>>,
+    /// Bytes of notices and parameters held so far (bounded by STARTUP_HELD_LIMIT).
+    held: usize,
 }
 
 impl UpstreamHandshake {
@@ -220,8 +270,68 @@ impl UpstreamHandshake {
                 notices: Vec::new(),
             },
             limits,
+            require_auth: Vec::new(),
+            answered: None,
+            pending_first: None,
+            pending_send: None,
+            held: 0,
         };
         Ok((m, first))
+    }
+
+    /// Restricts the methods the upstream may ask for (empty: any).
+    pub fn with_require_auth(mut self, methods: Vec<AuthMethod>) -> Self {
+        self.require_auth = methods;
+        self
+    }
+
+    fn allow(&mut self, method: AuthMethod) -> Result<(), WireError> {
+        if let Some(done) = self.answered {
+            return Err(WireError::Auth(format!(
+                "upstream asked for {} authentication after the gateway had answered its {} \
+                 request",
+                method.name(),
+                done.name()
+            )));
+        }
+        if !self.require_auth.is_empty() && !self.require_auth.contains(&method) {
+            let allowed: Vec<&str> = self.require_auth.iter().map(|m| m.name()).collect();
+            return Err(WireError::Auth(format!(
+                "upstream asked for {} authentication; require_auth allows only {}",
+                method.name(),
+                allowed.join(", ")
+            )));
+        }
+        if method != AuthMethod::None {
+            self.answered = Some(method);
+        }
+        Ok(())
+    }
+
+    fn hold(&mut self, bytes: usize) -> Result<(), WireError> {
+        self.held += bytes;
+        if self.held > STARTUP_HELD_LIMIT {
+            return Err(WireError::TooLarge {
+                what: "notices and parameters sent by the upstream during login",
+                length: self.held,
+                limit: STARTUP_HELD_LIMIT,
+            });
+        }
+        Ok(())
+    }
+
+    /// Derives the SCRAM salted password for the pending server-first message (the costly step;
+    /// no shared state but the salted-password cache).
+    pub fn derive(&mut self) -> Result<(), WireError> {
+        let Some(data) = self.pending_first.take() else {
+            return Ok(());
+        };
+        let c = self
+            .scram
+            .as_mut()
+            .ok_or_else(|| WireError::Auth("SASLContinue without SASL".into()))?;
+        self.pending_send = Some(frontend::sasl_response(&c.server_first(&data)?));
+        Ok(())
     }
 
     /// Shares a cache of SCRAM salted passwords across logins.
@@ -249,6 +359,12 @@ impl UpstreamHandshake {
     }
 
     pub fn step(&mut self) -> Result<UpstreamStep, WireError> {
+        if self.pending_first.is_some() {
+            return Ok(UpstreamStep::Derive);
+        }
+        if let Some(reply) = self.pending_send.take() {
+            return Ok(UpstreamStep::Send(reply));
+        }
         loop {
             let Some((tag, body, used)) = split_message(&self.buf, 1 << 20)? else {
                 return Ok(UpstreamStep::NeedData);
@@ -257,23 +373,43 @@ impl UpstreamHandshake {
             self.buf.drain(..used);
             match tag {
                 btag::AUTHENTICATION => {
+                    if self.authenticated {
+                        // libpq refuses this too: a server that accepted the login and then asks
+                        // again (for the cleartext password, say) is not one to answer.
+                        return Err(WireError::Auth(
+                            "upstream asked for authentication after accepting the login".into(),
+                        ));
+                    }
                     if let Some(reply) = self.on_auth(Authentication::decode(&body)?)? {
                         return Ok(UpstreamStep::Send(reply));
+                    }
+                    if self.pending_first.is_some() {
+                        return Ok(UpstreamStep::Derive);
                     }
                 }
                 btag::ERROR_RESPONSE => {
                     return Ok(UpstreamStep::Failed(ErrorFields::decode(&body)?))
                 }
                 btag::NOTICE_RESPONSE => {
+                    self.hold(body.len() + 5)?;
                     let mut raw = vec![tag];
                     raw.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
                     raw.extend_from_slice(&body);
                     self.ready.notices.push(raw);
                 }
-                btag::PARAMETER_STATUS if self.authenticated => self
-                    .ready
-                    .params
-                    .push(backend::decode_parameter_status(&body)?),
+                btag::PARAMETER_STATUS if self.authenticated => {
+                    if body.len() > MAX_PARAMETER_STATUS {
+                        return Err(WireError::TooLarge {
+                            what: "ParameterStatus",
+                            length: body.len(),
+                            limit: MAX_PARAMETER_STATUS,
+                        });
+                    }
+                    self.hold(body.len() + 5)?;
+                    self.ready
+                        .params
+                        .push(backend::decode_parameter_status(&body)?)
+                }
                 btag::BACKEND_KEY_DATA if self.authenticated => {
                     let (pid, key) = backend::decode_backend_key_data(&body)?;
                     self.ready.process_id = pid;
@@ -305,16 +441,24 @@ impl UpstreamHandshake {
                         "upstream skipped the SCRAM final message".into(),
                     ));
                 }
+                if self.answered.is_none() {
+                    self.allow(AuthMethod::None)?;
+                }
                 self.authenticated = true;
                 Ok(None)
             }
             Authentication::CleartextPassword => {
+                self.allow(AuthMethod::Password)?;
                 Ok(Some(frontend::password(self.password.as_bytes())))
             }
-            Authentication::Md5Password { salt } => Ok(Some(frontend::password(
-                scram::md5_password(&self.user, &self.password, salt).as_bytes(),
-            ))),
+            Authentication::Md5Password { salt } => {
+                self.allow(AuthMethod::Md5)?;
+                Ok(Some(frontend::password(
+                    scram::md5_password(&self.user, &self.password, salt).as_bytes(),
+                )))
+            }
             Authentication::Sasl { mechanisms } => {
+                self.allow(AuthMethod::ScramSha256)?;
                 if !mechanisms.iter().any(|m| m == scram::MECHANISM) {
                     return Err(WireError::Auth(format!(
                         "upstream offers only {mechanisms:?}; SCRAM-SHA-256 is supported"
@@ -332,11 +476,12 @@ impl UpstreamHandshake {
                 )))
             }
             Authentication::SaslContinue { data } => {
-                let c = self
-                    .scram
-                    .as_mut()
-                    .ok_or_else(|| WireError::Auth("SASLContinue without SASL".into()))?;
-                Ok(Some(frontend::sasl_response(&c.server_first(&data)?)))
+                if self.scram.is_none() {
+                    return Err(WireError::Auth("SASLContinue without SASL".into()));
+                }
+                // Derived by `derive`, off the caller's event loop.
+                self.pending_first = Some(data);
+                Ok(None)
             }
             Authentication::SaslFinal { data } => {
                 let mut c = self
@@ -478,6 +623,165 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn upstream(require: &[AuthMethod]) -> UpstreamHandshake {
+        let (u, _) =
+            UpstreamHandshake::new(vec![("user".into(), "app".into())], "pw", Limits::default())
+                .unwrap();
+        u.with_require_auth(require.to_vec())
+    }
+
+    fn auth_error(u: &mut UpstreamHandshake) -> String {
+        match u.step() {
+            Err(WireError::Auth(m)) => m,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn upstream_asking_again_after_the_login_is_refused() {
+        // Authentication OK, then a request for the cleartext password: libpq refuses it too.
+        let mut u = upstream(&[]);
+        let mut input = Authentication::Ok.encode();
+        input.extend(Authentication::CleartextPassword.encode());
+        u.receive_data(&input).unwrap();
+        assert!(auth_error(&mut u).contains("after accepting the login"));
+        // A second method after the first was answered.
+        let mut u = upstream(&[]);
+        u.receive_data(&Authentication::Md5Password { salt: [1, 2, 3, 4] }.encode())
+            .unwrap();
+        assert!(matches!(u.step().unwrap(), UpstreamStep::Send(_)));
+        u.receive_data(&Authentication::CleartextPassword.encode())
+            .unwrap();
+        assert!(auth_error(&mut u).contains("after the gateway had answered its md5 request"));
+        // A second SCRAM exchange.
+        let mut u = upstream(&[]);
+        let sasl = Authentication::Sasl {
+            mechanisms: vec![scram::MECHANISM.into()],
+        }
+        .encode();
+        u.receive_data(&sasl).unwrap();
+        assert!(matches!(u.step().unwrap(), UpstreamStep::Send(_)));
+        u.receive_data(&sasl).unwrap();
+        assert!(auth_error(&mut u).contains("scram-sha-256 authentication after"));
+    }
+
+    #[test]
+    fn require_auth_limits_the_methods() {
+        let mut u = upstream(&[AuthMethod::ScramSha256]);
+        u.receive_data(&Authentication::Ok.encode()).unwrap();
+        assert_eq!(
+            auth_error(&mut u),
+            "upstream asked for none authentication; require_auth allows only scram-sha-256"
+        );
+        let mut u = upstream(&[AuthMethod::ScramSha256]);
+        u.receive_data(&Authentication::CleartextPassword.encode())
+            .unwrap();
+        assert!(auth_error(&mut u).contains("asked for password authentication"));
+        let mut u = upstream(&[AuthMethod::ScramSha256, AuthMethod::Md5]);
+        u.receive_data(&Authentication::Md5Password { salt: [0; 4] }.encode())
+            .unwrap();
+        assert!(matches!(u.step().unwrap(), UpstreamStep::Send(_)));
+        let mut u = upstream(&[AuthMethod::None]);
+        let mut rest = Authentication::Ok.encode();
+        rest.extend(backend::backend_key_data(1, 2));
+        rest.extend(ready_for_query(b'I'));
+        u.receive_data(&rest).unwrap();
+        assert!(matches!(u.step().unwrap(), UpstreamStep::Ready(_)));
+        for name in ["none", "password", "md5", "scram-sha-256"] {
+            assert_eq!(AuthMethod::parse(name).unwrap().name(), name);
+        }
+        assert_eq!(AuthMethod::parse("gss"), None);
+    }
+
+    #[test]
+    fn scram_derivation_is_a_step_of_its_own() {
+        let mut u = upstream(&[]);
+        u.receive_data(
+            &Authentication::Sasl {
+                mechanisms: vec![scram::MECHANISM.into()],
+            }
+            .encode(),
+        )
+        .unwrap();
+        let UpstreamStep::Send(initial) = u.step().unwrap() else {
+            panic!()
+        };
+        let text = String::from_utf8_lossy(&initial).into_owned();
+        let nonce = text.split("r=").nth(1).unwrap().to_owned();
+        let first = format!("r={nonce}srv,s=c2FsdA==,i=4096");
+        u.receive_data(
+            &Authentication::SaslContinue {
+                data: first.into_bytes(),
+            }
+            .encode(),
+        )
+        .unwrap();
+        // Nothing is computed in step(): it asks for derive(), and repeats until it is done.
+        assert_eq!(u.step().unwrap(), UpstreamStep::Derive);
+        assert_eq!(u.step().unwrap(), UpstreamStep::Derive);
+        u.derive().unwrap();
+        let UpstreamStep::Send(reply) = u.step().unwrap() else {
+            panic!()
+        };
+        assert!(String::from_utf8_lossy(&reply).contains(",p="));
+        assert_eq!(u.step().unwrap(), UpstreamStep::NeedData);
+        // A server-first that does not extend our nonce fails in derive().
+        let mut u = upstream(&[]);
+        u.receive_data(
+            &Authentication::Sasl {
+                mechanisms: vec![scram::MECHANISM.into()],
+            }
+            .encode(),
+        )
+        .unwrap();
+        u.step().unwrap();
+        u.receive_data(
+            &Authentication::SaslContinue {
+                data: b"r=other,s=c2FsdA==,i=4096".to_vec(),
+            }
+            .encode(),
+        )
+        .unwrap();
+        assert_eq!(u.step().unwrap(), UpstreamStep::Derive);
+        assert!(u.derive().is_err());
+    }
+
+    #[test]
+    fn what_the_upstream_has_held_during_login_is_bounded() {
+        let mut u = upstream(&[]);
+        let notice = ErrorFields::new("NOTICE", "00000", &"n".repeat(60_000)).encode_notice();
+        let mut refused = false;
+        for _ in 0..40 {
+            if u.receive_data(&notice).is_err() {
+                break;
+            }
+            match u.step() {
+                Ok(UpstreamStep::NeedData) => {}
+                Err(WireError::TooLarge { what, .. }) => {
+                    assert!(what.contains("during login"));
+                    refused = true;
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(refused);
+        let mut u = upstream(&[]);
+        let mut input = Authentication::Ok.encode();
+        input.extend(backend::parameter_status(
+            "x",
+            &"v".repeat(MAX_PARAMETER_STATUS),
+        ));
+        u.receive_data(&input).unwrap();
+        assert!(matches!(
+            u.step(),
+            Err(WireError::TooLarge {
+                what: "ParameterStatus",
+                ..
+            })
+        ));
     }
 
     #[test]
