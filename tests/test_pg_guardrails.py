@@ -482,6 +482,51 @@ def test_startup_parameters_are_judged_as_the_set_they_amount_to(
     assert rows[0][-1] == ("off" if user == OPS else "on"), rows
 
 
+@pytest.mark.parametrize(
+    ("user", "params", "refused"),
+    [
+        (
+            READER,
+            {"options": "-c default_transaction_read_only=off"},
+            ("default_transaction_read_only", "read-only"),
+        ),
+        (
+            READER,
+            {"options": r"-c statement_timeout=150 --transaction-read-only=no"},
+            ("transaction_read_only", "read-only"),
+        ),
+        (OPS, {"options": "-crole=app"}, ("role", "no-role-changes")),
+        (OPS, {"options": "--statement-timeout=150 -c lock_timeout=2s"}, None),
+        # One given on its own as well wins, as in PostgreSQL.
+        (ANALYST, {"options": "-c statement_timeout=999", "statement_timeout": "150"}, None),
+    ],
+)
+def test_settings_in_options_are_judged_like_the_others(
+    gw: GatewayProcess,
+    unchanged: None,
+    user: str,
+    params: dict[str, str],
+    refused: tuple[str, str] | None,
+) -> None:
+    """libpq's PGOPTIONS and pgJDBC's `options` carry `-c name=value` settings in one string: each
+    becomes a startup parameter of its own, judged as the SET it amounts to."""
+    c = RawConn(gw.port)
+    c.start_tls(gw.tls.ca_cert)
+    with c:
+        if refused is not None:
+            with pytest.raises(EOFError):
+                c.login(user, f"{user}-pw", **params)
+            errors = errors_in(c.before_eof)
+            assert [(e["S"], e["C"]) for e in errors] == [("FATAL", "42501")], errors
+            assert f"startup parameter {refused[0]}=" in errors[0]["M"], errors
+            assert f"refused by {refused[1]}:" in errors[0]["M"], errors
+            return
+        c.login(user, f"{user}-pw", **params)
+        got = c.query("select current_setting('statement_timeout')")
+    assert not errors_in(got), errors_in(got)
+    assert data_rows(got)[0][0] == "150ms"
+
+
 def test_a_client_encoding_that_can_hide_a_backslash_is_refused(gw: GatewayProcess, unchanged: None) -> None:
     """In SJIS (BIG5, GBK ...) a character's second byte can be 0x5C: PostgreSQL converts the text
     before lexing, so `E'<0x95 0x5C>'` is a one-character string to it, while the bytes read as

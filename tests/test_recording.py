@@ -351,6 +351,21 @@ def test_a_malformed_message_is_an_event_not_a_broken_file() -> None:
     assert isinstance(events[2], fmt.Query) and events[2].text == "select 1"
 
 
+def test_a_function_call_decodes_with_its_arguments() -> None:
+    """A fast-path FunctionCall (libpq's lo_* calls, or set_config by oid) replays as itself; its
+    last field, the result's format code, was once taken for trailing garbage."""
+    body = struct.pack("!IhhH", 2078, 1, 0, 3)
+    for arg in (b"work_mem", b"64MB", b"false"):
+        body += struct.pack("!i", len(arg)) + arg
+    body += struct.pack("!h", 0)
+    r = _core.Recorder()
+    r.frontend(b"F" + struct.pack("!i", len(body) + 4) + body, 1)
+    events = list(fmt.decode(r.take()))
+    call = events[1]
+    assert isinstance(call, fmt.FunctionCall), call
+    assert call.oid == 2078 and call.args == ["work_mem", "64MB", "false"]
+
+
 def test_recorder_reports_malformed_input() -> None:
     r = _core.Recorder()
     with pytest.raises(_core.ProtocolError):

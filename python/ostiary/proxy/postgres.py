@@ -54,7 +54,8 @@ GATEWAY_PARAMS = frozenset({"user", "database"})
 DRIVER_PARAMS = frozenset(
     {"application_name", "client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits"}
 )
-REFUSED_PARAMS = frozenset({"options", "replication"})
+# PostgreSQL's spellings of false (parse_bool): replication=false is an ordinary session.
+FALSE_WORDS = frozenset({"false", "f", "fa", "fal", "fals", "off", "of", "no", "n", "0"})
 TLS_HANDSHAKE_RECORD = b"\x16"  # the first byte of a TLS ClientHello
 
 
@@ -82,6 +83,57 @@ class CancelTarget:
 
 def fatal(code: str, message: str, hint: str | None = None, detail: str | None = None) -> bytes:
     return _core.error_response("FATAL", code, message, detail=detail, hint=hint)
+
+
+def startup_options(text: str) -> list[tuple[str, str]]:
+    """The settings in a startup ``options`` string (libpq's PGOPTIONS, pgJDBC's ``options``), split
+    as PostgreSQL splits it (whitespace, a backslash escapes the next character): ``-c name=value``,
+    ``-cname=value`` and ``--name=value``, ``-`` in a name read as ``_``. Other switches (the
+    postmaster's ``-B``, ``-d``, ``-D`` ...) raise ``Refusal``: the gateway passes settings, which it
+    judges one by one, never the server's command line."""
+    words: list[str] = []
+    word: list[str] = []
+    escaped = False
+    for c in text:
+        if escaped:
+            word.append(c)
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c.isspace():
+            if word:
+                words.append("".join(word))
+                word = []
+        else:
+            word.append(c)
+    if word:
+        words.append("".join(word))
+    out: list[tuple[str, str]] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w.startswith("--"):
+            arg = w[2:]
+        elif w == "-c" and i + 1 < len(words):
+            i += 1
+            arg = words[i]
+        elif w.startswith("-c") and len(w) > 2:
+            arg = w[2:]
+        else:
+            raise Refusal(
+                "08P01",
+                f"startup parameter options: {printable(w)!r} is not passed through the gateway; "
+                "only settings are (-c name=value or --name=value)",
+            )
+        name, eq, value = arg.partition("=")
+        name = name.replace("-", "_").lower()
+        if not eq or not name or name in GATEWAY_PARAMS or name in ("options", "replication"):
+            raise Refusal(
+                "08P01", f"startup parameter options: {printable(arg)!r} is not a setting (name=value)"
+            )
+        out.append((name, value))
+        i += 1
+    return out
 
 
 def set_statement(name: str, value: str) -> str:
@@ -499,9 +551,21 @@ class PostgresStartup:
 
     def _check_startup(self) -> Connection:
         cfg = self.policy.config
-        for name in REFUSED_PARAMS:
-            if name in self.params:
-                raise Refusal("08P01", f"startup parameter {name!r} is not allowed through the gateway")
+        replication = self.params.pop("replication", None)
+        if replication is not None and replication.lower() not in FALSE_WORDS:
+            # A replication connection (physical, or logical: "database") streams WAL or decoded
+            # changes of every relation, outside any statement the gateway could judge.
+            raise Refusal(
+                "08P01",
+                f"startup parameter 'replication' is not allowed through the gateway "
+                f"(replication={printable(replication)!r})",
+            )
+        options = self.params.pop("options", None)
+        if options is not None:
+            # Each setting becomes a startup parameter of its own, judged like the others; one
+            # given on its own as well wins, as in PostgreSQL (it applies options first).
+            for name, value in startup_options(options):
+                self.params.setdefault(name, value)
         dbname = self.params.get("database") or self.params["user"]
         conn = cfg.connection(dbname)
         if conn is None:

@@ -470,6 +470,7 @@ class Decoder:
             oid = r.u32()
             formats = [r.i16() for _ in range(max(r.i16(), 0))]
             ev = FunctionCall(at_us=at, oid=oid, args=r.values(max(r.i16(), 0), formats))
+            r.i16()  # the result's format code, which ends every FunctionCall
         elif t == "d":
             ev = CopyData(at_us=at, sender="client", data=show_value(r.rest(), False))
         elif t == "c":

@@ -1062,8 +1062,6 @@ fn function_effects(name: &str) -> &'static [&'static str] {
         | "pg_copy_physical_replication_slot"
         | "pg_drop_replication_slot"
         | "pg_replication_slot_advance"
-        | "pg_logical_slot_get_changes"
-        | "pg_logical_slot_get_binary_changes"
         | "pg_backup_start"
         | "pg_backup_stop"
         | "pg_start_backup"
@@ -1117,6 +1115,18 @@ fn function_effects(name: &str) -> &'static [&'static str] {
         | "database_to_xml"
         | "database_to_xmlschema"
         | "database_to_xml_and_xmlschema" => &["dynamic-sql"],
+        // Rows of any relation as logical decoding or the pages and WAL hold them (a slot's
+        // changes, raw heap and index pages, full-page images): not in the parse tree either.
+        // (get_ also consumes the slot's changes.)
+        "pg_logical_slot_get_changes" | "pg_logical_slot_get_binary_changes" => {
+            &["dynamic-sql", "server-control"]
+        }
+        "pg_logical_slot_peek_changes"
+        | "pg_logical_slot_peek_binary_changes"
+        | "get_raw_page"
+        | "bt_page_items"
+        | "pg_get_wal_fpi_info"
+        | "pg_get_wal_block_info" => &["dynamic-sql"],
         _ => &[],
     }
 }
@@ -1804,6 +1814,10 @@ mod tests {
             "select table_to_xml('secret.keys'::regclass, false, false, '')",
             "select * from ts_stat('select k::tsvector from secret.keys')",
             "select pg_catalog.database_to_xml(true, true, '')",
+            "select data from pg_logical_slot_peek_changes('s', null, null)",
+            "select * from pg_catalog.pg_logical_slot_get_binary_changes('s', null, null)",
+            "select get_raw_page('secret.keys', 0)",
+            "select * from public.bt_page_items('secret.keys_pkey', 1)",
         ] {
             assert!(one(sql).effects.contains("dynamic-sql"), "{sql}");
         }

@@ -371,14 +371,15 @@ impl AuditTrack {
                 self.sent_blocks += 1;
             }
             ftag::FUNCTION_CALL => {
-                let oid = r.i32().unwrap_or(0) as u32;
+                let (oid, args) = frontend::function_call_fields(body, self.max_text);
                 let p = Prepared {
                     text: format!("function {oid}").into(),
                     truncated: false,
                     denied,
                     types: Arc::from(Vec::new()),
                 };
-                let e = self.entry(ExecKind::FunctionCall, String::new(), &p);
+                let mut e = self.entry(ExecKind::FunctionCall, String::new(), &p);
+                e.params = args;
                 self.open_entry(e)?;
                 self.sent_blocks += 1;
             }
@@ -701,6 +702,34 @@ mod tests {
         assert_eq!(e[1].error.as_ref().unwrap().0, "22P02");
         assert_eq!(e[2].outcome, Outcome::Skipped);
         assert_eq!(e[2].params, vec![Some("7".into())]);
+    }
+
+    #[test]
+    fn a_function_call_is_recorded_with_its_arguments() {
+        // set_config (oid 2078) by the fast path: the trail shows what it was called with.
+        let mut call = 2078u32.to_be_bytes().to_vec();
+        call.extend(1i16.to_be_bytes());
+        call.extend(0i16.to_be_bytes());
+        call.extend(3i16.to_be_bytes());
+        for arg in [&b"role"[..], b"admin", b"false"] {
+            call.extend((arg.len() as i32).to_be_bytes());
+            call.extend(arg);
+        }
+        call.extend(0i16.to_be_bytes());
+        let mut t = AuditTrack::new(4096, false);
+        t.front(ftag::FUNCTION_CALL, &call, None).unwrap();
+        t.back(btag::READY_FOR_QUERY, b"I", 0, 0).unwrap();
+        let e = t.take();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].text, "function 2078");
+        assert_eq!(
+            e[0].params,
+            vec![
+                Some("role".into()),
+                Some("admin".into()),
+                Some("false".into())
+            ]
+        );
     }
 
     #[test]

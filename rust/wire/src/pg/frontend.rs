@@ -155,6 +155,16 @@ pub fn bind_fields(
     (portal, stmt, params)
 }
 
+/// FunctionCall, read leniently: the function's OID and its arguments as text (laid out as a
+/// Bind's parameters: format codes, then values; binary ones marked and shown in hex), within
+/// `max_text` bytes in all.
+pub fn function_call_fields(body: &[u8], max_text: usize) -> (u32, Vec<Option<String>>) {
+    let mut r = Reader::new(body, "FunctionCall");
+    let oid = r.u32().unwrap_or(0);
+    let (args, _) = bind_params(&mut r, max_text, &[]);
+    (oid, args)
+}
+
 /// Parse, read leniently: the statement name, its text (cut at `max_text`, and whether it was)
 /// and the parameter type OIDs that fit in `body` (a prefix is fine).
 pub fn parse_fields(body: &[u8], max_text: usize) -> (String, String, bool, Vec<u32>) {
