@@ -457,3 +457,50 @@ def test_a_cancel_is_never_sent_in_plaintext_when_tls_is_asked_for(
         worker.join(30)
         conn.close()
     assert_still_serving(gw)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [auth(3), msg(b"x", b"?"), msg(b"K", struct.pack("!ii", 1, 2)), param("p", "v" * 40_000)],
+    ids=["a password request", "no message at all", "BackendKeyData", "a 40 kB ParameterStatus"],
+)
+def test_what_no_session_has_from_a_server_ends_the_session(
+    gateway_factory: GatewayFactory,
+    pg: PgCluster,
+    gateway_tls: TlsMaterial,
+    tmp_path: Path,
+    fake_upstream: Callable[[Script], FakeUpstream],
+    answer: bytes,
+) -> None:
+    """Mid-session, a server that asks for authentication would have the client send it its
+    password or token; other bytes no PostgreSQL sends would reach the client as if they were
+    messages. The session ends with 08P01 instead."""
+    after: dict[str, bytes] = {}
+
+    def script(peer: Peer, n: int) -> None:
+        peer.read_startup(None)
+        peer.send(auth(3))
+        peer.read_message()
+        peer.send(LOGGED_IN)
+        tag, _ = peer.read_message()
+        assert tag == b"Q"
+        mark = len(peer.received)
+        peer.send(answer)
+        with contextlib.suppress(OSError, ConnectionError, TimeoutError):
+            while True:
+                peer.read_message()
+        after["sent"] = peer.received[mark:]
+
+    fake = fake_upstream(script)
+    gw = gateway_to(gateway_factory, pg, gateway_tls, tmp_path, fake.port)
+    with psycopg.connect(gw.dsn(dbname="fake")) as c, pytest.raises(psycopg.OperationalError) as e:
+        c.execute("select 1")
+    assert e.value.sqlstate == "08P01", e.value
+    assert "protocol violation from the server: unexpected message type" in str(e.value), e.value
+    deadline = time.monotonic() + 10
+    while "sent" not in after:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # Nothing but the gateway's Terminate (or nothing) followed: no password message.
+    assert not after["sent"].startswith(b"p"), after
+    assert_still_serving(gw)

@@ -31,6 +31,39 @@ pub mod tag {
     pub const ROW_DESCRIPTION: u8 = b'T';
 }
 
+/// Whether `t` is a message an established session's server may send (protocol 3.0): not an
+/// Authentication request (the client would answer it with its password or token), not the
+/// startup-only BackendKeyData and NegotiateProtocolVersion, not a byte of no message at all.
+pub const fn in_session(t: u8) -> bool {
+    matches!(
+        t,
+        tag::BIND_COMPLETE
+            | tag::CLOSE_COMPLETE
+            | tag::COMMAND_COMPLETE
+            | tag::COPY_DATA
+            | tag::COPY_DONE
+            | tag::COPY_IN_RESPONSE
+            | tag::COPY_OUT_RESPONSE
+            | tag::COPY_BOTH_RESPONSE
+            | tag::DATA_ROW
+            | tag::EMPTY_QUERY_RESPONSE
+            | tag::ERROR_RESPONSE
+            | tag::FUNCTION_CALL_RESPONSE
+            | tag::NO_DATA
+            | tag::NOTICE_RESPONSE
+            | tag::NOTIFICATION_RESPONSE
+            | tag::PARAMETER_DESCRIPTION
+            | tag::PARAMETER_STATUS
+            | tag::PARSE_COMPLETE
+            | tag::PORTAL_SUSPENDED
+            | tag::READY_FOR_QUERY
+            | tag::ROW_DESCRIPTION
+    )
+}
+
+/// The largest ParameterStatus libpq accepts (longer ones are a loss of synchronisation to it).
+pub const MAX_PARAMETER_STATUS: usize = 30_000;
+
 /// The Authentication request variants (message 'R').
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Authentication {

@@ -206,8 +206,7 @@ impl AuthMethod {
 /// What the upstream may have the gateway hold before ReadyForQuery: its NoticeResponses and
 /// ParameterStatus messages together (they are passed on to the client).
 pub const STARTUP_HELD_LIMIT: usize = 1 << 20;
-/// The largest ParameterStatus accepted (libpq refuses longer ones as a loss of synchronisation).
-pub const MAX_PARAMETER_STATUS: usize = 30_000;
+pub use super::backend::MAX_PARAMETER_STATUS;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamReady {

@@ -929,6 +929,16 @@ impl SessionRelay {
                 else {
                     break;
                 };
+                if !super::backend::in_session(tag)
+                    || (tag == btag::PARAMETER_STATUS && len > super::backend::MAX_PARAMETER_STATUS)
+                {
+                    // Not PostgreSQL's (or an impostor asking the client for its password): the
+                    // client must not be handed it as if it were.
+                    return Err(WireError::Unexpected {
+                        tag: tag as char,
+                        phase: "an established session",
+                    });
+                }
                 // Counted per message (header and body), so the count does not depend on how
                 // the bytes were chunked.
                 self.bytes_since_complete += 5 + len as u64;
@@ -1750,6 +1760,40 @@ mod tests {
         assert_eq!(ev[1], BackendEvent::ReadyForQuery { status: b'T' });
         assert_eq!(r.stats.rows, 3);
         assert!(!r.idle(), "in a transaction block");
+    }
+
+    #[test]
+    fn server_messages_no_session_has_end_it() {
+        // A request for the cleartext password (the client would send its token), startup-only
+        // messages, bytes of no message, a ParameterStatus longer than libpq takes.
+        let auth = [0, 0, 0, 3];
+        let long_status = vec![b'x'; 30_001];
+        for bad in [
+            msg(btag::AUTHENTICATION, &auth),
+            msg(btag::BACKEND_KEY_DATA, &[0; 8]),
+            msg(btag::NEGOTIATE_PROTOCOL_VERSION, &[0; 8]),
+            msg(b'x', b""),
+            msg(0, b""),
+            msg(btag::PARAMETER_STATUS, &long_status),
+        ] {
+            for gate in [Gate::AllowAll, Gate::Consult] {
+                let mut r = SessionRelay::new(Limits::default(), gate, false);
+                let mut out = Vec::new();
+                let mut input = msg(btag::COMMAND_COMPLETE, b"SELECT 1\0");
+                input.extend(&bad);
+                let e = r.feed_backend(&input, &mut out, &mut Vec::new());
+                assert!(
+                    matches!(e, Err(WireError::Unexpected { .. })),
+                    "{:?} {e:?}",
+                    bad[0] as char
+                );
+                assert!(!out.windows(bad.len()).any(|w| w == bad.as_slice()));
+            }
+        }
+        let mut r = SessionRelay::new(Limits::default(), Gate::AllowAll, false);
+        let ok = msg(btag::PARAMETER_STATUS, b"application_name\0x\0");
+        r.feed_backend(&ok, &mut Vec::new(), &mut Vec::new())
+            .unwrap();
     }
 
     #[test]
