@@ -23,7 +23,7 @@ import psycopg
 import pytest
 import yaml
 
-from conftest import READER_PASSWORD, GatewayFactory, GatewayProcess, gateway_config, psql
+from conftest import APP_PASSWORD, READER_PASSWORD, GatewayFactory, GatewayProcess, gateway_config, psql
 from idp import LocalIdp, github_claims
 from ostiary.devcluster import PgCluster, TlsMaterial, free_port, make_tls_material
 from pgraw import RawConn, password_message, startup_message
@@ -568,3 +568,36 @@ def test_slow_issuer_gets_a_login_28000_within_the_startup_timeout(
     # Tokens with the keys the gateway holds are not held up meanwhile.
     with connect(gw, idp.mint(github_claims())) as c:
         assert c.execute("select 1").fetchone() == (1,)
+
+
+def test_a_connection_s_login_settings_change_without_ending_sessions(
+    configured: Configured, idp: LocalIdp
+) -> None:
+    """Moving the upstream password (to a file: a rotation), a longer connect_timeout or
+    require_auth are for the next login: open sessions go on. Another upstream role ends them."""
+    cfg = configured()
+    gw = configured.start(cfg)
+    writer = connect(gw, idp.mint(github_claims()))
+    conn = next(c for c in cfg["connections"] if c["name"] == "app")
+    pw_file = gw.config_path.parent / "app.pw"
+    pw_file.write_text(APP_PASSWORD)
+    new = copy.deepcopy(cfg)
+    new["listen"]["port"] = gw.port
+    up = next(c for c in new["connections"] if c["name"] == "app")["upstream"]
+    up.pop("password_env", None)
+    up["password_file"] = str(pw_file)
+    up["connect_timeout"] = conn["upstream"].get("connect_timeout", 10) + 1
+    up["require_auth"] = ["scram-sha-256"]
+    gw.config_path.write_text(yaml.safe_dump(new))
+    gw.proc.send_signal(signal.SIGHUP)
+    _wait_for(gw, "applied")
+    assert writer.execute("select 1").fetchone() == (1,)
+    with connect(gw, idp.mint(github_claims())) as c:  # the new settings log in
+        assert c.execute("select 2").fetchone() == (2,)
+    new2 = copy.deepcopy(new)
+    next(c for c in new2["connections"] if c["name"] == "app")["upstream"]["database"] = "postgres"
+    gw.config_path.write_text(yaml.safe_dump(new2))
+    gw.proc.send_signal(signal.SIGHUP)
+    _wait_for(gw, "its connection or its rules changed")
+    with pytest.raises(psycopg.OperationalError):
+        writer.execute("select 1")

@@ -929,3 +929,33 @@ def test_hundred_concurrent_sessions(gateway: GatewayProcess) -> None:
         assert doubled == (i * 2,) and count == (i + 1,) and app == (f"many-{i}",)
     assert len({r[0] for r in results.values()}) == n, "sessions open at once must have their own backends"
     assert_healthy(gateway)
+
+
+def test_readyz_says_not_ready_while_draining(gateway_factory: GatewayFactory) -> None:
+    """A load balancer probes /readyz: 503 with the reason once SIGTERM has stopped new sessions,
+    while /healthz (liveness) still answers 200 and the open session finishes."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    admin_port = free_port()
+    gw = gateway_factory(admin={"listen": {"host": "127.0.0.1", "port": admin_port}}, shutdown={"grace": 20})
+
+    def get(path: str) -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}{path}", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    assert get("/readyz") == (200, {"status": "ready"})
+    with psycopg.connect(gw.dsn()) as c:
+        gw.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while (got := get("/readyz"))[0] == 200:
+            assert time.monotonic() < deadline, gw.log()[-2000:]
+            time.sleep(0.05)
+        assert got == (503, {"status": "not ready", "reason": "the gateway is shutting down"})
+        assert get("/healthz") == (200, {"status": "ok"})
+        assert c.execute("select 1").fetchone() == (1,)
+    assert gw.proc.wait(20) == 0

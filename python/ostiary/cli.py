@@ -50,6 +50,9 @@ class _OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def _setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -423,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", "-c", help="the YAML configuration file")
     # 0 (any free port) as in the file's listen.port
     serve.add_argument("--port", type=_tcp_port(0), help="override listen.port")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     serve.set_defaults(func=_serve)
 
     policy = sub.add_parser("policy", help="check, explain and compare policies")
@@ -476,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--data-dir", default=".ostiary/demo")
     # not 0: the demo prints the port to connect to
     demo.add_argument("--port", type=_tcp_port(1), default=6432)
-    demo.add_argument("--log-level", default="info")
+    demo.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     demo.set_defaults(func=_demo)
 
     from ostiary.audit.cli import add_audit_parser

@@ -206,6 +206,8 @@ def _run_demo(base: Path, port: int) -> int:
                 },
             ],
             "shutdown": {"grace": 2},
+            # A demo on a workstation: within a login shell's open-file limit.
+            "limits": {"max_connections": 200},
         },
         "<demo>",
     )

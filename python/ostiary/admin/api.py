@@ -12,7 +12,9 @@ must match it.
 
 Endpoints (JSON; errors as ``{"error": ...}``):
 
-- ``GET /healthz``
+- ``GET /healthz`` (liveness: the process answers)
+- ``GET /readyz`` (readiness for a load balancer: 503 with the reason while the gateway drains for
+  shutdown or refuses sessions because its audit trail is unavailable)
 - ``GET /approvals[?state=pending&limit=100]``
 - ``GET /approvals/{id}`` (``Accept: text/html``: the web page)
 - ``POST /approvals/{id}/approve`` and ``/deny``, ``{"reason": ...}`` (or the page's form)
@@ -70,7 +72,9 @@ class AdminApi:
         policy: Callable[[], CompiledPolicy],
         validate: TokenValidate,
         base_url: str,
+        ready: Callable[[], str | None] = lambda: None,
     ) -> None:
+        self.ready = ready
         self.approvals = approvals
         self.policy = policy
         self.validate = validate
@@ -90,6 +94,12 @@ class AdminApi:
         if parts == ["healthz"]:
             _allow(method, "GET")
             return Response.json(200, {"status": "ok"})
+        if parts == ["readyz"]:
+            _allow(method, "GET")
+            why = self.ready()
+            if why is not None:
+                return Response.json(503, {"status": "not ready", "reason": why})
+            return Response.json(200, {"status": "ready"})
         if parts[0] != "approvals" or len(parts) > 3:
             raise HttpError(404, f"no such endpoint: {printable(request.path)}")
         if len(parts) == 1:

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from ostiary.audit.records import now_us
-from ostiary.audit.store import StoreError
+from ostiary.audit.store import StoreError, create_private
 
 FINAL = ("approved", "denied", "expired", "used", "cancelled")
 NOTIFY_CHANNEL = "ostiary_approvals"
@@ -139,7 +139,8 @@ class ApprovalStore:
     @classmethod
     def sqlite(cls, path: str | Path) -> ApprovalStore:
         def connect() -> Any:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            create_private(Path(path))
             c = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             c.execute("PRAGMA journal_mode=WAL")
             c.execute("PRAGMA synchronous=FULL")

@@ -736,7 +736,7 @@ class AuditLog:
         except StoreError as e:
             log.warning("audit checkpoint not written: %s", e)
             return None
-        self._checkpointed = seq
+        previous, self._checkpointed = self._checkpointed, seq
         tmp = self.head_file.with_suffix(".tmp")
         data = msgspec.json.encode(signed)
 
@@ -747,7 +747,17 @@ class AuditLog:
                 os.fsync(f.fileno())
             os.replace(tmp, self.head_file)
 
-        await trio.to_thread.run_sync(write)
+        try:
+            await trio.to_thread.run_sync(write)
+        except OSError as e:
+            # Out of descriptors or disk: the checkpoint is in the store, the head file (which
+            # proves the chain's end) is the last one written. Not a reason to end the gateway:
+            # the next checkpoint writes it again.
+            log.error("audit head file %s not written: %s", self.head_file, e)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self._checkpointed = previous  # tried again at the next interval
+            return None
         return signed
 
     async def retention(self, force: bool = False) -> int:

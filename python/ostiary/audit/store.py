@@ -290,6 +290,13 @@ class _SqlStore:
         return int(rows[0][0] or 0)
 
 
+def create_private(path: Path) -> None:
+    """Creates ``path`` readable by its owner only, unless it exists (SQLite gives its -wal and -shm
+    files the database file's mode). Statement texts are in it: ALTER ROLE ... PASSWORD '...'."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class SqliteStore(_SqlStore):
     """The default store: one SQLite file, WAL, ``synchronous=FULL`` (a committed batch survives a
     power cut)."""
@@ -306,7 +313,8 @@ class SqliteStore(_SqlStore):
             raise StoreError(f"there is no audit store at {self.path}")
         try:
             if create:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                create_private(self.path)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout=5000")
             if create:

@@ -37,6 +37,7 @@ from ostiary.policy.model import (
     READ_ONLY_DENIED_EFFECTS,
     READ_ONLY_KINDS,
     ApprovalRule,
+    Connection,
     Grant,
     Guardrail,
     IdentityMatcher,
@@ -308,7 +309,7 @@ class CompiledPolicy:
         defined = {r.name: r for r in self.config.guardrails}
         conn = self.config.connection(g.connection)
         names = [*(conn.guardrails if conn is not None else []), *g.guardrails]
-        return (g, conn, tuple(defined.get(r) for r in names), tuple(self.masking_rules(g)))
+        return (g, _session_terms(conn), tuple(defined.get(r) for r in names), tuple(self.masking_rules(g)))
 
     def grant_still_applies(
         self, identity: Identity, connection: str, grant_name: str, *, peer: str | None, now: dt.datetime
@@ -316,6 +317,26 @@ class CompiledPolicy:
         """For live sessions after a reload: does the same grant still admit this identity?"""
         verdict = self.admit(identity, connection, user=grant_name, peer=peer, now=now)
         return verdict.grant is not None and verdict.grant.name == grant_name
+
+
+def _session_terms(conn: Connection | None) -> tuple[Any, ...] | None:
+    """What of a connection an established session depends on: where it leads, as which roles,
+    over which TLS, under which rules. Not what only a login uses (``connect_timeout``,
+    ``require_auth``) nor where the upstream password is read from: rotating that password, or
+    moving it to a file, must not end every session."""
+    if conn is None:
+        return None
+    up = conn.upstream
+    roles = tuple(sorted((name, c.user) for name, c in conn.credentials.items()))
+    return (
+        conn.name,
+        conn.protocol,
+        conn.allow_plaintext,
+        tuple(conn.guardrails),
+        tuple(conn.masking),
+        (up.host, up.port, up.database, up.user, up.tls),
+        roles,
+    )
 
 
 @dataclass(frozen=True)

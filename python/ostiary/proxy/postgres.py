@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import logging
 import secrets
 import time
@@ -192,8 +193,17 @@ async def _connect_upstream(
     try:
         with trio.fail_at(deadline):
             stream = await open_tcp(up.host, up.port)
-    except (OSError, trio.TooSlowError) as e:
-        raise UpstreamUnavailable(f"cannot reach {up.host}:{up.port}: {str(e) or 'timed out'}") from None
+    except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            # The gateway's own limit, not the upstream's fault: PostgreSQL's code for too many
+            # connections, and the log says which limit.
+            log.error("no descriptor left for an upstream connection: %s", e)
+            raise Refusal(
+                "53300", "the gateway has no room for another session (out of file descriptors)"
+            ) from None
+        raise UpstreamUnavailable(f"cannot reach {up.host}:{up.port}: {e}") from None
+    except trio.TooSlowError:
+        raise UpstreamUnavailable(f"cannot reach {up.host}:{up.port}: timed out") from None
     ch = Channel(stream)
     try:
         with trio.fail_at(deadline):

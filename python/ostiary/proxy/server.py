@@ -110,7 +110,7 @@ def prepare_data_dir(config: Config, source: str) -> None:
     d = Path(config.data_dir)
     why = ""
     try:
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError:
         why = f"{d} is a file, not a directory"
     except NotADirectoryError:
@@ -122,6 +122,68 @@ def prepare_data_dir(config: Config, source: str) -> None:
             why = f"cannot write to the directory {d}"
     if why:
         raise ConfigError(source, [("data_dir", f"{why}; set data_dir to a directory the gateway can write")])
+
+
+# What one session holds: the client's socket, the upstream's and its recording file.
+DESCRIPTORS_PER_SESSION = 3
+
+
+def raise_descriptor_limit(max_connections: int) -> int:
+    """Raises the soft limit on open files to the hard one (a login shell's 1,024 allows about
+    330 sessions) and warns when even that cannot hold ``max_connections`` sessions. Returns the
+    limit in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open-file limit raised from %d to %d", soft, hard)
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("open-file limit stays at %d: %s", soft, e)
+    limit = hard if soft == resource.RLIM_INFINITY else soft
+    needed = DESCRIPTORS_PER_SESSION * max_connections + 64
+    if limit < needed:
+        log.warning(
+            "the open-file limit (%d) holds about %d sessions, fewer than limits.max_connections (%d); "
+            "connections beyond it are refused: raise it (LimitNOFILE= in systemd, ulimit -n)",
+            limit,
+            max(0, (limit - 64) // DESCRIPTORS_PER_SESSION),
+            max_connections,
+        )
+    return limit
+
+
+class _AcceptCapacity(logging.Filter):
+    """Trio logs a traceback every 0.1 s while accept() fails for lack of descriptors or memory:
+    one line, at most every 10 s, saying how many were skipped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = 0.0
+        self._skipped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last < 10:
+            self._skipped += 1
+            return False
+        self._last = now
+        code = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        why = record.args[1] if isinstance(record.args, tuple) and len(record.args) > 1 else ""
+        record.msg = "cannot accept connections: %s (%s); retrying (%d such failure(s) not logged)"
+        record.args = (code, why, self._skipped)
+        record.exc_info = None
+        record.exc_text = None
+        self._skipped = 0
+        return True
+
+
+_accept_filter = _AcceptCapacity()
+logging.getLogger("trio.serve_listeners").addFilter(_accept_filter)
 
 
 def client_tls_config(config: Config, source: str) -> _core.TlsServerConfig | None:
@@ -231,6 +293,7 @@ class Gateway:
         # The policy files as they were when the configuration was read: the watcher compares
         # with this, so a change made while the gateway starts is not taken as the baseline.
         self._policy_stamp = self._stamp_policy()
+        self._tls_stamp = self._stamp_tls()
         # Settings that can only be checked against the machine, checked before the audit trail or
         # anything else is opened: a wrong one stops the start with ConfigError naming it.
         source = config_path or "<config>"
@@ -315,6 +378,14 @@ class Gateway:
         # A second SIGTERM/SIGINT during the drain: end the sessions now instead of after the grace.
         self._hurry = trio.Event()
 
+    def not_ready(self) -> str | None:
+        """Why new sessions would be refused now (for ``/readyz``), or None."""
+        if self.draining:
+            return "the gateway is shutting down"
+        if self.audit is not None and not self.audit.accepting:
+            return "the audit trail is unavailable; sessions are refused until it is back"
+        return None
+
     def _admin(self) -> HttpServer:
         """The admin API (approvals) and its webhooks, as ``admin`` configures them."""
         admin = self.config.admin
@@ -329,6 +400,7 @@ class Gateway:
             lambda: self.policy,
             lambda token: self.validator.validate(token, remember=False),
             base,
+            ready=self.not_ready,
         )
         tls = admin.tls
         return admin_server(
@@ -573,8 +645,47 @@ class Gateway:
         except OSError:
             return ()
 
+    def _tls_files(self) -> list[str]:
+        """The certificate, key and CA files of both legs (the client leg's and every upstream's)."""
+        files: list[str] = []
+        if self.config.tls is not None:
+            t = self.config.tls
+            files += [f for f in (t.cert, t.key, t.client_ca) if f]
+        for conn in self.config.connections:
+            u = conn.upstream.tls
+            files += [f for f in (u.ca, u.cert, u.key) if f]
+        return files
+
+    def _stamp_tls(self) -> tuple[tuple[str, int, int, int], ...]:
+        """Identity, mtime and size of each TLS file, through symlinks (a Kubernetes secret mount
+        swaps a symlink; cert-manager and certbot replace the files)."""
+        out = []
+        for f in self._tls_files():
+            try:
+                st = os.stat(f)
+                out.append((f, st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append((f, 0, 0, 0))
+        return tuple(out)
+
+    def reload_tls(self) -> bool:
+        """Reads the TLS files again (the same paths: the ``tls`` section itself is read at start).
+        New connections get the new certificate; established sessions keep theirs. Files that do
+        not make a valid configuration (a certificate replaced before its key) leave the previous
+        one in use, and the next change is tried again. Returns whether the new files are in use."""
+        try:
+            tls = client_tls_config(self.config, self.config_path or "<config>")
+        except ConfigError as e:
+            log.error("TLS files changed but cannot be used; the previous certificate stays in use:\n%s", e)
+            return False
+        self.client_tls = tls
+        self._upstream_tls.clear()
+        log.info("TLS files reloaded: new connections use them")
+        return True
+
     async def _watch_policy(self) -> None:
-        """Reloads on SIGHUP and when the policy files change (polled every 2 s)."""
+        """Reloads on SIGHUP and when the policy files change (polled every 2 s); reads the TLS
+        files again when they change."""
         if self.config_path is None:
             return
 
@@ -583,6 +694,11 @@ class Gateway:
             with trio.move_on_after(2.0):
                 await self._reload_requested.wait()
             self._reload_requested = trio.Event()
+            tls_now = self._stamp_tls()
+            # (A failed attempt is tried again when the files change again, not at every poll.)
+            changed = tls_now != self._tls_stamp
+            if (changed or self._reload_forced) and (self.reload_tls() or changed):
+                self._tls_stamp = tls_now
             current = self._stamp_policy()
             if current != seen or self._reload_forced:
                 self._reload_forced = False
@@ -904,6 +1020,7 @@ class Gateway:
     ) -> None:
         # Bound first: a port in use or a wrong host stops the start before anything runs.
         listeners = await self._open_listeners()
+        raise_descriptor_limit(self.config.limits.max_connections)
         try:
             await self._run(listeners, task_status, handle_signals)
         finally:

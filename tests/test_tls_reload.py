@@ -1,0 +1,96 @@
+"""Certificate rotation without a restart: the gateway reads its TLS files again when they change
+(cert-manager, certbot, a Kubernetes secret mount) or on SIGHUP. New connections get the new
+certificate, established sessions keep theirs, and files that do not make a valid pair leave the
+previous certificate in use."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import GatewayFactory, GatewayProcess, gateway_config
+from ostiary.devcluster import PgCluster, TlsMaterial, make_tls_material
+
+
+def connects(gw: GatewayProcess, ca: Path) -> bool:
+    try:
+        with psycopg.connect(gw.dsn(sslrootcert=str(ca), connect_timeout=5)) as c:
+            return c.execute("select 1").fetchone() == (1,)
+    except psycopg.OperationalError:
+        return False
+
+
+def eventually(check: object, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture
+def rotating(
+    gateway_factory: GatewayFactory, pg: PgCluster, tmp_path: Path, gateway_tls: TlsMaterial
+) -> tuple[GatewayProcess, Path, TlsMaterial, TlsMaterial]:
+    """A gateway whose certificate files live in a directory of their own (``live``), with the
+    material it starts with (``old``) and a second CA's (``new``)."""
+    old = make_tls_material(tmp_path / "old")
+    new = make_tls_material(tmp_path / "new")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server.pem", "server.key"):
+        shutil.copy(old.directory / name, live / name)
+    cfg = gateway_config(pg, gateway_tls, 0, tmp_path)
+    cfg["tls"] = {"cert": str(live / "server.pem"), "key": str(live / "server.key")}
+    gw = gateway_factory(cfg)
+    assert connects(gw, old.ca_cert) and not connects(gw, new.ca_cert)
+    return gw, live, old, new
+
+
+def test_replaced_certificate_files_are_used_for_new_connections(
+    rotating: tuple[GatewayProcess, Path, TlsMaterial, TlsMaterial],
+) -> None:
+    gw, live, old, new = rotating
+    with psycopg.connect(gw.dsn(sslrootcert=str(old.ca_cert))) as kept:
+        # As certbot does: write elsewhere, then rename over the old files.
+        for name in ("server.pem", "server.key"):
+            shutil.copy(new.directory / name, live / f"{name}.new")
+            (live / f"{name}.new").rename(live / name)
+        assert eventually(lambda: connects(gw, new.ca_cert)), gw.log()[-2000:]
+        assert not connects(gw, old.ca_cert)
+        # The session opened before goes on with the certificate it has.
+        assert kept.execute("select 2").fetchone() == (2,)
+    assert "TLS files reloaded" in gw.log()
+
+
+def test_a_certificate_without_its_key_leaves_the_old_pair_in_use(
+    rotating: tuple[GatewayProcess, Path, TlsMaterial, TlsMaterial],
+) -> None:
+    gw, live, old, new = rotating
+    shutil.copy(new.directory / "server.pem", live / "server.pem")  # the key comes later
+    assert eventually(lambda: "TLS files changed but cannot be used" in gw.log()), gw.log()[-2000:]
+    assert "is not the private key of the certificate" in gw.log()
+    assert connects(gw, old.ca_cert)
+    shutil.copy(new.directory / "server.key", live / "server.key")
+    assert eventually(lambda: connects(gw, new.ca_cert)), gw.log()[-2000:]
+
+
+def test_files_rewritten_in_place_with_their_old_mtime_are_read_on_sighup(
+    rotating: tuple[GatewayProcess, Path, TlsMaterial, TlsMaterial],
+) -> None:
+    """Rewritten in place with the old mtime kept (a copy that preserves times): SIGHUP finds them
+    whatever the files' stamps say."""
+    gw, live, _, new = rotating
+    for name in ("server.pem", "server.key"):
+        st = (live / name).stat()
+        (live / name).write_bytes((new.directory / name).read_bytes())
+        os.utime(live / name, ns=(st.st_atime_ns, st.st_mtime_ns))
+    gw.proc.send_signal(signal.SIGHUP)
+    assert eventually(lambda: connects(gw, new.ca_cert)), gw.log()[-2000:]
