@@ -7,6 +7,7 @@ on, a new one works once descriptors are free again, and the process never exits
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import subprocess
 import sys
@@ -109,3 +110,23 @@ def test_the_audit_trail_and_the_data_dir_are_the_owner_s_only(gateway_factory: 
     for name in ("audit.db", "audit.db-wal", "audit.db-shm"):
         assert (state / name).stat().st_mode & 0o777 == 0o600, name
     assert state.stat().st_mode & 0o777 == 0o700
+
+
+def test_an_audit_database_removed_under_the_gateway_fails_closed(gateway_factory: GatewayFactory) -> None:
+    """Records written on into a deleted file would be lost at the next restart: the store counts as
+    failed, so (on_failure: refuse) new sessions are refused until it is back."""
+    gw = gateway_factory()
+    with psycopg.connect(gw.dsn()) as c:
+        c.execute("select 1")
+        state = gw.config_path.parent / "state"
+        for name in ("audit.db", "audit.db-wal", "audit.db-shm"):
+            (state / name).unlink(missing_ok=True)
+        with contextlib.suppress(psycopg.Error):
+            c.execute("select 2")
+    deadline = time.monotonic() + 15
+    while "was removed while in use" not in gw.log():
+        assert time.monotonic() < deadline, gw.log()[-3000:]
+        time.sleep(0.1)
+    with pytest.raises(psycopg.OperationalError, match="audit trail is unavailable"):
+        psycopg.connect(gw.dsn(connect_timeout=5)).close()
+    assert gw.proc.poll() is None

@@ -331,8 +331,20 @@ class SqliteStore(_SqlStore):
                     m = re.match(r"\s*CREATE TABLE IF NOT EXISTS (\w+)", stmt)
                     if m and m.group(1) not in have:
                         self._db.execute(stmt.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
+            st = os.stat(self.path)
+            self._file_id = (st.st_dev, st.st_ino)
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open the audit store {self.path}: {e}") from None
+
+    def _same_file(self) -> None:
+        """Raises ``StoreError`` when the file at the store's path is not the one open (deleted or
+        replaced while the gateway runs: records would go on into a file nobody can read)."""
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            raise StoreError(f"the audit store {self.path} was removed while in use: {e}") from None
+        if (st.st_dev, st.st_ino) != self._file_id:
+            raise StoreError(f"the audit store {self.path} was replaced by another file while in use")
 
     def _run(self, sql: str, args: Sequence[Any] = (), fetch: bool = True) -> list[Any]:
         with self._lock:
@@ -359,6 +371,7 @@ class SqliteStore(_SqlStore):
     def append(self, rows: Sequence[Sealed]) -> None:
         if not rows:
             return
+        self._same_file()
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")

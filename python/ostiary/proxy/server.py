@@ -1065,6 +1065,13 @@ class Gateway:
                     self.listen_port,
                     self.engine.workers,
                 )
+                if self.audit is not None:
+                    # The log says "session 7"; the audit trail names it with this run's id.
+                    log.info(
+                        "audit trail: writer %s; session N of this run is %s in audit records",
+                        self.audit.writer,
+                        self.audit.session_ref(0)[:-1] + "N",
+                    )
                 await self._shutdown()
             # Every session has ended: take the engine's last events (their final audit entries,
             # recordings and "ended") before the event loop stops, however busy the machine is.
