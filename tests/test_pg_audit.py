@@ -752,3 +752,24 @@ def test_one_client_pipelining_faster_than_the_store_is_slowed_not_everyone_refu
         "'flood'",
     )
     assert len(found.stdout.splitlines()) == n
+
+
+@pytest.mark.parametrize("mode", ["fingerprint", "none"])
+def test_values_stay_out_of_the_trail_where_statement_texts_do(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path, mode: str
+) -> None:
+    """statements: fingerprint or none keeps statement texts and parameters out of the trail; the
+    server's error messages quote values ('invalid input syntax for type integer: "..."'), so
+    only their SQLSTATE is kept."""
+    gw = gateway_factory(audit_config(pg, gateway_tls, tmp_path, statements=mode))
+    with psycopg.connect(gw.dsn(user=OPS, password="ops-pw"), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            c.execute("select 'PW-LEAK-IN-TEXT'::int")
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            c.execute("select %s::int", ["PW-LEAK-IN-PARAM"])
+        assert c.execute("select %s::text", ["PW-LEAK-OK"]).fetchone() == ("PW-LEAK-OK",)
+    gw.stop()
+    rows = records(gw.config_path)
+    errors = [r["data"]["error"] for r in rows if r["kind"] == "statement" and "error" in r["data"]]
+    assert errors and all(e == {"code": "22P02"} for e in errors), errors
+    assert "PW-LEAK" not in json.dumps(rows)

@@ -179,6 +179,17 @@ OPS_REFUSED = {
     "alter schema secret rename to notsecret": "no-secrets",
     "select query_to_xml('select * from secret.keys', false, false, '')": "dynamic-sql",
     "select table_to_xml('secret.keys'::regclass, false, false, '')": "dynamic-sql",
+    # Found by the hunts of 2026-12-04 (a REPLICATION or superuser upstream role, dblink or
+    # postgres_fdw installed): rows of secret.keys through a slot, another connection, a foreign
+    # table, or the relation's file.
+    "select data from pg_logical_slot_peek_changes('s', null, null)": "dynamic-sql",
+    "select * from dblink('dbname=app', 'select k from secret.keys') as t(k text)": "dynamic-sql",
+    "select pg_read_binary_file('base/16384/16385')": "dynamic-sql",
+    "select lo_import('/var/lib/postgresql/data/base/16384/16385')": "dynamic-sql",
+    "create extension if not exists dblink": "code",
+    "create server s foreign data wrapper postgres_fdw options (dbname 'app')": "code",
+    "create foreign table public.harmless (k text) server s options (schema_name 'secret')": "code",
+    "import foreign schema secret from server s into public": "code",
 }
 
 ANALYST_REFUSED = {

@@ -532,6 +532,9 @@ def test_masked_columns_cannot_leave_through_renames_whole_rows_code_statistics_
             "select query_to_xml('select name from mask_people', true, false, '')",
             "create function pg_temp.leak() returns text language sql as 'select name from mask_people'",
             "create view mask_leak_v as select id from mask_people",
+            "select * from dblink('dbname=app', 'select name from mask_people') as t(n text)",
+            "select pg_read_binary_file('base/16384/16385')",
+            "create extension if not exists dblink",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masking"):
                 c.execute(sql)

@@ -112,14 +112,24 @@ def test_the_audit_trail_and_the_data_dir_are_the_owner_s_only(gateway_factory: 
     assert state.stat().st_mode & 0o777 == 0o700
 
 
-def test_an_audit_database_removed_under_the_gateway_fails_closed(gateway_factory: GatewayFactory) -> None:
-    """Records written on into a deleted file would be lost at the next restart: the store counts as
-    failed, so (on_failure: refuse) new sessions are refused until it is back."""
+@pytest.mark.parametrize(
+    "removed", [("audit.db", "audit.db-wal", "audit.db-shm"), ("audit.db-wal",)], ids=["database", "its WAL"]
+)
+def test_an_audit_database_removed_under_the_gateway_fails_closed(
+    gateway_factory: GatewayFactory, removed: tuple[str, ...]
+) -> None:
+    """Records written on into a deleted file would be lost at the next restart (the WAL holds all
+    of them until SQLite checkpoints it): the store counts as failed, so (on_failure: refuse) new
+    sessions are refused until it is back."""
     gw = gateway_factory()
     with psycopg.connect(gw.dsn()) as c:
         c.execute("select 1")
         state = gw.config_path.parent / "state"
-        for name in ("audit.db", "audit.db-wal", "audit.db-shm"):
+        deadline = time.monotonic() + 10
+        while "record(s) written" not in gw.log() or not (state / "audit.db-wal").exists():
+            assert time.monotonic() < deadline, gw.log()[-3000:]
+            time.sleep(0.05)
+        for name in removed:
             (state / name).unlink(missing_ok=True)
         with contextlib.suppress(psycopg.Error):
             c.execute("select 2")

@@ -602,3 +602,25 @@ def test_explain_judges_statements_under_the_grant(tmp_path: Path) -> None:
         "delete from orders where id = 7",
     )
     assert "statement 1: HOLD for approval by rule deletes (1 of" in r.stdout, r.stdout
+
+
+def test_what_a_session_depends_on_after_a_reload(tmp_path: Path) -> None:
+    """A reload ends the sessions whose grant_terms changed: the approval rules a grant names are
+    among them (an open session went on unheld under a changed rule); a connection's login-only
+    settings and where its password is read from are not."""
+    data = base_policy()
+    data["approvals"] = [
+        {"name": "holds", "match": {"relations": ["public.branches"]}, "approvers": ["reports"]}
+    ]
+    data["grants"][0]["approvals"] = ["holds"]
+    before = compiled(data, tmp_path)
+    changed = copy.deepcopy(data)
+    changed["approvals"][0]["match"]["relations"] = ["public.tellers"]
+    assert compiled(changed, tmp_path).grant_terms("shop-writes") != before.grant_terms("shop-writes")
+    login_only = copy.deepcopy(data)
+    up = login_only["connections"][0]["upstream"]
+    up.update(connect_timeout=30, require_auth=["scram-sha-256"], password_env="OTHER")
+    assert compiled(login_only, tmp_path).grant_terms("shop-writes") == before.grant_terms("shop-writes")
+    moved = copy.deepcopy(data)
+    moved["connections"][0]["upstream"]["host"] = "db-replica"
+    assert compiled(moved, tmp_path).grant_terms("shop-writes") != before.grant_terms("shop-writes")

@@ -386,7 +386,11 @@ class AuditLog:
                 if commands > 1:
                     data["commands"] = commands
                 if error is not None:
-                    data["error"] = {"code": error[0], "message": error[1]}
+                    # The server's message quotes values ('invalid input syntax ...: "s3cret"'):
+                    # withheld where statement texts are.
+                    data["error"] = (
+                        {"code": error[0], "message": error[1]} if mode == "text" else {"code": error[0]}
+                    )
             self.append(
                 "result" if phase == "result" else "statement",
                 ts=ended if phase == "result" else started,

@@ -333,6 +333,7 @@ class SqliteStore(_SqlStore):
                         self._db.execute(stmt.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
             st = os.stat(self.path)
             self._file_id = (st.st_dev, st.st_ino)
+            self._wal_id: tuple[int, int] | None = None
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open the audit store {self.path}: {e}") from None
 
@@ -345,6 +346,18 @@ class SqliteStore(_SqlStore):
             raise StoreError(f"the audit store {self.path} was removed while in use: {e}") from None
         if (st.st_dev, st.st_ino) != self._file_id:
             raise StoreError(f"the audit store {self.path} was replaced by another file while in use")
+        # Its write-ahead log holds what is not checkpointed into the file yet (all of it, early on).
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            ws = os.stat(wal)
+        except OSError:
+            if self._wal_id is not None:
+                raise StoreError(
+                    f"the audit store's write-ahead log {wal} was removed while in use"
+                ) from None
+            return
+        if self._wal_id is not None and (ws.st_dev, ws.st_ino) != self._wal_id:
+            raise StoreError(f"the audit store's write-ahead log {wal} was replaced while in use")
 
     def _run(self, sql: str, args: Sequence[Any] = (), fetch: bool = True) -> list[Any]:
         with self._lock:
@@ -368,6 +381,13 @@ class SqliteStore(_SqlStore):
             (writer, key_id, name, public_pem, int(time.time())),
         )
 
+    def _note_wal(self) -> None:
+        """Remembers which write-ahead log the database writes to (it exists after a write)."""
+        if self._wal_id is None:
+            with contextlib.suppress(OSError):
+                ws = os.stat(self.path.with_name(self.path.name + "-wal"))
+                self._wal_id = (ws.st_dev, ws.st_ino)
+
     def append(self, rows: Sequence[Sealed]) -> None:
         if not rows:
             return
@@ -387,6 +407,7 @@ class SqliteStore(_SqlStore):
                     raise
             except sqlite3.Error as e:
                 raise StoreError(f"audit store {self.path}: {e}") from None
+        self._note_wal()
 
     def purge(self, writer: str, through_seq: int, limit: int | None = None) -> int:
         with self._lock:

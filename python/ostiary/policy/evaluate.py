@@ -302,14 +302,22 @@ class CompiledPolicy:
 
     def grant_terms(self, name: str) -> tuple[Any, ...] | None:
         """Everything a session under grant ``name`` depends on (the grant, its connection, the
-        guardrails it names): when these differ between two versions, its sessions must reconnect."""
+        guardrails, masking and approval rules it names): when these differ between two versions,
+        its sessions must reconnect."""
         g = self.grants.get(name)
         if g is None:
             return None
         defined = {r.name: r for r in self.config.guardrails}
         conn = self.config.connection(g.connection)
         names = [*(conn.guardrails if conn is not None else []), *g.guardrails]
-        return (g, _session_terms(conn), tuple(defined.get(r) for r in names), tuple(self.masking_rules(g)))
+        held = {a.name: a for a in self.config.approvals}
+        return (
+            g,
+            _session_terms(conn),
+            tuple(defined.get(r) for r in names),
+            tuple(self.masking_rules(g)),
+            tuple(held.get(n) for n in g.approvals),
+        )
 
     def grant_still_applies(
         self, identity: Identity, connection: str, grant_name: str, *, peer: str | None, now: dt.datetime
@@ -317,6 +325,11 @@ class CompiledPolicy:
         """For live sessions after a reload: does the same grant still admit this identity?"""
         verdict = self.admit(identity, connection, user=grant_name, peer=peer, now=now)
         return verdict.grant is not None and verdict.grant.name == grant_name
+
+
+# Effects that read relations the statement does not name: relation and column rules cannot see
+# what they read (a relation named in text, another connection, a relation's file on the server).
+READS_UNSEEN = frozenset({"dynamic-sql", "remote", "server-files"})
 
 
 def _session_terms(conn: Connection | None) -> tuple[Any, ...] | None:
@@ -825,13 +838,14 @@ class SessionPolicy:
                     "search_path cannot change under relation rules (unqualified names would move)",
                     by_shape=by_shape,
                 )
-            if self.pins_search_path and "dynamic-sql" in a.effects:
+            if self.pins_search_path and a.effects & READS_UNSEEN:
                 return StatementDecision(
                     False,
                     "dynamic-sql",
                     "functions and views that read relations named in text or data (query_to_xml, "
-                    "table_to_xml, ts_stat, pg_stats ...) are refused under relation rules, which "
-                    "cannot see what they read",
+                    "table_to_xml, ts_stat, pg_stats, logical decoding ...), over another connection "
+                    "(dblink) or as server files (pg_read_binary_file of a relation's file) are "
+                    "refused under relation rules, which cannot see what they read",
                     by_shape=by_shape,
                 )
             d = self.masking_refusal(a, text) or self.decide(a)
@@ -936,13 +950,13 @@ class SessionPolicy:
                 "(functions, procedures, rules, triggers, views) are refused in sessions with column "
                 "masking rules (their code could read a masked column and return or raise it)",
             )
-        if "dynamic-sql" in a.effects:
+        if a.effects & READS_UNSEEN:
             return StatementDecision(
                 False,
                 "masking",
-                "statistics views (pg_stats) and built-ins that read a relation named in text "
-                "(table_to_xml ...) are refused in sessions with column masking rules (they show "
-                "column values without the column)",
+                "statistics views (pg_stats), built-ins that read a relation named in text "
+                "(table_to_xml ...), other connections (dblink) and server files are refused in "
+                "sessions with column masking rules (they show column values without the column)",
             )
         for ref in sorted(a.derived_columns):
             column = ref.rsplit(".", 1)[-1]

@@ -633,6 +633,7 @@ impl Walk {
             | "CreateForeignTableStmt"
             | "CreateForeignServerStmt"
             | "CreateUserMappingStmt"
+            | "CreateFdwStmt"
             | "CreateStatsStmt"
             | "CreateCastStmt"
             | "CreateConversionStmt"
@@ -650,10 +651,22 @@ impl Walk {
                         | "CreateCastStmt"
                         | "CreateConversionStmt"
                         | "CreateTransformStmt"
+                        | "CreateExtensionStmt"
+                        | "CreatePLangStmt"
+                        | "CreateOpClassStmt"
+                        | "CreateAmStmt"
+                        | "CreateForeignTableStmt"
+                        | "CreateForeignServerStmt"
+                        | "CreateUserMappingStmt"
+                        | "CreateFdwStmt"
+                        | "CreateSubscriptionStmt"
                 ) {
                     // A stored query (writes through an updatable view, and reads, reach
                     // relations later statements do not name), or functions that run where a
-                    // statement shows no call: operators, aggregates, a domain's CHECK, casts.
+                    // statement shows no call: operators, aggregates, a domain's CHECK, casts;
+                    // an extension's script and functions (dblink); a foreign table, server or
+                    // user mapping (postgres_fdw reads any relation, of this database too, under
+                    // a local name) and a subscription's copy.
                     st.effects.insert("code");
                 }
                 if let Some(r) = n.get("relation").or_else(|| n.get("view")) {
@@ -697,14 +710,25 @@ impl Walk {
             | "AlterTypeStmt"
             | "AlterStatsStmt"
             | "AlterCollationStmt"
-            | "AlterForeignServerStmt" => {
+            | "AlterForeignServerStmt"
+            | "AlterUserMappingStmt"
+            | "AlterFdwStmt" => {
                 kinds.insert(if key == "AlterDefaultPrivilegesStmt" {
                     "grant"
                 } else {
                     "alter"
                 });
-                if key == "AlterDomainStmt" {
-                    st.effects.insert("code"); // ADD CONSTRAINT ... CHECK runs an expression
+                if matches!(
+                    key,
+                    "AlterDomainStmt"
+                        | "AlterExtensionStmt"
+                        | "AlterForeignServerStmt"
+                        | "AlterUserMappingStmt"
+                        | "AlterFdwStmt"
+                ) {
+                    // ADD CONSTRAINT ... CHECK runs an expression; an extension's update script;
+                    // a foreign server pointed elsewhere.
+                    st.effects.insert("code");
                 }
                 if let Some(r) = n.get("relation") {
                     self.target(Some(r));
@@ -742,6 +766,9 @@ impl Walk {
                 kinds.insert("utility");
                 if key == "LoadStmt" {
                     st.effects.insert("server-control");
+                }
+                if key == "ImportForeignSchemaStmt" {
+                    st.effects.insert("code"); // foreign tables for a whole schema
                 }
             }
             _ => {}
@@ -1715,6 +1742,24 @@ mod tests {
             "alter domain d add constraint c check (value <> '')",
             "create aggregate a (text) (sfunc = textcat, stype = text)",
             "create cast (text as int) with function f(text)",
+        ] {
+            assert!(one(sql).effects.contains("code"), "{sql}");
+        }
+    }
+
+    #[test]
+    fn foreign_data_and_extensions_are_code() {
+        for sql in [
+            "create extension dblink",
+            "alter extension dblink update",
+            "create server s foreign data wrapper postgres_fdw options (dbname 'app')",
+            "alter server s options (set host 'elsewhere')",
+            "create user mapping for current_user server s options (user 'x')",
+            "alter user mapping for current_user server s options (set user 'y')",
+            "create foreign data wrapper w handler h",
+            "create foreign table public.t (pw text) server s options (schema_name 'secret')",
+            "import foreign schema secret from server s into public",
+            "create subscription sub connection 'dbname=app' publication p",
         ] {
             assert!(one(sql).effects.contains("code"), "{sql}");
         }
