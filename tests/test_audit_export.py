@@ -656,6 +656,7 @@ CLASSES = {
     "admin": 6003,
     "purge": 6003,
     "writer_start": 6002,
+    "writer_stop": 6002,
 }
 
 

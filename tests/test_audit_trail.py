@@ -87,7 +87,7 @@ def test_purge_removes_only_records_older_than_the_cutoff_by_sequence(tmp_path: 
     w = rep.writers[0]
     assert w.purged_through == 1 and w.first_seq == 2
     kinds = [r.kind for r in store.chain(log.writer)]
-    assert kinds[-1] == "purge"
+    assert kinds[-2:] == ["purge", "writer_stop"]
     # A purge not vouched for by a signed checkpoint shows as deleted records.
     with sqlite3.connect(Path(cfg.data_dir) / "audit.db") as c:
         c.execute("update audit_checkpoints set purged_through = 0, purged_hash = ''")
@@ -135,7 +135,8 @@ def test_writer_continues_its_chain_across_restarts_and_locks_its_slot(tmp_path:
 
     a = trio.run(run_once)
     b = trio.run(run_once)
-    assert a.writer == b.writer and b.chain.seq == 4
+    # (writer_start, admin, writer_stop per run)
+    assert a.writer == b.writer and b.chain.seq == 6
     # Two live gateways on one data directory write two chains.
     audit_dir = Path(cfg.data_dir) / "audit"
     w1, f1 = claim_writer(audit_dir)
@@ -180,7 +181,8 @@ def test_spooled_records_of_a_previous_run_are_replayed_at_start(tmp_path: Path)
         return log
 
     b = trio.run(second)
-    assert not a.spool.exists() and b.chain.seq == 5
+    # writer_start and three spooled records, then the second run's writer_start and writer_stop.
+    assert not a.spool.exists() and b.chain.seq == 6
     assert verify(SqliteStore(Path(cfg.data_dir) / "audit.db"), [b.public]).ok
 
 

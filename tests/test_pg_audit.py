@@ -357,6 +357,12 @@ def test_crash_under_pgbench_load_leaves_a_verifiable_chain(
     recorded = {r["data"]["text"].split("'")[1] for r in recs}
     starts = records(gw2.config_path, "--kind", "writer_start")
     assert len({r["writer"] for r in starts}) == 1 and len(starts) == 2
+    # The restart says the run before it was killed; the clean stop of the restart is recorded.
+    starts.sort(key=lambda r: r["seq"])
+    assert "previous_stop" not in starts[0]["data"] and starts[1]["data"]["previous_stop"] == "unclean"
+    assert "ended without a clean stop" in gw2.log()
+    stops = records(gw2.config_path, "--kind", "writer_stop")
+    assert [r["data"]["run"] for r in stops] == [starts[1]["data"]["run"]]
     if mode == "sync":
         # Every statement whose result reached the client has its record.
         missing = [m for m, _ in acked if m not in recorded]
@@ -773,3 +779,26 @@ def test_values_stay_out_of_the_trail_where_statement_texts_do(
     errors = [r["data"]["error"] for r in rows if r["kind"] == "statement" and "error" in r["data"]]
     assert errors and all(e == {"code": "22P02"} for e in errors), errors
     assert "PW-LEAK" not in json.dumps(rows)
+
+
+def test_a_clean_stop_is_recorded_and_the_next_start_says_so(
+    gateway_factory: GatewayFactory, pg: PgCluster, gateway_tls: TlsMaterial, tmp_path: Path
+) -> None:
+    cfg = audit_config(pg, gateway_tls, tmp_path)
+    gw = gateway_factory(config=cfg)
+    assert gw.stop() == 0
+    gw2 = gateway_factory(config=json.loads(json.dumps(cfg)))
+    assert gw2.stop() == 0
+    rows = sorted(records(gw2.config_path), key=lambda r: r["seq"])
+    assert [r["kind"] for r in rows if r["kind"].startswith("writer_")] == [
+        "writer_start",
+        "writer_stop",
+        "writer_start",
+        "writer_stop",
+    ]
+    assert rows[-1]["kind"] == "writer_stop"
+    second = [r for r in rows if r["kind"] == "writer_start"][1]
+    assert second["data"]["previous_stop"] == "clean"
+    assert "ended without a clean stop" not in gw2.log()
+    ok = cli("audit", "verify", "--config", str(gw2.config_path))
+    assert ok.returncode == 0, ok.stdout + ok.stderr

@@ -249,18 +249,29 @@ class AuditLog:
         self._closed = False
         self.head_file = head_path(config, self.writer)
         self._check_head_file(head)
-        self.append(
-            "writer_start",
-            data={
-                "name": self.name,
-                "pid": os.getpid(),
-                "version": __version__,
-                "key_id": self.key_id,
-                "store": self.store.description,
-                "mode": a.mode,
-                "run": self.run_id,
-            },
-        )
+        start: dict[str, Any] = {
+            "name": self.name,
+            "pid": os.getpid(),
+            "version": __version__,
+            "key_id": self.key_id,
+            "store": self.store.description,
+            "mode": a.mode,
+            "run": self.run_id,
+        }
+        if head is not None:
+            # A clean shutdown ends the chain with writer_stop; anything else means the last run
+            # was killed or crashed: the sessions it had open have no session_end, and (async mode)
+            # the statements of its last moments may be missing. Said here, for auditors and SIEMs.
+            last = self.store.record_at(self.writer, head[0])
+            start["previous_stop"] = "clean" if last is not None and last.kind == "writer_stop" else "unclean"
+            if start["previous_stop"] == "unclean":
+                log.warning(
+                    "audit: the previous run of writer %s ended without a clean stop (killed or "
+                    "crashed): its open sessions have no session_end record%s",
+                    self.writer,
+                    ", and its last statements may be missing (async mode)" if a.mode == "async" else "",
+                )
+        self.append("writer_start", data=start)
 
     # -- sealing ----------------------------------------------------------------------------------
 
@@ -805,6 +816,7 @@ class AuditLog:
         if self._closed:
             return
         self._closed = True
+        self.append("writer_stop", data={"run": self.run_id, "dropped": self.dropped})
         with trio.move_on_after(10):
             await self.flush()
             await self.checkpoint()

@@ -16,7 +16,7 @@ Classes, by record kind:
 - ``policy``, ``approval``, ``admin``, ``purge`` -> API Activity [6003]: an action on the gateway's
   configuration or trail (``api.operation`` names it): Update for a policy version, Delete for a
   purge, Other otherwise.
-- ``writer_start`` -> Application Lifecycle [6002], activity Start.
+- ``writer_start``, ``writer_stop`` -> Application Lifecycle [6002], activity Start, Stop.
 
 ``status_id`` is Failure (2) for a denied or rejected verdict and for a statement that ended in an
 error, else Success (1). ``severity_id`` is Medium (3) for failures, High (4) for lost
@@ -46,6 +46,7 @@ _CLASSES: dict[str, tuple[int, str, int, str, int, str]] = {
     "admin": (6, "Application Activity", 6003, "API Activity", 99, "Other"),
     "purge": (6, "Application Activity", 6003, "API Activity", 4, "Delete"),
     "writer_start": (6, "Application Activity", 6002, "Application Lifecycle", 3, "Start"),
+    "writer_stop": (6, "Application Activity", 6002, "Application Lifecycle", 4, "Stop"),
 }
 _OTHER = (6, "Application Activity", 6003, "API Activity", 99, "Other")
 

@@ -7,9 +7,9 @@ The store keeps the body bytes exactly as hashed, next to copies of the header f
 ``ostiary audit verify`` recomputes each hash, follows ``prev`` and checks the copies against the
 body, so editing, inserting, deleting or reordering a record breaks the chain at that record.
 
-Kinds: ``writer_start``, ``auth``, ``session_start``, ``session_end``, ``statement``, ``result``
-(the outcome of a statement recorded ahead of execution in sync mode), ``policy``, ``approval``,
-``admin``, ``purge``.
+Kinds: ``writer_start``, ``writer_stop`` (a clean shutdown's last record), ``auth``,
+``session_start``, ``session_end``, ``statement``, ``result`` (the outcome of a statement recorded
+ahead of execution in sync mode), ``policy``, ``approval``, ``admin``, ``purge``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ KINDS = (
     "approval",
     "admin",
     "purge",
+    "writer_stop",
 )
 
 
