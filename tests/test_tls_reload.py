@@ -94,3 +94,41 @@ def test_files_rewritten_in_place_with_their_old_mtime_are_read_on_sighup(
         os.utime(live / name, ns=(st.st_atime_ns, st.st_mtime_ns))
     gw.proc.send_signal(signal.SIGHUP)
     assert eventually(lambda: connects(gw, new.ca_cert)), gw.log()[-2000:]
+
+
+def test_the_admin_api_certificate_is_reloaded_too(
+    gateway_factory: GatewayFactory, pg: PgCluster, tmp_path: Path, gateway_tls: TlsMaterial
+) -> None:
+    import ssl
+    import urllib.request
+
+    from ostiary.devcluster import free_port
+
+    old = make_tls_material(tmp_path / "old")
+    new = make_tls_material(tmp_path / "new")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server.pem", "server.key"):
+        shutil.copy(old.directory / name, live / name)
+    port = free_port()
+    cfg = gateway_config(pg, gateway_tls, 0, tmp_path)
+    cfg["admin"] = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "tls": {"cert": str(live / "server.pem"), "key": str(live / "server.key")},
+    }
+    gw = gateway_factory(cfg)
+
+    def healthy(ca: Path) -> bool:
+        ctx = ssl.create_default_context(cafile=str(ca))
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx, timeout=5) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    assert eventually(lambda: healthy(old.ca_cert)) and not healthy(new.ca_cert)
+    for name in ("server.pem", "server.key"):
+        shutil.copy(new.directory / name, live / f"{name}.new")
+        (live / f"{name}.new").rename(live / name)
+    assert eventually(lambda: healthy(new.ca_cert)), gw.log()[-2000:]
+    assert not healthy(old.ca_cert)

@@ -293,6 +293,7 @@ class Gateway:
         # The policy files as they were when the configuration was read: the watcher compares
         # with this, so a change made while the gateway starts is not taken as the baseline.
         self._policy_stamp = self._stamp_policy()
+        self._admin_http: HttpServer | None = None
         self._tls_stamp = self._stamp_tls()
         # Settings that can only be checked against the machine, checked before the audit trail or
         # anything else is opened: a wrong one stops the start with ConfigError naming it.
@@ -403,13 +404,14 @@ class Gateway:
             ready=self.not_ready,
         )
         tls = admin.tls
-        return admin_server(
+        self._admin_http = admin_server(
             api,
             admin.listen.host,
             admin.listen.port,
             cert=tls.cert if tls is not None else None,
             key=tls.key if tls is not None else None,
         )
+        return self._admin_http
 
     @staticmethod
     def _approval_store(config: Config) -> ApprovalStore:
@@ -654,6 +656,8 @@ class Gateway:
         for conn in self.config.connections:
             u = conn.upstream.tls
             files += [f for f in (u.ca, u.cert, u.key) if f]
+        if self.config.admin is not None and self.config.admin.tls is not None:
+            files += [self.config.admin.tls.cert, self.config.admin.tls.key]
         return files
 
     def _stamp_tls(self) -> tuple[tuple[str, int, int, int], ...]:
@@ -673,13 +677,20 @@ class Gateway:
         New connections get the new certificate; established sessions keep theirs. Files that do
         not make a valid configuration (a certificate replaced before its key) leave the previous
         one in use, and the next change is tried again. Returns whether the new files are in use."""
+        source = self.config_path or "<config>"
         try:
-            tls = client_tls_config(self.config, self.config_path or "<config>")
+            tls = client_tls_config(self.config, source)
+            admin = self.config.admin.tls if self.config.admin is not None else None
+            if admin is not None and self._admin_http is not None:
+                check_admin_tls(self.config, source)
+                admin_ctx = server_ssl_context(admin.cert, admin.key)
         except ConfigError as e:
             log.error("TLS files changed but cannot be used; the previous certificate stays in use:\n%s", e)
             return False
         self.client_tls = tls
         self._upstream_tls.clear()
+        if admin is not None and self._admin_http is not None:
+            self._admin_http.ssl_context = admin_ctx
         log.info("TLS files reloaded: new connections use them")
         return True
 
