@@ -931,9 +931,10 @@ def test_hundred_concurrent_sessions(gateway: GatewayProcess) -> None:
     assert_healthy(gateway)
 
 
-def test_readyz_says_not_ready_while_draining(gateway_factory: GatewayFactory) -> None:
+def test_readyz_and_metrics(gateway_factory: GatewayFactory) -> None:
     """A load balancer probes /readyz: 503 with the reason once SIGTERM has stopped new sessions,
-    while /healthz (liveness) still answers 200 and the open session finishes."""
+    while /healthz (liveness) still answers 200 and the open session finishes; /metrics counts
+    sessions and logins for Prometheus."""
     import json
     import urllib.error
     import urllib.request
@@ -948,8 +949,25 @@ def test_readyz_says_not_ready_while_draining(gateway_factory: GatewayFactory) -
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
+    def metrics() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            text = r.read().decode()
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+
     assert get("/readyz") == (200, {"status": "ready"})
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(gw.dsn(password="wrong")).close()
     with psycopg.connect(gw.dsn()) as c:
+        m = metrics()
+        assert m["ostiary_ready"] == 1 and m["ostiary_sessions_open"] == 1, m
+        assert m['ostiary_logins_total{outcome="allowed"}'] == 1, m
+        assert m['ostiary_logins_total{outcome="refused"}'] == 1, m
+        assert m["ostiary_audit_accepting"] == 1 and m["ostiary_sessions_started_total"] == 1, m
         gw.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         while (got := get("/readyz"))[0] == 200:
@@ -957,5 +975,6 @@ def test_readyz_says_not_ready_while_draining(gateway_factory: GatewayFactory) -
             time.sleep(0.05)
         assert got == (503, {"status": "not ready", "reason": "the gateway is shutting down"})
         assert get("/healthz") == (200, {"status": "ok"})
+        assert metrics()["ostiary_ready"] == 0
         assert c.execute("select 1").fetchone() == (1,)
     assert gw.proc.wait(20) == 0

@@ -15,6 +15,7 @@ Endpoints (JSON; errors as ``{"error": ...}``):
 - ``GET /healthz`` (liveness: the process answers)
 - ``GET /readyz`` (readiness for a load balancer: 503 with the reason while the gateway drains for
   shutdown or refuses sessions because its audit trail is unavailable)
+- ``GET /metrics`` (Prometheus text format: sessions, logins, audit backlog, reloads)
 - ``GET /approvals[?state=pending&limit=100]``
 - ``GET /approvals/{id}`` (``Accept: text/html``: the web page)
 - ``POST /approvals/{id}/approve`` and ``/deny``, ``{"reason": ...}`` (or the page's form)
@@ -73,8 +74,10 @@ class AdminApi:
         validate: TokenValidate,
         base_url: str,
         ready: Callable[[], str | None] = lambda: None,
+        metrics: Callable[[], str] | None = None,
     ) -> None:
         self.ready = ready
+        self.metrics = metrics
         self.approvals = approvals
         self.policy = policy
         self.validate = validate
@@ -94,6 +97,9 @@ class AdminApi:
         if parts == ["healthz"]:
             _allow(method, "GET")
             return Response.json(200, {"status": "ok"})
+        if parts == ["metrics"] and self.metrics is not None:
+            _allow(method, "GET")
+            return Response(200, self.metrics().encode(), content_type="text/plain; version=0.0.4")
         if parts == ["readyz"]:
             _allow(method, "GET")
             why = self.ready()

@@ -294,6 +294,19 @@ class Gateway:
         # with this, so a change made while the gateway starts is not taken as the baseline.
         self._policy_stamp = self._stamp_policy()
         self._admin_http: HttpServer | None = None
+        # What /metrics counts (gauges are read from the state itself).
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "sessions",
+                "logins_allowed",
+                "logins_refused",
+                "reloads_applied",
+                "reloads_rejected",
+                "tls_applied",
+                "tls_rejected",
+            ),
+            0,
+        )
         self._tls_stamp = self._stamp_tls()
         # Settings that can only be checked against the machine, checked before the audit trail or
         # anything else is opened: a wrong one stops the start with ConfigError naming it.
@@ -379,6 +392,74 @@ class Gateway:
         # A second SIGTERM/SIGINT during the drain: end the sessions now instead of after the grace.
         self._hurry = trio.Event()
 
+    def metrics_text(self) -> str:
+        """The gateway's counters and gauges in Prometheus' text format (``GET /metrics``)."""
+        c = self.counters
+        audit = self.audit
+        lines = [
+            (
+                "ostiary_ready",
+                "gauge",
+                "1 when new sessions are accepted (see /readyz)",
+                [("", int(self.not_ready() is None))],
+            ),
+            ("ostiary_sessions_open", "gauge", "sessions established now", [("", len(self.sessions))]),
+            ("ostiary_sessions_started_total", "counter", "sessions established", [("", c["sessions"])]),
+            (
+                "ostiary_logins_total",
+                "counter",
+                "authentication attempts by outcome",
+                [('{outcome="allowed"}', c["logins_allowed"]), ('{outcome="refused"}', c["logins_refused"])],
+            ),
+            (
+                "ostiary_policy_reloads_total",
+                "counter",
+                "policy reloads by result",
+                [
+                    ('{result="applied"}', c["reloads_applied"]),
+                    ('{result="rejected"}', c["reloads_rejected"]),
+                ],
+            ),
+            (
+                "ostiary_tls_reloads_total",
+                "counter",
+                "TLS file reloads by result",
+                [('{result="applied"}', c["tls_applied"]), ('{result="rejected"}', c["tls_rejected"])],
+            ),
+            (
+                "ostiary_policy_info",
+                "gauge",
+                "the policy version in force",
+                [('{version="' + self.policy.version[:12] + '"}', 1)],
+            ),
+        ]
+        if audit is not None:
+            lines += [
+                (
+                    "ostiary_audit_accepting",
+                    "gauge",
+                    "1 while the audit trail takes records",
+                    [("", int(audit.accepting))],
+                ),
+                (
+                    "ostiary_audit_pending_records",
+                    "gauge",
+                    "records sealed, not yet stored",
+                    [("", len(audit.pending))],
+                ),
+                (
+                    "ostiary_audit_dropped_records_total",
+                    "counter",
+                    "records lost (max_pending)",
+                    [("", audit.dropped)],
+                ),
+            ]
+        out: list[str] = []
+        for name, kind, doc, samples in lines:
+            out += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
+            out += [f"{name}{labels} {value}" for labels, value in samples]
+        return "\n".join(out) + "\n"
+
     def not_ready(self) -> str | None:
         """Why new sessions would be refused now (for ``/readyz``), or None."""
         if self.draining:
@@ -402,6 +483,7 @@ class Gateway:
             lambda token: self.validator.validate(token, remember=False),
             base,
             ready=self.not_ready,
+            metrics=self.metrics_text,
         )
         tls = admin.tls
         self._admin_http = admin_server(
@@ -469,6 +551,7 @@ class Gateway:
 
     def register_session(self, info: SessionInfo, cancel: CancelTarget, max_session: float | None) -> None:
         self.sessions[info.id] = info
+        self.counters["sessions"] += 1
         key = (cancel.process_id, cancel.secret_key)
         self._cancel[key] = cancel
         self._cancel_by_session[info.id] = key
@@ -511,6 +594,7 @@ class Gateway:
         return self.sessions.pop(session, None)
 
     def report_authentication(self, attempt: AuthAttempt) -> None:
+        self.counters["logins_allowed" if attempt.outcome == "allowed" else "logins_refused"] += 1
         if attempt.identity is not None:
             who = attempt.identity.name
         else:
@@ -592,6 +676,7 @@ class Gateway:
             base = Path(path) if Path(path).is_dir() else Path(path).parent
             new = configmod.parse(data, path, base, marks)
         except ConfigError as e:
+            self.counters["reloads_rejected"] += 1
             log.error("policy reload rejected; version %s stays in force:\n%s", self.policy.version[:12], e)
             if self.audit_events is not None:
                 self.audit_events.policy("", path, False, str(e), "reload")
@@ -607,6 +692,7 @@ class Gateway:
         self.config = new
         self.policy = CompiledPolicy(new, version, self.mask_key)
         self._upstream_tls.clear()
+        self.counters["reloads_applied"] += 1
         log.info("policy version %s applied (was %s)", version[:12], old.version[:12])
         if self.audit_events is not None:
             detail = f"was {old.version}" + (f"; needs a restart: {', '.join(restart)}" if restart else "")
@@ -686,7 +772,9 @@ class Gateway:
                 admin_ctx = server_ssl_context(admin.cert, admin.key)
         except ConfigError as e:
             log.error("TLS files changed but cannot be used; the previous certificate stays in use:\n%s", e)
+            self.counters["tls_rejected"] += 1
             return False
+        self.counters["tls_applied"] += 1
         self.client_tls = tls
         self._upstream_tls.clear()
         if admin is not None and self._admin_http is not None:
