@@ -545,6 +545,20 @@ def test_diff_shows_who_gains_and_loses(tmp_path: Path) -> None:
     )
     r2 = run_cli("policy", "explain", "--diff", str(a), str(a))
     assert r2.stdout.strip() == "no change in who may use what"
+    # Connections: where they lead ends sessions; login settings do not.
+    moved, login = base_policy(), base_policy()
+    moved["connections"][0]["upstream"]["host"] = "db-new"
+    login["connections"][0]["upstream"]["connect_timeout"] = 30
+    for changed, expected in (
+        (
+            moved,
+            "~ connection orders now leads to rw@db-new:5432/orders (was rw@db:5432/orders)",
+        ),
+        (login, "~ connection orders: login settings changed"),
+    ):
+        b.write_text(yaml.safe_dump(changed))
+        out = run_cli("policy", "diff", str(a), str(b)).stdout.splitlines()
+        assert any(line.startswith(expected) for line in out), out
 
 
 def test_explain_judges_statements_under_the_grant(tmp_path: Path) -> None:

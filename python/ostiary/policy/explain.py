@@ -185,4 +185,70 @@ def diff(old: Config, new: Config) -> list[str]:
         lines.append(f"- identity {name} removed")
     for name in sorted(set(new_m) - set(old_m)):
         lines.append(f"+ identity {name} added: {new_m[name].issuer} {dict(new_m[name].match)}")
+    lines += _connection_changes(old, new)
+    # Rules and grants whose definitions changed: their sessions are ended at reload.
+    for section in ("grants", "guardrails", "masking", "approvals"):
+        was = {r.name: r for r in getattr(old, section)}
+        now = {r.name: r for r in getattr(new, section)}
+        kind = {
+            "grants": "grant",
+            "guardrails": "guardrail",
+            "masking": "masking rule",
+            "approvals": "approval rule",
+        }
+        for name in sorted(set(was) & set(now)):
+            if was[name] != now[name]:
+                lines.append(f"~ {kind[section]} {name} changed: its sessions reconnect at reload")
+    return lines
+
+
+def _connection_changes(old: Config, new: Config) -> list[str]:
+    """Where connections lead, as which roles, over which TLS; login-only settings apart (they
+    change no open session)."""
+    lines: list[str] = []
+    o = {c.name: c for c in old.connections}
+    n = {c.name: c for c in new.connections}
+    for name in sorted(set(o) - set(n)):
+        lines.append(f"- connection {name} removed")
+    for name in sorted(set(n) - set(o)):
+        u = n[name].upstream
+        lines.append(f"+ connection {name} added: {u.user}@{u.host}:{u.port}/{u.database}")
+    for name in sorted(set(o) & set(n)):
+        a, b = o[name].upstream, n[name].upstream
+        where_a, where_b = (
+            f"{a.user}@{a.host}:{a.port}/{a.database}",
+            f"{b.user}@{b.host}:{b.port}/{b.database}",
+        )
+        if where_a != where_b:
+            lines.append(
+                f"~ connection {name} now leads to {where_b} (was {where_a}): its sessions reconnect"
+            )
+        if a.tls != b.tls:
+            lines.append(
+                f"~ connection {name}: upstream TLS {b.tls.mode} (was {a.tls.mode}): its sessions reconnect"
+            )
+        roles_a = {k: c.user for k, c in o[name].credentials.items()}
+        roles_b = {k: c.user for k, c in n[name].credentials.items()}
+        if roles_a != roles_b:
+            lines.append(
+                f"~ connection {name}: credentials {roles_b} (was {roles_a}): its sessions reconnect"
+            )
+        rest = ("allow_plaintext", "guardrails", "masking")
+        if any(getattr(o[name], f) != getattr(n[name], f) for f in rest):
+            lines.append(
+                f"~ connection {name}: plaintext, guardrails or masking changed: its sessions reconnect"
+            )
+        login = (
+            "connect_timeout",
+            "require_auth",
+            "password",
+            "password_env",
+            "password_file",
+            "password_ref",
+        )
+        if any(getattr(a, f) != getattr(b, f) for f in login):
+            lines.append(
+                f"~ connection {name}: login settings changed (connect_timeout, require_auth or where the "
+                "password is read from): the next logins use them, open sessions stay"
+            )
     return lines
