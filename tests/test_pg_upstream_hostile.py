@@ -166,17 +166,27 @@ def fake_upstream() -> Iterator[Callable[[Script], FakeUpstream]]:
         assert not s.errors, s.errors
 
 
-def gateway_to(
+FakeGateway = Callable[..., tuple[FakeUpstream, GatewayProcess]]
+
+
+@pytest.fixture
+def fake_gateway(
     gateway_factory: GatewayFactory,
     pg: PgCluster,
-    gw_tls: TlsMaterial,
-    tmp: Path,
-    port: int,
-    **upstream: Any,
-) -> GatewayProcess:
-    """A gateway whose connection ``fake`` goes to ``port`` (plaintext unless ``tls`` is given)."""
-    extra = {"port": port, "tls": {"mode": "disable"}, **upstream}
-    return gateway_factory(connections=with_extra_connection(pg, gw_tls, tmp, "fake", extra))
+    gateway_tls: TlsMaterial,
+    tmp_path: Path,
+    fake_upstream: Callable[[Script], FakeUpstream],
+) -> FakeGateway:
+    """``start(script, **upstream)``: a fake server playing ``script`` and a gateway whose
+    connection ``fake`` goes to it (plaintext unless ``tls`` is given in ``upstream``)."""
+
+    def start(script: Script, **upstream: Any) -> tuple[FakeUpstream, GatewayProcess]:
+        fake = fake_upstream(script)
+        extra = {"port": fake.port, "tls": {"mode": "disable"}, **upstream}
+        conns = with_extra_connection(pg, gateway_tls, tmp_path, "fake", extra)
+        return fake, gateway_factory(connections=conns)
+
+    return start
 
 
 def login_error(gw: GatewayProcess) -> str:
@@ -193,11 +203,7 @@ def wait_log(gw: GatewayProcess, words: str) -> None:
 
 
 def test_a_server_that_asks_for_the_password_after_accepting_the_login_does_not_get_it(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    tmp_path: Path,
-    fake_upstream: Callable[[Script], FakeUpstream],
+    fake_gateway: FakeGateway,
 ) -> None:
     def script(peer: Peer, n: int) -> None:
         peer.read_startup(None)
@@ -205,8 +211,7 @@ def test_a_server_that_asks_for_the_password_after_accepting_the_login_does_not_
         with contextlib.suppress(OSError, ConnectionError, TimeoutError):
             peer.read_message()
 
-    fake = fake_upstream(script)
-    gw = gateway_to(gateway_factory, pg, gateway_tls, tmp_path, fake.port)
+    fake, gw = fake_gateway(script)
     err = login_error(gw)
     assert "asked for authentication after accepting the login" in err, err
     assert APP_PASSWORD.encode() not in b"".join(p.received for p in fake.peers)
@@ -223,11 +228,7 @@ def test_a_server_that_asks_for_the_password_after_accepting_the_login_does_not_
     ids=["no password at all", "cleartext", "md5"],
 )
 def test_require_auth_refuses_weaker_methods(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    tmp_path: Path,
-    fake_upstream: Callable[[Script], FakeUpstream],
+    fake_gateway: FakeGateway,
     answer: bytes,
     words: str,
 ) -> None:
@@ -237,8 +238,7 @@ def test_require_auth_refuses_weaker_methods(
         with contextlib.suppress(OSError, ConnectionError, TimeoutError):
             peer.read_message()
 
-    fake = fake_upstream(script)
-    gw = gateway_to(gateway_factory, pg, gateway_tls, tmp_path, fake.port, require_auth=["scram-sha-256"])
+    fake, gw = fake_gateway(script, require_auth=["scram-sha-256"])
     err = login_error(gw)
     assert words in err, err
     sent = b"".join(p.received for p in fake.peers)
@@ -257,11 +257,7 @@ def test_require_auth_lets_the_real_servers_scram_through(
 
 
 def test_what_a_server_sends_during_login_is_bounded(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    tmp_path: Path,
-    fake_upstream: Callable[[Script], FakeUpstream],
+    fake_gateway: FakeGateway,
 ) -> None:
     """Notices and parameters before ReadyForQuery are held for the client: a server that never
     stops sending them is cut off at 1 MiB, not after gigabytes."""
@@ -273,28 +269,22 @@ def test_what_a_server_sends_during_login_is_bounded(
         for _ in range(200):  # up to ~190 MB
             peer.send(chunk)
 
-    fake = fake_upstream(script)
-    gw = gateway_to(gateway_factory, pg, gateway_tls, tmp_path, fake.port)
+    _fake, gw = fake_gateway(script)
     before = gw.rss_kib()
     for _ in range(2):  # notices, then parameters
         err = login_error(gw)
         assert "notices and parameters sent by the upstream during login" in err, err
     assert gw.rss_kib() - before < 64 * 1024
-    big = fake_upstream(
+    _, gw2 = fake_gateway(
         lambda peer, n: (peer.read_startup(None), peer.send(auth(0) + param("p", "v" * 40_000)))
     )
-    gw2 = gateway_to(gateway_factory, pg, gateway_tls, tmp_path, big.port)
     err = login_error(gw2)
     assert "ParameterStatus" in err, err
     assert_still_serving(gw)
 
 
 def test_a_server_error_that_is_not_postgresql_s_is_a_protocol_error(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    tmp_path: Path,
-    fake_upstream: Callable[[Script], FakeUpstream],
+    fake_gateway: FakeGateway,
 ) -> None:
     secret = APP_PASSWORD
 
@@ -308,8 +298,7 @@ def test_a_server_error_that_is_not_postgresql_s_is_a_protocol_error(
             _, body = peer.read_message()
             peer.send(error("53300", f"too many connections for {body[:-1].decode()}"))
 
-    fake = fake_upstream(script)
-    gw = gateway_to(gateway_factory, pg, gateway_tls, tmp_path, fake.port)
+    _fake, gw = fake_gateway(script)
     err = login_error(gw)
     assert "broke the protocol during login" in err and "SQLSTATE" in err, err
     err = login_error(gw)
@@ -371,18 +360,16 @@ def _scram_server(peer: Peer, iterations: int, derived: dict[str, float]) -> Non
 
 
 def test_a_costly_scram_derivation_does_not_stall_other_sessions(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    tmp_path: Path,
-    fake_upstream: Callable[[Script], FakeUpstream],
+    fake_gateway: FakeGateway,
 ) -> None:
     """A server may ask for 10,000,000 PBKDF2 iterations (about a second or more of CPU): the
     derivation runs off the event loop, so a session's login and statements go on meanwhile, and
     the login to that server still completes."""
     derived: dict[str, float] = {}
-    fake = fake_upstream(lambda peer, n: (peer.read_startup(None), _scram_server(peer, 10_000_000, derived)))
-    gw = gateway_to(gateway_factory, pg, gateway_tls, tmp_path, fake.port, connect_timeout=60)
+    _fake, gw = fake_gateway(
+        lambda peer, n: (peer.read_startup(None), _scram_server(peer, 10_000_000, derived)),
+        connect_timeout=60,
+    )
     result: dict[str, Any] = {}
 
     def slow_login() -> None:
@@ -405,11 +392,7 @@ def test_a_costly_scram_derivation_does_not_stall_other_sessions(
 
 
 def test_a_cancel_is_never_sent_in_plaintext_when_tls_is_asked_for(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    tmp_path: Path,
-    fake_upstream: Callable[[Script], FakeUpstream],
+    fake_gateway: FakeGateway, gateway_tls: TlsMaterial
 ) -> None:
     """The login went over TLS; the server (or whoever answers on its address) then refuses TLS to
     the gateway's cancel connection: the backend's key stays with the gateway."""
@@ -433,8 +416,7 @@ def test_a_cancel_is_never_sent_in_plaintext_when_tls_is_asked_for(
             peer.read_startup(None)  # answers the SSLRequest with 'N'
             peer.read(1)  # anything after that is the key in clear
 
-    fake = fake_upstream(script)
-    gw = gateway_to(gateway_factory, pg, gateway_tls, tmp_path, fake.port, tls={"mode": "require"})
+    fake, gw = fake_gateway(script, tls={"mode": "require"})
     conn = psycopg.connect(gw.dsn(dbname="fake"))
 
     def run() -> None:
@@ -465,11 +447,7 @@ def test_a_cancel_is_never_sent_in_plaintext_when_tls_is_asked_for(
     ids=["a password request", "no message at all", "BackendKeyData", "a 40 kB ParameterStatus"],
 )
 def test_what_no_session_has_from_a_server_ends_the_session(
-    gateway_factory: GatewayFactory,
-    pg: PgCluster,
-    gateway_tls: TlsMaterial,
-    tmp_path: Path,
-    fake_upstream: Callable[[Script], FakeUpstream],
+    fake_gateway: FakeGateway,
     answer: bytes,
 ) -> None:
     """Mid-session, a server that asks for authentication would have the client send it its
@@ -491,8 +469,7 @@ def test_what_no_session_has_from_a_server_ends_the_session(
                 peer.read_message()
         after["sent"] = peer.received[mark:]
 
-    fake = fake_upstream(script)
-    gw = gateway_to(gateway_factory, pg, gateway_tls, tmp_path, fake.port)
+    _fake, gw = fake_gateway(script)
     with psycopg.connect(gw.dsn(dbname="fake")) as c, pytest.raises(psycopg.OperationalError) as e:
         c.execute("select 1")
     assert e.value.sqlstate == "08P01", e.value

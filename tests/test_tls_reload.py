@@ -35,18 +35,32 @@ def eventually(check: object, timeout: float = 15) -> bool:
     return False
 
 
-@pytest.fixture
-def rotating(
-    gateway_factory: GatewayFactory, pg: PgCluster, tmp_path: Path, gateway_tls: TlsMaterial
-) -> tuple[GatewayProcess, Path, TlsMaterial, TlsMaterial]:
-    """A gateway whose certificate files live in a directory of their own (``live``), with the
-    material it starts with (``old``) and a second CA's (``new``)."""
+def live_files(tmp_path: Path) -> tuple[Path, TlsMaterial, TlsMaterial]:
+    """A directory ``live`` holding the server certificate and key of ``old`` (one CA), and the
+    material of another CA (``new``) to rotate to."""
     old = make_tls_material(tmp_path / "old")
     new = make_tls_material(tmp_path / "new")
     live = tmp_path / "live"
     live.mkdir()
     for name in ("server.pem", "server.key"):
         shutil.copy(old.directory / name, live / name)
+    return live, old, new
+
+
+def rotate(live: Path, new: TlsMaterial) -> None:
+    """As certbot does: written elsewhere, then renamed over the old files."""
+    for name in ("server.pem", "server.key"):
+        shutil.copy(new.directory / name, live / f"{name}.new")
+        (live / f"{name}.new").rename(live / name)
+
+
+@pytest.fixture
+def rotating(
+    gateway_factory: GatewayFactory, pg: PgCluster, tmp_path: Path, gateway_tls: TlsMaterial
+) -> tuple[GatewayProcess, Path, TlsMaterial, TlsMaterial]:
+    """A gateway whose certificate files live in a directory of their own (``live``), with the
+    material it starts with (``old``) and a second CA's (``new``)."""
+    live, old, new = live_files(tmp_path)
     cfg = gateway_config(pg, gateway_tls, 0, tmp_path)
     cfg["tls"] = {"cert": str(live / "server.pem"), "key": str(live / "server.key")}
     gw = gateway_factory(cfg)
@@ -59,10 +73,7 @@ def test_replaced_certificate_files_are_used_for_new_connections(
 ) -> None:
     gw, live, old, new = rotating
     with psycopg.connect(gw.dsn(sslrootcert=str(old.ca_cert))) as kept:
-        # As certbot does: write elsewhere, then rename over the old files.
-        for name in ("server.pem", "server.key"):
-            shutil.copy(new.directory / name, live / f"{name}.new")
-            (live / f"{name}.new").rename(live / name)
+        rotate(live, new)
         assert eventually(lambda: connects(gw, new.ca_cert)), gw.log()[-2000:]
         assert not connects(gw, old.ca_cert)
         # The session opened before goes on with the certificate it has.
@@ -104,12 +115,7 @@ def test_the_admin_api_certificate_is_reloaded_too(
 
     from ostiary.devcluster import free_port
 
-    old = make_tls_material(tmp_path / "old")
-    new = make_tls_material(tmp_path / "new")
-    live = tmp_path / "live"
-    live.mkdir()
-    for name in ("server.pem", "server.key"):
-        shutil.copy(old.directory / name, live / name)
+    live, old, new = live_files(tmp_path)
     port = free_port()
     cfg = gateway_config(pg, gateway_tls, 0, tmp_path)
     cfg["admin"] = {
@@ -127,8 +133,6 @@ def test_the_admin_api_certificate_is_reloaded_too(
             return False
 
     assert eventually(lambda: healthy(old.ca_cert)) and not healthy(new.ca_cert)
-    for name in ("server.pem", "server.key"):
-        shutil.copy(new.directory / name, live / f"{name}.new")
-        (live / f"{name}.new").rename(live / name)
+    rotate(live, new)
     assert eventually(lambda: healthy(new.ca_cert)), gw.log()[-2000:]
     assert not healthy(old.ca_cert)

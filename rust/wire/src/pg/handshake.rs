@@ -694,8 +694,9 @@ mod tests {
         assert_eq!(AuthMethod::parse("gss"), None);
     }
 
-    #[test]
-    fn scram_derivation_is_a_step_of_its_own() {
+    /// Starts SCRAM and answers the client's first message with a server-first built from its
+    /// nonce by `first` (nothing is derived yet).
+    fn scram_to_server_first(first: impl Fn(&str) -> String) -> UpstreamHandshake {
         let mut u = upstream(&[]);
         u.receive_data(
             &Authentication::Sasl {
@@ -709,14 +710,19 @@ mod tests {
         };
         let text = String::from_utf8_lossy(&initial).into_owned();
         let nonce = text.split("r=").nth(1).unwrap().to_owned();
-        let first = format!("r={nonce}srv,s=c2FsdA==,i=4096");
         u.receive_data(
             &Authentication::SaslContinue {
-                data: first.into_bytes(),
+                data: first(&nonce).into_bytes(),
             }
             .encode(),
         )
         .unwrap();
+        u
+    }
+
+    #[test]
+    fn scram_derivation_is_a_step_of_its_own() {
+        let mut u = scram_to_server_first(|nonce| format!("r={nonce}srv,s=c2FsdA==,i=4096"));
         // Nothing is computed in step(): it asks for derive(), and repeats until it is done.
         assert_eq!(u.step().unwrap(), UpstreamStep::Derive);
         assert_eq!(u.step().unwrap(), UpstreamStep::Derive);
@@ -727,22 +733,7 @@ mod tests {
         assert!(String::from_utf8_lossy(&reply).contains(",p="));
         assert_eq!(u.step().unwrap(), UpstreamStep::NeedData);
         // A server-first that does not extend our nonce fails in derive().
-        let mut u = upstream(&[]);
-        u.receive_data(
-            &Authentication::Sasl {
-                mechanisms: vec![scram::MECHANISM.into()],
-            }
-            .encode(),
-        )
-        .unwrap();
-        u.step().unwrap();
-        u.receive_data(
-            &Authentication::SaslContinue {
-                data: b"r=other,s=c2FsdA==,i=4096".to_vec(),
-            }
-            .encode(),
-        )
-        .unwrap();
+        let mut u = scram_to_server_first(|_| "r=other,s=c2FsdA==,i=4096".into());
         assert_eq!(u.step().unwrap(), UpstreamStep::Derive);
         assert!(u.derive().is_err());
     }
