@@ -256,3 +256,34 @@ def test_search_table_shows_control_characters_instead_of_sending_them(tmp_path:
         timeout=60,
     )
     assert "\\u001b]0;TITLE\\u0007" in r.stdout or "\\u001B]0;TITLE\\u0007" in r.stdout, r.stdout
+
+
+def test_a_store_emptied_between_runs_stays_a_gap_the_verifier_names(tmp_path: Path) -> None:
+    """Found by a hunt: with audit.db deleted while the gateway was stopped, the next run began a
+    new chain at seq 1, its next checkpoint re-signed the head file, and `audit verify` passed.
+    The chain now goes on from the signed head: the removed records are a gap, named."""
+    cfg = config(tmp_path)
+
+    async def run_once() -> AuditLog:
+        log = AuditLog(cfg)
+        for i in range(3):
+            log.append("admin", data={"n": i})
+        await log.flush()
+        await log.checkpoint()
+        await log.close()
+        return log
+
+    a = trio.run(run_once)
+    last = a.chain.seq
+    for name in ("audit.db", "audit.db-wal", "audit.db-shm"):
+        (Path(cfg.data_dir) / name).unlink(missing_ok=True)
+    b = trio.run(run_once)
+    assert b.writer == a.writer
+    store = SqliteStore(Path(cfg.data_dir) / "audit.db")
+    seqs = [r.seq for r in store.chain(b.writer)]
+    assert seqs[0] == last + 1, seqs  # no id of a removed record is used again
+    kinds = [r.kind for r in store.chain(b.writer)]
+    assert "admin" in kinds
+    rep = verify(store, [a.public])
+    assert not rep.ok, "a chain missing its first records must not verify"
+    assert f"record(s) 1..{last} before it are missing" in (rep.first_problem() or ""), rep.first_problem()

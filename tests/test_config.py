@@ -287,7 +287,10 @@ def test_policy_check_warns_of_what_serve_would_refuse_or_expose(tmp_path: Path)
     assert "admin.tls: the admin API listens on 0.0.0.0 without TLS" in r.stdout
     assert "audit.dsn_env: environment variable OSTIARY_TEST_SURELY_UNSET_DSN is not set" in r.stdout
     # host db, tls disable, any method: an impostor could take the password.
-    assert "connections[0].upstream: tls.mode is disable and require_auth lets the server ask" in r.stdout
+    assert (
+        "connections[0].upstream: tls.mode is disable: the sessions (and the login) cross the network"
+        in r.stdout
+    )
     # serve says the same in one line, without a traceback.
     r = run_cli("serve", "--config", str(p))
     assert r.returncode == 1, r.stderr
@@ -299,10 +302,11 @@ def test_policy_check_warns_of_what_serve_would_refuse_or_expose(tmp_path: Path)
     [
         ({"tls": {"mode": "require"}}, True),
         ({"tls": {"mode": "require"}, "require_auth": ["scram-sha-256", "password"]}, True),
-        ({"tls": {"mode": "require"}, "require_auth": ["scram-sha-256"]}, False),
-        ({"tls": {"mode": "disable"}, "require_auth": ["scram-sha-256", "md5"]}, False),
+        ({"tls": {"mode": "require"}, "require_auth": ["scram-sha-256"]}, True),  # relayed
+        ({"tls": {"mode": "disable"}, "require_auth": ["scram-sha-256"]}, True),  # in clear
         ({"tls": {"mode": "verify-full", "ca": "good.py"}}, False),
         ({"host": "127.0.0.1"}, False),
+        ({"host": "/var/run/postgresql"}, False),
     ],
 )
 def test_weak_upstream_authentication_is_warned_of(

@@ -136,3 +136,124 @@ def test_the_admin_api_certificate_is_reloaded_too(
     rotate(live, new)
     assert eventually(lambda: healthy(new.ca_cert)), gw.log()[-2000:]
     assert not healthy(old.ca_cert)
+
+
+def test_a_kubernetes_secret_mount_rotation_is_picked_up(
+    gateway_factory: GatewayFactory, pg: PgCluster, tmp_path: Path, gateway_tls: TlsMaterial
+) -> None:
+    """The kubelet writes a new timestamped directory, swaps the `..data` symlink to it in one
+    rename and removes the old one; the configured paths go through `..data`."""
+    old = make_tls_material(tmp_path / "old")
+    new = make_tls_material(tmp_path / "new")
+    mount = tmp_path / "mount"
+    (mount / "..2026_01").mkdir(parents=True)
+    for name in ("server.pem", "server.key"):
+        shutil.copy(old.directory / name, mount / "..2026_01" / name)
+        (mount / name).symlink_to(Path("..data") / name)
+    (mount / "..data").symlink_to("..2026_01")
+    cfg = gateway_config(pg, gateway_tls, 0, tmp_path)
+    cfg["tls"] = {"cert": str(mount / "server.pem"), "key": str(mount / "server.key")}
+    gw = gateway_factory(cfg)
+    assert connects(gw, old.ca_cert)
+    (mount / "..2026_02").mkdir()
+    for name in ("server.pem", "server.key"):
+        shutil.copy(new.directory / name, mount / "..2026_02" / name)
+    (mount / "..data_tmp").symlink_to("..2026_02")
+    (mount / "..data_tmp").rename(mount / "..data")
+    shutil.rmtree(mount / "..2026_01")
+    assert eventually(lambda: connects(gw, new.ca_cert)), gw.log()[-2000:]
+    assert "..2026_01" not in gw.log()
+
+
+def test_a_broken_upstream_ca_file_keeps_the_previous_one(
+    gateway_factory: GatewayFactory, pg: PgCluster, tmp_path: Path, gateway_tls: TlsMaterial
+) -> None:
+    """The upstream leg's files are checked like the client leg's: a CA file caught half-written
+    leaves the previous configuration in use, and new sessions go on verifying the server."""
+    assert pg.tls is not None
+    ca = tmp_path / "db-ca.pem"
+    shutil.copy(pg.tls.ca_cert, ca)
+    cfg = gateway_config(pg, gateway_tls, 0, tmp_path)
+    cfg["connections"][0]["upstream"]["tls"]["ca"] = str(ca)
+    gw = gateway_factory(cfg)
+    assert connects(gw, gateway_tls.ca_cert)
+    ca.write_bytes(ca.read_bytes()[:100])
+    assert eventually(lambda: "TLS files changed but cannot be used" in gw.log()), gw.log()[-2000:]
+    assert "upstream.tls" in gw.log()
+    assert connects(gw, gateway_tls.ca_cert)
+
+
+def expired_pair(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost that expired yesterday, and its key."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=30))
+        .not_valid_after(now - dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    c, k = directory / "server.pem", directory / "server.key"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return c, k
+
+
+def test_rotating_to_an_expired_certificate_keeps_the_valid_one(
+    rotating: tuple[GatewayProcess, Path, TlsMaterial, TlsMaterial], tmp_path: Path
+) -> None:
+    gw, live, old, _ = rotating
+    cert, key = expired_pair(tmp_path / "expired")
+    shutil.copy(key, live / "server.key.new")
+    shutil.copy(cert, live / "server.pem.new")
+    (live / "server.key.new").rename(live / "server.key")
+    (live / "server.pem.new").rename(live / "server.pem")
+    assert eventually(lambda: "expired on" in gw.log()), gw.log()[-2000:]
+    assert connects(gw, old.ca_cert)
+
+
+def test_policy_check_warns_of_an_expired_certificate(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    cert, key = expired_pair(tmp_path / "expired")
+    data = {
+        "tls": {"cert": str(cert), "key": str(key)},
+        "clients": [{"user": "ci", "password": "x"}],
+        "connections": [
+            {
+                "name": "app",
+                "upstream": {"host": "127.0.0.1", "database": "app", "user": "u", "password": "p"},
+            }
+        ],
+        "grants": [{"name": "g", "identities": ["ci"], "connection": "app"}],
+    }
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(data))
+    r = subprocess.run(
+        [sys.executable, "-m", "ostiary.cli", "policy", "check", str(f)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert f"tls.cert: the certificate {cert} expired on" in r.stdout, r.stdout + r.stderr

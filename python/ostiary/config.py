@@ -646,8 +646,12 @@ def _check(cfg: Config, base: Path) -> list[tuple[str, str]]:
 
 
 def _resolve_paths(cfg: Config, base: Path) -> None:
+    # Absolute, but symlinks kept: a Kubernetes secret mount swaps its `..data` symlink to rotate
+    # certificates, and a path resolved at start would go on naming the old directory.
+    root = Path(os.path.abspath(base))
+
     def fix(p: str | None) -> str | None:
-        return None if p is None else str((base / p).resolve())
+        return None if p is None else str(root / p)
 
     cfg.data_dir = str(fix(cfg.data_dir))
     cfg.masking_key_file = fix(cfg.masking_key_file)

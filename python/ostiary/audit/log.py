@@ -717,6 +717,13 @@ class AuditLog:
         except (FileNotFoundError, msgspec.DecodeError):
             return
         if head is None or signed.checkpoint.seq > head[0]:
+            # The chain goes on from the signed head, not from what the store still holds: the
+            # removed records stay a gap that verification names (a chain restarted at seq 1 would
+            # verify once the next checkpoint signed it, and reuse the removed records' ids).
+            cp = signed.checkpoint
+            self.chain = Chain(self.writer, cp.seq, cp.hash)
+            self.stored = (cp.seq, cp.hash)
+            self._checkpointed = cp.seq
             log.error(
                 "the audit store holds this writer's chain up to seq %s but its last signed checkpoint "
                 "covers seq %d: records were removed from the store",

@@ -8,6 +8,7 @@ and rules are checked for duplicates and dangling references.
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import ipaddress
 import os
@@ -289,22 +290,56 @@ def policy_warnings(cfg: Config) -> list[tuple[str, str]]:
         )
     for i, conn in enumerate(cfg.connections):
         up = conn.upstream
-        weak = not up.require_auth or {"none", "password"} & set(up.require_auth)
-        if up.tls.mode != "verify-full" and weak and not _loopback(up.host):
-            out.append(
-                (
-                    f"connections[{i}].upstream",
-                    f"tls.mode is {up.tls.mode} and require_auth lets the server ask for the cleartext "
-                    "password or for none: whoever can pose as the server can take the password or serve "
-                    "the sessions; set tls.mode: verify-full, or require_auth: [scram-sha-256]",
-                )
-            )
+        if up.tls.mode == "verify-full" or _loopback(up.host) or up.host.startswith("/"):
+            continue
+        weak = not up.require_auth or {"none", "password", "md5"} & set(up.require_auth)
+        if up.tls.mode == "disable":
+            why = "the sessions (and the login) cross the network in clear"
+        else:
+            # SCRAM proves the server knows the password, but without channel binding a server in
+            # the middle can relay the exchange to the real one and then read the session.
+            why = "the server is not verified: whoever can pose as it can relay and read the sessions"
+        if weak:
+            why += ", and take the password (require_auth allows cleartext, MD5 or none)"
+        out.append(
+            (f"connections[{i}].upstream", f"tls.mode is {up.tls.mode}: {why}; set tls.mode: verify-full")
+        )
+    for setting, tls in (("tls.cert", cfg.tls), ("admin.tls.cert", cfg.admin.tls if cfg.admin else None)):
+        if tls is not None and (problem := expiry_problem(tls.cert, setting)) is not None:
+            out.append((setting, problem.split(": ", 1)[1]))
     a = cfg.audit
     if a.enabled and a.store == "postgres" and a.dsn_env is not None and a.dsn_env not in os.environ:
         out.append(("audit.dsn_env", f"environment variable {a.dsn_env} is not set: serve cannot start"))
     if a.enabled and a.store == "postgres" and importlib.util.find_spec("psycopg") is None:
         out.append(("audit.store", "store: postgres needs psycopg: pip install 'ostiary[postgres]'"))
     return out
+
+
+def certificate_expiry(path: str) -> dt.datetime | None:
+    """When the first certificate of a PEM file stops being valid (None if it cannot be read: the
+    checks that load it say why)."""
+    from cryptography import x509
+
+    try:
+        with open(path, "rb") as f:
+            return x509.load_pem_x509_certificate(f.read()).not_valid_after_utc
+    except (OSError, ValueError):
+        return None
+
+
+def expiry_problem(path: str, setting: str, soon_days: int = 14) -> str | None:
+    """A certificate that has expired, or expires within ``soon_days``."""
+    end = certificate_expiry(path)
+    if end is None:
+        return None
+    left = end - dt.datetime.now(dt.UTC)
+    if left.total_seconds() <= 0:
+        return f"{setting}: the certificate {path} expired on {end:%Y-%m-%d %H:%M} UTC"
+    if left.days < soon_days:
+        return (
+            f"{setting}: the certificate {path} expires on {end:%Y-%m-%d %H:%M} UTC ({left.days} day(s) left)"
+        )
+    return None
 
 
 def _loopback(host: str) -> bool:

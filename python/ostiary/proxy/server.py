@@ -48,7 +48,7 @@ from ostiary.audit.export import build_exporters
 from ostiary.audit.log import AuditEvents, AuditLog
 from ostiary.audit.store import StoreError
 from ostiary.config import Config
-from ostiary.errors import ConfigError
+from ostiary.errors import ConfigError, UpstreamUnavailable
 from ostiary.hooks import (
     AuthAttempt,
     Decision,
@@ -63,6 +63,7 @@ from ostiary.identity.dev import resolved_issuers
 from ostiary.identity.issuers import ResolvedIssuer
 from ostiary.identity.jwks import JwksCache, same_key_source
 from ostiary.identity.tokens import TokenValidator
+from ostiary.policy.check import expiry_problem
 from ostiary.policy.enforce import PolicyHook
 from ostiary.policy.evaluate import CompiledPolicy, policy_version
 from ostiary.policy.model import Connection
@@ -184,6 +185,11 @@ class _AcceptCapacity(logging.Filter):
 
 _accept_filter = _AcceptCapacity()
 logging.getLogger("trio.serve_listeners").addFilter(_accept_filter)
+
+
+def upstream_tls_config(conn: Connection) -> _core.TlsClientConfig:
+    t = conn.upstream.tls
+    return _core.TlsClientConfig(t.ca, t.mode == "verify-full", t.cert, t.key)
 
 
 def client_tls_config(config: Config, source: str) -> _core.TlsServerConfig | None:
@@ -541,8 +547,14 @@ class Gateway:
     def upstream_tls(self, conn: Connection) -> _core.TlsClientConfig:
         cfg = self._upstream_tls.get(conn.name)
         if cfg is None:
-            t = conn.upstream.tls
-            cfg = _core.TlsClientConfig(t.ca, t.mode == "verify-full", t.cert, t.key)
+            try:
+                cfg = upstream_tls_config(conn)
+            except _core.TlsError as e:
+                # The operator's files, not the client's business: the log says which and why.
+                log.error("connection %s: its upstream TLS files cannot be used: %s", conn.name, e)
+                raise UpstreamUnavailable(
+                    f"the gateway's TLS files for connection {conn.name!r} cannot be used (its log says why)"
+                ) from None
             self._upstream_tls[conn.name] = cfg
         return cfg
 
@@ -764,9 +776,23 @@ class Gateway:
         not make a valid configuration (a certificate replaced before its key) leave the previous
         one in use, and the next change is tried again. Returns whether the new files are in use."""
         source = self.config_path or "<config>"
+        upstream: dict[str, _core.TlsClientConfig] = {}
         try:
+            for conn in self.config.connections:
+                if conn.upstream.tls.mode != "disable":
+                    try:
+                        upstream[conn.name] = upstream_tls_config(conn)
+                    except _core.TlsError as e:
+                        raise ConfigError(
+                            source, [(f"connection {conn.name}: upstream.tls", str(e))]
+                        ) from None
             tls = client_tls_config(self.config, source)
             admin = self.config.admin.tls if self.config.admin is not None else None
+            for setting, t in (("tls.cert", self.config.tls), ("admin.tls.cert", admin)):
+                # Rotating to an expired certificate would fail every verifying client.
+                problem = expiry_problem(t.cert, setting, soon_days=0) if t is not None else None
+                if problem is not None:
+                    raise ConfigError(source, [(setting, problem.split(": ", 1)[1])])
             if admin is not None and self._admin_http is not None:
                 check_admin_tls(self.config, source)
                 admin_ctx = server_ssl_context(admin.cert, admin.key)
@@ -776,7 +802,7 @@ class Gateway:
             return False
         self.counters["tls_applied"] += 1
         self.client_tls = tls
-        self._upstream_tls.clear()
+        self._upstream_tls = upstream
         if admin is not None and self._admin_http is not None:
             self._admin_http.ssl_context = admin_ctx
         log.info("TLS files reloaded: new connections use them")
@@ -885,7 +911,13 @@ class Gateway:
                 finally:
                     await ch.aclose()
             log.info("session %d: cancel forwarded to upstream pid %d", target.session, target.process_id)
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError, _core.TlsError) as e:
+        except (
+            OSError,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            _core.TlsError,
+            UpstreamUnavailable,
+        ) as e:
             log.warning("session %d: cancel could not be forwarded: %s", target.session, e)
 
     # -- accepting ---------------------------------------------------------------------------------
