@@ -58,7 +58,7 @@ def test_running_out_of_descriptors_refuses_sessions_and_keeps_the_gateway(
     # Either the upstream connection or the accept met the limit; neither blamed the upstream.
     assert "out of file descriptors" in refusal or "timeout" in refusal or "closed" in refusal, refusal
     assert "cannot reach" not in refusal, refusal
-    assert "Traceback" not in log.split("open-file")[-1], log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
     deadline = time.monotonic() + 10
     while True:
         try:

@@ -108,6 +108,17 @@ class Peer:
 Script = Callable[[Peer, int], None]
 
 
+def log_in(peer: Peer, tls: ssl.SSLContext | None = None) -> bytes:
+    """Plays a server's side of a cleartext login up to the client's first message, and returns
+    that message's tag."""
+    peer.read_startup(tls)
+    peer.send(auth(3))
+    peer.read_message()
+    peer.send(LOGGED_IN)
+    tag, _ = peer.read_message()
+    return tag
+
+
 class FakeUpstream:
     """A TCP server that runs ``script(peer, n)`` on its n-th connection (from 0), in a thread."""
 
@@ -403,12 +414,7 @@ def test_a_cancel_is_never_sent_in_plaintext_when_tls_is_asked_for(
 
     def script(peer: Peer, n: int) -> None:
         if n == 0:
-            peer.read_startup(tls)
-            peer.send(auth(3))
-            peer.read_message()
-            peer.send(LOGGED_IN)
-            tag, _ = peer.read_message()
-            assert tag == b"Q"
+            assert log_in(peer, tls) == b"Q"
             query_arrived.set()
             release.wait(30)  # never answers: the client will cancel
             peer.sock.close()
@@ -456,12 +462,7 @@ def test_what_no_session_has_from_a_server_ends_the_session(
     after: dict[str, bytes] = {}
 
     def script(peer: Peer, n: int) -> None:
-        peer.read_startup(None)
-        peer.send(auth(3))
-        peer.read_message()
-        peer.send(LOGGED_IN)
-        tag, _ = peer.read_message()
-        assert tag == b"Q"
+        assert log_in(peer) == b"Q"
         mark = len(peer.received)
         peer.send(answer)
         with contextlib.suppress(OSError, ConnectionError, TimeoutError):

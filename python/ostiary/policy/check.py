@@ -305,8 +305,8 @@ def policy_warnings(cfg: Config) -> list[tuple[str, str]]:
             (f"connections[{i}].upstream", f"tls.mode is {up.tls.mode}: {why}; set tls.mode: verify-full")
         )
     for setting, tls in (("tls.cert", cfg.tls), ("admin.tls.cert", cfg.admin.tls if cfg.admin else None)):
-        if tls is not None and (problem := expiry_problem(tls.cert, setting)) is not None:
-            out.append((setting, problem.split(": ", 1)[1]))
+        if tls is not None and (problem := expiry_problem(tls.cert)) is not None:
+            out.append((setting, problem))
     a = cfg.audit
     if a.enabled and a.store == "postgres" and a.dsn_env is not None and a.dsn_env not in os.environ:
         out.append(("audit.dsn_env", f"environment variable {a.dsn_env} is not set: serve cannot start"))
@@ -327,18 +327,16 @@ def certificate_expiry(path: str) -> dt.datetime | None:
         return None
 
 
-def expiry_problem(path: str, setting: str, soon_days: int = 14) -> str | None:
-    """A certificate that has expired, or expires within ``soon_days``."""
+def expiry_problem(path: str, soon_days: int = 14) -> str | None:
+    """What to say of a certificate that has expired, or expires within ``soon_days``."""
     end = certificate_expiry(path)
     if end is None:
         return None
     left = end - dt.datetime.now(dt.UTC)
     if left.total_seconds() <= 0:
-        return f"{setting}: the certificate {path} expired on {end:%Y-%m-%d %H:%M} UTC"
+        return f"the certificate {path} expired on {end:%Y-%m-%d %H:%M} UTC"
     if left.days < soon_days:
-        return (
-            f"{setting}: the certificate {path} expires on {end:%Y-%m-%d %H:%M} UTC ({left.days} day(s) left)"
-        )
+        return f"the certificate {path} expires on {end:%Y-%m-%d %H:%M} UTC ({left.days} day(s) left)"
     return None
 
 

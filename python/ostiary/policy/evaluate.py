@@ -313,7 +313,7 @@ class CompiledPolicy:
         held = {a.name: a for a in self.config.approvals}
         return (
             g,
-            _session_terms(conn),
+            session_terms(conn),
             tuple(defined.get(r) for r in names),
             tuple(self.masking_rules(g)),
             tuple(held.get(n) for n in g.approvals),
@@ -332,24 +332,22 @@ class CompiledPolicy:
 READS_UNSEEN = frozenset({"dynamic-sql", "remote", "server-files"})
 
 
-def _session_terms(conn: Connection | None) -> tuple[Any, ...] | None:
-    """What of a connection an established session depends on: where it leads, as which roles,
-    over which TLS, under which rules. Not what only a login uses (``connect_timeout``,
+def session_terms(conn: Connection | None) -> dict[str, Any] | None:
+    """What of a connection an established session depends on, by name: where it leads, over
+    which TLS, as which roles, under which rules. Not what only a login uses (``connect_timeout``,
     ``require_auth``) nor where the upstream password is read from: rotating that password, or
-    moving it to a file, must not end every session."""
+    moving it to a file, must not end every session. ``policy diff`` names the parts that differ."""
     if conn is None:
         return None
     up = conn.upstream
-    roles = tuple(sorted((name, c.user) for name, c in conn.credentials.items()))
-    return (
-        conn.name,
-        conn.protocol,
-        conn.allow_plaintext,
-        tuple(conn.guardrails),
-        tuple(conn.masking),
-        (up.host, up.port, up.database, up.user, up.tls),
-        roles,
-    )
+    return {
+        "where it leads": f"{up.user}@{up.host}:{up.port}/{up.database}",
+        "upstream TLS": up.tls,
+        "roles": dict(sorted((name, c.user) for name, c in conn.credentials.items())),
+        "plaintext clients": conn.allow_plaintext,
+        "guardrails": list(conn.guardrails),
+        "masking": list(conn.masking),
+    }
 
 
 @dataclass(frozen=True)

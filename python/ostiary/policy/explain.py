@@ -16,7 +16,7 @@ from ostiary.errors import SqlError
 from ostiary.identity import Identity
 from ostiary.identity.dev import resolved_issuers
 from ostiary.identity.tokens import claim_attributes
-from ostiary.policy.evaluate import CompiledPolicy, StatementAnalysis
+from ostiary.policy.evaluate import CompiledPolicy, StatementAnalysis, session_terms
 from ostiary.policy.model import Grant
 
 
@@ -214,39 +214,18 @@ def _connection_changes(old: Config, new: Config) -> list[str]:
         u = n[name].upstream
         lines.append(f"+ connection {name} added: {u.user}@{u.host}:{u.port}/{u.database}")
     for name in sorted(set(o) & set(n)):
-        a, b = o[name].upstream, n[name].upstream
-        where_a, where_b = (
-            f"{a.user}@{a.host}:{a.port}/{a.database}",
-            f"{b.user}@{b.host}:{b.port}/{b.database}",
-        )
-        if where_a != where_b:
+        was, now = session_terms(o[name]), session_terms(n[name])
+        assert was is not None and now is not None
+        changed = [part for part in now if now[part] != was[part]]
+        if "where it leads" in changed:
             lines.append(
-                f"~ connection {name} now leads to {where_b} (was {where_a}): its sessions reconnect"
+                f"~ connection {name} now leads to {now['where it leads']} (was {was['where it leads']})"
             )
-        if a.tls != b.tls:
+        if changed:
             lines.append(
-                f"~ connection {name}: upstream TLS {b.tls.mode} (was {a.tls.mode}): its sessions reconnect"
+                f"~ connection {name}: {', '.join(changed)} changed: its sessions reconnect at reload"
             )
-        roles_a = {k: c.user for k, c in o[name].credentials.items()}
-        roles_b = {k: c.user for k, c in n[name].credentials.items()}
-        if roles_a != roles_b:
-            lines.append(
-                f"~ connection {name}: credentials {roles_b} (was {roles_a}): its sessions reconnect"
-            )
-        rest = ("allow_plaintext", "guardrails", "masking")
-        if any(getattr(o[name], f) != getattr(n[name], f) for f in rest):
-            lines.append(
-                f"~ connection {name}: plaintext, guardrails or masking changed: its sessions reconnect"
-            )
-        login = (
-            "connect_timeout",
-            "require_auth",
-            "password",
-            "password_env",
-            "password_file",
-            "password_ref",
-        )
-        if any(getattr(a, f) != getattr(b, f) for f in login):
+        elif o[name] != n[name]:
             lines.append(
                 f"~ connection {name}: login settings changed (connect_timeout, require_auth or where the "
                 "password is read from): the next logins use them, open sessions stay"

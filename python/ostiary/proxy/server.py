@@ -790,9 +790,9 @@ class Gateway:
             admin = self.config.admin.tls if self.config.admin is not None else None
             for setting, t in (("tls.cert", self.config.tls), ("admin.tls.cert", admin)):
                 # Rotating to an expired certificate would fail every verifying client.
-                problem = expiry_problem(t.cert, setting, soon_days=0) if t is not None else None
+                problem = expiry_problem(t.cert, soon_days=0) if t is not None else None
                 if problem is not None:
-                    raise ConfigError(source, [(setting, problem.split(": ", 1)[1])])
+                    raise ConfigError(source, [(setting, problem)])
             if admin is not None and self._admin_http is not None:
                 check_admin_tls(self.config, source)
                 admin_ctx = server_ssl_context(admin.cert, admin.key)
